@@ -1,0 +1,60 @@
+"""kvid-dagster: the kvid video-generation API as Dagster assets, sensors and Parquet catalogs.
+
+Names are resolved lazily so that ``from kvid_dagster import KvidClient`` stays free of Dagster:
+the client and the emulator are useful on their own, and importing Dagster costs most of a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # the client (no Dagster)
+    "KvidClient": "kvid_dagster.client",
+    "AsyncKvidClient": "kvid_dagster.client",
+    "JobKind": "kvid_dagster.client",
+    "TextToVideoV1": "kvid_dagster.client",
+    "ImageToVideoV1": "kvid_dagster.client",
+    "TextToVideoV2": "kvid_dagster.client",
+    "ImageToVideoV2": "kvid_dagster.client",
+    "KvidRequest": "kvid_dagster.client",
+    "build_request": "kvid_dagster.client",
+    "JobStatus": "kvid_dagster.client",
+    "JobResult": "kvid_dagster.client",
+    "DownloadedFile": "kvid_dagster.client",
+    "KvidError": "kvid_dagster.client",
+    # the emulator (no Dagster)
+    "KvidEmulator": "kvid_dagster.emulator",
+    "EmulatorConfig": "kvid_dagster.emulator",
+    # the catalog (no Dagster)
+    "KvidCatalog": "kvid_dagster.catalog",
+    # the Dagster layer
+    "KvidResource": "kvid_dagster.resource",
+    "KvidTranslator": "kvid_dagster.translator",
+    "KvidProject": "kvid_dagster.project",
+    "build_kvid_assets": "kvid_dagster.assets",
+    "build_kvid_status_sensor": "kvid_dagster.sensors",
+    "build_kvid_prompts_sensor": "kvid_dagster.sensors",
+    "build_kvid_schedule": "kvid_dagster.schedules",
+    "build_kvid_definitions": "kvid_dagster.definitions",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvid_dagster' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

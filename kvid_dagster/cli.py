@@ -1,0 +1,258 @@
+"""The ``kvid-dagster`` command line: generate one video, run the pipeline, serve the emulator."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROMPTS = Path("data/prompts.csv")
+DEFAULT_DATA_DIR = Path("data")
+DEMO_API_KEY = "local-emulator-key"
+
+
+@contextlib.contextmanager
+def service_endpoint(**emulator_options: Any) -> Iterator[tuple[str, str, bool]]:
+    """Yield ``(base_url, api_key, embedded)`` for the service to talk to.
+
+    With neither ``KVID_BASE_URL`` nor ``KVID_API_KEY`` set, an embedded emulator is started on a
+    free loopback port for the duration; otherwise the configured service is used and nothing is
+    started.
+    """
+    base_url = os.environ.get("KVID_BASE_URL", "").strip()
+    api_key = os.environ.get("KVID_API_KEY", "").strip()
+    if base_url or api_key:
+        if not api_key:
+            raise SystemExit("KVID_BASE_URL is set but KVID_API_KEY is not: set both, or neither")
+        from kvid_dagster.client import DEFAULT_BASE_URL
+
+        yield (base_url or DEFAULT_BASE_URL), api_key, False
+        return
+    from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
+
+    with KvidEmulator(EmulatorConfig(api_key=DEMO_API_KEY, **emulator_options)) as emulator:
+        yield emulator.base_url, DEMO_API_KEY, True
+
+
+def _progress_printer(stream: Any = sys.stderr) -> Any:
+    """A wait() callback drawing one live progress line (a plain line per change when not a TTY)."""
+    state = {"last": ""}
+
+    def show(status: Any) -> None:
+        line = (
+            f"{status.status:<11} {status.progress:3d}%  {status.logs[-1] if status.logs else ''}"
+        )
+        if line == state["last"]:
+            return
+        state["last"] = line
+        if stream.isatty():
+            stream.write("\r\x1b[2K" + line[:120])
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvid_dagster.client import KvidClient, KvidError, build_request
+
+    params: dict[str, Any] = {
+        name: value
+        for name in (
+            "negative_prompt",
+            "num_frames",
+            "frames_per_second",
+            "seed",
+            "resolution",
+            "aspect_ratio",
+            "num_inference_steps",
+            "enable_safety_checker",
+            "enable_prompt_expansion",
+            "duration",
+            "camera_fixed",
+        )
+        if (value := getattr(args, name)) is not None
+    }
+    try:
+        request = build_request(
+            args.prompt,
+            job=args.job,
+            model=args.model,
+            image=args.image,
+            end_image=args.end_image,
+            base_dir=Path.cwd(),
+            **params,
+        )
+    except KvidError as exc:
+        print(f"invalid request: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    with service_endpoint() as (base_url, api_key, embedded):
+        where = "embedded emulator at " + base_url if embedded else base_url
+        print(f"kvid: {request.job_kind} {request.model} via {where}", file=sys.stderr)
+        with KvidClient(api_key, base_url) as client:
+            try:
+                request_id = client.generate(request)
+                print(f"request_id: {request_id}", file=sys.stderr)
+                client.wait(
+                    request.job_kind,
+                    request_id,
+                    poll_interval=args.poll_interval,
+                    deadline=args.deadline,
+                    on_progress=_progress_printer(),
+                )
+                print(file=sys.stderr)
+                result = client.result(request.job_kind, request_id)
+                downloaded = client.download(result, out)
+            except KvidError as exc:
+                print(f"\nkvid: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
+    print(f"{downloaded.path}  {downloaded.size_bytes} bytes  sha256 {downloaded.sha256}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvid_dagster.resource import KvidResource
+    from kvid_dagster.runner import print_summary, run_pipeline
+
+    data_dir = Path(args.data_dir).resolve()
+    with service_endpoint() as (base_url, api_key, embedded):
+        where = f"embedded emulator at {base_url}" if embedded else base_url
+        print(f"kvid: {args.prompts} -> {data_dir} via {where}", file=sys.stderr)
+        resource = KvidResource(api_key=api_key, base_url=base_url)
+        result = run_pipeline(
+            args.prompts,
+            data_dir,
+            resource,
+            poll_interval_s=args.poll_interval,
+            deadline_s=args.deadline,
+            download=not args.no_download,
+            say=lambda line: print(line, file=sys.stderr),
+        )
+    print_summary(result, data_dir)
+    return 0 if result.ok else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    from kvid_dagster.runner import dagster_home_for
+
+    data_dir = Path(args.data_dir).resolve()
+    if not Path("workspace.yaml").exists():
+        print(
+            "kvid-dagster dev runs in the project folder (where workspace.yaml is)", file=sys.stderr
+        )
+        return 2
+    with service_endpoint() as (base_url, api_key, embedded):
+        env = {
+            **os.environ,
+            "KVID_BASE_URL": base_url,
+            "KVID_API_KEY": api_key,
+            "KVID_PROMPTS": str(Path(args.prompts).resolve()),
+            "KVID_DATA_DIR": str(data_dir),
+            "DAGSTER_HOME": str(dagster_home_for(data_dir)),
+        }
+        if embedded:
+            print(f"kvid emulator at {base_url}", file=sys.stderr)
+
+        def restore_signals() -> None:
+            # a shell's background job inherits SIGINT ignored, and dagster dev copies that to
+            # SIGTERM: give it default handlers so it can be stopped
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-p",
+            str(args.port),
+        ]
+        child = subprocess.Popen(command, env=env, preexec_fn=restore_signals)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.terminate()
+            return child.wait()
+
+
+def cmd_emulator(argv: Sequence[str]) -> int:
+    from kvid_dagster.emulator.__main__ import main as emulator_main
+
+    return emulator_main(list(argv)) or 0
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate one video end to end")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", help="image-to-video input: a local path or an http(s) URL")
+    p.add_argument("--end-image", dest="end_image", help="v2 image-to-video: URL of the last frame")
+    p.add_argument("--job", choices=["text-to-video", "image-to-video"])
+    p.add_argument("--model", default="v1", help="v1, v2 or a full v2 model id (default v1)")
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--num-frames", dest="num_frames", type=int)
+    p.add_argument("--fps", "--frames-per-second", dest="frames_per_second", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resolution")
+    p.add_argument("--aspect-ratio", dest="aspect_ratio")
+    p.add_argument("--steps", "--num-inference-steps", dest="num_inference_steps", type=int)
+    p.add_argument(
+        "--safety-checker", dest="enable_safety_checker", action=argparse.BooleanOptionalAction
+    )
+    p.add_argument(
+        "--prompt-expansion", dest="enable_prompt_expansion", action=argparse.BooleanOptionalAction
+    )
+    p.add_argument("--duration", choices=["5", "10"])
+    p.add_argument("--camera-fixed", dest="camera_fixed", action=argparse.BooleanOptionalAction)
+    p.add_argument("--poll-interval", dest="poll_interval", type=float, default=1.0)
+    p.add_argument("--deadline", type=float, default=900.0, help="overall seconds to wait")
+    p.add_argument("--out", default="video.mp4")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvid-dagster",
+        description="kvid video generation through Dagster. With neither KVID_BASE_URL nor "
+        "KVID_API_KEY set, an embedded local emulator stands in for the service.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    sub.add_parser("emulator", help="serve the local kvid emulator (see --help of it)")
+    run = sub.add_parser("run", help="the whole pipeline, headless, through Dagster")
+    run.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="CSV or Parquet table")
+    run.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="catalog and videos go here")
+    run.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between status ticks"
+    )
+    run.add_argument("--deadline", type=float, default=3600.0, help="overall seconds to wait")
+    run.add_argument("--no-download", action="store_true", help="record URLs, fetch no files")
+    run.set_defaults(func=cmd_run)
+    dev = sub.add_parser("dev", help="the emulator and `dagster dev` together")
+    dev.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "emulator":
+        return cmd_emulator(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The kvid API client: ``KvidClient`` (blocking) and ``AsyncKvidClient`` (asyncio).
+
+It knows nothing of Dagster and must not import it: the client is useful on its own and is
+imported by processes (the emulator, the CLI) that should not pay for Dagster.
+"""
+
+from __future__ import annotations
+
+from ._download import DEFAULT_MAX_BYTES
+from ._engine import DEFAULT_BASE_URL
+from .aio import AsyncKvidClient
+from .errors import (
+    KvidAuthenticationError,
+    KvidConnectionError,
+    KvidDownloadTooLargeError,
+    KvidError,
+    KvidJobFailedError,
+    KvidNotFoundError,
+    KvidNotReadyError,
+    KvidProtocolError,
+    KvidRateLimitedError,
+    KvidServerError,
+    KvidTimeoutError,
+    KvidUncertainSubmissionError,
+    KvidValidationError,
+)
+from .protocol import DEFAULT_DIALECT, KVID_DIALECT, Dialect, HttpCall, KvidDialect
+from .requests import (
+    MAX_IMAGE_BYTES,
+    MAX_PROMPT_CHARS,
+    V2_IMAGE_TO_VIDEO_MODEL,
+    V2_TEXT_TO_VIDEO_MODEL,
+    ImageToVideoV1,
+    ImageToVideoV2,
+    JobKind,
+    KvidRequest,
+    TextToVideoV1,
+    TextToVideoV2,
+    build_request,
+)
+from .results import DownloadedFile, JobResult, JobState, JobStatus
+from .retry import RetryPolicy
+from .sync import KvidClient
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_DIALECT",
+    "DEFAULT_MAX_BYTES",
+    "KVID_DIALECT",
+    "MAX_IMAGE_BYTES",
+    "MAX_PROMPT_CHARS",
+    "V2_IMAGE_TO_VIDEO_MODEL",
+    "V2_TEXT_TO_VIDEO_MODEL",
+    "AsyncKvidClient",
+    "Dialect",
+    "DownloadedFile",
+    "HttpCall",
+    "ImageToVideoV1",
+    "ImageToVideoV2",
+    "JobKind",
+    "JobResult",
+    "JobState",
+    "JobStatus",
+    "KvidAuthenticationError",
+    "KvidClient",
+    "KvidConnectionError",
+    "KvidDialect",
+    "KvidDownloadTooLargeError",
+    "KvidError",
+    "KvidJobFailedError",
+    "KvidNotFoundError",
+    "KvidNotReadyError",
+    "KvidProtocolError",
+    "KvidRateLimitedError",
+    "KvidRequest",
+    "KvidServerError",
+    "KvidTimeoutError",
+    "KvidUncertainSubmissionError",
+    "KvidValidationError",
+    "RetryPolicy",
+    "TextToVideoV1",
+    "TextToVideoV2",
+    "build_request",
+]

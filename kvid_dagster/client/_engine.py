@@ -1,0 +1,476 @@
+"""Everything the sync and async clients share: configuration, the operations and their retries.
+
+Each operation (generate, status, result, wait, download) is a generator that *yields* the I/O
+it needs (``Send`` a call, ``Fetch`` a file into a sink, ``Sleep``, ``Await`` a callback) and is
+resumed with the outcome, or has the I/O's exception thrown into it. ``KvidClient`` performs the
+actions with blocking calls and ``AsyncKvidClient`` with awaits; neither contains any logic of
+its own, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from ._download import DEFAULT_MAX_BYTES, DownloadSink, target_path
+from .errors import (
+    KvidConnectionError,
+    KvidError,
+    KvidJobFailedError,
+    KvidProtocolError,
+    KvidTimeoutError,
+    KvidUncertainSubmissionError,
+    KvidValidationError,
+)
+from .protocol import DEFAULT_DIALECT, Dialect, HttpCall
+from .requests import (
+    ImageToVideoV1,
+    ImageToVideoV2,
+    JobKind,
+    KvidRequest,
+    TextToVideoV1,
+    TextToVideoV2,
+)
+from .results import DownloadedFile, JobResult, JobStatus
+from .retry import NOT_SENT, RetryPolicy, Verdict
+
+logger = logging.getLogger("kvid_dagster.client")
+
+DEFAULT_BASE_URL = "https://api.kvid.ai"
+_REQUEST_TYPES = (TextToVideoV1, ImageToVideoV1, TextToVideoV2, ImageToVideoV2)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+T = TypeVar("T")
+
+
+# ---- the I/O an operation can ask for ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send one API call; resumed with the (fully read) ``httpx.Response``."""
+
+    request: httpx.Request
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Send ``request`` following redirects, streaming a 2xx body into ``sink`` (an error
+    answer is read whole instead); resumed with the ``httpx.Response``."""
+
+    request: httpx.Request
+    sink: DownloadSink
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Await:
+    """An awaitable returned by a user callback (only the async client can honour it)."""
+
+    awaitable: Awaitable[Any]
+
+
+Action = Send | Fetch | Sleep | Await
+Op = Generator[Action, Any, T]
+
+
+class _Secret:
+    """Holds the API key so that no repr, vars() dump or log line can show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _positive(name: str, value: Any, *, integer: bool = False) -> None:
+    kind = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise KvidValidationError(name, value, "a positive number", problem="has the wrong type")
+    if value <= 0:
+        raise KvidValidationError(name, value, "a positive number", problem="is out of range")
+
+
+class OpRunner(Generic[T]):
+    """Steps an operation: iterate it for the actions to perform, and report each outcome with
+    ``resolve``/``fail``. As a context manager it closes an abandoned operation, which runs
+    the operation's own cleanup (a download's tmp file)."""
+
+    def __init__(self, op: Op[T], scrub: Callable[[KvidError], None]) -> None:
+        self._op = op
+        self._scrub = scrub
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.result: T
+
+    def __iter__(self) -> Iterator[Action]:
+        return self
+
+    def __next__(self) -> Action:
+        value, error = self._value, self._error
+        self._value = self._error = None
+        try:
+            if error is None:
+                return self._op.send(value)
+            return self._op.throw(error)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise StopIteration from None
+        except KvidError as exc:
+            self._scrub(exc)
+            raise
+
+    def resolve(self, value: Any) -> None:
+        self._value = value
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+
+    def __enter__(self) -> OpRunner[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._op.close()
+
+
+class ClientBase:
+    """Shared state and operations of ``KvidClient`` and ``AsyncKvidClient``."""
+
+    _default_sleep: Callable[[float], Any]
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_in_flight: int = 16,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        dialect: Dialect | None = None,
+    ) -> None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise KvidValidationError("api_key", problem="is empty", allowed="a non-empty string")
+        if any(c.isspace() or ord(c) < 32 or ord(c) > 126 for c in api_key):
+            # never echo the value: it is a secret even when malformed
+            raise KvidValidationError(
+                "api_key", problem="contains characters a header cannot carry", allowed="ASCII"
+            )
+        try:
+            url = httpx.URL(base_url)
+        except (httpx.InvalidURL, TypeError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise KvidValidationError("base_url", base_url, "an http(s) URL")
+        _positive("timeout", timeout)
+        _positive("max_in_flight", max_in_flight, integer=True)
+        self._api_key = _Secret(api_key)
+        self._base_url = url
+        self._timeout = httpx.Timeout(timeout)
+        self._max_in_flight = max_in_flight
+        self._retry = RetryPolicy(max_retries, backoff_base, backoff_max)
+        self._sleep = sleep if sleep is not None else type(self)._default_sleep
+        self._clock = clock
+        self._dialect = dialect if dialect is not None else DEFAULT_DIALECT
+        # one connection per request in flight: the semaphore, not the pool, does the queueing
+        self._limits = httpx.Limits(
+            max_connections=max_in_flight, max_keepalive_connections=max_in_flight
+        )
+        self._http = self._open_http(transport)
+
+    def _open_http(self, transport: Any) -> Any:
+        raise NotImplementedError
+
+    # ---- public, I/O-free --------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return str(self._base_url)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, api_key='***', "
+            f"max_in_flight={self._max_in_flight}, dialect={self._dialect.name!r})"
+        )
+
+    # ---- secrets -----------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key.reveal(), "***")
+
+    def _scrub(self, error: KvidError) -> None:
+        """Remove the API key from an error, should the server have echoed it back."""
+        key = self._api_key.reveal()
+        for name in ("message", "server_message"):
+            value = getattr(error, name, None)
+            if isinstance(value, str) and key in value:
+                setattr(error, name, self._redact(value))
+        error.args = tuple(self._redact(a) if isinstance(a, str) else a for a in error.args)
+
+    def _is_own_origin(self, url: httpx.URL) -> bool:
+        return _origin(url) == _origin(self._base_url)
+
+    def _strip_foreign_key(self, request: httpx.Request) -> None:
+        """Request hook: the api-key never goes to another origin, redirects included."""
+        header = self._dialect.auth_header
+        if header in request.headers and not self._is_own_origin(request.url):
+            del request.headers[header]
+
+    def _auth_headers(self, url: httpx.URL) -> dict[str, str]:
+        if self._is_own_origin(url):
+            return {self._dialect.auth_header: self._api_key.reveal()}
+        return {}
+
+    # ---- building blocks ---------------------------------------------------------------------
+
+    def _build(self, call: HttpCall) -> httpx.Request:
+        url = self._base_url.join(call.path)
+        request: httpx.Request = self._http.build_request(
+            call.method,
+            url,
+            params=dict(call.params),
+            json=call.json,
+            headers=self._auth_headers(url),
+            timeout=self._timeout,
+        )
+        return request
+
+    def _transport_error(self, exc: httpx.RequestError, what: str) -> KvidError:
+        text = f"{what}: {type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
+        if isinstance(exc, httpx.TimeoutException):
+            return KvidTimeoutError(text)
+        if isinstance(exc, httpx.NetworkError | httpx.ProtocolError | httpx.ProxyError):
+            return KvidConnectionError(text)
+        return KvidProtocolError(text)  # decoding errors, redirect loops, unsupported schemes
+
+    def _exchange(
+        self,
+        make_action: Callable[[], Send | Fetch],
+        what: str,
+        *,
+        idempotent: bool,
+        deadline: float | None = None,
+        body: Mapping[str, Any] | None = None,
+        job_kind: JobKind | None = None,
+    ) -> Op[httpx.Response]:
+        """One call with the retry policy; returns the 2xx response or raises the error."""
+        attempt = 0
+        while True:
+            started = self._clock()
+            logger.debug("%s (attempt %d)", what, attempt + 1)
+            try:
+                response: httpx.Response = yield make_action()
+            except httpx.RequestError as exc:
+                error = self._transport_error(exc, what)
+                sent = not isinstance(exc, NOT_SENT)
+            else:
+                logger.debug(
+                    "%s -> HTTP %d in %.0f ms",
+                    what,
+                    response.status_code,
+                    1000 * (self._clock() - started),
+                )
+                refusal = self._dialect.error_for(response)
+                if refusal is None:
+                    return response
+                error, sent = refusal, True
+            self._scrub(error)
+            verdict, delay = self._retry.decide(error, attempt, idempotent=idempotent, sent=sent)
+            if verdict is Verdict.UNCERTAIN:
+                assert body is not None
+                raise KvidUncertainSubmissionError(
+                    str(error),
+                    body,
+                    job_kind=job_kind,
+                    status_code=error.status_code,
+                    server_message=error.server_message,
+                )
+            out_of_time = deadline is not None and self._clock() + delay >= deadline
+            if verdict is Verdict.RAISE or out_of_time:
+                raise error
+            attempt += 1
+            logger.info(
+                "%s failed (%s); retry %d of %d in %.2f s",
+                what,
+                error,
+                attempt,
+                self._retry.max_retries,
+                delay,
+            )
+            yield Sleep(delay)
+
+    @staticmethod
+    def _job_kind(value: Any) -> JobKind:
+        try:
+            return JobKind(value)
+        except ValueError:
+            allowed = ", ".join(kind.value for kind in JobKind)
+            raise KvidValidationError("job_kind", value, allowed, problem="is unknown") from None
+
+    # ---- the operations ----------------------------------------------------------------------
+
+    def _generate_op(self, request: KvidRequest) -> Op[str]:
+        if not isinstance(request, _REQUEST_TYPES):
+            raise KvidValidationError(
+                "request",
+                request,
+                "TextToVideoV1, ImageToVideoV1, TextToVideoV2 or ImageToVideoV2",
+                problem="has the wrong type",
+            )
+        body = request.to_body()
+        call = self._dialect.generate_call(request.job_kind, body)
+        what = call.describe()
+        response = yield from self._exchange(
+            lambda: Send(self._build(call)),
+            what,
+            idempotent=False,
+            body=body,
+            job_kind=request.job_kind,
+        )
+        try:
+            request_id = self._dialect.parse_generate(response)
+        except KvidProtocolError as error:
+            # a 2xx means the server took the body: the job probably exists, id unknown
+            raise KvidUncertainSubmissionError(
+                str(error), body, job_kind=request.job_kind, status_code=response.status_code
+            ) from None
+        logger.debug("%s -> request_id %s", what, request_id)
+        return request_id
+
+    def _status_op(
+        self, job_kind: Any, request_id: Any, deadline: float | None = None
+    ) -> Op[JobStatus]:
+        call = self._dialect.status_call(self._job_kind(job_kind), request_id)
+        response = yield from self._exchange(
+            lambda: Send(self._build(call)), call.describe(), idempotent=True, deadline=deadline
+        )
+        return self._dialect.parse_status(response)
+
+    def _result_op(self, job_kind: Any, request_id: Any) -> Op[JobResult]:
+        call = self._dialect.result_call(self._job_kind(job_kind), request_id)
+        response = yield from self._exchange(
+            lambda: Send(self._build(call)), call.describe(), idempotent=True
+        )
+        result = self._dialect.parse_result(response)
+        try:
+            url = self._download_url(result.url, "url")
+        except KvidValidationError:
+            raise KvidProtocolError(
+                f"{call.describe()}: the result URL {result.url[:200]!r} is not an http(s) URL",
+                status_code=response.status_code,
+            ) from None
+        return replace(result, url=str(url))
+
+    def _wait_op(
+        self,
+        job_kind: Any,
+        request_id: Any,
+        poll_interval: float,
+        deadline: float,
+        on_progress: Callable[[JobStatus], Any] | None,
+    ) -> Op[JobStatus]:
+        _positive("poll_interval", poll_interval)
+        _positive("deadline", deadline)
+        give_up_at = self._clock() + deadline
+        while True:
+            status = yield from self._status_op(job_kind, request_id, give_up_at)
+            if on_progress is not None:
+                outcome = on_progress(status)
+                if inspect.isawaitable(outcome):
+                    yield Await(outcome)
+            if status.is_completed:
+                return status
+            if status.is_failed:
+                raise KvidJobFailedError(
+                    request_id,
+                    status.reason or f"status {status.status}",
+                    status.logs,
+                    server_message=status.message,
+                )
+            remaining = give_up_at - self._clock()
+            if remaining <= 0:
+                raise KvidTimeoutError(
+                    f"kvid job {request_id} not finished after {deadline:g} s "
+                    f"(last status {status.status}, progress {status.progress})",
+                    request_id=request_id,
+                    last_status=status.status,
+                )
+            yield Sleep(min(poll_interval, remaining))
+
+    def _download_url(self, url: Any, field_name: str) -> httpx.URL:
+        """An absolute http(s) URL; a relative one is taken relative to the API's base URL."""
+        try:
+            parsed = httpx.URL(url) if isinstance(url, str) else None
+        except httpx.InvalidURL:
+            parsed = None
+        if parsed is not None and parsed.is_relative_url and str(parsed).startswith("/"):
+            parsed = self._base_url.join(parsed)
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+            raise KvidValidationError(field_name, url, "an http(s) URL", problem="is not usable")
+        return parsed
+
+    def _download_op(
+        self, result_or_url: JobResult | str, dest: Any, max_bytes: int
+    ) -> Op[DownloadedFile]:
+        _positive("max_bytes", max_bytes, integer=True)
+        expected_kb: float | None = None
+        if isinstance(result_or_url, JobResult):
+            url, name = self._download_url(result_or_url.url, "url"), result_or_url.name
+            expected_kb = result_or_url.size_kb
+        else:
+            url = self._download_url(result_or_url, "result_or_url")
+            name = url.path.rsplit("/", 1)[-1]
+        sink = DownloadSink(target_path(dest, name), max_bytes)
+        what = f"GET {url.copy_with(query=None)}"  # a signed URL's query is a credential too
+
+        def fetch() -> Fetch:
+            headers = self._auth_headers(url)
+            request = self._http.build_request("GET", url, headers=headers, timeout=self._timeout)
+            return Fetch(request, sink)
+
+        try:
+            yield from self._exchange(fetch, what, idempotent=True)
+            sink.check_size(expected_kb)
+            downloaded = sink.commit()
+        finally:
+            sink.discard()
+        logger.debug("%s -> %s (%d bytes)", what, downloaded.path, downloaded.size_bytes)
+        return downloaded
+
+
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MAX_BYTES", "Action", "ClientBase", "OpRunner"]

@@ -1,0 +1,132 @@
+"""``AsyncKvidClient``: the asyncio twin of ``KvidClient``. It performs, with awaits, the I/O
+that the shared operations in ``_engine`` ask for; it makes no decision of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from ._download import DEFAULT_MAX_BYTES
+from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from .requests import JobKind, KvidRequest
+from .results import DownloadedFile, JobResult, JobStatus
+
+__all__ = ["AsyncKvidClient"]
+
+T = TypeVar("T")
+
+
+class AsyncKvidClient(ClientBase):
+    """Asyncio kvid client on ``httpx.AsyncClient``; use it from one event loop.
+
+    Same constructor as ``KvidClient``, except that ``transport`` is an
+    ``httpx.AsyncBaseTransport`` and ``sleep`` an async ``Callable[[float], Awaitable[None]]``
+    (default ``asyncio.sleep``); ``max_in_flight`` is an ``asyncio.Semaphore``.
+    """
+
+    _default_sleep = staticmethod(asyncio.sleep)
+
+    def _open_http(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        self._slots = asyncio.Semaphore(self._max_in_flight)
+
+        async def strip_foreign_key(request: httpx.Request) -> None:
+            self._strip_foreign_key(request)
+
+        return httpx.AsyncClient(
+            timeout=self._timeout,
+            limits=self._limits,
+            transport=transport,
+            follow_redirects=False,
+            event_hooks={"request": [strip_foreign_key]},
+        )
+
+    async def _perform(self, action: Action) -> Any:
+        if isinstance(action, Send):
+            async with self._slots:
+                return await self._http.send(action.request)
+        if isinstance(action, Fetch):
+            async with self._slots:
+                response = await self._http.send(action.request, stream=True, follow_redirects=True)
+                try:
+                    if action.sink.accept(response):
+                        async for chunk in response.aiter_bytes():
+                            action.sink.write(chunk)
+                    else:
+                        await response.aread()
+                finally:
+                    await response.aclose()
+            return response
+        if isinstance(action, Sleep):
+            return await self._sleep(action.seconds)
+        assert isinstance(action, Await)
+        return await action.awaitable
+
+    async def _run(self, op: Op[T]) -> T:
+        with OpRunner(op, self._scrub) as runner:
+            for action in runner:
+                try:
+                    outcome = await self._perform(action)
+                except Exception as exc:  # handed to the operation, which decides
+                    runner.fail(exc)
+                else:
+                    runner.resolve(outcome)
+            return runner.result
+
+    # ---- the API (documented on KvidClient) -----------------------------------------------
+
+    async def generate(self, request: KvidRequest) -> str:
+        """Async ``KvidClient.generate``: never re-sends an ambiguous submission."""
+        return await self._run(self._generate_op(request))
+
+    async def status(self, job_kind: JobKind | str, request_id: str) -> JobStatus:
+        """Async ``KvidClient.status``."""
+        return await self._run(self._status_op(job_kind, request_id))
+
+    async def result(self, job_kind: JobKind | str, request_id: str) -> JobResult:
+        """Async ``KvidClient.result``."""
+        return await self._run(self._result_op(job_kind, request_id))
+
+    async def wait(
+        self,
+        job_kind: JobKind | str,
+        request_id: str,
+        *,
+        poll_interval: float = 5.0,
+        deadline: float = 600.0,
+        on_progress: Callable[[JobStatus], Any] | None = None,
+    ) -> JobStatus:
+        """Async ``KvidClient.wait``; ``on_progress`` may be a plain or an async function."""
+        return await self._run(
+            self._wait_op(job_kind, request_id, poll_interval, deadline, on_progress)
+        )
+
+    async def download(
+        self,
+        result_or_url: JobResult | str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> DownloadedFile:
+        """Async ``KvidClient.download`` (tmp file + rename, size cap, key only to our origin)."""
+        return await self._run(self._download_op(result_or_url, dest, max_bytes))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncKvidClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

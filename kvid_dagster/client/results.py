@@ -1,0 +1,76 @@
+"""What the client returns: plain, frozen dataclasses with no I/O and no secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+__all__ = ["DownloadedFile", "JobResult", "JobState", "JobStatus"]
+
+
+class JobState(StrEnum):
+    """A status string as the client understands it (the dialect maps the wire vocabulary)."""
+
+    RUNNING = "running"  # anything not terminal: PROCESSING, IN_QUEUE, PENDING, unknown words
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One status answer. ``status`` is the server's word; ``state`` is what it means."""
+
+    status: str
+    progress: float | None = None
+    logs: tuple[str, ...] = ()
+    message: str | None = None
+    state: JobState | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logs", tuple(self.logs))
+        if self.state is None:
+            # built by hand (tests, callers): read ``status`` with the default dialect's words
+            from .protocol import DEFAULT_DIALECT
+
+            object.__setattr__(self, "state", DEFAULT_DIALECT.classify_status(self.status))
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state is not JobState.RUNNING
+
+    @property
+    def is_completed(self) -> bool:
+        return self.state is JobState.COMPLETED
+
+    @property
+    def is_failed(self) -> bool:
+        return self.state is JobState.FAILED
+
+    @property
+    def reason(self) -> str | None:
+        """Why a job failed: the server's message, else the last log line."""
+        if self.message and self.message.strip():
+            return self.message.strip()
+        for line in reversed(self.logs):
+            if line.strip():
+                return line.strip()
+        return None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Where the finished video is. ``size_kb`` is in kilobytes, as the API reports it."""
+
+    url: str
+    name: str
+    size_kb: float | None = None
+
+
+@dataclass(frozen=True)
+class DownloadedFile:
+    """A video on disk, complete (it was renamed into place only after the last byte)."""
+
+    path: Path
+    size_bytes: int
+    sha256: str

@@ -1,0 +1,148 @@
+"""``KvidClient``: the blocking client. It only performs the I/O that the shared operations in
+``_engine`` ask for; every decision (retries, parsing, errors) is made there."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from ._download import DEFAULT_MAX_BYTES
+from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from .requests import JobKind, KvidRequest
+from .results import DownloadedFile, JobResult, JobStatus
+
+__all__ = ["KvidClient"]
+
+T = TypeVar("T")
+
+
+class KvidClient(ClientBase):
+    """Blocking kvid client on ``httpx.Client``; safe to share between threads.
+
+    ``KvidClient(api_key, base_url="https://api.kvid.ai", *, timeout=30.0, max_retries=5,
+    backoff_base=0.5, backoff_max=30.0, max_in_flight=16, transport=None, sleep=None,
+    clock=time.monotonic, dialect=None)``
+
+    - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only.
+    - ``timeout``: seconds for each connect/read/write/pool wait of one HTTP request.
+    - ``max_retries``/``backoff_base``/``backoff_max``: the ``RetryPolicy`` (full jitter).
+    - ``max_in_flight``: requests at once across all threads (a ``BoundedSemaphore``; the
+      connection pool has the same size).
+    - ``transport``: an ``httpx.BaseTransport`` (tests); ``sleep``: ``Callable[[float], None]``
+      (default ``time.sleep``; inject it to test retries without waiting); ``clock``: monotonic
+      seconds for ``wait``'s deadline; ``dialect``: the wire dialect (default ``KVID_DIALECT``).
+    """
+
+    _default_sleep = staticmethod(time.sleep)
+
+    def _open_http(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        self._slots = threading.BoundedSemaphore(self._max_in_flight)
+        return httpx.Client(
+            timeout=self._timeout,
+            limits=self._limits,
+            transport=transport,
+            follow_redirects=False,
+            event_hooks={"request": [self._strip_foreign_key]},
+        )
+
+    def _perform(self, action: Action) -> Any:
+        if isinstance(action, Send):
+            with self._slots:
+                return self._http.send(action.request)
+        if isinstance(action, Fetch):
+            with self._slots:
+                response = self._http.send(action.request, stream=True, follow_redirects=True)
+                with contextlib.closing(response):
+                    if action.sink.accept(response):
+                        for chunk in response.iter_bytes():
+                            action.sink.write(chunk)
+                    else:
+                        response.read()
+            return response
+        if isinstance(action, Sleep):
+            return self._sleep(action.seconds)
+        assert isinstance(action, Await)
+        if inspect.iscoroutine(action.awaitable):
+            action.awaitable.close()  # no "never awaited" warning on top of the error
+        raise TypeError(
+            "on_progress returned an awaitable: use AsyncKvidClient for async callbacks"
+        )
+
+    def _run(self, op: Op[T]) -> T:
+        with OpRunner(op, self._scrub) as runner:
+            for action in runner:
+                try:
+                    runner.resolve(self._perform(action))
+                except Exception as exc:  # the operation decides what an I/O failure means
+                    runner.fail(exc)
+            return runner.result
+
+    # ---- the API -----------------------------------------------------------------------------
+
+    def generate(self, request: KvidRequest) -> str:
+        """Submit a job and return its request_id.
+
+        Retried only when no job can have been created (429, connection never made); otherwise
+        an ambiguous failure raises ``KvidUncertainSubmissionError`` and nothing is re-sent.
+        """
+        return self._run(self._generate_op(request))
+
+    def status(self, job_kind: JobKind | str, request_id: str) -> JobStatus:
+        """The job's current status (any word but COMPLETED/FAILED means still running)."""
+        return self._run(self._status_op(job_kind, request_id))
+
+    def result(self, job_kind: JobKind | str, request_id: str) -> JobResult:
+        """Where the finished video is (409 ``KvidNotReadyError`` before COMPLETED)."""
+        return self._run(self._result_op(job_kind, request_id))
+
+    def wait(
+        self,
+        job_kind: JobKind | str,
+        request_id: str,
+        *,
+        poll_interval: float = 5.0,
+        deadline: float = 600.0,
+        on_progress: Callable[[JobStatus], Any] | None = None,
+    ) -> JobStatus:
+        """Poll until the job is terminal; ``on_progress`` sees every status.
+
+        Raises ``KvidJobFailedError`` for FAILED, ``KvidTimeoutError`` after ``deadline`` s.
+        """
+        return self._run(self._wait_op(job_kind, request_id, poll_interval, deadline, on_progress))
+
+    def download(
+        self,
+        result_or_url: JobResult | str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> DownloadedFile:
+        """Stream the video to ``dest`` (a file, or a folder to put ``result.name`` in).
+
+        Written to a temporary file beside it and renamed into place when complete; more than
+        ``max_bytes`` (announced or received), an empty body or one far from the result's
+        ``size_kb`` aborts and deletes it. The api-key goes only to the API's own origin.
+        """
+        return self._run(self._download_op(result_or_url, dest, max_bytes))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> KvidClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""``python -m kvid_dagster.emulator``: run a kvid emulator until SIGINT/SIGTERM.
+
+The first line on stdout is the base URL (scripts read it to find a port chosen with --port 0).
+``main(argv)`` is what ``kvid-dagster emulator`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from kvid_dagster.emulator.config import EmulatorConfig
+from kvid_dagster.emulator.server import KvidEmulator
+
+
+def build_parser(prog: str = "python -m kvid_dagster.emulator") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run a local kvid API emulator.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    parser.add_argument("--api-key", default=None, help="accepted api-key (default: any non-empty)")
+    parser.add_argument("--workers", type=int, default=4, help="jobs running at once")
+    parser.add_argument(
+        "--time-scale", type=float, default=0.02, help="multiplier on the vendor's 1-5 min jobs"
+    )
+    parser.add_argument("--job-duration", type=float, default=None, help="fixed seconds per job")
+    parser.add_argument("--failure-rate", type=float, default=0.0, help="fraction of jobs FAILED")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests 5xx")
+    parser.add_argument("--rate-limit", type=float, default=None, help="requests/s before 429")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to responses")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault RNG")
+    parser.add_argument(
+        "--reuse-renders", action="store_true", help="render once per output geometry"
+    )
+    parser.add_argument("--output-dir", default=None, help="where videos go (default: temp dir)")
+    parser.add_argument("--public-base-url", default=None, help="base of result URLs")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    parser = build_parser(prog) if prog else build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = EmulatorConfig(
+            api_key=args.api_key,
+            workers=args.workers,
+            time_scale=args.time_scale,
+            job_duration=args.job_duration,
+            failure_rate=args.failure_rate,
+            error_rate=args.error_rate,
+            rate_limit=args.rate_limit,
+            latency=args.latency,
+            reuse_renders=args.reuse_renders,
+            seed=args.seed,
+            public_base_url=args.public_base_url,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    emulator = KvidEmulator(config, host=args.host, port=args.port, output_dir=args.output_dir)
+    try:
+        emulator.start()
+        print(emulator.base_url, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        emulator.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

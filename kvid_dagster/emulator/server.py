@@ -1,0 +1,842 @@
+"""KvidEmulator: a real HTTP server speaking the kvid contract (shared/kvid-api.md).
+
+One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, Nagle off, daemon threads) runs in a
+background thread. Job states come from the clock (see jobs.py); videos are rendered by a small
+thread pool as soon as a job is created and served from the emulator's own ``/files/``.
+Everything lives on the instance, so several emulators can run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import math
+import re
+import secrets
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import numpy as np
+
+from kvid_dagster.emulator import render
+from kvid_dagster.emulator.config import EmulatorConfig
+from kvid_dagster.emulator.faults import STATUS_KINDS, Fault, FaultInjector
+from kvid_dagster.emulator.jobs import Job, JobQueue, JobState, JobStatus, vendor_duration
+from kvid_dagster.emulator.validation import (
+    IMAGE_TO_VIDEO,
+    JOB_KINDS,
+    RequestInvalid,
+    ValidRequest,
+    validate_body,
+)
+
+logger = logging.getLogger("kvid_dagster.emulator")
+
+FAIL_MARKER: Final = "[[kvid:fail]]"
+"""A prompt containing this always ends FAILED (a deterministic failure for tests)."""
+FAIL_MARKER_REASON: Final = "Generation failed: the request was rejected ([[kvid:fail]] in prompt)"
+
+_API_PREFIX: Final = "/ai/video/"
+_FILE_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+\.mp4$")
+_METHODS: Final = {"generate": "POST", "status": "GET", "result": "GET", "files": "GET, HEAD"}
+_HTML_PAGE: Final = "<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
+_REASONS: Final = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+_CHUNK: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What ``KvidEmulator.jobs`` shows of one job (a snapshot)."""
+
+    request_id: str
+    kind: str  # "text-to-video" | "image-to-video"
+    model: str  # "v1" | "v2"
+    body: Mapping[str, Any]  # as sent, image_file contents elided
+    state: str  # IN_QUEUE | PROCESSING | COMPLETED | FAILED
+    progress: int
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    file: Path | None = None  # stream this file as the body...
+    file_bytes: int = 0  # ...this many bytes of it
+    drop: bool = False  # close the connection without answering
+    close: bool = False  # answer, then close the connection
+
+
+def _envelope(status: int, success: bool, data: Any, message: str, **headers: str) -> _Response:
+    payload = {"success": success, "data": data, "message": message}
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return _Response(status, body, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def _error(status: int, message: str, **headers: str) -> _Response:
+    return _envelope(status, False, None, message, **headers)
+
+
+def _html(status: int, title: str) -> _Response:
+    return _Response(status, _HTML_PAGE.format(title=title).encode(), "text/html; charset=utf-8")
+
+
+class KvidEmulator:
+    """A local kvid service: ``with KvidEmulator(EmulatorConfig(workers=2)) as emu: emu.base_url``.
+
+    Keyword arguments after ``output_dir`` override fields of ``config``.
+    """
+
+    def __init__(
+        self,
+        config: EmulatorConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        output_dir: str | Path | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        config = config or EmulatorConfig()
+        self.config: EmulatorConfig = (
+            replace(config, **config_overrides) if config_overrides else config
+        )
+        self._host = host
+        self._requested_port = port
+        self._output_dir_arg = Path(output_dir) if output_dir is not None else None
+        self._output_dir: Path | None = None
+        self._owns_output_dir = False
+
+        self._queue = JobQueue(self.config.workers)
+        self._faults = FaultInjector(self.config)
+        self._lock = threading.Lock()
+        self._stats: Counter[str | tuple[str, int]] = Counter()
+        self._jobs_created = 0
+        self._files: dict[str, Path] = {}  # served name -> file (outlives forget_jobs)
+        self._shared: dict[tuple[int, int, int, int, str], Future[Path]] = {}
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._http: httpx.Client | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Bind, start serving in a background thread and return self."""
+        if self._server is not None or self._stopping.is_set():
+            raise RuntimeError("this emulator was already started")
+        if self._output_dir_arg is None:
+            self._output_dir = Path(tempfile.mkdtemp(prefix="kvid-emulator-"))
+            self._owns_output_dir = True
+        else:
+            self._output_dir = self._output_dir_arg
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(
+            self.config.render_threads, thread_name_prefix="kvid-render"
+        )
+        self._http = httpx.Client(follow_redirects=True)
+        self._server = _Server((self._host, self._requested_port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # stop() returns quickly
+            name=f"kvid-emulator:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.info("kvid emulator listening on %s (%r)", self.base_url, self.config)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close open connections, cancel renders, remove the temp output dir."""
+        if self._server is None or self._stopping.is_set():
+            return
+        self._stopping.set()  # wakes handlers sleeping in faults and stops renders mid-file
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._http is not None:
+            self._http.close()  # first: aborts image fetches that renders are waiting on
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._owns_output_dir and self._output_dir is not None:
+            shutil.rmtree(self._output_dir, ignore_errors=True)
+        logger.info("kvid emulator on %s stopped", self.base_url)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- public properties and controls --------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the emulator is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the running server (what a client's base_url should be)."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def output_dir(self) -> Path:
+        if self._output_dir is None:
+            raise RuntimeError("the emulator is not started")
+        return self._output_dir
+
+    @property
+    def stats(self) -> Counter[str | tuple[str, int]]:
+        """Request counts: by endpoint name ("generate", "status", "result", "files", "other")
+        and by (endpoint, HTTP status) — status 0 when the connection was dropped unanswered.
+        A snapshot (a Counter: missing keys read as 0)."""
+        with self._lock:
+            snapshot = Counter(self._stats)
+        for name in ("generate", "status", "result", "files"):
+            snapshot[name] += 0
+        return snapshot
+
+    @property
+    def jobs_created(self) -> int:
+        """Jobs created, i.e. what the service would have billed (forget_jobs keeps counting)."""
+        with self._lock:
+            return self._jobs_created
+
+    @property
+    def jobs(self) -> Mapping[str, JobInfo]:
+        """A read-only snapshot: request_id -> kind, model, body (no image_file data), state."""
+        view: dict[str, JobInfo] = {}
+        for job in self._queue.all():
+            status = self._status(job)
+            view[job.request_id] = JobInfo(
+                job.request_id,
+                job.kind,
+                job.model,
+                MappingProxyType(job.body),
+                status.state.value,
+                status.progress,
+            )
+        return MappingProxyType(view)
+
+    def add_fault(self, endpoint: str, kind: str | int, times: int = 1, **kw: Any) -> Fault:
+        """Script a fault for the next ``times`` requests to ``endpoint`` (see faults.py)."""
+        return self._faults.add(endpoint, str(kind), times, **kw)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def fail_job(self, request_id: str, reason: str = "Job failed (emulator fail_job)") -> None:
+        """Make a job end FAILED now with ``reason`` (KeyError if unknown, ValueError if done)."""
+        job = self._queue.get(request_id)
+        if job is None:
+            raise KeyError(request_id)
+        self._queue.fail(job, reason)
+
+    def forget_jobs(self) -> None:
+        """Simulate a restart that lost every job: later status/result answer 404."""
+        self._queue.clear()
+        logger.info("emulator on %s forgot every job", self.base_url)
+
+    # --- request handling (called by the handler threads) ---------------------------------------
+
+    def _count(self, key: str | tuple[str, int]) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def handle(self, method: str, target: str, headers: Message, body: bytes | None) -> _Response:
+        """Answer one request; ``body`` is None when it was over the size cap."""
+        url = urlsplit(target)
+        endpoint, kind, arg = _route(url.path)
+        self._count(endpoint)
+        try:
+            response = self._handle(method, endpoint, kind, arg, url.query, headers, body)
+        except Exception:
+            logger.exception("emulator error on %s %s", method, url.path)
+            response = _error(500, "Internal emulator error")
+        self._count((endpoint, 0 if response.drop else response.status))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %s", method, url.path, "dropped" if response.drop else response.status
+            )
+        return response
+
+    def _handle(
+        self,
+        method: str,
+        endpoint: str,
+        kind: str | None,
+        arg: str,
+        query: str,
+        headers: Message,
+        body: bytes | None,
+    ) -> _Response:
+        self._sleep(self.config.latency)
+        if endpoint == "other":
+            return _error(404, f"No such endpoint: {arg}")
+        allowed = _METHODS[endpoint]
+        if method not in allowed.split(", "):
+            return _error(405, f"Method {method} not allowed; use {allowed}", Allow=allowed)
+
+        fault = self._faults.take(endpoint)
+        if fault is not None:
+            early = self._fault_before(endpoint, fault, arg, method)
+            if early is not None:
+                return early
+        if body is None:
+            cap = self.config.max_body_bytes
+            return replace(_error(413, f"Request body larger than {cap} bytes"), close=True)
+        if endpoint == "files":  # storage: public URLs, no api-key, no rate limit
+            return self._file(arg, method)
+
+        retry_after = self._faults.rate_limited()
+        if retry_after is not None:
+            return _error(
+                429, f"Too many requests; retry after {retry_after} s", Retry_After=str(retry_after)
+            )
+        code = self._faults.random_error()
+        if code is not None:
+            return self._status_fault(code, "json" if code in (500, 503) else "html", None)
+        denied = self._check_key(headers)
+        if denied is not None:
+            return denied
+        assert kind is not None
+        if endpoint == "generate":
+            response, created = self._generate(kind, body)
+            if created and fault is not None:
+                return self._fault_after_create(fault, response)
+            return response
+        request_id = parse_qs(query).get("request_id", [""])[0].strip()
+        if not request_id:
+            return _error(
+                422, "request_id: required query parameter (got nothing); allowed: a request id"
+            )
+        job = self._queue.get(request_id)
+        if job is None or job.kind != kind:
+            return _error(404, f"request_id {request_id!r} not found for {kind}")
+        if endpoint == "status":
+            return self._status_response(job)
+        return self._result(job)
+
+    # --- faults --------------------------------------------------------------------------------
+
+    def _fault_before(self, endpoint: str, fault: Fault, arg: str, method: str) -> _Response | None:
+        """Act on a scripted fault before the request is served; None: serve it (maybe later)."""
+        if fault.kind in ("timeout", "timeout_before"):
+            if endpoint == "generate" and fault.kind == "timeout":
+                return None  # created first, then the wait (see _fault_after_create)
+            self._sleep(fault.delay)
+            if endpoint == "generate":  # timeout_before: nothing created, nothing answered
+                return _Response(0, drop=True)
+            return None
+        if endpoint == "generate" and fault.after_create:
+            return None
+        if endpoint == "files":
+            return self._file_fault(fault, arg, method)
+        return self._fault_response(fault)
+
+    def _fault_after_create(self, fault: Fault, response: _Response) -> _Response:
+        if fault.kind == "timeout":
+            self._sleep(fault.delay)
+            return response  # the client has given up by now; the job exists all the same
+        return self._fault_response(fault)
+
+    def _fault_response(self, fault: Fault) -> _Response:
+        kind = fault.kind
+        if kind in STATUS_KINDS:
+            code = int(kind)
+            default = "json" if code in (500, 503) else "html"
+            return self._status_fault(code, fault.options.get("body", default), fault.retry_after)
+        if kind == "429":
+            retry = str(fault.retry_after)
+            return _error(429, f"Too many requests; retry after {retry} s", Retry_After=retry)
+        if kind == "reset":
+            return _Response(0, drop=True)
+        if kind == "non_json":
+            return _html(200, "kvid")
+        if kind == "malformed":
+            return _Response(200, b'{"result":"ok","detail":"not the kvid envelope"}')
+        if kind == "missing_fields":
+            return _envelope(200, True, {}, "OK")
+        raise AssertionError(f"unhandled fault kind {kind!r}")
+
+    @staticmethod
+    def _status_fault(code: int, body: str, retry_after: int | None) -> _Response:
+        reason = _REASONS.get(code, "Server Error")
+        response = (
+            _html(code, f"{code} {reason}")
+            if body == "html"
+            else _error(code, f"{reason} (injected)")
+        )
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
+
+    def _file_fault(self, fault: Fault, name: str, method: str) -> _Response:
+        if fault.kind == "malformed":  # a truncated, undecodable video
+            response = self._file(name, method)
+            if response.file is not None:
+                response.file_bytes //= 2
+            return response
+        if fault.kind == "missing_fields":
+            return _Response(200, b"", "video/mp4")
+        return self._fault_response(fault)
+
+    # --- auth ----------------------------------------------------------------------------------
+
+    def _check_key(self, headers: Message) -> _Response | None:
+        key = (headers.get("api-key") or "").strip()  # never logged
+        if not key:
+            return _error(401, "Missing api-key header")
+        expected = self.config.api_key
+        if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
+            return _error(401, "Invalid api-key")
+        return None
+
+    # --- generate ------------------------------------------------------------------------------
+
+    def _generate(self, kind: str, raw: bytes) -> tuple[_Response, bool]:
+        try:
+            body = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(422, f"body: not valid JSON ({exc}); allowed: a JSON object"), False
+        if body is None:
+            return _error(422, "body: required (got nothing); allowed: a JSON object"), False
+        try:
+            request = validate_body(kind, body, max_image_bytes=self.config.max_image_bytes)
+        except RequestInvalid as exc:
+            return _error(422, str(exc)), False
+        job = self._create_job(request, body)
+        data = {"request_id": job.request_id}
+        return _envelope(200, True, data, "Video generation request submitted successfully"), True
+
+    def _create_job(self, request: ValidRequest, body: dict[str, Any]) -> Job:
+        params = request.params
+        _, frames = render.timing(request.model, params)
+        short = render.RESOLUTION_SHORT_SIDE[params["resolution"]]
+        if self.config.job_duration is not None:
+            duration = self.config.job_duration
+        else:
+            duration = vendor_duration(short, frames) * self.config.time_scale
+        fail_reason, fail_fraction = None, 0.5
+        if FAIL_MARKER in params["prompt"]:
+            fail_reason = FAIL_MARKER_REASON
+        elif (failure := self._faults.job_failure()) is not None:
+            fail_reason, fail_fraction = failure
+        seed = params["seed"] if params["seed"] is not None else self._faults.pick_seed()
+
+        shown = dict(body)
+        if isinstance(shown.get("image_file"), str):
+            shown["image_file"] = f"<{len(shown['image_file'])} base64 characters elided>"
+        request_id = "req_" + secrets.token_hex(8)
+        job = self._queue.create(
+            request_id,
+            kind=request.kind,
+            model=request.model,
+            body=shown,
+            params=params,
+            frames=frames,
+            duration=duration,
+            fail_reason=fail_reason,
+            fail_fraction=fail_fraction,
+        )
+        job.extra["seed"] = seed
+        with self._lock:
+            self._jobs_created += 1
+        job.video = self._submit_render(job, request, seed)
+        logger.info(
+            "job %s created: %s %s %s, %d frames, %.2f s%s",
+            request_id,
+            request.kind,
+            request.model,
+            params["resolution"],
+            frames,
+            duration,
+            " (will fail)" if fail_reason else "",
+        )
+        return job
+
+    # --- rendering -----------------------------------------------------------------------------
+
+    def _submit_render(self, job: Job, request: ValidRequest, seed: int) -> Future[Path]:
+        assert self._pool is not None
+        if self.config.reuse_renders and job.params["aspect_ratio"] != "auto":
+            # the geometry is known now: one task per geometry, its future shared by every job
+            geometry = render.geometry_for(job.model, job.params)
+            key = _shared_key(geometry, job.kind)
+            with self._lock:
+                shared = self._shared.get(key)
+                if shared is None:
+                    shared = self._pool.submit(self._render_job, job, request, seed, key)
+                    self._shared[key] = shared
+                    shared.add_done_callback(functools.partial(self._forget_failed, key))
+            return shared
+        return self._pool.submit(self._render_job, job, request, seed, None)
+
+    def _forget_failed(self, key: tuple[int, int, int, int, str], future: Future[Path]) -> None:
+        """A failed shared render (say, a bad input image) must not fail every later job."""
+        if future.cancelled() or future.exception() is not None:
+            with self._lock:
+                if self._shared.get(key) is future:
+                    del self._shared[key]
+
+    def _render_job(
+        self,
+        job: Job,
+        request: ValidRequest,
+        seed: int,
+        shared_key: tuple[int, int, int, int, str] | None,
+    ) -> Path:
+        """Fetch/decode the inputs, then render (or reuse) the job's video. Runs in the pool.
+
+        ``shared_key``: this task IS the shared render for that geometry (reuse_renders).
+        """
+        try:
+            image = end_image = None
+            if job.kind == IMAGE_TO_VIDEO:
+                image = render.decode_image(
+                    request.image_bytes or self._fetch(job.params["image_url"])
+                )
+                if job.params.get("end_image_url"):
+                    end_image = render.decode_image(self._fetch(job.params["end_image_url"]))
+            size = (image.shape[1], image.shape[0]) if image is not None else None
+            geometry = render.geometry_for(job.model, job.params, size)
+            if shared_key is not None:
+                path = self.output_dir / _shared_name(shared_key)
+            elif self.config.reuse_renders:
+                return self._shared_render(job, geometry, image, end_image, seed)
+            else:
+                path = self.output_dir / f"{job.request_id}.mp4"
+            self._encode(path, job, geometry, image, end_image, seed)
+            return path
+        except render.RenderCancelled:
+            raise
+        except render.ImageError as exc:
+            self._fail_render(job, f"Input image error: {exc}")
+            raise
+        except Exception as exc:
+            logger.exception("render of %s failed", job.request_id)
+            self._fail_render(job, f"Rendering failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _fail_render(self, job: Job, reason: str) -> None:
+        if self._queue.get(job.request_id) is job:
+            self._queue.fail(job, reason, force=True)
+
+    def _shared_render(
+        self,
+        job: Job,
+        geometry: render.Geometry,
+        image: np.ndarray | None,
+        end_image: np.ndarray | None,
+        seed: int,
+    ) -> Path:
+        """Reuse the render of this geometry, or be the one that makes it (geometry from 'auto')."""
+        key = _shared_key(geometry, job.kind)
+        with self._lock:
+            shared = self._shared.get(key)
+            owner = shared is None
+            if shared is None:
+                shared = Future()
+                self._shared[key] = shared
+        if not owner:  # another pool task renders it (or has); it is running, so no deadlock
+            while True:
+                try:
+                    return shared.result(timeout=0.2)
+                except FutureTimeout:
+                    if self._stopping.is_set():
+                        raise render.RenderCancelled from None
+        path = self.output_dir / _shared_name(key)
+        try:
+            self._encode(path, job, geometry, image, end_image, seed)
+        except BaseException as exc:
+            shared.set_exception(exc)
+            with self._lock:
+                self._shared.pop(key, None)
+            raise
+        shared.set_result(path)
+        return path
+
+    def _encode(
+        self,
+        path: Path,
+        job: Job,
+        geometry: render.Geometry,
+        image: np.ndarray | None,
+        end_image: np.ndarray | None,
+        seed: int,
+    ) -> None:
+        params = job.params
+        frames: Any
+        if image is None:
+            frames = render.text_frames(
+                geometry, params["prompt"], seed, camera_fixed=bool(params.get("camera_fixed"))
+            )
+        else:
+            frames = render.image_frames(
+                geometry,
+                image,
+                end_image=end_image,
+                seed=seed,
+                prompt=params["prompt"],
+                camera_fixed=bool(params.get("camera_fixed")),
+            )
+        render.encode(path, geometry, frames, self._stopping)
+
+    def _fetch(self, url: str) -> bytes:
+        assert self._http is not None
+        return render.fetch_image(
+            self._http,
+            url,
+            timeout=self.config.image_timeout,
+            max_bytes=self.config.max_image_bytes,
+        )
+
+    # --- status and result ---------------------------------------------------------------------
+
+    def _status(self, job: Job) -> JobStatus:
+        return self._queue.status(job)
+
+    def _status_response(self, job: Job) -> _Response:
+        status = self._queue.status(job)
+        data = {"status": status.state.value, "progress": status.progress, "logs": status.logs}
+        return _envelope(200, True, data, status.message)
+
+    def _result(self, job: Job) -> _Response:
+        status = self._queue.status(job)
+        if status.state is JobState.FAILED:
+            return _error(409, f"{job.request_id} FAILED: {job.fail_reason}; no video to return")
+        if status.state is not JobState.COMPLETED:
+            return _error(
+                409,
+                f"{job.request_id} is not COMPLETED yet (status {status.state.value}, "
+                f"progress {status.progress}); poll status until COMPLETED",
+            )
+        if job.video is None:
+            return _error(503, "Video not available yet", Retry_After="1")
+        try:
+            path = job.video.result(timeout=self.config.result_wait)
+        except FutureTimeout:
+            return _error(503, "Video is still being encoded; retry shortly", Retry_After="1")
+        except CancelledError:
+            return _error(503, "Service is shutting down", Retry_After="1")
+        except Exception as exc:
+            # a shared render that failed: this job fails with it (status agrees from now on)
+            self._fail_render(job, f"Rendering failed: {type(exc).__name__}: {exc}")
+            reason = job.fail_reason or "rendering failed"
+            return _error(409, f"{job.request_id} FAILED: {reason}; no video to return")
+        name = f"{job.request_id}.mp4"
+        with self._lock:
+            self._files[name] = path
+        size = path.stat().st_size
+        base = self.config.public_base_url or self.base_url
+        data = {"url": f"{base}/files/{name}", "name": name, "size": math.ceil(size / 1024)}
+        return _envelope(200, True, data, "Video result retrieved successfully")
+
+    def _file(self, name: str, method: str) -> _Response:
+        path = self._files.get(name) if _FILE_NAME.match(name) else None
+        if path is None or not path.is_file():
+            return _error(404, f"No such file: {name}")
+        size = path.stat().st_size
+        return _Response(200, content_type="video/mp4", file=path, file_bytes=size)
+
+
+def _shared_key(geometry: render.Geometry, kind: str) -> tuple[int, int, int, int, str]:
+    return (geometry.width, geometry.height, geometry.fps, geometry.frames, kind)
+
+
+def _shared_name(key: tuple[int, int, int, int, str]) -> str:
+    width, height, fps, frames, kind = key
+    return f"shared-{width}x{height}-{fps}fps-{frames}f-{kind}.mp4"
+
+
+def _route(path: str) -> tuple[str, str | None, str]:
+    """(endpoint name, job kind, argument): the argument is a file name, or the path if unknown."""
+    if path.startswith("/files/"):
+        return "files", None, path[len("/files/") :]
+    if path.startswith(_API_PREFIX):
+        kind, _, action = path[len(_API_PREFIX) :].partition("/")
+        if kind in JOB_KINDS and action in ("generate", "status", "result"):
+            return action, kind, ""
+    return "other", None, path
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # benchmarks open many connections at once
+
+    def __init__(self, address: tuple[str, int], emulator: KvidEmulator) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.emulator = emulator
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End keep-alive connections, so a stopped emulator answers nothing more."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    disable_nagle_algorithm = True  # else ~40 ms per keep-alive request (Nagle + delayed ACK)
+    server_version = "kvid-emulator/0.1"
+    sys_version = ""
+    timeout = 300  # idle keep-alive connections are closed after this
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # requests are logged by KvidEmulator.handle, through logging
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None if over the cap (the connection is then closed)."""
+        cap = self.server.emulator.config.max_body_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked(cap)
+        length_header = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(length_header)
+        except ValueError:
+            length = -1
+        if length < 0 or length > cap:
+            self.close_connection = True
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self, cap: int) -> bytes | None:
+        data = bytearray()
+        while True:
+            size_line = self.rfile.readline(1024).split(b";")[0].strip()
+            size = int(size_line or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return bytes(data)
+            if len(data) + size > cap:
+                self.close_connection = True
+                return None
+            data += self.rfile.read(size)
+            self.rfile.readline(1024)
+
+    def _serve(self, method: str) -> None:
+        try:
+            body = self._read_body()
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        response = self.server.emulator.handle(method, self.path, self.headers, body)
+        try:
+            if response.drop:
+                self._reset()
+            else:
+                self._write(response, head=method == "HEAD")
+        except OSError:  # the client went away (it timed out, or reset): nothing to tell it
+            self.close_connection = True
+
+    def _reset(self) -> None:
+        """Close with a TCP RST, not a polite FIN: the client sees a connection error."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+    def _write(self, response: _Response, *, head: bool) -> None:
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        length = response.file_bytes if response.file is not None else len(response.body)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(length))
+        if response.close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if head:
+            return
+        if response.file is None:
+            self.wfile.write(response.body)
+            return
+        with response.file.open("rb") as fh:
+            left = length
+            while left > 0:
+                chunk = fh.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
