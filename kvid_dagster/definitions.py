@@ -1,0 +1,94 @@
+"""``build_kvid_definitions``: everything for one prompt table, wired together."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from dagster import (
+    AutomationCondition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    Definitions,
+    EnvVar,
+    define_asset_job,
+)
+
+from kvid_dagster.assets import build_kvid_assets
+from kvid_dagster.client import DEFAULT_BASE_URL
+from kvid_dagster.project import KvidProject
+from kvid_dagster.resource import KvidResource
+from kvid_dagster.schedules import build_kvid_schedule
+from kvid_dagster.sensors import build_kvid_prompts_sensor, build_kvid_status_sensor
+from kvid_dagster.translator import KvidTranslator
+
+PROMPTS_JOB = "kvid_prompts_job"
+SUBMIT_JOB = "kvid_submit_job"
+CATALOG_JOB = "kvid_catalog_job"
+
+
+def resource_from_env() -> KvidResource:
+    """``KVID_API_KEY`` (a secret, never shown) and ``KVID_BASE_URL`` (default: the vendor's)."""
+    return KvidResource(
+        api_key=EnvVar("KVID_API_KEY"),
+        base_url=os.environ.get("KVID_BASE_URL") or DEFAULT_BASE_URL,
+    )
+
+
+def build_kvid_definitions(
+    prompts_path: str | Path,
+    data_dir: str | Path,
+    *,
+    resource: KvidResource | None = None,
+    translator: KvidTranslator | None = None,
+    prices: Mapping[str, float] | None = None,
+    schedule_cron: str = "0 6 * * *",
+    schedule_status: DefaultScheduleStatus = DefaultScheduleStatus.STOPPED,
+    sensor_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
+    status_sensor_interval_s: int = 15,
+    tick_budget_s: float = 40.0,
+    download: bool = True,
+    job_deadline_s: float | None = None,
+    jobs_automation_condition: AutomationCondition | None = None,
+    partitions_name: str = "kvid_prompts",
+) -> Definitions:
+    """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table."""
+    project = KvidProject(prompts_path, data_dir, partitions_name=partitions_name)
+    translator = translator or KvidTranslator()
+    assets = build_kvid_assets(
+        project,
+        translator=translator,
+        prices=prices,
+        jobs_automation_condition=jobs_automation_condition,
+    )
+    jobs = [
+        define_asset_job(PROMPTS_JOB, selection=[translator.get_asset_key("kvid_prompts")]),
+        define_asset_job(SUBMIT_JOB, selection=[translator.get_asset_key("kvid_video_jobs")]),
+        define_asset_job(CATALOG_JOB, selection=[translator.get_asset_key("kvid_catalog")]),
+    ]
+    return Definitions(
+        assets=assets,
+        jobs=jobs,
+        sensors=[
+            build_kvid_status_sensor(
+                project,
+                translator=translator,
+                minimum_interval_seconds=status_sensor_interval_s,
+                tick_budget_s=tick_budget_s,
+                download=download,
+                job_deadline_s=job_deadline_s,
+                default_status=sensor_status,
+            ),
+            build_kvid_prompts_sensor(project, translator=translator, default_status=sensor_status),
+        ],
+        schedules=[
+            build_kvid_schedule(
+                project,
+                translator=translator,
+                cron_schedule=schedule_cron,
+                default_status=schedule_status,
+            )
+        ],
+        resources={"kvid": resource or resource_from_env()},
+    )

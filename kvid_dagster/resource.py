@@ -1,0 +1,42 @@
+"""``KvidResource``: the kvid client as a Dagster resource (configuration only, no HTTP here)."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from kvid_dagster.client import DEFAULT_BASE_URL, AsyncKvidClient, KvidClient
+
+
+class KvidResource(ConfigurableResource):
+    """Connection settings for kvid; hands out sync and async clients.
+
+    Wire the key as a secret so that it never shows in the UI or the event log::
+
+        KvidResource(api_key=dg.EnvVar("KVID_API_KEY"), base_url=dg.EnvVar("KVID_BASE_URL"))
+    """
+
+    api_key: str = Field(description="The kvid API key (use EnvVar('KVID_API_KEY')).")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="The kvid API base URL.")
+    request_timeout_s: float = Field(default=30.0, description="Timeout of one HTTP request.")
+    max_retries: int = Field(default=5, description="Retries of a retryable request (bounded).")
+    max_in_flight: int = Field(default=32, description="Requests in flight at once, per client.")
+    poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
+
+    def get_client(self) -> KvidClient:
+        return KvidClient(
+            self.api_key,
+            self.base_url,
+            timeout=self.request_timeout_s,
+            max_retries=self.max_retries,
+            max_in_flight=self.max_in_flight,
+        )
+
+    def get_async_client(self) -> AsyncKvidClient:
+        return AsyncKvidClient(
+            self.api_key,
+            self.base_url,
+            timeout=self.request_timeout_s,
+            max_retries=self.max_retries,
+            max_in_flight=self.max_in_flight,
+        )

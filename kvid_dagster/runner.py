@@ -1,0 +1,181 @@
+"""The headless pipeline behind ``kvid-dagster run``: the same definitions, a real Dagster instance.
+
+It does what a deployment's daemon would, in one process: materialize ``kvid_prompts``, submit
+every partition without a job in one run per contiguous range (the single-run backfill shape),
+evaluate the status sensor and store its events exactly as the sensor daemon does
+(``report_runless_asset_event``) until every job is terminal, then publish the catalog.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
+
+from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
+from kvid_dagster.project import KvidProject
+from kvid_dagster.resource import KvidResource
+from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, keys_needing_jobs, partition_ranges
+
+# the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+TERMINAL = frozenset({"COMPLETED", "FAILED", "INVALID", "TIMED_OUT", "LOST", "UNCERTAIN"})
+
+
+def dagster_home_for(data_dir: Path) -> Path:
+    """``$DAGSTER_HOME`` if set, else ``<data_dir>/dagster_home`` (created, telemetry off)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+@dataclass
+class PipelineResult:
+    catalog: pd.DataFrame
+    runs: list[str] = field(default_factory=list)
+    failed_runs: list[str] = field(default_factory=list)
+    sensor_ticks: int = 0
+    events_reported: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        valid = self.catalog[self.catalog["status"] != "INVALID"]
+        return not self.failed_runs and bool((valid["status"] == "COMPLETED").all())
+
+
+def evaluate_status_sensor(
+    defs: Definitions, instance: DagsterInstance, cursor: str | None, sensor_name: str
+) -> tuple[int, str | None]:
+    """One status-sensor tick, its events stored the way the sensor daemon stores them."""
+    sensor_def = defs.resolve_sensor_def(sensor_name)
+    resources = defs.resources or {}
+    with build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        definitions=defs,
+        sensor_name=sensor_name,
+        resources=resources,
+    ) as context:
+        result = sensor_def(context)
+    if not isinstance(result, SensorResult):
+        return 0, cursor
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return len(result.asset_events), result.cursor
+
+
+def run_pipeline(
+    prompts_path: str | Path,
+    data_dir: str | Path,
+    resource: KvidResource,
+    *,
+    instance: DagsterInstance | None = None,
+    poll_interval_s: float = 1.0,
+    deadline_s: float = 3600.0,
+    download: bool = True,
+    say: Callable[[str], Any] = print,
+) -> PipelineResult:
+    started = time.monotonic()
+    project = KvidProject(prompts_path, data_dir)
+    defs = build_kvid_definitions(
+        project.prompts_path,
+        project.data_dir,
+        resource=resource,
+        download=download,
+    )
+    if instance is None:
+        os.environ["DAGSTER_HOME"] = str(dagster_home_for(project.data_dir))
+        instance = DagsterInstance.get()
+    result = PipelineResult(catalog=pd.DataFrame())
+
+    def execute(job_name: str, tags: dict[str, str] | None = None) -> bool:
+        job = defs.resolve_job_def(job_name)
+        outcome = job.execute_in_process(
+            instance=instance, tags=tags, raise_on_error=False, run_config=QUIET_RUN_CONFIG
+        )
+        result.runs.append(outcome.run_id)
+        if not outcome.success:
+            result.failed_runs.append(outcome.run_id)
+            for event in outcome.all_events:
+                if event.is_step_failure:
+                    error = (
+                        event.step_failure_data.user_failure_data or event.step_failure_data.error
+                    )
+                    text = getattr(error, "description", None) or getattr(error, "message", error)
+                    say(f"  run {outcome.run_id[:8]} failed: {text}")
+        return outcome.success
+
+    say(f"validating {project.prompts_path}")
+    if not execute(PROMPTS_JOB):
+        result.catalog = project.catalog().latest()
+        return result
+    ordered, wanted = keys_needing_jobs(project, instance)
+    ranges = partition_ranges(ordered, wanted)
+    say(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
+    for first, last in ranges:
+        execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last})
+
+    cursor: str | None = None
+    catalog = project.catalog()
+    last_line = ""
+    while True:
+        reported, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+        result.sensor_ticks += 1
+        result.events_reported += reported
+        latest = catalog.latest()
+        waiting = latest[~latest["status"].isin(TERMINAL) & latest["request_id"].notna()]
+        counts = latest["status"].value_counts().to_dict()
+        line = "  " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items()))
+        if line != last_line:
+            say(line)
+            last_line = line
+        if waiting.empty:
+            break
+        if time.monotonic() - started > deadline_s:
+            say(
+                f"giving up after {deadline_s:.0f} s with {len(waiting)} job(s) still running; "
+                "their request_ids are in the catalog and the status sensor will pick them up"
+            )
+            break
+        time.sleep(poll_interval_s)
+    execute(CATALOG_JOB)
+    result.catalog = catalog.latest()
+    result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdout) -> None:
+    frame = result.catalog
+    columns = [
+        "partition_key",
+        "status",
+        "model",
+        "width",
+        "height",
+        "fps",
+        "num_frames",
+        "size_kb",
+    ]
+    shown = frame[[c for c in columns if c in frame.columns]].copy()
+    if "error" in frame.columns:
+        shown["note"] = frame["error"].fillna("").astype(str).str.slice(0, 60)
+    print(shown.to_string(index=False, na_rep="-"), file=out)
+    print(
+        f"\n{len(frame)} rows; {result.sensor_ticks} status ticks; "
+        f"{len(result.runs)} Dagster runs; "
+        f"{result.elapsed_s:.1f} s",
+        file=out,
+    )
+    print(f"catalog: {project_dir / 'catalog' / 'videos'} (pandas.read_parquet)", file=out)
+    print(f"videos:  {project_dir / 'videos'}", file=out)

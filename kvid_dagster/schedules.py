@@ -1,0 +1,53 @@
+"""The scheduled content pipeline: submit every partition that has no job yet."""
+
+
+from dagster import (
+    DefaultScheduleStatus,
+    ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
+    schedule,
+)
+
+from kvid_dagster.project import KvidProject
+from kvid_dagster.prompts import PromptTableError
+from kvid_dagster.sensors import keys_needing_jobs, range_run_requests
+from kvid_dagster.translator import KvidTranslator
+
+
+def build_kvid_schedule(
+    project: KvidProject,
+    *,
+    translator: KvidTranslator | None = None,
+    cron_schedule: str = "0 6 * * *",
+    execution_timezone: str = "UTC",
+    name: str = "kvid_daily_schedule",
+    default_status: DefaultScheduleStatus = DefaultScheduleStatus.STOPPED,
+) -> ScheduleDefinition:
+    """Daily by default: one run per contiguous range of partitions whose row has no job for its
+    exact request (failed jobs are not paid for again: re-materialize those by hand)."""
+    translator = translator or KvidTranslator()
+    jobs_key = translator.get_asset_key("kvid_video_jobs")
+
+    @schedule(
+        name=name,
+        cron_schedule=cron_schedule,
+        execution_timezone=execution_timezone,
+        default_status=default_status,
+        target=[jobs_key],
+        description="Submits every kvid partition without a job (the scheduled content pipeline).",
+    )
+    def kvid_schedule(context: ScheduleEvaluationContext):
+        try:
+            ordered, wanted = keys_needing_jobs(project, context.instance)
+        except PromptTableError as exc:
+            return SkipReason(str(exc))
+        known = set(ordered)
+        wanted = [k for k in wanted if k in known]  # unregistered rows: kvid_prompts adds them
+        if not wanted:
+            return SkipReason("every partition already has a job")
+        when = context.scheduled_execution_time
+        stamp = when.isoformat() if when else None
+        return range_run_requests(ordered, wanted, jobs_key=jobs_key, run_key_prefix=stamp)
+
+    return kvid_schedule
