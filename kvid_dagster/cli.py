@@ -60,23 +60,10 @@ def _progress_printer(stream: Any = sys.stderr) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvid_dagster.client import KvidClient, KvidError, build_request
+    from kvid_dagster.prompts import PARAM_COLUMNS
 
     params: dict[str, Any] = {
-        name: value
-        for name in (
-            "negative_prompt",
-            "num_frames",
-            "frames_per_second",
-            "seed",
-            "resolution",
-            "aspect_ratio",
-            "num_inference_steps",
-            "enable_safety_checker",
-            "enable_prompt_expansion",
-            "duration",
-            "camera_fixed",
-        )
-        if (value := getattr(args, name)) is not None
+        name: value for name in PARAM_COLUMNS if (value := getattr(args, name)) is not None
     }
     try:
         request = build_request(
@@ -179,11 +166,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
             str(args.port),
         ]
         child = subprocess.Popen(command, env=env, preexec_fn=restore_signals)
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            child.terminate()
-            return child.wait()
+        # stopping us stops dagster dev first, then the emulator (the `with` above)
+        signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # the child got the same Ctrl-C: let it shut down
+                continue
 
 
 def cmd_emulator(argv: Sequence[str]) -> int:
