@@ -369,3 +369,21 @@ def test_kvid_dagster_run_end_to_end_on_the_sample_table(project_dir: Path) -> N
         assert instance.get_materialized_partitions(VIDEOS) == set(catalog["partition_key"])
     finally:
         instance.dispose()
+
+
+def test_kvid_dagster_run_talks_to_the_configured_service_and_starts_nothing(
+    emulator: KvidEmulator, project_dir: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVID_", "DAGSTER_HOME"))}
+    env.update(KVID_BASE_URL=emulator.base_url, KVID_API_KEY=TEST_API_KEY)
+    completed = subprocess.run(
+        [sys.executable, "-m", "kvid_dagster.cli", "run", "--prompts",
+         str(project_dir / "prompts.csv"), "--data-dir", str(project_dir / "out"),
+         "--poll-interval", "0.3"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=project_dir,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "embedded emulator" not in completed.stderr
+    assert emulator.base_url in completed.stderr
+    assert emulator.jobs_created == 6  # the jobs went to the service we configured
+    assert TEST_API_KEY not in completed.stdout + completed.stderr
