@@ -50,10 +50,20 @@ def build_kvid_definitions(
     tick_budget_s: float = 40.0,
     download: bool = True,
     job_deadline_s: float | None = None,
+    intent_grace_s: float | None = None,
+    failed_job_max_attempts: int = 1,
+    max_download_bytes: int | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     partitions_name: str = "kvid_prompts",
 ) -> Definitions:
-    """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table."""
+    """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table.
+
+    The reliability settings go to the status sensor (see ``build_kvid_status_sensor``):
+    ``job_deadline_s`` (default 900 s) before a job is ``TIMED_OUT``, ``intent_grace_s``
+    (default 600 s) before an intent without a request_id is ``UNCERTAIN``, and
+    ``failed_job_max_attempts`` (default 1: FAILED jobs are not re-submitted automatically)
+    and ``max_download_bytes`` (default 512 MiB). See docs/RELIABILITY.md.
+    """
     project = KvidProject(prompts_path, data_dir, partitions_name=partitions_name)
     translator = translator or KvidTranslator()
     assets = build_kvid_assets(
@@ -78,6 +88,10 @@ def build_kvid_definitions(
                 tick_budget_s=tick_budget_s,
                 download=download,
                 job_deadline_s=job_deadline_s,
+                intent_grace_s=intent_grace_s,
+                failed_job_max_attempts=failed_job_max_attempts,
+                prices=prices,
+                max_download_bytes=max_download_bytes,
                 default_status=sensor_status,
             ),
             build_kvid_prompts_sensor(project, translator=translator, default_status=sensor_status),

@@ -30,6 +30,8 @@ log = logging.getLogger("kvid_dagster.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
 DEFAULT_INTENT_GRACE_S = 10 * 60.0  # a SUBMITTING row older than this lost its submitter
+# how a job can end, as the catalog and the VideoEvents name it
+TERMINAL_OUTCOMES = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN"})
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,16 @@ async def poll_pending(
         if row.get("status") == "SUBMITTING" and not row.get("request_id"):
             since = _as_datetime(row.get("submitted_at")) or _as_datetime(row.get("updated_at"))
             if since is not None and (now - since).total_seconds() > config.intent_grace_s:
-                updates[key] = {
-                    "status": "UNCERTAIN",
-                    "error": "the submitting process stopped between sending generate and "
-                    "recording its request_id; check the kvid dashboard before re-submitting",
-                }
+                updates[key] = {"status": "UNCERTAIN", "error": _intent_expired(row, since)}
 
     keys = _rotate(sorted(k for k, r in rows.items() if r.get("request_id")), start_after)
     report.pending = len(keys)
     gate = asyncio.Semaphore(max(1, config.concurrency))
     logs_by_key: dict[str, tuple[str, ...]] = {}
+
+    def past_deadline(row: Mapping[str, Any]) -> bool:
+        submitted = _as_datetime(row.get("submitted_at"))
+        return submitted is not None and (now - submitted).total_seconds() > config.job_deadline_s
 
     async def poll_one(key: str) -> None:
         row = rows[key]
@@ -146,15 +148,23 @@ async def poll_pending(
                 }
                 return
             except KvidError as exc:
-                report.errors.append(f"{key}: status: {type(exc).__name__}: {exc}")
+                problem = f"status: {type(exc).__name__}: {exc}"
+                report.errors.append(f"{key}: {problem}")
+                if past_deadline(row):  # a service that never answers must not be polled forever
+                    updates[key] = _timed_out(config, f"no usable status answer ({problem})")
                 return
             logs_by_key[key] = tuple(status.logs[-3:])
             if status.is_completed:
                 try:
                     updates[key] = await _complete(client, config, key, kind, request_id)
                 except (KvidError, OSError, ValueError) as exc:
-                    report.errors.append(f"{key}: fetching the video: {type(exc).__name__}: {exc}")
-                    updates[key] = {"status": status.status, "progress": 100}
+                    # not COMPLETED (terminal) without a video: FETCHING is polled again next tick
+                    problem = f"fetching the video: {type(exc).__name__}: {exc}"
+                    report.errors.append(f"{key}: {problem}")
+                    if past_deadline(row):
+                        updates[key] = _timed_out(config, f"completed, but {problem}")
+                    elif row.get("status") != "FETCHING" or row.get("error") != problem:
+                        updates[key] = {"status": "FETCHING", "progress": 100, "error": problem}
                 return
             if status.is_failed:
                 reason = status.message or (status.logs[-1] if status.logs else "") or "no reason"
@@ -165,13 +175,8 @@ async def poll_pending(
                     "completed_at": datetime.now(UTC),
                 }
                 return
-            submitted = _as_datetime(row.get("submitted_at"))
-            if submitted and (now - submitted).total_seconds() > config.job_deadline_s:
-                updates[key] = {
-                    "status": "TIMED_OUT",
-                    "error": f"still {status.status} after the {config.job_deadline_s:.0f} s "
-                    "deadline; polling stopped (the job may still finish: its request_id is kept)",
-                }
+            if past_deadline(row):
+                updates[key] = _timed_out(config, f"still {status.status}")
                 return
             if status.status != row.get("status") or status.progress != row.get("progress"):
                 updates[key] = {"status": status.status, "progress": status.progress}
@@ -179,18 +184,85 @@ async def poll_pending(
     await asyncio.gather(*(poll_one(k) for k in keys))
 
     if updates:
-        catalog.update_many([{"partition_key": k, **v} for k, v in updates.items()])
+        _record(catalog, rows, updates, report)
     for key, change in updates.items():
         record = {**rows.get(key, {}), **change, "partition_key": key}
         status = str(change["status"])
-        outcome = (
-            status
-            if status in {"COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN"}
-            else "PROGRESS"
-        )
+        outcome = status if status in TERMINAL_OUTCOMES else "PROGRESS"
         report.events.append(VideoEvent(key, outcome, record, logs_by_key.get(key, ())))
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _intent_expired(row: Mapping[str, Any], since: datetime) -> str:
+    """Why an old intent without a request_id is UNCERTAIN, and what was (maybe) sent."""
+    return (
+        "the submitting process stopped between sending generate and recording its request_id "
+        f"(intent of {since:%Y-%m-%d %H:%M:%S} UTC, request_hash {row.get('request_hash')}); "
+        "the job may exist and be billed: look for this prompt and params_json in the kvid "
+        "dashboard, then record its request_id with resolve_uncertain(), or release the row "
+        "for a new job"
+    )
+
+
+def _timed_out(config: PollConfig, what: str) -> dict[str, Any]:
+    return {
+        "status": "TIMED_OUT",
+        "error": f"{what} after the {config.job_deadline_s:.0f} s job deadline; polling stopped "
+        "(the request_id is kept: the job may still finish)",
+        "completed_at": datetime.now(UTC),
+    }
+
+
+def _identity(row: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """What changes when someone else moved a row on while this tick was polling it."""
+    if row is None:
+        return (None,)
+    return (row.get("status"), row.get("request_id"), _as_datetime(row.get("submitted_at")))
+
+
+def _record(
+    catalog: KvidCatalog,
+    rows: Mapping[str, Mapping[str, Any]],
+    updates: dict[str, dict[str, Any]],
+    report: PollReport,
+) -> None:
+    """Write the tick's changes in one part, and how each job ended in the submissions history.
+
+    Under the catalog lock, a row that changed since it was read (a submitter recorded its
+    request_id, a forced re-submission started, another poller got there first) is left alone:
+    a stale UNCERTAIN must never hide a request_id recorded meanwhile.
+    """
+    with catalog.lock():
+        current = catalog.records_for(updates)
+        for key in list(updates):
+            if _identity(current.get(key)) != _identity(rows[key]):
+                del updates[key]
+                report.errors.append(f"{key}: changed while it was polled; left for the next tick")
+        if not updates:
+            return
+        catalog.update_many([{"partition_key": k, **v} for k, v in updates.items()])
+        outcomes = []
+        for key, change in updates.items():
+            status = str(change["status"])
+            if status not in TERMINAL_OUTCOMES:
+                continue
+            row = rows[key]
+            event: dict[str, Any] = {
+                "partition_key": key,
+                "event": status,
+                "request_hash": row.get("request_hash"),
+                "job_kind": row.get("job_kind"),
+                "model": row.get("model"),
+                "request_id": row.get("request_id"),
+                "attempt": row.get("attempts"),
+                "error": change.get("error"),
+            }
+            if status == "UNCERTAIN":  # never counted at SUBMITTED: this is its only cost record
+                event["params_json"] = row.get("params_json")
+                event["cost_credits"] = row.get("cost_credits")
+            outcomes.append(event)
+        catalog.record_submissions(outcomes)
 
 
 async def _complete(

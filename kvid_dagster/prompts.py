@@ -7,7 +7,9 @@ at all (missing, not CSV/Parquet, no ``prompt`` column) raises :class:`PromptTab
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import re
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from kvid_dagster.client import KvidError, KvidRequest, build_request
@@ -106,23 +109,91 @@ class PromptTable:
         return [row.partition_key for row in self.rows]
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+# (column names, one mapping per data row, {row number: (field, reason)} for rows already bad)
+_Read = tuple[list[str], list[dict[str, Any]], dict[int, tuple[str, str]]]
+
+
+def _read_table(path: Path) -> _Read:
+    """Read a whole table; anything that makes the *file* unusable is a PromptTableError."""
     if not path.is_file():
         raise PromptTableError(f"prompt table {path} does not exist or is not a file")
     if path.stat().st_size > MAX_TABLE_BYTES:
         raise PromptTableError(f"prompt table {path} is larger than {MAX_TABLE_BYTES} bytes")
     try:
-        if path.suffix.lower() in {".parquet", ".pq"}:
-            return pd.read_parquet(path)
-        # every cell as text: types are decided per field, and an empty cell means "default"
-        return pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8", on_bad_lines="error"
-        )
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=["prompt"])
-    except (UnicodeDecodeError, pd.errors.ParserError, OSError, ValueError) as exc:
-        kind = "Parquet" if path.suffix.lower() in {".parquet", ".pq"} else "UTF-8 CSV"
-        raise PromptTableError(f"prompt table {path} is not a readable {kind} file: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PromptTableError(f"prompt table {path} cannot be read: {exc}") from exc
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        return _read_parquet(path, data)
+    return _read_csv(path, data)
+
+
+def _read_parquet(path: Path, data: bytes) -> _Read:
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises a zoo of types for a damaged or foreign file
+        raise PromptTableError(
+            f"prompt table {path} is not a readable Parquet file: {type(exc).__name__}: {exc}"
+        ) from exc
+    if any(name is not None for name in frame.index.names):
+        frame = frame.reset_index()  # a table saved with prompt_id as its index keeps its keys
+    columns = [str(c).strip() for c in frame.columns]
+    _check_columns(path, columns)
+    frame.columns = columns
+    return columns, frame.to_dict(orient="records"), {}
+
+
+def _read_csv(path: Path, data: bytes) -> _Read:
+    """Every cell as text (types are decided per field; an empty cell means the default).
+
+    The csv module rather than pandas: a row with too many cells must be *that row's* error,
+    not a silent shift of the first column into an index, and repeated column names must not
+    be renamed ``prompt.1`` behind the user's back.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptTableError(
+            f"prompt table {path} is not a readable UTF-8 CSV file: {exc}"
+        ) from exc
+    if csv.field_size_limit() < MAX_TABLE_BYTES:
+        csv.field_size_limit(MAX_TABLE_BYTES)  # a huge cell is that row's error, not the file's
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    records: list[dict[str, Any]] = []
+    problems: dict[int, tuple[str, str]] = {}
+    try:
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue  # a blank line, or one of only delimiters: nothing to send
+            if header is None:
+                header = [cell.strip() for cell in cells]
+                _check_columns(path, header)
+                continue
+            number = len(records) + 1
+            if any(cell.strip() for cell in cells[len(header) :]):
+                problems[number] = (
+                    "row",
+                    f"has {len(cells)} cells but the header names {len(header)} columns "
+                    "(a missing quote or an extra delimiter?)",
+                )
+            records.append({name: cell for name, cell in zip(header, cells, strict=False) if name})
+    except csv.Error as exc:
+        raise PromptTableError(
+            f"prompt table {path} is not a readable CSV file (line {reader.line_num}): {exc}"
+        ) from exc
+    if header is None:
+        return ["prompt"], [], {}  # an empty file is an empty table
+    return header, records, problems
+
+
+def _check_columns(path: Path, columns: Sequence[str]) -> None:
+    if "prompt" not in columns:
+        shown = ", ".join(c for c in columns if c)[:500] or "none"
+        raise PromptTableError(f"prompt table {path} has no 'prompt' column (columns: {shown})")
+    duplicates = sorted(c for c, n in Counter(columns).items() if n > 1 and c)
+    if duplicates:
+        raise PromptTableError(f"prompt table {path} repeats columns: {', '.join(duplicates)}")
 
 
 def _is_empty(value: Any) -> bool:
@@ -140,10 +211,10 @@ def _is_empty(value: Any) -> bool:
 
 def _cell(value: Any) -> Any:
     """A table cell as a Python value; ``None`` for an empty cell (the API default)."""
+    if isinstance(value, np.generic):
+        value = value.item()  # numpy scalar -> Python (arrays of a list column stay arrays)
     if _is_empty(value):
         return None
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()  # numpy scalar -> Python
     return value
 
 
@@ -166,9 +237,18 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def parse_rows(records: Sequence[Mapping[str, Any]], base_dir: Path | None) -> PromptTable:
-    """Validate records (one mapping per row) into a :class:`PromptTable` (path left empty)."""
+def parse_rows(
+    records: Sequence[Mapping[str, Any]],
+    base_dir: Path | None,
+    row_problems: Mapping[int, tuple[str, str]] | None = None,
+) -> PromptTable:
+    """Validate records (one mapping per row) into a :class:`PromptTable` (path left empty).
+
+    ``row_problems`` (row number -> (field, reason)): rows the reader already found broken.
+    Every record becomes exactly one valid or one invalid row, whatever its cells hold.
+    """
     table = PromptTable(path=Path(base_dir or "."))
+    row_problems = row_problems or {}
     candidates: list[tuple[PromptRow, bool]] = []  # (row, key was given explicitly)
     for index, record in enumerate(records, start=1):
         given_id = _cell(record.get("prompt_id"))
@@ -186,6 +266,9 @@ def parse_rows(records: Sequence[Mapping[str, Any]], base_dir: Path | None) -> P
         ) -> None:
             table.invalid.append(InvalidRow(_i, _k, field_name, reason, _p[:200]))
 
+        if index in row_problems:
+            invalid(*row_problems[index])
+            continue
         if key is not None and not PROMPT_ID_PATTERN.fullmatch(key):
             invalid(
                 "prompt_id",
@@ -218,8 +301,10 @@ def parse_rows(records: Sequence[Mapping[str, Any]], base_dir: Path | None) -> P
         except KvidError as exc:
             invalid(getattr(exc, "field", None) or "row", str(exc))
             continue
-        except (TypeError, ValueError) as exc:  # defensive: never let one row stop the table
-            invalid("row", f"{type(exc).__name__}: {exc}")
+        except (TypeError, ValueError, OSError, RuntimeError) as exc:
+            # never let one row stop the table: an unreadable image file ("~nobody/x.png", a name
+            # too long for the file system) is that row's problem
+            invalid("image" if image is not None else "row", f"{type(exc).__name__}: {exc}")
             continue
         recorded = dict(params)
         for name, value in (
@@ -275,21 +360,14 @@ def parse_rows(records: Sequence[Mapping[str, Any]], base_dir: Path | None) -> P
 def load_prompt_table(path: str | Path) -> PromptTable:
     """Read and validate a prompt table; relative image paths resolve against its folder."""
     path = Path(path).resolve()
-    frame = _read_frame(path)
-    columns = [str(c).strip() for c in frame.columns]
-    frame.columns = columns
-    if "prompt" not in columns:
-        raise PromptTableError(
-            f"prompt table {path} has no 'prompt' column (columns: {', '.join(columns) or 'none'})"
-        )
-    duplicates = sorted(c for c, n in Counter(columns).items() if n > 1)
-    if duplicates:
-        raise PromptTableError(f"prompt table {path} repeats columns: {', '.join(duplicates)}")
-    table = parse_rows(frame.to_dict(orient="records"), base_dir=path.parent)
+    columns, records, problems = _read_table(path)
+    table = parse_rows(records, base_dir=path.parent, row_problems=problems)
     table.path = path
-    unknown = [c for c in columns if c not in ROW_COLUMNS and c not in PARAM_COLUMNS]
+    unknown = [c for c in columns if c and c not in ROW_COLUMNS and c not in PARAM_COLUMNS]
     if unknown:
-        table.warnings.append(f"columns ignored (not kvid fields): {', '.join(unknown)}")
+        table.warnings.append(f"columns ignored (not kvid fields): {', '.join(unknown)}"[:2000])
+    if "" in columns:
+        table.warnings.append("columns without a name are ignored")
     return table
 
 

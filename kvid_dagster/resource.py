@@ -20,6 +20,12 @@ class KvidResource(ConfigurableResource):
     base_url: str = Field(default=DEFAULT_BASE_URL, description="The kvid API base URL.")
     request_timeout_s: float = Field(default=30.0, description="Timeout of one HTTP request.")
     max_retries: int = Field(default=5, description="Retries of a retryable request (bounded).")
+    backoff_base_s: float = Field(
+        default=0.5, description="First retry delay (exponential with jitter) without Retry-After."
+    )
+    backoff_max_s: float = Field(
+        default=30.0, description="Longest wait between retries; caps a server's Retry-After."
+    )
     max_in_flight: int = Field(default=32, description="Requests in flight at once, per client.")
     poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
 
@@ -29,6 +35,8 @@ class KvidResource(ConfigurableResource):
             self.base_url,
             timeout=self.request_timeout_s,
             max_retries=self.max_retries,
+            backoff_base=self.backoff_base_s,
+            backoff_max=self.backoff_max_s,
             max_in_flight=self.max_in_flight,
         )
 
@@ -38,5 +46,7 @@ class KvidResource(ConfigurableResource):
             self.base_url,
             timeout=self.request_timeout_s,
             max_retries=self.max_retries,
+            backoff_base=self.backoff_base_s,
+            backoff_max=self.backoff_max_s,
             max_in_flight=self.max_in_flight,
         )

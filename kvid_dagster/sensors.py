@@ -1,9 +1,9 @@
 """Sensors: the status sensor (jobs → runless video materializations), the prompt-table sensor."""
 
-
 import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dagster import (
@@ -12,6 +12,7 @@ from dagster import (
     AssetCheckKey,
     AssetMaterialization,
     AssetObservation,
+    AssetRecordsFilter,
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
@@ -23,15 +24,26 @@ from dagster import (
 )
 
 from kvid_dagster.assets import VIDEO_CHECK_NAME, video_check_result
-from kvid_dagster.poll import PollConfig, PollReport, poll_pending
+from kvid_dagster.client import AsyncKvidClient
+from kvid_dagster.poll import (
+    DEFAULT_INTENT_GRACE_S,
+    DEFAULT_JOB_DEADLINE_S,
+    TERMINAL_OUTCOMES,
+    PollConfig,
+    PollReport,
+    VideoEvent,
+    poll_pending,
+)
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTableError, load_prompt_table, table_fingerprint
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import needs_job
+from kvid_dagster.submit import SubmitOutcome, needs_job, resubmit_failed
 from kvid_dagster.translator import KvidTranslator
 
 # Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before.
 DEFAULT_TICK_BUDGET_S = 40.0
+# how far back a tick looks for failures Dagster never heard of (a tick killed mid-report)
+REREPORT_WINDOW_S = 24 * 3600.0
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
@@ -86,11 +98,18 @@ def keys_needing_jobs(
 
 
 def video_events(
-    report: PollReport, translator: KvidTranslator
+    report: PollReport, translator: KvidTranslator, *, checked: Collection[str] = ()
 ) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
-    """The runless events one poll report turns into."""
+    """The runless events one poll report turns into.
+
+    ``checked``: partitions that already have a ``video_ok`` result. Dagster 1.13 stores one
+    runless check result per (check, partition) and fails the whole tick on a second one (a
+    UNIQUE constraint of its storage), so those get their materialization or observation only;
+    the check's own execution (``video_ok`` in a run) reads the catalog for the latest verdict.
+    """
     videos_key = translator.get_asset_key("kvid_videos")
     check_key = AssetCheckKey(videos_key, VIDEO_CHECK_NAME)
+    done = set(checked)
     events: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
     for event in report.terminal:
         verdict = video_check_result(translator, event.record)
@@ -110,6 +129,9 @@ def video_events(
                     metadata=translator.get_failure_metadata(event.record),
                 )
             )
+        if event.partition_key in done:
+            continue
+        done.add(event.partition_key)
         events.append(
             AssetCheckEvaluation(
                 asset_key=videos_key,
@@ -123,23 +145,109 @@ def video_events(
     return events
 
 
+def _partitions_with_check_results(
+    instance: DagsterInstance, translator: KvidTranslator, keys: Collection[str]
+) -> set[str]:
+    """Which of ``keys`` already have a ``video_ok`` result stored (one query)."""
+    if not keys:
+        return set()
+    check_key = AssetCheckKey(translator.get_asset_key("kvid_videos"), VIDEO_CHECK_NAME)
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [check_key], partition_keys=sorted(keys)
+    )
+    return {str(info.partition_key) for info in infos}
+
+
+def _observed_outcomes(
+    instance: DagsterInstance, translator: KvidTranslator, keys: Sequence[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """The (status, request_id) the latest observation of each partition reported."""
+    records = instance.fetch_observations(
+        AssetRecordsFilter(
+            asset_key=translator.get_asset_key("kvid_videos"), asset_partitions=list(keys)
+        ),
+        limit=max(100, 5 * len(keys)),
+    ).records
+    latest: dict[str, tuple[str | None, str | None]] = {}
+    for record in records:  # newest first
+        observation = record.event_log_entry.asset_observation
+        if observation is None or observation.partition is None:
+            continue
+        if observation.partition not in latest:
+            meta = observation.metadata
+            shown = tuple(
+                str(meta[name].value) if name in meta else None for name in ("status", "request_id")
+            )
+            latest[observation.partition] = (shown[0], shown[1])
+    return latest
+
+
 def _unreported_completions(
     project: KvidProject, instance: DagsterInstance, translator: KvidTranslator, skip: set[str]
 ) -> PollReport:
-    """Completed rows whose materialization never reached Dagster (a tick that died after the
-    catalog write): reported again, so Dagster and the catalog always converge."""
-    from kvid_dagster.poll import VideoEvent
-
-    done = [r for r in project.catalog().latest_records() if r["status"] == "COMPLETED"]
-    if not done:
-        return PollReport()
-    materialized = instance.get_materialized_partitions(translator.get_asset_key("kvid_videos"))
+    """Rows whose outcome never reached Dagster (a tick that died after the catalog write):
+    reported again, so Dagster and the catalog always converge. A COMPLETED row needs a
+    materialization of its partition; a FAILED, TIMED_OUT, LOST or UNCERTAIN row that ended in
+    the last day an observation showing its status and request_id (an UNCERTAIN submission of
+    a run is reported this way too).
+    """
+    records = project.catalog().latest_records()
+    done = [r for r in records if r["status"] == "COMPLETED"]
+    since = datetime.now(UTC) - timedelta(seconds=REREPORT_WINDOW_S)
+    ended = [
+        r
+        for r in records
+        if r["status"] in TERMINAL_OUTCOMES
+        and r["status"] != "COMPLETED"
+        and str(r["partition_key"]) not in skip
+        and (r.get("updated_at") is None or r["updated_at"] >= since)
+    ]
     report = PollReport()
-    for record in done:
-        key = str(record["partition_key"])
-        if key not in materialized and key not in skip:
-            report.events.append(VideoEvent(key, "COMPLETED", record))
+    if done:
+        materialized = instance.get_materialized_partitions(translator.get_asset_key("kvid_videos"))
+        for record in done:
+            key = str(record["partition_key"])
+            if key not in materialized and key not in skip:
+                report.events.append(VideoEvent(key, "COMPLETED", record))
+    if ended:
+        keys = [str(r["partition_key"]) for r in ended]
+        observed = _observed_outcomes(instance, translator, keys)
+        for record in ended:
+            key = str(record["partition_key"])
+            shown = observed.get(key)
+            now = (str(record["status"]), str(record.get("request_id") or ""))
+            stale = shown is None or any(
+                seen is not None and seen != actual for seen, actual in zip(shown, now, strict=True)
+            )
+            if stale:
+                report.events.append(VideoEvent(key, str(record["status"]), record))
     return report
+
+
+async def _retry_failed(
+    client: AsyncKvidClient,
+    project: KvidProject,
+    max_attempts: int,
+    prices: Mapping[str, float] | None,
+) -> tuple[list[SubmitOutcome], str | None]:
+    """The retry policy's share of a tick: FAILED rows with attempts left are sent again."""
+    waiting = [
+        r
+        for r in project.catalog().pending_records(statuses=["FAILED"])
+        if int(r.get("attempts") or 0) < max_attempts
+    ]
+    if not waiting:
+        return [], None
+    try:
+        table = load_prompt_table(project.prompts_path)
+    except PromptTableError as exc:
+        return [], f"FAILED jobs not retried: {exc}"
+    by_key = table.by_key
+    rows = [by_key[str(r["partition_key"])] for r in waiting if str(r["partition_key"]) in by_key]
+    outcomes = await resubmit_failed(
+        client, project.catalog(), rows, max_attempts=max_attempts, prices=prices
+    )
+    return outcomes, None
 
 
 def build_kvid_status_sensor(
@@ -151,17 +259,39 @@ def build_kvid_status_sensor(
     tick_budget_s: float = DEFAULT_TICK_BUDGET_S,
     download: bool = True,
     job_deadline_s: float | None = None,
+    intent_grace_s: float | None = None,
+    failed_job_max_attempts: int = 1,
+    prices: Mapping[str, float] | None = None,
+    max_download_bytes: int | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
 ) -> SensorDefinition:
     """Polls every pending job (within ``tick_budget_s``; the rest on the next tick, round robin
-    by the cursor) and records finished videos as runless materializations of ``kvid_videos``."""
+    by the cursor) and records finished videos as runless materializations of ``kvid_videos``.
+
+    - ``job_deadline_s`` (default 900 s, three times the vendor's 5 minutes): a job not finished
+      this long after its submission is marked ``TIMED_OUT`` and no longer polled;
+    - ``intent_grace_s`` (default 600 s): a row whose submitter recorded the intent but never
+      the request_id (it was killed between the two) is marked ``UNCERTAIN`` after this long;
+      keep it above the longest a live submission can take (its retries included);
+    - ``failed_job_max_attempts`` (default 1: off): a job that ends ``FAILED`` is re-submitted
+      as a new job until its request has had this many submissions (each one is paid for);
+    - ``max_download_bytes`` (default 512 MiB): a bigger video is refused, nothing is kept.
+    """
     translator = translator or KvidTranslator()
     videos_key = translator.get_asset_key("kvid_videos")
+    deadline = DEFAULT_JOB_DEADLINE_S if job_deadline_s is None else job_deadline_s
+    grace = DEFAULT_INTENT_GRACE_S if intent_grace_s is None else intent_grace_s
+    if deadline <= 0 or grace < 0:
+        raise ValueError(f"need job_deadline_s > 0, intent_grace_s >= 0: {deadline}, {grace}")
+    if isinstance(failed_job_max_attempts, bool) or failed_job_max_attempts < 1:
+        raise ValueError(f"failed_job_max_attempts must be >= 1, got {failed_job_max_attempts}")
     poll_config = PollConfig(
         download_dir=project.videos_dir,
         download=download,
         budget_s=tick_budget_s,
-        **({"job_deadline_s": job_deadline_s} if job_deadline_s else {}),
+        job_deadline_s=deadline,
+        intent_grace_s=grace,
+        **({"max_download_bytes": max_download_bytes} if max_download_bytes else {}),
     )
 
     @sensor(
@@ -175,13 +305,18 @@ def build_kvid_status_sensor(
     def kvid_status_sensor(context: SensorEvaluationContext, kvid: KvidResource) -> SensorResult:
         cursor = json.loads(context.cursor) if context.cursor else {}
 
-        async def tick() -> PollReport:
+        async def tick() -> tuple[PollReport, list[SubmitOutcome], str | None]:
             async with kvid.get_async_client() as client:
-                return await poll_pending(
+                report = await poll_pending(
                     client, project.catalog(), poll_config, start_after=cursor.get("after")
                 )
+                if failed_job_max_attempts <= 1:
+                    return report, [], None
+                return report, *await _retry_failed(
+                    client, project, failed_job_max_attempts, prices
+                )
 
-        report = asyncio.run(tick())
+        report, retried, retry_problem = asyncio.run(tick())
         for event in report.events:
             line = event.log_lines[-1] if event.log_lines else ""
             status = event.record.get("status")
@@ -196,9 +331,24 @@ def build_kvid_status_sensor(
                 context.log.warning(f"{event.partition_key}: {status}: {event.record.get('error')}")
         for error in report.errors:
             context.log.warning(error)
+        if retry_problem:
+            context.log.warning(retry_problem)
+        for outcome in retried:
+            if outcome.action == "submitted":
+                context.log.info(
+                    f"{outcome.partition_key}: its FAILED job was re-submitted as "
+                    f"{outcome.request_id} (retry policy: at most {failed_job_max_attempts})"
+                )
+            elif outcome.action != "skipped":
+                context.log.warning(
+                    f"{outcome.partition_key}: retry {outcome.action}: {outcome.message}"
+                )
         reported = {e.partition_key for e in report.terminal}
         late = _unreported_completions(project, context.instance, translator, reported)
-        events = video_events(report, translator) + video_events(late, translator)
+        finished = {e.partition_key for e in report.terminal + late.terminal}
+        checked = _partitions_with_check_results(context.instance, translator, finished)
+        events = video_events(report, translator, checked=checked)
+        events += video_events(late, translator, checked=checked | reported)
         context.log.info(
             f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
             f" ({report.deferred} left for the next tick); {len(report.terminal)} finished"

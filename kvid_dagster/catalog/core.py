@@ -286,6 +286,15 @@ class KvidCatalog:
         str is NaN (which is truthy)."""
         return self._folded(_pending_filter(statuses)).to_pylist()
 
+    def records_for(self, partition_keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The latest rows of ``partition_keys`` (those that exist), keyed by partition_key:
+        what a check-then-write under ``lock()`` re-reads before writing."""
+        keys = sorted(set(partition_keys))
+        if not keys:
+            return {}
+        rows = self._folded(pc.field("partition_key").isin(keys)).to_pylist()
+        return {str(r["partition_key"]): r for r in rows}
+
     def counts_by_status(self) -> dict[str, int]:
         """Number of rows per status (rows without a status are not counted)."""
         status = self.latest_table().column("status")

@@ -112,13 +112,19 @@ TERMINAL_STATUSES: frozenset[str] = frozenset(
 )
 #: Statuses the integration itself writes; the service's running statuses (IN_QUEUE,
 #: PROCESSING, ...) are stored verbatim, so ``status`` is not restricted to this list.
+#: FETCHING: the service says COMPLETED but the result or the video could not be fetched yet
+#: (retried on every tick until the job deadline).
 KNOWN_STATUSES: tuple[str, ...] = (
-    "INVALID", "PENDING", "SUBMITTING", "SUBMITTED", "IN_QUEUE", "PROCESSING",
+    "INVALID", "PENDING", "SUBMITTING", "SUBMITTED", "IN_QUEUE", "PROCESSING", "FETCHING",
     "COMPLETED", "FAILED", "UNCERTAIN", "TIMED_OUT", "LOST",
 )  # fmt: skip
 #: Submission events the integration writes (not enforced: new events need no migration).
+#: ``cost_credits`` is set on SUBMITTED and UNCERTAIN (money spent, or possibly spent) and
+#: nowhere else, so summing it over the history never counts a job twice; COMPLETED, FAILED,
+#: TIMED_OUT and LOST record how each submitted job ended (its reason in ``error``).
 SUBMISSION_EVENTS: tuple[str, ...] = (
     "INTENT", "SUBMITTED", "UNCERTAIN", "FAILED_TO_SUBMIT", "RESOLVED",
+    "COMPLETED", "FAILED", "TIMED_OUT", "LOST",
 )  # fmt: skip
 
 _VIDEO_UPDATABLE = frozenset(VIDEO_COLUMNS) - {"partition_key"}

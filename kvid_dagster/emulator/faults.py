@@ -19,6 +19,8 @@ kind               effect
 "non_json"         HTTP 200 with an HTML body
 "malformed"        HTTP 200 with JSON that is not the envelope; on files: half the video
 "missing_fields"   HTTP 200, success envelope whose ``data`` is ``{}``; on files: an empty body
+"echo_key"         HTTP 500 whose message repeats the request's api-key (a careless server: the
+                   client must scrub it from everything it shows); nothing is created
 =================  ===============================================================================
 
 On generate, every kind but the two timeouts takes ``after_create=True`` to create the job first
@@ -48,6 +50,7 @@ FAULT_KINDS: Final = (
     "non_json",
     "malformed",
     "missing_fields",
+    "echo_key",
 )
 _OPTIONS: Final[dict[str, frozenset[str]]] = {
     **{k: frozenset({"retry_after", "body", "after_create"}) for k in STATUS_KINDS},
@@ -58,6 +61,7 @@ _OPTIONS: Final[dict[str, frozenset[str]]] = {
     "non_json": frozenset({"after_create"}),
     "malformed": frozenset({"after_create"}),
     "missing_fields": frozenset({"after_create"}),
+    "echo_key": frozenset(),
 }
 DEFAULT_DELAY: Final = 3.0
 

@@ -133,10 +133,12 @@ class KvidEmulator:
         self._queue = JobQueue(self.config.workers)
         self._faults = FaultInjector(self.config)
         self._lock = threading.Lock()
+        self._job_created = threading.Condition(self._lock)  # wait_for_jobs() sleeps on it
         self._stats: Counter[str | tuple[str, int]] = Counter()
         self._jobs_created = 0
         self._files: dict[str, Path] = {}  # served name -> file (outlives forget_jobs)
         self._shared: dict[tuple[int, int, int, int, str], Future[Path]] = {}
+        self._fail_next: list[str] = []  # reasons for the next jobs created (fail_next_jobs)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -240,6 +242,14 @@ class KvidEmulator:
         with self._lock:
             return self._jobs_created
 
+    def wait_for_jobs(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` jobs were created (True), or ``timeout`` s (False).
+
+        The moment a job exists, its answer is still on the way: tests kill a client right here.
+        """
+        with self._job_created:
+            return self._job_created.wait_for(lambda: self._jobs_created >= count, timeout)
+
     @property
     def jobs(self) -> Mapping[str, JobInfo]:
         """A read-only snapshot: request_id -> kind, model, body (no image_file data), state."""
@@ -260,6 +270,10 @@ class KvidEmulator:
         """Script a fault for the next ``times`` requests to ``endpoint`` (see faults.py)."""
         return self._faults.add(endpoint, str(kind), times, **kw)
 
+    def pending_faults(self) -> list[Fault]:
+        """Scripted faults not used up yet (a test's proof that its fault was hit)."""
+        return self._faults.pending()
+
     def clear_faults(self) -> None:
         self._faults.clear()
 
@@ -269,6 +283,11 @@ class KvidEmulator:
         if job is None:
             raise KeyError(request_id)
         self._queue.fail(job, reason)
+
+    def fail_next_jobs(self, count: int = 1, reason: str = "Job failed (fail_next_jobs)") -> None:
+        """The next ``count`` jobs created end FAILED with ``reason`` (halfway through)."""
+        with self._lock:
+            self._fail_next.extend([reason] * count)
 
     def forget_jobs(self) -> None:
         """Simulate a restart that lost every job: later status/result answer 404."""
@@ -320,6 +339,9 @@ class KvidEmulator:
             return _error(405, f"Method {method} not allowed; use {allowed}", Allow=allowed)
 
         fault = self._faults.take(endpoint)
+        if fault is not None and fault.kind == "echo_key":  # a careless server's error page
+            sent = headers.get("api-key") or ""
+            return _error(500, f"Internal error while serving api-key {sent!r}")
         if fault is not None:
             early = self._fault_before(endpoint, fault, arg, method)
             if early is not None:
@@ -460,7 +482,11 @@ class KvidEmulator:
         else:
             duration = vendor_duration(short, frames) * self.config.time_scale
         fail_reason, fail_fraction = None, 0.5
-        if FAIL_MARKER in params["prompt"]:
+        with self._lock:
+            scripted = self._fail_next.pop(0) if self._fail_next else None
+        if scripted is not None:
+            fail_reason = scripted
+        elif FAIL_MARKER in params["prompt"]:
             fail_reason = FAIL_MARKER_REASON
         elif (failure := self._faults.job_failure()) is not None:
             fail_reason, fail_fraction = failure
@@ -482,8 +508,9 @@ class KvidEmulator:
             fail_fraction=fail_fraction,
         )
         job.extra["seed"] = seed
-        with self._lock:
+        with self._job_created:
             self._jobs_created += 1
+            self._job_created.notify_all()
         job.video = self._submit_render(job, request, seed)
         logger.info(
             "job %s created: %s %s %s, %d frames, %.2f s%s",

@@ -1,0 +1,444 @@
+"""Shared machinery of the fault-matrix tests (``tests/test_faults_*.py``).
+
+The one question every fault test answers is :func:`assert_accounted`: after the fault and a
+normal recovery, is every job the emulator created (every one that was billed) in the catalog
+with its request_id, or is its row UNCERTAIN holding what was sent; was no row sent twice; and is
+the catalog readable and right? The ``child_*`` functions run in subprocesses that the tests
+SIGKILL (``python -c "import faultkit; faultkit.child_...(...)"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from conftest import REPO_ROOT, TEST_API_KEY
+
+from kvid_dagster.catalog import KvidCatalog
+from kvid_dagster.client import AsyncKvidClient
+from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.poll import PollConfig, PollReport, poll_pending
+from kvid_dagster.prompts import PromptRow, load_prompt_table
+from kvid_dagster.submit import SubmitOutcome, submit_rows
+
+TESTS_DIR = Path(__file__).resolve().parent
+SETTLED = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN", "INVALID"})
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and clients
+
+
+def write_table(
+    path: Path, keys: Sequence[str], prompt: Callable[[str], str] | None = None
+) -> Path:
+    """A table of small, fast v1 480p jobs, one per key."""
+    make = prompt or (lambda key: f"A quiet scene number {key}")
+    lines = ["prompt_id,prompt,resolution,num_frames"]
+    lines += [f"{key},{make(key)},480p,81" for key in keys]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def table_rows(path: Path) -> list[PromptRow]:
+    table = load_prompt_table(path)
+    assert table.invalid == []
+    return table.rows
+
+
+class RecordedSleep:
+    """The client's ``sleep``: remembers every wait it was asked for and waits for none."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        await asyncio.sleep(0)
+
+
+def make_client(
+    base_url: str,
+    *,
+    api_key: str = TEST_API_KEY,
+    timeout: float = 5.0,
+    sleep: Callable[[float], Any] | None = None,
+    **kwargs: Any,
+) -> AsyncKvidClient:
+    """An async client whose retries do not wait (unless ``sleep`` says otherwise)."""
+    return AsyncKvidClient(
+        api_key, base_url, timeout=timeout, sleep=sleep or RecordedSleep(), **kwargs
+    )
+
+
+def submit(
+    base_url: str, catalog: KvidCatalog, rows: Sequence[PromptRow], **kwargs: Any
+) -> list[SubmitOutcome]:
+    """One submission run (``kwargs`` split between the client and ``submit_rows``)."""
+    submit_keys = {"force", "prices", "on_outcome", "policy"}
+    client_kw = {k: v for k, v in kwargs.items() if k not in submit_keys}
+    submit_kw = {k: v for k, v in kwargs.items() if k in submit_keys}
+
+    async def go() -> list[SubmitOutcome]:
+        async with make_client(base_url, **client_kw) as client:
+            return await submit_rows(client, catalog, rows, **submit_kw)
+
+    return asyncio.run(go())
+
+
+def poll_until_settled(
+    base_url: str,
+    catalog: KvidCatalog,
+    download_dir: Path,
+    *,
+    max_ticks: int = 60,
+    pause: float = 0.1,
+    **config: Any,
+) -> list[PollReport]:
+    """Poll ticks (the status sensor's logic) until every row with a request_id is settled."""
+    client_kw = {k: config.pop(k) for k in ("timeout", "sleep", "max_retries") if k in config}
+    poll_config = PollConfig(download_dir=download_dir, **config)
+    reports: list[PollReport] = []
+
+    async def tick() -> PollReport:
+        async with make_client(base_url, **client_kw) as client:
+            return await poll_pending(client, catalog, poll_config)
+
+    for _ in range(max_ticks):
+        reports.append(asyncio.run(tick()))
+        if not waiting(catalog):
+            return reports
+        time.sleep(pause)
+    raise AssertionError(f"jobs never settled: {waiting(catalog)}")
+
+
+def poll_once(base_url: str, catalog: KvidCatalog, download_dir: Path, **kwargs: Any) -> PollReport:
+    """One status tick."""
+
+    async def tick() -> PollReport:
+        async with make_client(base_url) as client:
+            return await poll_pending(client, catalog, PollConfig(download_dir, **kwargs))
+
+    return asyncio.run(tick())
+
+
+def waiting(catalog: KvidCatalog) -> dict[str, str]:
+    """Rows with a job still to poll: key -> status."""
+    return {
+        k: str(r["status"])
+        for k, r in catalog.records_by_key().items()
+        if r["request_id"] and r["status"] not in SETTLED
+    }
+
+
+def statuses(catalog: KvidCatalog) -> dict[str, str]:
+    return {k: str(r["status"]) for k, r in catalog.records_by_key().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the end state
+
+
+def assert_accounted(
+    jobs: Mapping[str, Any],
+    catalog: KvidCatalog,
+    rows: Sequence[PromptRow],
+    *,
+    allowed_jobs: Mapping[str, int] | None = None,
+    quarantined: int | None = 0,
+) -> None:
+    """Every paid job accounted for, no duplicate generate, the catalog readable and right.
+
+    ``jobs``: the emulator's jobs (``emulator.jobs``, or a snapshot taken before it forgot them).
+    ``allowed_jobs``: rows that may have more than one job (a forced or retried submission).
+    """
+    by_body = {canonical_json(row.request.to_body()): row for row in rows}
+    latest = catalog.records_by_key()
+    history = catalog.submissions()
+    recorded = {r["request_id"] for r in latest.values() if r["request_id"]}
+    recorded |= set(history["request_id"].dropna())
+    per_row: Counter[str] = Counter()
+    for request_id, job in jobs.items():
+        row = by_body.get(canonical_json(dict(job.body)))
+        assert row is not None, f"{request_id} was sent with a body no row asked for"
+        per_row[row.partition_key] += 1
+        if request_id in recorded:
+            continue
+        # a job nobody recorded: its row must say so, holding what was sent
+        record = latest[row.partition_key]
+        assert record["status"] in {"UNCERTAIN", "SUBMITTING"}, (request_id, record["status"])
+        assert record["request_id"] is None
+        assert record["request_hash"] == row.request_hash
+        assert record["prompt"] == row.prompt and record["params_json"] == row.params_json
+    for key, count in per_row.items():  # no duplicate generate
+        assert count <= (allowed_jobs or {}).get(key, 1), f"{key} was sent {count} times"
+    for key, record in latest.items():  # and no made-up request_id
+        if record["request_id"]:
+            assert record["request_id"] in jobs, (key, record["request_id"])
+    assert_catalog_right(catalog, quarantined=quarantined)
+
+
+def assert_catalog_right(catalog: KvidCatalog, *, quarantined: int | None = 0) -> None:
+    """Readable by pandas after a compaction, equal to ``latest()``, nothing lost in it."""
+    before = catalog.latest()
+    history = catalog.submissions()
+    catalog.compact(tmp_max_age=3600)
+    after = catalog.latest()
+    pd.testing.assert_frame_equal(after, before)
+    published = pd.read_parquet(catalog.root / "videos")
+    pd.testing.assert_frame_equal(
+        published.set_index("partition_key"), after.set_index("partition_key")
+    )
+    assert len(pd.read_parquet(catalog.root / "submissions")) == len(history)
+    assert history["event_id"].is_unique
+    if quarantined is not None:  # damaged files set aside (None: the test counts them itself)
+        bad = list((catalog.root / "_quarantine").glob("*"))
+        assert len(bad) == quarantined, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Dagster
+
+
+def dagster_home(folder: Path) -> Path:
+    """A DAGSTER_HOME that several processes can open (SQLite storage, telemetry off)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return folder
+
+
+@contextlib.contextmanager
+def open_instance(home: Path) -> Iterator[Any]:
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(home))
+    try:
+        yield instance
+    finally:
+        instance.dispose()
+
+
+def make_defs(
+    base_url: str, prompts: Path, data_dir: Path, *, api_key: str = TEST_API_KEY, **kwargs: Any
+) -> Any:
+    """The project's definitions against an emulator; retries wait at most 1 s."""
+    from kvid_dagster.definitions import build_kvid_definitions
+    from kvid_dagster.resource import KvidResource
+
+    resource = KvidResource(
+        api_key=api_key,
+        base_url=base_url,
+        request_timeout_s=kwargs.pop("request_timeout_s", 10.0),
+        backoff_base_s=0.01,
+        backoff_max_s=1.0,
+    )
+    return build_kvid_definitions(prompts, data_dir, resource=resource, **kwargs)
+
+
+def run_submit(defs: Any, instance: Any, first: str, last: str, **kwargs: Any) -> bool:
+    from kvid_dagster.definitions import SUBMIT_JOB
+    from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+
+    result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
+        instance=instance,
+        tags={RANGE_START_TAG: first, RANGE_END_TAG: last},
+        raise_on_error=False,
+        **kwargs,
+    )
+    return bool(result.success)
+
+
+def run_prompts(defs: Any, instance: Any) -> bool:
+    from kvid_dagster.definitions import PROMPTS_JOB
+
+    result = defs.resolve_job_def(PROMPTS_JOB).execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    return bool(result.success)
+
+
+def tick_until_settled(
+    defs: Any, instance: Any, catalog: KvidCatalog, *, max_ticks: int = 80
+) -> int:
+    """Status-sensor ticks, stored as the daemon stores them, until nothing waits; returns the
+    number of ticks (one more after settling, so late reports land too)."""
+    from kvid_dagster.runner import evaluate_status_sensor
+
+    cursor = None
+    for ticks in range(1, max_ticks + 1):
+        _, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+        if not waiting(catalog):
+            evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+            return ticks
+        time.sleep(0.15)
+    raise AssertionError(f"jobs never settled: {waiting(catalog)}")
+
+
+def check_verdicts(instance: Any, keys: Sequence[str]) -> dict[str, bool]:
+    """The latest ``video_ok`` result of each partition that has one."""
+    from dagster import AssetCheckKey, AssetKey
+
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [AssetCheckKey(AssetKey("kvid_videos"), "video_ok")], partition_keys=list(keys)
+    )
+    return {str(i.partition_key): i.latest_execution_status.value == "SUCCEEDED" for i in infos}
+
+
+def materialization_counts(instance: Any, keys: Sequence[str]) -> dict[str, int]:
+    from dagster import AssetKey, AssetRecordsFilter
+
+    counts = {}
+    for key in keys:
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("kvid_videos"), asset_partitions=[key]),
+            limit=10,
+        ).records
+        counts[key] = len(records)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# processes to kill
+
+
+def spawn(function: str, *args: Any) -> subprocess.Popen[bytes]:
+    """Run ``faultkit.<function>(*args)`` in a fresh interpreter (args as strings)."""
+    code = f"import sys, faultkit; faultkit.{function}(*sys.argv[1:])"
+    path = os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("DAGSTER_HOME", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_file(path: Path, child: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if child.poll() is not None:
+            raise AssertionError(f"child exited {child.returncode}: {child_stderr(child)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path.name} never appeared")
+        time.sleep(0.02)
+
+
+def child_stderr(child: subprocess.Popen[bytes]) -> str:
+    if child.stderr is None:
+        return ""
+    with contextlib.suppress(Exception):
+        return child.stderr.read().decode(errors="replace")[-3000:]
+    return ""
+
+
+def kill(child: subprocess.Popen[bytes]) -> None:
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(30) == -signal.SIGKILL
+
+
+def quiesce(emulator: Any, quiet: float = 0.5, timeout: float = 15.0) -> None:
+    """Wait until the emulator has handled what a killed client had already sent: a request
+    that left before the SIGKILL still creates its job (counts unchanged for ``quiet`` s)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        now = (emulator.stats["generate"], emulator.jobs_created)
+        if now == last:
+            return
+        last = now
+        time.sleep(quiet)
+    raise AssertionError("the emulator kept receiving requests")
+
+
+def _hang(marker: str) -> None:
+    """Say "I am here" through ``marker`` and wait for the SIGKILL."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def child_run_submit(
+    home: str, prompts: str, data_dir: str, base_url: str, first: str, last: str,
+    mode: str, marker: str, go: str = "",
+) -> None:  # fmt: skip
+    """A Dagster run of ``kvid_video_jobs`` for ``first..last``.
+
+    mode "after_generate": hang the moment the first ``generate`` returned, before its
+    request_id is recorded (the kill -9 between send and record); "plain": run to the end,
+    starting when the file ``go`` exists (two runs racing); ``marker`` says it got there.
+    """
+    from kvid_dagster.catalog import core
+
+    if mode == "after_generate":
+        original = core.KvidCatalog.update
+
+        def update(self: KvidCatalog, partition_key: str, **fields: Any) -> int:
+            if fields.get("status") == "SUBMITTED":
+                _hang(marker)
+            return original(self, partition_key, **fields)
+
+        core.KvidCatalog.update = update  # type: ignore[method-assign]
+    defs = make_defs(base_url, Path(prompts), Path(data_dir))
+    with open_instance(Path(home)) as instance:
+        if go:
+            Path(marker).write_text("ready")
+            while not Path(go).exists():
+                time.sleep(0.005)
+        ok = run_submit(defs, instance, first, last)
+    sys.exit(0 if ok else 3)
+
+
+def child_sensor_tick(
+    home: str, prompts: str, data_dir: str, base_url: str, mode: str, marker: str
+) -> None:
+    """One status-sensor tick that hangs midway: "reporting" after the first two events reached
+    Dagster (the catalog already holds every outcome); "downloading" in the middle of the
+    first video's download (nothing recorded yet, a partial temp file on disk)."""
+    from dagster import DagsterInstance
+
+    from kvid_dagster.client import _download
+    from kvid_dagster.runner import evaluate_status_sensor
+
+    if mode == "reporting":
+        original_report = DagsterInstance.report_runless_asset_event
+        reported = [0]
+
+        def report(self: Any, event: Any) -> None:
+            if reported[0] == 2:
+                _hang(marker)
+            reported[0] += 1
+            original_report(self, event)
+
+        DagsterInstance.report_runless_asset_event = report  # type: ignore[method-assign]
+    else:
+        original_write = _download.DownloadSink.write
+
+        def write(self: Any, chunk: bytes) -> None:
+            original_write(self, chunk)
+            self._file.flush()
+            _hang(marker)
+
+        _download.DownloadSink.write = write  # type: ignore[method-assign]
+    defs = make_defs(base_url, Path(prompts), Path(data_dir))
+    with open_instance(Path(home)) as instance:
+        evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
+    sys.exit(4)  # never reached: the tick hangs and is killed
+
+
+def child_submit_rows(prompts: str, data_dir: str, base_url: str, keys: str) -> None:
+    """``submit_rows`` of some rows of the table, no Dagster (a concurrent catalog writer)."""
+    wanted = set(json.loads(keys))
+    rows = [row for row in table_rows(Path(prompts)) if row.partition_key in wanted]
+    submit(base_url, KvidCatalog.for_data_dir(data_dir), rows)

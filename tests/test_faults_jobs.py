@@ -1,0 +1,195 @@
+"""Jobs that end badly, through the Dagster layer: FAILED (with and without the retry policy),
+TIMED_OUT, LOST after the service forgot its jobs or restarted. Each outcome is in the catalog,
+visible in Dagster (an observation and a failed ``video_ok``), and never paid for twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EmulatorFactory
+from dagster import AssetKey
+from faultkit import (
+    assert_accounted,
+    check_verdicts,
+    dagster_home,
+    make_defs,
+    materialization_counts,
+    open_instance,
+    run_prompts,
+    run_submit,
+    statuses,
+    table_rows,
+    tick_until_settled,
+    write_table,
+)
+
+from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.project import KvidProject
+from kvid_dagster.runner import evaluate_status_sensor
+from kvid_dagster.sensors import keys_needing_jobs
+
+VIDEOS = AssetKey("kvid_videos")
+FORCE = {"ops": {"kvid_video_jobs": {"config": {"force": True}}}}
+
+
+def observed(instance: Any, key: str) -> list[dict[str, str]]:
+    """The metadata of every observation of ``key``, oldest first."""
+    records = instance.fetch_observations(VIDEOS, limit=100).records
+    found = [
+        {name: str(value.value) for name, value in obs.metadata.items()}
+        for r in reversed(records)
+        if (obs := r.event_log_entry.asset_observation) is not None and obs.partition == key
+    ]
+    return found
+
+
+def prompt(key: str) -> str:
+    return f"A doomed shot {key} [[kvid:fail]]" if key.startswith("bad") else f"A calm lake {key}"
+
+
+def test_a_failed_job_keeps_its_reason_and_only_force_pays_again(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    prompts = write_table(tmp_path / "prompts.csv", ["good", "bad"], prompt)
+    project = KvidProject(prompts, tmp_path / "data")
+    catalog = project.catalog()
+    defs = make_defs(emulator.base_url, prompts, project.data_dir)
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "good", "bad")
+        tick_until_settled(defs, instance, catalog)
+        assert statuses(catalog) == {"good": "COMPLETED", "bad": "FAILED"}
+        record = catalog.get("bad")
+        assert record is not None and "kvid:fail" in record["error"]
+        assert check_verdicts(instance, ["good", "bad"]) == {"good": True, "bad": False}
+        [seen] = observed(instance, "bad")
+        assert seen["status"] == "FAILED" and "kvid:fail" in seen["reason"]
+        assert seen["request_id"] == record["request_id"]
+        # the failure and its reason are in the money history too
+        events = catalog.submissions(partition_key="bad")
+        assert events["event"].tolist() == ["INTENT", "SUBMITTED", "FAILED"]
+        assert "kvid:fail" in events["error"].iloc[-1]
+
+        # re-runs and automation do not pay for it again; forcing is the explicit choice
+        assert run_submit(defs, instance, "good", "bad")
+        assert emulator.jobs_created == 2
+        assert keys_needing_jobs(project, instance)[1] == []
+        assert run_submit(defs, instance, "bad", "bad", run_config=FORCE)
+        assert emulator.jobs_created == 3
+        tick_until_settled(defs, instance, catalog)
+        assert [o["status"] for o in observed(instance, "bad")] == ["FAILED", "FAILED"]
+        assert catalog.get("bad")["attempts"] == 2  # type: ignore[index]
+    assert_accounted(emulator.jobs, catalog, table_rows(prompts), allowed_jobs={"bad": 2})
+
+
+def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    prompts = write_table(tmp_path / "prompts.csv", ["bad", "flaky", "fine"], prompt)
+    project = KvidProject(prompts, tmp_path / "data")
+    catalog = project.catalog()
+    defs = make_defs(emulator.base_url, prompts, project.data_dir, failed_job_max_attempts=3)
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance)
+        emulator.fail_next_jobs(1, "GPU worker crashed during inference")
+        assert run_submit(defs, instance, "flaky", "flaky")  # its first job will fail
+        assert run_submit(defs, instance, "bad", "fine")
+        tick_until_settled(defs, instance, catalog)
+        assert statuses(catalog) == {"bad": "FAILED", "flaky": "COMPLETED", "fine": "COMPLETED"}
+        # every attempt, its cost and how it ended are in the history
+        history = catalog.submissions()
+        bad = history[history["partition_key"] == "bad"]
+        assert (bad["event"] == "SUBMITTED").sum() == 3 and (bad["event"] == "FAILED").sum() == 3
+        assert bad["cost_credits"].sum() == 3 * 60.0
+        flaky = history[history["partition_key"] == "flaky"]
+        assert flaky["event"].tolist() == [
+            "INTENT", "SUBMITTED", "FAILED", "INTENT", "SUBMITTED", "COMPLETED",
+        ]  # fmt: skip
+        assert flaky["attempt"].tolist() == [1, 1, 1, 2, 2, 2]
+        assert "GPU worker crashed" in flaky["error"].iloc[2]
+        assert flaky["cost_credits"].sum() == 2 * 60.0
+        assert catalog.get("bad")["attempts"] == 3  # type: ignore[index]
+        # Dagster saw each failure, and the retried partition's video
+        assert [o["status"] for o in observed(instance, "bad")] == ["FAILED"] * 3
+        assert materialization_counts(instance, ["bad", "flaky", "fine"]) == {
+            "bad": 0, "flaky": 1, "fine": 1,
+        }  # fmt: skip
+        # attempts used up: later ticks leave it alone
+        created = emulator.jobs_created
+        evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
+        assert emulator.jobs_created == created == 3 + 2 + 1
+    assert_accounted(
+        emulator.jobs, catalog, table_rows(prompts), allowed_jobs={"bad": 3, "flaky": 2}
+    )
+
+
+def test_timed_out_and_lost_jobs_are_visible_in_dagster_and_polling_stops(
+    emulator_factory: EmulatorFactory, tmp_path: Path
+) -> None:
+    emulator = emulator_factory(job_duration=120.0)  # nothing finishes during the test
+    prompts = write_table(tmp_path / "prompts.csv", ["lost", "slow"])
+    project = KvidProject(prompts, tmp_path / "data")
+    catalog = project.catalog()
+    defs = make_defs(emulator.base_url, prompts, project.data_dir, job_deadline_s=1.0)
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "lost", "lost")
+        jobs = dict(emulator.jobs)
+        emulator.forget_jobs()  # a restart that lost what it knew
+        assert run_submit(defs, instance, "slow", "slow")
+        jobs.update(emulator.jobs)
+        tick_until_settled(defs, instance, catalog)
+        assert statuses(catalog) == {"lost": "LOST", "slow": "TIMED_OUT"}
+        assert check_verdicts(instance, ["lost", "slow"]) == {"lost": False, "slow": False}
+        [lost], [slow] = observed(instance, "lost"), observed(instance, "slow")
+        assert lost["status"] == "LOST" and "no longer knows" in lost["reason"]
+        assert slow["status"] == "TIMED_OUT" and "deadline" in slow["reason"]
+        assert slow["request_id"] in jobs  # kept: the job may still finish
+        asked = emulator.stats["status"]
+        evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
+        assert emulator.stats["status"] == asked  # polling stopped
+        # neither is paid for again by a re-run or by automation
+        assert run_submit(defs, instance, "lost", "slow")
+        assert emulator.jobs_created == 2 and keys_needing_jobs(project, instance)[1] == []
+    assert_accounted(jobs, catalog, table_rows(prompts))
+
+
+def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
+    emulator_factory: EmulatorFactory, tmp_path: Path
+) -> None:
+    first = emulator_factory(job_duration=3.0)
+    port = first.port
+    prompts = write_table(tmp_path / "prompts.csv", ["a", "b", "c"])
+    project = KvidProject(prompts, tmp_path / "data")
+    catalog = project.catalog()
+    defs = make_defs(first.base_url, prompts, project.data_dir)
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "a", "b")
+        jobs = dict(first.jobs)
+        first.stop()  # down: every status call fails to connect
+        evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
+        assert statuses(catalog) == {"a": "SUBMITTED", "b": "SUBMITTED", "c": "PENDING"}
+        second = emulator_factory(job_duration=0.3, port=port)  # back, with no memory
+        assert run_submit(defs, instance, "a", "c")  # only c has no job
+        assert second.jobs_created == 1
+        jobs.update(second.jobs)
+        tick_until_settled(defs, instance, catalog)
+        assert statuses(catalog) == {"a": "LOST", "b": "LOST", "c": "COMPLETED"}
+        assert check_verdicts(instance, ["a", "b", "c"]) == {"a": False, "b": False, "c": True}
+    assert first.jobs_created + second.jobs_created == 3
+    assert_accounted(jobs, catalog, table_rows(prompts))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("failed_job_max_attempts", 0), ("job_deadline_s", 0.0), ("intent_grace_s", -1.0)],
+)
+def test_reliability_settings_are_checked_when_the_definitions_are_built(
+    setting: str, value: float, tmp_path: Path
+) -> None:
+    prompts = write_table(tmp_path / "prompts.csv", ["a"])
+    with pytest.raises(ValueError, match=setting):
+        make_defs("http://127.0.0.1:9", prompts, tmp_path / "data", **{setting: value})
