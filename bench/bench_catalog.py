@@ -1,6 +1,6 @@
 """Benchmark of the Parquet catalog: prints a table of timings and memory.
 
-    python bench/bench_catalog.py [--rows 100000] [--quick] [--dir PATH]
+    python bench/bench_catalog.py [--rows 100000] [--quick] [--dir PATH] [--out FIGURES.json]
 
 Targets (with 100,000 rows): ``latest()`` < 1 s, one ``update()`` < 20 ms. Compactions run in a
 fresh spawned process so that their peak memory is their own: peak RSS (VmHWM; the baseline is
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=None, help="rows (default 100000)")
     parser.add_argument("--quick", action="store_true", help="10000 rows, fewer repetitions")
     parser.add_argument("--dir", type=Path, default=None, help="catalog parent (default: temp)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     rows = args.rows or (10_000 if args.quick else 100_000)
     reps = 3 if args.quick else 7
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp) / "catalog"
         catalog = KvidCatalog(root)
         results: list[tuple[str, str, str]] = []
+        figures: dict[str, Any] = {"rows": rows}
 
         def add(name: str, value: str, target: str = "") -> None:
             results.append((name, value, target))
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         seed_s = time.perf_counter() - t0
         add("seed: update_many+record_submissions", f"{rows / seed_s:,.0f} rows/s")
+        figures["seed_rows_per_s"] = rows / seed_s
 
         c1 = compact_measured(root)
         add(
@@ -159,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             f"RSS {c1['rss_peak_mb']:.0f} MB (baseline {c1['rss_before_mb']:.0f}), "
             f"Arrow {c1['arrow_peak_mb']:.0f} MB, Python heap {c1['py_peak_mb']:.0f} MB",
         )
+        figures["compact1"] = c1
         size_mb = (root / "videos" / "data.parquet").stat().st_size / 2**20
+        figures["published_mb"] = size_mb
         add("published videos/data.parquet", f"{size_mb:.1f} MB")
 
         fresh = KvidCatalog(root)
         t = _timed(fresh.latest, reps)
         add("latest(), compacted, no log", f"median {statistics.median(t):.3f} s", "< 1 s")
+        figures["latest_compacted_s"] = statistics.median(t)
 
         keys = [f"row-{rng.randrange(rows):08d}" for _ in range(n_updates)]
         key_iter = iter(keys)
@@ -176,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             f" max {t[-1] * 1e3:.2f} ms",
             "< 20 ms",
         )
+        figures["update_one_ms"] = {
+            "median": statistics.median(t) * 1e3,
+            "p95": t[int(0.95 * len(t))] * 1e3,
+            "max": t[-1] * 1e3,
+            "n": n_updates,
+        }
 
         t = _timed(
             lambda: catalog.update_many(
@@ -186,18 +198,25 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         median_ms = statistics.median(t) * 1e3
         add("update_many(500 status changes): one part", f"median {median_ms:.1f} ms")
+        figures["update_many_500_ms"] = median_ms
 
         parts = catalog.log_parts()
         t = _timed(catalog.latest, reps)
         add(f"latest() with {parts} log parts", f"median {statistics.median(t):.3f} s", "< 1 s")
+        figures["latest_with_log_s"] = statistics.median(t)
+        figures["log_parts"] = parts
         t = _timed(lambda: catalog.get(keys[0]), reps * 3)
         add("get(key)", f"median {statistics.median(t) * 1e3:.1f} ms")
+        figures["get_ms"] = statistics.median(t) * 1e3
         t = _timed(catalog.pending, reps)
         add("pending()", f"median {statistics.median(t) * 1e3:.1f} ms")
+        figures["pending_ms"] = statistics.median(t) * 1e3
         t = _timed(catalog.counts_by_status, reps)
         add("counts_by_status()", f"median {statistics.median(t) * 1e3:.1f} ms")
+        figures["counts_by_status_ms"] = statistics.median(t) * 1e3
         t = _timed(catalog.submissions, reps)
         add(f"submissions() ({2 * rows:,} events)", f"median {statistics.median(t):.3f} s")
+        figures["submissions_s"] = statistics.median(t)
 
         c2 = compact_measured(root)
         add(f"compact #2 ({c2['parts']} parts into {c2['rows']:,} rows)", f"{c2['seconds']:.3f} s")
@@ -206,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             f"RSS {c2['rss_peak_mb']:.0f} MB (baseline {c2['rss_before_mb']:.0f}), "
             f"Arrow {c2['arrow_peak_mb']:.0f} MB, Python heap {c2['py_peak_mb']:.0f} MB",
         )
+        figures["compact2"] = c2
         t = _timed(lambda: pd.read_parquet(root / "videos"), reps)
         add("pandas.read_parquet(videos/)", f"median {statistics.median(t):.3f} s")
+        figures["read_parquet_s"] = statistics.median(t)
 
     width = max(len(r[0]) for r in results)
     vwidth = max(len(r[1]) for r in results)
@@ -216,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'-' * width}  {'-' * vwidth}  ------")
     for name, value, target in results:
         print(f"{name:<{width}}  {value:<{vwidth}}  {target}")
+    if args.out is not None:
+        figures["process_peak_rss_mb"] = _rss_mb("VmHWM")  # seeding and reads; not compactions
+        args.out.write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return 0
 
 

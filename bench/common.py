@@ -1,0 +1,328 @@
+"""What the benchmark modules share: the emulator in its own process, prompt tables, memory
+figures of this process, and the ``--out`` JSON protocol between a phase and ``bench/run.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key"
+#: The prompt row every benchmark job uses: v1 text-to-video at 480p (81 frames, 16 fps).
+RESOLUTION = "480p"
+
+
+def proc_status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB, from /proc/self/status.
+
+    Not ``ru_maxrss``: on Linux the peak survives ``execve``, so a child started by a big parent
+    would report the parent's size at fork. ``bench/run.py`` keeps itself small for that reason
+    and records ``ru_maxrss`` too, as a cross-check.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_peak_before_resets_mb = 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5), so the next
+    reading is the peak of what follows; False when the kernel does not allow it. The peak so far
+    is remembered for :func:`process_peak_mb`."""
+    global _peak_before_resets_mb
+    _peak_before_resets_mb = max(_peak_before_resets_mb, proc_status_mb("VmHWM"))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _read_status(pid: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return fields
+
+
+class DescendantPeaks:
+    """Samples the peak RSS (``VmHWM``) of every descendant process every ``interval`` seconds
+    in a thread: the only way to see the peak of a process this one did not write (Dagster's
+    step process), since a child's ``ru_maxrss`` includes its parent's size at fork. A lower
+    bound by at most the growth in its last ``interval``."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self.peaks: dict[int, tuple[str, float]] = {}  # pid -> (command line, peak MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-watcher", daemon=True)
+
+    def _descendants(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        stat = f.read()
+                    parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        found, frontier = [], [os.getpid()]
+        while frontier:
+            pid = frontier.pop()
+            children = [c for c, p in parents.items() if p == pid]
+            found += children
+            frontier += children
+        return found
+
+    def sample(self) -> None:
+        for pid in self._descendants():
+            try:
+                status = _read_status(pid)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            peak = int(status.get("VmHWM", "0 kB").split()[0]) / 1024
+            previous = self.peaks.get(pid, ("", 0.0))[1]
+            self.peaks[pid] = (cmdline, max(previous, peak))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> DescendantPeaks:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_of(self, *needles: str) -> float | None:
+        """The largest peak among descendants whose command line contains every needle."""
+        found = [mb for cmd, mb in self.peaks.values() if all(n in cmd for n in needles)]
+        return max(found) if found else None
+
+
+def process_peak_mb() -> float:
+    """This process's peak RSS over its whole life, resets included."""
+    return max(_peak_before_resets_mb, proc_status_mb("VmHWM"))
+
+
+def cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def write_prompts(path: Path, n: int, *, prefix: str = "row") -> list[str]:
+    """A prompt table of ``n`` distinct v1 text-to-video rows; returns the partition keys."""
+    keys = [f"{prefix}-{i:05d}" for i in range(n)]
+    lines = ["prompt_id,prompt,resolution"]
+    lines += [f"{k},A calm lake at dawn number {i},{RESOLUTION}" for i, k in enumerate(keys)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return keys
+
+
+def quiet_dagster() -> None:
+    """Silence what Dagster prints that is not a result (warnings, its loggers)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("dagster").setLevel(logging.ERROR)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+class Emulator:
+    """A kvid emulator in its own process (``bench.emulator_proc``), as the real service would
+    be: its CPU and GIL are not the benchmarked process's. ``stats()`` asks it for its counters.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        job_duration: float,
+        reuse_renders: bool = True,
+        output_dir: Path | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable, "-m", "bench.emulator_proc",
+            "--workers", str(workers), "--job-duration", str(job_duration),
+        ]  # fmt: skip
+        if reuse_renders:
+            cmd.append("--reuse-renders")
+        if output_dir is not None:
+            cmd += ["--output-dir", str(output_dir)]
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()
+        if not line.startswith("http"):
+            self.stop()
+            raise RuntimeError(f"the emulator did not start (said {line!r})")
+        self.base_url = line
+
+    def stats(self) -> dict[str, Any]:
+        """Request counts by endpoint, ``jobs_created``, and the emulator's CPU seconds and RSS."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write("stats\n")
+        self._proc.stdin.flush()
+        return dict(json.loads(self._proc.stdout.readline()))
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write("quit\n")
+                self._proc.stdin.close()
+                self._proc.wait(timeout=15)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.terminate()
+                self._proc.wait(timeout=15)
+
+    def __enter__(self) -> Emulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Stopwatch:
+    """Accumulates the durations of calls of one kind: ``with watch: ...`` or ``watch.add(s)``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self.first_start: float | None = None  # perf_counter instants: the span of all calls
+        self.last_end: float | None = None
+        self._t0 = 0.0
+
+    def add(self, seconds: float) -> None:
+        end = time.perf_counter()
+        self.count += 1
+        self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
+        start = end - seconds
+        self.first_start = start if self.first_start is None else min(self.first_start, start)
+        self.last_end = end if self.last_end is None else max(self.last_end, end)
+
+    @property
+    def span_s(self) -> float:
+        """From the first call's start to the last call's end (concurrent calls overlap)."""
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+    def __enter__(self) -> Stopwatch:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.add(time.perf_counter() - self._t0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "count": self.count,
+            "total_s": self.total_s,
+            "max_s": self.max_s,
+            "span_s": self.span_s,
+        }
+
+
+def wrap_sync(owner: Any, name: str, watch: Stopwatch) -> None:
+    """Time every call of ``owner.name`` (a function or method) into ``watch``; if the code under
+    test no longer has that name, ``watch`` just stays at zero (figures, not assertions)."""
+    original = getattr(owner, name, None)
+    if original is None:
+        print(f"bench: cannot time {owner.__name__}.{name}: not found", file=sys.stderr)
+        return
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with watch:
+            return original(*args, **kwargs)
+
+    setattr(owner, name, timed)
+
+
+def wrap_async(
+    owner: Any, name: str, watch: Stopwatch, on_done: Callable[[float], Any] | None = None
+) -> None:
+    """Time every await of ``owner.name`` (a coroutine method) into ``watch``; ``on_done`` gets
+    the ``time.monotonic()`` at which each call returned. Missing names are skipped."""
+    original = getattr(owner, name, None)
+    if original is None:
+        print(f"bench: cannot time {owner.__name__}.{name}: not found", file=sys.stderr)
+        return
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            watch.add(time.perf_counter() - t0)
+            if on_done is not None:
+                on_done(time.monotonic())
+
+    setattr(owner, name, timed)
+
+
+def phase_args(
+    description: str, add: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The arguments every phase takes: ``--out`` (JSON written there) and ``--quick``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="write the figures here (JSON)")
+    parser.add_argument("--quick", action="store_true", help="the CI smoke-test sizes")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: temp)")
+    if add is not None:
+        add(parser)
+    return parser.parse_args()
+
+
+def write_result(path: Path, figures: dict[str, Any]) -> None:
+    """Write a phase's figures, with this process's own peak RSS (``VmHWM``) added."""
+    figures = {**figures, "process_peak_rss_mb": process_peak_mb(), "process_cpu_s": cpu_s()}
+    path.write_text(json.dumps(figures, indent=2, default=str), encoding="utf-8")
+
+
+@contextmanager
+def scratch(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """A temporary folder (inside ``workdir`` when given), removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=prefix) as tmp:
+        yield Path(tmp)

@@ -1,0 +1,201 @@
+"""One status-sensor tick over N pending jobs (default 5,000), against Dagster's 60 s timeout.
+
+Setup (not timed): the emulator (its own process) with a job duration of an hour, so that every
+job stays pending; a prompt table of N rows; the rows submitted, in a child process, through the
+same code the ``kvid_video_jobs`` asset runs (``submit_rows``: one ``generate`` each, so the jobs
+exist at the emulator, and the catalog log exactly as a real submission leaves it, one part per
+row update); then, in this process, as in a code server: Dagster, the definitions, a SQLite
+instance with the N partitions.
+
+Measured: ``evaluate_status_sensor`` (the sensor's evaluation, then storing its events the way
+the sensor daemon does), twice with the default 40 s budget (the first tick reads the log the
+submission left), then with a budget too short for N to show that what does not fit is carried
+to the next tick by the cursor; status requests counted by the emulator; peak RSS of the tick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    API_KEY,
+    Emulator,
+    Stopwatch,
+    phase_args,
+    proc_status_mb,
+    quiet_dagster,
+    reset_peak_rss,
+    scratch,
+    wrap_async,
+    wrap_sync,
+    write_prompts,
+    write_result,
+)
+
+SENSOR = "kvid_status_sensor"
+DAGSTER_SENSOR_TIMEOUT_S = 60.0
+
+
+def submit_all(prompts: Path, catalog_dir: Path, base_url: str) -> int:
+    """Submit every row of ``prompts`` as the ``kvid_video_jobs`` asset does; return how many
+    were submitted. Runs in a child process, so that the ticks' process starts clean."""
+    from kvid_dagster.catalog import KvidCatalog
+    from kvid_dagster.prompts import load_prompt_table
+    from kvid_dagster.resource import KvidResource
+    from kvid_dagster.submit import submit_rows
+
+    table = load_prompt_table(prompts)
+    catalog = KvidCatalog(catalog_dir, durable=False)  # the same files, without fsyncs: setup
+    resource = KvidResource(api_key=API_KEY, base_url=base_url)
+
+    async def submit() -> int:
+        async with resource.get_async_client() as client:
+            outcomes = await submit_rows(client, catalog, table.rows)
+        return sum(o.action == "submitted" for o in outcomes)
+
+    return asyncio.run(submit())
+
+
+def main() -> int:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--n", type=int, default=None, help="pending jobs (default 5000)")
+        parser.add_argument("--workers", type=int, default=16, help="emulator capacity")
+        parser.add_argument("--profile", type=Path, default=None, help="cProfile the first tick")
+
+    args = phase_args(__doc__.splitlines()[0], add)
+    n = args.n or (500 if args.quick else 5000)
+    figures: dict[str, Any] = {"n": n, "sensor_timeout_s": DAGSTER_SENSOR_TIMEOUT_S}
+    with (
+        scratch(args.workdir, "kvid-bench-sensor-") as tmp,
+        Emulator(workers=args.workers, job_duration=3600.0, output_dir=tmp / "emu") as emulator,
+    ):
+        prompts = tmp / "prompts.csv"
+        keys = write_prompts(prompts, n)
+        data_dir = tmp / "data"
+
+        # --- setup: the jobs exist at the emulator, the catalog as a submission leaves it ----
+        t = time.perf_counter()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            submitted = pool.submit(
+                submit_all, prompts, data_dir / "catalog", emulator.base_url
+            ).result()
+        assert submitted == n, f"{submitted} of {n} jobs submitted"
+        figures["setup_submit_s"] = time.perf_counter() - t
+
+        # --- the sensor's process: Dagster, the definitions, an instance ---------------------
+        quiet_dagster()
+        from dagster import instance_for_test
+
+        import kvid_dagster.sensors as sensors_module
+        from kvid_dagster.catalog import KvidCatalog
+        from kvid_dagster.client import AsyncKvidClient
+        from kvid_dagster.definitions import build_kvid_definitions
+        from kvid_dagster.project import KvidProject
+        from kvid_dagster.resource import KvidResource
+        from kvid_dagster.runner import evaluate_status_sensor
+
+        watches = {
+            k: Stopwatch() for k in ("status", "poll_pending", "catalog_read", "catalog_write")
+        }
+        wrap_async(AsyncKvidClient, "status", watches["status"])
+        wrap_async(sensors_module, "poll_pending", watches["poll_pending"])
+        reports: list[Any] = []  # the PollReport of each tick: polled, deferred, cursor key
+        timed_poll = sensors_module.poll_pending
+
+        async def poll_and_keep(*a: Any, **kw: Any) -> Any:
+            report = await timed_poll(*a, **kw)
+            reports.append(report)
+            return report
+
+        sensors_module.poll_pending = poll_and_keep  # type: ignore[assignment]
+        wrap_sync(KvidCatalog, "_folded", watches["catalog_read"])
+        wrap_sync(KvidCatalog, "_append", watches["catalog_write"])
+        stack = ExitStack()
+        instance = stack.enter_context(instance_for_test())
+        project = KvidProject(prompts, data_dir)
+        instance.add_dynamic_partitions(project.partitions_name, keys)
+        resource = KvidResource(api_key=API_KEY, base_url=emulator.base_url)
+        figures["log_parts_after_submission"] = project.catalog().log_parts()
+
+        def tick(budget_s: float, cursor: str | None) -> dict[str, Any]:
+            defs = build_kvid_definitions(
+                prompts, project.data_dir, resource=resource, tick_budget_s=budget_s
+            )
+            before = emulator.stats()["requests"]["status"]
+            for watch in watches.values():
+                watch.reset()
+            reset_peak_rss()
+            rss_before = proc_status_mb("VmRSS")
+            profiler = cProfile.Profile() if args.profile and not reports else None
+            t0 = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
+            events, next_cursor = evaluate_status_sensor(defs, instance, cursor, SENSOR)
+            elapsed = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(str(args.profile))
+            polled = emulator.stats()["requests"]["status"] - before
+            poll_s = watches["poll_pending"].total_s
+            http_s = watches["status"].span_s  # first status request sent → last answered
+            report = reports[-1]
+            return {
+                "budget_s": budget_s,
+                "pending": report.pending,
+                "polled": report.polled,
+                "deferred": report.deferred,
+                "last_key": report.last_key,
+                "tick_s": elapsed,
+                "status_requests": polled,
+                "poll_s": poll_s,
+                "status_span_s": http_s,
+                "poll_rate_per_s": polled / http_s if http_s else None,
+                "catalog_read_s": watches["catalog_read"].total_s,
+                "catalog_reads": watches["catalog_read"].count,
+                "catalog_write_s": watches["catalog_write"].total_s,
+                "status_latency_mean_ms": 1e3
+                * watches["status"].total_s
+                / max(1, watches["status"].count),
+                "events": events,
+                "cursor": next_cursor,
+                "rss_before_mb": rss_before,
+                "peak_rss_mb": proc_status_mb("VmHWM"),
+            }
+
+        first = tick(40.0, None)
+        second = tick(40.0, None)
+        # a budget that fits about a third of the jobs: the cursor carries the rest
+        short_budget = max(0.2, round(second["poll_s"] / 3, 1))
+        carried = [tick(short_budget, None)]
+        while sum(c["polled"] for c in carried) < n and len(carried) < 3:
+            assert json.loads(carried[-1]["cursor"])["after"] == carried[-1]["last_key"]
+            carried.append(tick(short_budget, carried[-1]["cursor"]))
+        assert first["status_requests"] >= n and second["status_requests"] >= n
+        figures.update(
+            {
+                "first_tick": first,
+                "second_tick": second,
+                "carried_ticks": [
+                    {k: c[k] for k in ("tick_s", "polled", "deferred", "last_key")} for c in carried
+                ],
+                "carried_budget_s": short_budget,
+                "carried_polled_total": sum(c["status_requests"] for c in carried),
+                "emulator": emulator.stats(),
+            }
+        )
+        stack.close()
+    write_result(args.out, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
