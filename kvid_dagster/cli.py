@@ -175,6 +175,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 continue
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """A person's answer to an UNCERTAIN row, after looking at the kvid dashboard."""
+    from kvid_dagster.catalog import KvidCatalog
+    from kvid_dagster.submit import resolve_uncertain
+
+    catalog = KvidCatalog(Path(args.data_dir) / "catalog")
+    try:
+        resolve_uncertain(catalog, args.partition_key, request_id=args.request_id, note=args.note)
+    except ValueError as exc:
+        print(f"kvid-dagster resolve: {exc}", file=sys.stderr)
+        return 2
+    row = catalog.get(args.partition_key) or {}
+    print(f"{args.partition_key}: {row.get('status')} {row.get('request_id') or ''}".rstrip())
+    return 0
+
+
 def cmd_emulator(argv: Sequence[str]) -> int:
     from kvid_dagster.emulator.__main__ import main as emulator_main
 
@@ -227,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=float, default=3600.0, help="overall seconds to wait")
     run.add_argument("--no-download", action="store_true", help="record URLs, fetch no files")
     run.set_defaults(func=cmd_run)
+    resolve = sub.add_parser(
+        "resolve",
+        help="settle an UNCERTAIN row: the job you found on the kvid dashboard, or none",
+    )
+    resolve.add_argument("partition_key")
+    resolve.add_argument(
+        "--request-id",
+        help="the job found (polled as usual); omit it if none exists: the "
+        "row goes back to PENDING and the next run submits it",
+    )
+    resolve.add_argument("--note", default="", help="recorded in the submissions history")
+    resolve.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    resolve.set_defaults(func=cmd_resolve)
     dev = sub.add_parser("dev", help="the emulator and `dagster dev` together")
     dev.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))

@@ -23,7 +23,7 @@ from dagster import (
     sensor,
 )
 
-from kvid_dagster.assets import VIDEO_CHECK_NAME, video_check_result
+from kvid_dagster.assets import VIDEO_CHECK_NAME, compact_catalog, video_check_result
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.poll import (
     DEFAULT_INTENT_GRACE_S,
@@ -353,6 +353,7 @@ def build_kvid_status_sensor(
             f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
             f" ({report.deferred} left for the next tick); {len(report.terminal)} finished"
         )
+        compact_catalog(project, context.log)
         return SensorResult(
             asset_events=events,
             cursor=json.dumps({"after": report.last_key if report.deferred else None}),
