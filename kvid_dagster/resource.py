@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -29,24 +31,17 @@ class KvidResource(ConfigurableResource):
     max_in_flight: int = Field(default=32, description="Requests in flight at once, per client.")
     poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
 
+    def _client_settings(self) -> dict[str, Any]:
+        return {
+            "timeout": self.request_timeout_s,
+            "max_retries": self.max_retries,
+            "backoff_base": self.backoff_base_s,
+            "backoff_max": self.backoff_max_s,
+            "max_in_flight": self.max_in_flight,
+        }
+
     def get_client(self) -> KvidClient:
-        return KvidClient(
-            self.api_key,
-            self.base_url,
-            timeout=self.request_timeout_s,
-            max_retries=self.max_retries,
-            backoff_base=self.backoff_base_s,
-            backoff_max=self.backoff_max_s,
-            max_in_flight=self.max_in_flight,
-        )
+        return KvidClient(self.api_key, self.base_url, **self._client_settings())
 
     def get_async_client(self) -> AsyncKvidClient:
-        return AsyncKvidClient(
-            self.api_key,
-            self.base_url,
-            timeout=self.request_timeout_s,
-            max_retries=self.max_retries,
-            backoff_base=self.backoff_base_s,
-            backoff_max=self.backoff_max_s,
-            max_in_flight=self.max_in_flight,
-        )
+        return AsyncKvidClient(self.api_key, self.base_url, **self._client_settings())
