@@ -6,7 +6,6 @@
 - ``kvid_catalog``: compacts and publishes the Parquet catalogs.
 """
 
-import asyncio
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from kvid_dagster._aio import run_coroutine
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError, load_prompt_table
@@ -213,7 +213,7 @@ def build_kvid_assets(
                     on_outcome=report,
                 )
 
-        outcomes = asyncio.run(submit()) if rows else []
+        outcomes = run_coroutine(submit()) if rows else []
         for outcome in outcomes:
             context.add_asset_metadata(
                 {

@@ -1,6 +1,5 @@
 """Sensors: the status sensor (jobs → runless video materializations), the prompt-table sensor."""
 
-import asyncio
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from dagster import (
     sensor,
 )
 
+from kvid_dagster._aio import run_coroutine
 from kvid_dagster.assets import VIDEO_CHECK_NAME, compact_catalog, video_check_result
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.poll import (
@@ -316,7 +316,7 @@ def build_kvid_status_sensor(
                     client, project, failed_job_max_attempts, prices
                 )
 
-        report, retried, retry_problem = asyncio.run(tick())
+        report, retried, retry_problem = run_coroutine(tick())
         for event in report.events:
             line = event.log_lines[-1] if event.log_lines else ""
             status = event.record.get("status")

@@ -387,3 +387,24 @@ def test_kvid_dagster_run_talks_to_the_configured_service_and_starts_nothing(
     assert emulator.base_url in completed.stderr
     assert emulator.jobs_created == 6  # the jobs went to the service we configured
     assert TEST_API_KEY not in completed.stdout + completed.stderr
+
+
+def test_materializing_inside_a_running_event_loop_works(
+    emulator: KvidEmulator, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """A notebook (or an in-process daemon iteration) already runs an event loop: submitting
+    and polling must not trip over asyncio.run's refusal to nest."""
+    import asyncio
+
+    table = write_table(tmp_path / "p.csv", ["n1,A notebook scene,480p"])
+    data_dir = tmp_path / "data"
+    defs = make_defs(emulator, table, data_dir)
+
+    async def notebook_cell() -> None:
+        assert run_job(defs, instance, PROMPTS_JOB)
+        assert run_job(defs, instance, SUBMIT_JOB, partition_key="n1")
+        tick_until_done(defs, instance, KvidProject(table, data_dir))
+
+    asyncio.run(notebook_cell())
+    assert emulator.jobs_created == 1
+    assert instance.get_materialized_partitions(VIDEOS) == {"n1"}
