@@ -211,7 +211,7 @@ def backfill_rows(runs: dict[str, PhaseRun]) -> list[Row]:
         Row(sec, "  backfill added → run started (daemon iteration)", _s(f["launch_s"])),
         Row(
             sec,
-            "  run started → step process started (multiprocess executor)",
+            "  run started → step started (in-process executor: no step process)",
             _s(step - f["launch_s"] if step is not None else None),
         ),
         Row(
@@ -377,9 +377,21 @@ def memory_rows(runs: dict[str, PhaseRun]) -> list[Row]:
     bf = runs.get("backfill")
     if bf and bf.ok:
         f = bf.figures
+        rows_memory = [
+            (
+                "backfill: daemon iteration + run launcher process (the run executes in it)",
+                f["run_process_peak_rss_mb"],
+            ),
+        ]
+        if f["step_process_peak_rss_mb"] is not None:  # a multiprocess executor was configured
+            rows_memory.append(
+                (
+                    "backfill: the run's step process (submits every job)",
+                    f["step_process_peak_rss_mb"],
+                )
+            )
         for label, value in (
-            ("backfill: the run's step process (submits every job)", f["step_process_peak_rss_mb"]),
-            ("backfill: daemon iteration + run launcher process", f["run_process_peak_rss_mb"]),
+            *rows_memory,
             (f"backfill: status-sensor ticks over {f['n']} jobs", f["sensor_peak_rss_mb"]),
             ("backfill: the code location's gRPC server", f["code_server_peak_rss_mb"]),
         ):

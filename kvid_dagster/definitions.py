@@ -12,7 +12,9 @@ from dagster import (
     DefaultSensorStatus,
     Definitions,
     EnvVar,
+    ExecutorDefinition,
     define_asset_job,
+    in_process_executor,
 )
 
 from kvid_dagster.assets import build_kvid_assets
@@ -55,6 +57,7 @@ def build_kvid_definitions(
     max_download_bytes: int | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     partitions_name: str = "kvid_prompts",
+    executor: ExecutorDefinition | None = in_process_executor,
 ) -> Definitions:
     """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table.
 
@@ -63,6 +66,10 @@ def build_kvid_definitions(
     (default 600 s) before an intent without a request_id is ``UNCERTAIN``, and
     ``failed_job_max_attempts`` (default 1: FAILED jobs are not re-submitted automatically)
     and ``max_download_bytes`` (default 512 MiB). See docs/RELIABILITY.md.
+
+    ``executor`` defaults to the in-process executor: every kvid asset waits on the network or
+    the disk, so a step process per run buys nothing and costs ~1.4 s and ~230 MB before the
+    first job is sent (measured, docs/BENCHMARKS.md). ``None`` keeps Dagster's default.
     """
     project = KvidProject(prompts_path, data_dir, partitions_name=partitions_name)
     translator = translator or KvidTranslator()
@@ -80,6 +87,7 @@ def build_kvid_definitions(
     return Definitions(
         assets=assets,
         jobs=jobs,
+        executor=executor,
         sensors=[
             build_kvid_status_sensor(
                 project,
