@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import pandas as pd
 import pyarrow as pa
 
+from bench.common import proc_status_mb
 from kvid_dagster.catalog import KvidCatalog
 
 STATUSES = ["PENDING", "SUBMITTED", "IN_QUEUE", "PROCESSING", "COMPLETED", "FAILED"]
@@ -71,23 +71,10 @@ def _timed(fn: Callable[[], Any], repeat: int) -> list[float]:
     return times
 
 
-def _rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process in MB. Not ru_maxrss: on Linux that survives
-    execve, so a spawned child would report its parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _compact_in_child(root: str, queue: Any) -> None:
     """Run one compaction in this (fresh) process and report its own peak memory."""
     catalog = KvidCatalog(root)
-    rss_before = _rss_mb("VmRSS")
+    rss_before = proc_status_mb("VmRSS")
     tracemalloc.start()
     stats = catalog.compact()
     _, py_peak = tracemalloc.get_traced_memory()
@@ -99,7 +86,7 @@ def _compact_in_child(root: str, queue: Any) -> None:
             "submission_rows": stats.submission_rows,
             "parts": stats.parts_folded,
             "rss_before_mb": rss_before,
-            "rss_peak_mb": _rss_mb("VmHWM"),
+            "rss_peak_mb": proc_status_mb("VmHWM"),
             "arrow_peak_mb": pa.default_memory_pool().max_memory() / 2**20,
             "py_peak_mb": py_peak / 2**20,
         }
@@ -238,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target in results:
         print(f"{name:<{width}}  {value:<{vwidth}}  {target}")
     if args.out is not None:
-        figures["process_peak_rss_mb"] = _rss_mb("VmHWM")  # seeding and reads; not compactions
+        # seeding and reads; not compactions (they run in processes of their own)
+        figures["process_peak_rss_mb"] = proc_status_mb("VmHWM")
         args.out.write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return 0
 
