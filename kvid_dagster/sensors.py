@@ -35,7 +35,12 @@ from kvid_dagster.poll import (
     poll_pending,
 )
 from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTableError, load_prompt_table, table_fingerprint
+from kvid_dagster.prompts import (
+    PromptTable,
+    PromptTableError,
+    load_prompt_table,
+    table_fingerprint,
+)
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.submit import SubmitOutcome, needs_job, resubmit_failed
 from kvid_dagster.translator import KvidTranslator
@@ -85,11 +90,22 @@ def range_run_requests(
 
 
 def keys_needing_jobs(
-    project: KvidProject, instance: DagsterInstance, extra: Sequence[str] = ()
+    project: KvidProject,
+    instance: DagsterInstance,
+    *,
+    table: PromptTable | None = None,
+    partition_keys: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """(partition keys in insertion order, the keys whose row has no job for its exact request)."""
-    table = load_prompt_table(project.prompts_path)
-    ordered = [*instance.get_dynamic_partitions(project.partitions_name), *extra]
+    """(partition keys in insertion order, the keys whose row has no job for its exact request).
+
+    ``table`` and ``partition_keys`` spare a caller that already has them a second read.
+    """
+    if table is None:
+        table = load_prompt_table(project.prompts_path)
+    if partition_keys is None:
+        partition_keys = instance.get_dynamic_partitions(project.partitions_name)
+    ordered = [*partition_keys, *extra]
     current = project.catalog().records_by_key()
     wanted = [
         row.partition_key for row in table.rows if needs_job(row, current.get(row.partition_key))
@@ -398,7 +414,9 @@ def build_kvid_prompts_sensor(
         existing = context.instance.get_dynamic_partitions(project.partitions_name)
         known = set(existing)
         new_keys = [k for k in table.partition_keys if k not in known]
-        ordered, wanted = keys_needing_jobs(project, context.instance, extra=new_keys)
+        ordered, wanted = keys_needing_jobs(
+            project, context.instance, table=table, partition_keys=existing, extra=new_keys
+        )
         run_requests = [
             # refresh the table's own asset: its metadata lists the rows and the invalid ones
             RunRequest(run_key=f"{fingerprint[:16]}:prompts", asset_selection=[prompts_key]),

@@ -75,34 +75,18 @@ def test_a_run_killed_between_generate_and_recording_never_pays_twice(
         assert run_prompts(defs, instance)
 
     marker = tmp_path / "marker"
-    if moment == "answer in flight":
+    in_flight = moment == "answer in flight"
+    if in_flight:
         # every job is created at once, its answer held back: kill while it is on the way
         emulator.add_fault("generate", "timeout", times=3, delay=30)
-        child = spawn(
-            "child_run_submit",
-            home,
-            prompts,
-            data_dir,
-            emulator.base_url,
-            "k0",
-            "k2",
-            "plain",
-            marker,
-        )
+    # otherwise the first generate has returned; its request_id is about to be recorded
+    mode = "plain" if in_flight else "after_generate"
+    child = spawn(
+        "child_run_submit", home, prompts, data_dir, emulator.base_url, "k0", "k2", mode, marker
+    )
+    if in_flight:
         assert emulator.wait_for_jobs(1, timeout=60)
     else:
-        # the first generate has returned; its request_id is about to be recorded
-        child = spawn(
-            "child_run_submit",
-            home,
-            prompts,
-            data_dir,
-            emulator.base_url,
-            "k0",
-            "k2",
-            "after_generate",
-            marker,
-        )
         wait_for_file(marker, child)
     kill(child)
     quiesce(emulator)
