@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 
+from kvid_dagster.catalog import TERMINAL_STATUSES
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
@@ -26,7 +27,6 @@ from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, keys_needing_jo
 
 # the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-TERMINAL = frozenset({"COMPLETED", "FAILED", "INVALID", "TIMED_OUT", "LOST", "UNCERTAIN"})
 
 
 def dagster_home_for(data_dir: Path) -> Path:
@@ -134,7 +134,7 @@ def run_pipeline(
         result.sensor_ticks += 1
         result.events_reported += reported
         latest = catalog.latest()
-        waiting = latest[~latest["status"].isin(TERMINAL) & latest["request_id"].notna()]
+        waiting = latest[~latest["status"].isin(TERMINAL_STATUSES) & latest["request_id"].notna()]
         counts = latest["status"].value_counts().to_dict()
         line = "  " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items()))
         if line != last_line:
