@@ -1,9 +1,11 @@
 """The backfill target: N prompts through Dagster's own backfill machinery, to the last video.
 
 The emulator (its own process) runs each job in exactly L seconds on C workers, and serves one
-shared render (``reuse_renders``) so that its encoder is not what is measured. The clock starts
-when the backfill is added to the instance (what the UI's "Launch backfill" does) and stops when
-every video is downloaded, recorded COMPLETED in the catalog and materialized in the instance:
+shared render (``reuse_renders``) so that its encoder is not what is measured. The ledger is a
+fresh database (``--backend``: the SQLite file ``<data_dir>/kvid.db``, or a PostgreSQL database
+created for the run and dropped after it). The clock starts when the backfill is added to the
+instance (what the UI's "Launch backfill" does) and stops when every video is downloaded,
+recorded COMPLETED in the ledger and materialized in the instance:
 
 1. the backfill daemon's iteration (``execute_backfill_iteration``, in-process, synchronous run
    launcher) turns the N partitions into ONE run (single-run backfill policy), which submits
@@ -34,19 +36,25 @@ import pandas as pd
 
 from bench.common import (
     API_KEY,
+    LEDGER_WATCHES,
     ROOT,
+    DatabaseUnavailable,
     DescendantPeaks,
     Emulator,
     Stopwatch,
+    ledger_database,
     phase_args,
     proc_status_mb,
     quiet_dagster,
+    redacted,
     reset_peak_rss,
     scratch,
     wrap_async,
+    wrap_ledger,
     wrap_sync,
     write_prompts,
     write_result,
+    write_skipped,
 )
 
 BACKFILL_TAG = "dagster/backfill"
@@ -66,6 +74,15 @@ def service_end(created: list[float], workers: int, duration: float) -> float:
 
 
 def main() -> int:
+    args = _args()
+    try:
+        return run(args)
+    except DatabaseUnavailable as exc:
+        write_skipped(args.out, args.backend, str(exc))
+        return 0
+
+
+def _args() -> argparse.Namespace:
     def add(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--n", type=int, default=None, help="prompts (default 200; quick 32)")
         parser.add_argument("--workers", type=int, default=16, help="emulator capacity C")
@@ -73,7 +90,10 @@ def main() -> int:
         parser.add_argument("--interval", type=float, default=0.5, help="sensor tick interval")
         parser.add_argument("--profile", type=Path, default=None, help="write a cProfile here")
 
-    args = phase_args(__doc__.splitlines()[0], add)
+    return phase_args(__doc__.splitlines()[0], add)
+
+
+def run(args: argparse.Namespace) -> int:
     n = args.n or (32 if args.quick else 200)
     quiet_dagster()
 
@@ -85,33 +105,36 @@ def main() -> int:
 
     import kvid_dagster.poll as poll_module
     import kvid_dagster.sensors as sensors_module
-    from kvid_dagster.catalog import KvidCatalog
     from kvid_dagster.client import AsyncKvidClient
     from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, build_kvid_definitions
+    from kvid_dagster.ledger import VideoStatus
     from kvid_dagster.project import KvidProject
     from kvid_dagster.resource import KvidResource
     from kvid_dagster.runner import QUIET_RUN_CONFIG, evaluate_status_sensor
 
     # --- instrumentation: time what the sensor's tick calls (in this process) ------------------
     watches = {name: Stopwatch() for name in (
-        "status", "result", "download", "probe", "catalog_write", "catalog_read", "poll_pending",
-        "event_storage", "sensor_tick", "backfill_iteration", "sleep",
+        "status", "result", "download", "probe", "poll_pending", "event_storage", "sensor_tick",
+        "backfill_iteration", "sleep", *LEDGER_WATCHES,
     )}  # fmt: skip
     wrap_async(AsyncKvidClient, "status", watches["status"])
     wrap_async(AsyncKvidClient, "result", watches["result"])
     wrap_async(AsyncKvidClient, "download", watches["download"])
     wrap_sync(poll_module, "probe_video", watches["probe"])
-    wrap_sync(KvidCatalog, "_append", watches["catalog_write"])
-    wrap_sync(KvidCatalog, "_folded", watches["catalog_read"])
+    wrap_ledger(watches)
     wrap_async(sensors_module, "poll_pending", watches["poll_pending"])
-    peaks = DescendantPeaks().start()
+    # the ledger's share of the ticks, apart from the run's (same process, never at once)
+    in_ticks = {name: 0.0 for name in LEDGER_WATCHES}
+    in_ticks_count = {name: 0 for name in LEDGER_WATCHES}
 
     with (
         scratch(args.workdir, "kvid-bench-backfill-") as tmp,
+        ledger_database(args.backend, tmp / "data") as database_url,
         Emulator(
             workers=args.workers, job_duration=args.job_duration, output_dir=tmp / "emulator"
         ) as emulator,
     ):
+        peaks = DescendantPeaks().start()
         prompts = tmp / "prompts.csv"
         data_dir = tmp / "data"
         keys = write_prompts(prompts, n)
@@ -121,11 +144,14 @@ def main() -> int:
                 "KVID_DATA_DIR": str(data_dir),
                 "KVID_BASE_URL": emulator.base_url,
                 "KVID_API_KEY": API_KEY,
+                # the code location (definitions.py) and the run read the ledger's URL here
+                "KVID_DATABASE_URL": database_url,
             }
         )
-        project = KvidProject(prompts, data_dir)
+        project = KvidProject(prompts, data_dir, database_url=database_url)
+        resource = KvidResource(api_key=API_KEY, base_url=emulator.base_url)
         defs = build_kvid_definitions(
-            prompts, data_dir, resource=KvidResource(api_key=API_KEY, base_url=emulator.base_url)
+            prompts, data_dir, resource=resource, database_url=database_url
         )
         target = PythonFileTarget(
             python_file=str(ROOT / "definitions.py"),
@@ -138,9 +164,12 @@ def main() -> int:
         log.setLevel(logging.ERROR)
         figures: dict[str, Any] = {
             "n": n,
+            "backend": args.backend,
+            "database": redacted(database_url),
             "workers": args.workers,
             "job_duration_s": args.job_duration,
             "interval_s": args.interval,
+            "generate_concurrency": resource.generate_concurrency,
         }
         with (
             instance_for_test(
@@ -223,8 +252,12 @@ def main() -> int:
                     with watches["sleep"]:
                         time.sleep(next_tick - now)
                 next_tick = time.monotonic() + args.interval
+                before = {k: (watches[k].total_s, watches[k].count) for k in LEDGER_WATCHES}
                 with watches["sensor_tick"]:
                     _, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+                for k, (total, count) in before.items():
+                    in_ticks[k] += watches[k].total_s - total
+                    in_ticks_count[k] += watches[k].count - count
                 ticks += 1
             elapsed = time.monotonic() - t0
             # --- the clock stops ---------------------------------------------------------------
@@ -249,6 +282,9 @@ def main() -> int:
             assert videos == set(keys), f"{len(videos)} of {n} partitions materialized"
             jobs_done = instance.get_materialized_partitions(AssetKey("kvid_video_jobs"))
             assert jobs_done == set(keys)
+            ledger = project.ledger()
+            counts = ledger.counts_by_status()
+            assert counts == {VideoStatus.COMPLETED: n}, f"ledger: {counts}"
             latest = pd.read_parquet(project.catalog_dir / "videos")
             assert len(latest) == n and (latest["status"] == "COMPLETED").all()
             for record in latest.to_dict(orient="records"):
@@ -261,9 +297,11 @@ def main() -> int:
                 for e in instance.all_logs(run.dagster_run.run_id)
                 if e.dagster_event_type is not None
             }
-            history = project.catalog().submissions()
-            submitted = history[history["event"] == "SUBMITTED"]["recorded_at"]
-            created = [ts.timestamp() - t0_wall for ts in submitted]
+            subs = ledger.submissions()
+            assert len(subs) == n, f"{len(subs)} submissions for {n} rows"
+            created = [s.submitted_at.timestamp() - t0_wall for s in subs if s.submitted_at]
+            figures["completed_rows"] = counts.get(VideoStatus.COMPLETED, 0)
+            project.ledger().close()
 
     # --- figures ---------------------------------------------------------------------------
     assert run.start_time is not None and run.end_time is not None
@@ -291,6 +329,9 @@ def main() -> int:
             "sensor_peak_rss_mb": sensor_peak_mb,
             "emulator": stats,
             "watches": {k: w.as_dict() for k, w in watches.items()},
+            "ledger_in_ticks": {
+                k: {"total_s": in_ticks[k], "count": in_ticks_count[k]} for k in LEDGER_WATCHES
+            },
         }
     )
     figures["notice_lag_s"] = elapsed - figures["service_end_s"]

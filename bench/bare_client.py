@@ -1,9 +1,9 @@
-"""The same N jobs with no Dagster and no catalog: what this machine and the emulator allow.
+"""The same N jobs with no Dagster and no ledger: what this machine and the emulator allow.
 
 A plain asyncio script on ``AsyncKvidClient``: submit every job at once, then every ``interval``
 seconds (start to start) poll each unfinished job, fetching and downloading the finished ones,
 until all are downloaded. Its distance to the physical limit is the floor of HTTP, the emulator
-and the two cores; the backfill's distance beyond it is what Dagster and the catalog add.
+and the two cores; the backfill's distance beyond it is what Dagster and the ledger add.
 """
 
 from __future__ import annotations

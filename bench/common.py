@@ -1,14 +1,18 @@
 """What the benchmark modules share: the emulator in its own process, prompt tables, memory
-figures of this process, and the ``--out`` JSON protocol between a phase and ``bench/run.py``."""
+figures of this process, a fresh ledger database per run (SQLite file or PostgreSQL database),
+and the ``--out`` JSON protocol between a phase and ``bench/run.py``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +21,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
+#: the ledger backends a phase can run on (``--backend``)
+BACKENDS = ("sqlite", "postgresql")
+#: the PostgreSQL server (an admin URL) a benchmark creates its fresh database in; what CI
+#: starts (``.ci/run``) and the tests use (``tests/conftest.py``)
+DEFAULT_POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: The prompt row every benchmark job uses: v1 text-to-video at 480p (81 frames, 16 fps).
 RESOLUTION = "480p"
 
@@ -168,10 +177,13 @@ class Emulator:
         job_duration: float,
         reuse_renders: bool = True,
         output_dir: Path | None = None,
+        backlog: int = 256,
     ) -> None:
+        # a large listen backlog: benchmarks open many connections at once (the default is 5)
         cmd = [
             sys.executable, "-m", "bench.emulator_proc",
             "--workers", str(workers), "--job-duration", str(job_duration),
+            "--backlog", str(backlog),
         ]  # fmt: skip
         if reuse_renders:
             cmd.append("--reuse-renders")
@@ -221,6 +233,7 @@ class Stopwatch:
     """Accumulates the durations of calls of one kind: ``with watch: ...`` or ``watch.add(s)``."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # add() is called from worker threads too
         self.reset()
 
     def reset(self) -> None:
@@ -233,12 +246,13 @@ class Stopwatch:
 
     def add(self, seconds: float) -> None:
         end = time.perf_counter()
-        self.count += 1
-        self.total_s += seconds
-        self.max_s = max(self.max_s, seconds)
         start = end - seconds
-        self.first_start = start if self.first_start is None else min(self.first_start, start)
-        self.last_end = end if self.last_end is None else max(self.last_end, end)
+        with self._lock:
+            self.count += 1
+            self.total_s += seconds
+            self.max_s = max(self.max_s, seconds)
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            self.last_end = end if self.last_end is None else max(self.last_end, end)
 
     @property
     def span_s(self) -> float:
@@ -263,19 +277,70 @@ class Stopwatch:
         }
 
 
-def wrap_sync(owner: Any, name: str, watch: Stopwatch) -> None:
+_outermost = threading.local()
+
+
+def wrap_sync(owner: Any, name: str, watch: Stopwatch, *, outermost: bool = False) -> None:
     """Time every call of ``owner.name`` (a function or method) into ``watch``; if the code under
-    test no longer has that name, ``watch`` just stays at zero (figures, not assertions)."""
+    test no longer has that name, ``watch`` just stays at zero (figures, not assertions).
+
+    ``outermost``: among the functions wrapped with it, a call made (on the same thread) from
+    inside another one is not timed again, so ``Ledger.recover`` calling ``submissions`` counts
+    once, in the watch of ``recover``."""
     original = getattr(owner, name, None)
     if original is None:
         print(f"bench: cannot time {owner.__name__}.{name}: not found", file=sys.stderr)
         return
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        with watch:
+        # not ``with watch``: calls run on several threads at once (asyncio.to_thread)
+        if outermost:
+            if getattr(_outermost, "inside", False):
+                return original(*args, **kwargs)
+            _outermost.inside = True
+        t0 = time.perf_counter()
+        try:
             return original(*args, **kwargs)
+        finally:
+            watch.add(time.perf_counter() - t0)
+            if outermost:
+                _outermost.inside = False
 
     setattr(owner, name, timed)
+
+
+#: what the ledger's public methods do, for the breakdowns (each timed as its outermost call)
+LEDGER_READS = (
+    "rows", "rows_for_submissions", "latest_submissions", "latest_submission", "submission",
+    "submissions", "jobs_to_poll", "counts_by_status", "events", "revision",
+)  # fmt: skip
+LEDGER_SUBMIT_WRITES = ("claim", "record_submitted", "release", "mark_uncertain", "heartbeat")
+
+
+def wrap_ledger(watches: dict[str, Stopwatch]) -> None:
+    """Time the ledger's calls into ``watches``: ``ledger_read``, ``ledger_recover``,
+    ``ledger_apply`` (the poller's one transaction), ``ledger_submit`` (claims and request_ids),
+    ``ledger_register`` and ``publish`` (the Parquet catalogs)."""
+    # not `import kvid_dagster.ledger.publish as ...`: the package's `publish` is the function
+    publish_module = importlib.import_module("kvid_dagster.ledger.publish")
+    import kvid_dagster.project as project_module
+    from kvid_dagster.ledger import Ledger
+
+    for name in LEDGER_READS:
+        wrap_sync(Ledger, name, watches["ledger_read"], outermost=True)
+    for name in LEDGER_SUBMIT_WRITES:
+        wrap_sync(Ledger, name, watches["ledger_submit"], outermost=True)
+    wrap_sync(Ledger, "recover", watches["ledger_recover"], outermost=True)
+    wrap_sync(Ledger, "apply", watches["ledger_apply"], outermost=True)
+    wrap_sync(Ledger, "register", watches["ledger_register"], outermost=True)
+    # KvidProject.publish calls the name it imported; time both spellings, once
+    wrap_sync(project_module, "publish", watches["publish"], outermost=True)
+    wrap_sync(publish_module, "publish", watches["publish"], outermost=True)
+
+
+LEDGER_WATCHES = (
+    "ledger_read", "ledger_recover", "ledger_apply", "ledger_submit", "ledger_register", "publish",
+)  # fmt: skip
 
 
 def wrap_async(
@@ -300,17 +365,95 @@ def wrap_async(
     setattr(owner, name, timed)
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The PostgreSQL server (or its driver) is not there: the phase reports itself skipped."""
+
+
+def postgres_admin_url() -> str:
+    """``KVID_TEST_DATABASE_URL`` (what CI and the tests use), else the local default."""
+    return os.environ.get("KVID_TEST_DATABASE_URL") or DEFAULT_POSTGRES_ADMIN_URL
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str = "kvid_bench") -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty PostgreSQL database, dropped (``WITH (FORCE)``) on
+    exit, as ``tests/conftest.py`` makes one per test; :class:`DatabaseUnavailable` when the
+    server cannot be reached or psycopg is not installed."""
+    import sqlalchemy as sa
+
+    admin_url = sa.make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
+    shown = admin_url.render_as_string(hide_password=True)
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    try:
+        admin = sa.create_engine(
+            admin_url,
+            isolation_level="AUTOCOMMIT",  # CREATE/DROP DATABASE cannot run in a transaction
+            poolclass=sa.NullPool,
+            connect_args={"connect_timeout": 5},
+        )
+    except ImportError as exc:  # no psycopg
+        raise DatabaseUnavailable(f"no PostgreSQL driver ({exc})") from exc
+    try:
+        try:
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        except sa.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise DatabaseUnavailable(f"PostgreSQL unreachable at {shown} ({reason})") from exc
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:  # FORCE: a leaked connection must not keep it
+                connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def ledger_database(backend: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty ledger database for one run: the SQLite file ``folder/kvid.db`` (the
+    default a data folder gets) or a new PostgreSQL database, dropped afterwards."""
+    if backend == "sqlite":
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "kvid.db"
+        if path.exists():
+            raise RuntimeError(f"{path} exists: not a fresh database")
+        yield f"sqlite:///{path}"
+    elif backend == "postgresql":
+        with fresh_postgres_database() as url:
+            yield url
+    else:
+        raise ValueError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
+
+
+def redacted(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
 def phase_args(
     description: str, add: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> argparse.Namespace:
-    """The arguments every phase takes: ``--out`` (JSON written there) and ``--quick``."""
+    """The arguments every phase takes: ``--out`` (JSON written there), ``--quick`` and
+    ``--backend`` (the ledger's database; phases without a ledger ignore it)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True, help="write the figures here (JSON)")
     parser.add_argument("--quick", action="store_true", help="the CI smoke-test sizes")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: temp)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="sqlite", help="the ledger's database (fresh)"
+    )
     if add is not None:
         add(parser)
     return parser.parse_args()
+
+
+def write_skipped(path: Path, backend: str, reason: str) -> None:
+    """What a phase writes when its database is not there: ``bench/run.py`` shows the column as
+    skipped, with the reason, instead of failing (CI without PostgreSQL still runs end to end)."""
+    print(f"bench: {backend} skipped: {reason}", file=sys.stderr)
+    write_result(path, {"backend": backend, "skipped": reason})
 
 
 def write_result(path: Path, figures: dict[str, Any]) -> None:

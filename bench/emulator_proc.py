@@ -23,10 +23,14 @@ def main() -> int:
     parser.add_argument("--job-duration", type=float, required=True)
     parser.add_argument("--reuse-renders", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--backlog", type=int, default=256)  # benchmarks open many at once
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = EmulatorConfig(
-        workers=args.workers, job_duration=args.job_duration, reuse_renders=args.reuse_renders
+        workers=args.workers,
+        job_duration=args.job_duration,
+        reuse_renders=args.reuse_renders,
+        backlog=args.backlog,
     )
     with KvidEmulator(config, output_dir=args.output_dir) as emulator:
         print(emulator.base_url, flush=True)

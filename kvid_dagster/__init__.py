@@ -30,8 +30,9 @@ _EXPORTS: dict[str, str] = {
     # the emulator (no Dagster)
     "KvidEmulator": "kvid_dagster.emulator",
     "EmulatorConfig": "kvid_dagster.emulator",
-    # the catalog (no Dagster)
-    "KvidCatalog": "kvid_dagster.catalog",
+    # the ledger (no Dagster)
+    "Ledger": "kvid_dagster.ledger",
+    "VideoStatus": "kvid_dagster.ledger",
     # the Dagster layer
     "KvidResource": "kvid_dagster.resource",
     "KvidTranslator": "kvid_dagster.translator",

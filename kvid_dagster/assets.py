@@ -3,7 +3,8 @@
 - ``kvid_prompts``: reads and validates the table, adds partitions, reports invalid rows;
 - ``kvid_video_jobs`` (one partition per row): submits the row's job, exactly once per request;
 - ``kvid_videos`` (same partitions): materialized by the status sensor, never by a run;
-- ``kvid_catalog``: compacts and publishes the Parquet catalogs.
+- ``kvid_catalog``: republishes the Parquet catalogs from the ledger, on demand (the status
+  sensor and every run that changed something publish them too).
 """
 
 import warnings
@@ -26,17 +27,28 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableSchema,
     asset,
     asset_check,
 )
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
+from kvid_dagster.ledger import (
+    VIDEO_SCHEMA,
+    ClaimOwner,
+    ClaimRule,
+    VideoRow,
+    VideoStatus,
+    read_tables,
+)
+from kvid_dagster.liveness import run_liveness
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError, load_prompt_table
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import SubmitOutcome, register_table, submit_rows
+from kvid_dagster.submit import SubmitAction, SubmitOutcome, register_table, submit_rows
 from kvid_dagster.translator import KvidTranslator
 
 PREVIEW_ROWS = 20
@@ -71,16 +83,18 @@ def add_new_partitions(
     return new
 
 
-def compact_catalog(project: KvidProject, log: Any) -> None:
-    """Fold the catalog log once it has grown (each writer appends a part; every reader pays for
-    each unfolded one). Never fails the caller: the log is complete without it."""
+def publish_catalog(project: KvidProject, log: Any) -> None:
+    """Republish the Parquet catalogs after a change. Never fails the caller: the ledger holds
+    everything, and the next publication (any tick, run or ``kvid_catalog``) catches up."""
     try:
-        stats = project.catalog().maybe_compact()
-    except Exception as exc:  # a compaction problem must not cost a tick or a run
-        log.warning(f"catalog compaction skipped: {type(exc).__name__}: {exc}")
+        stats = project.publish()
+    except Exception as exc:  # a full disk must not cost a tick or a run
+        log.warning(f"catalog not published: {type(exc).__name__}: {exc}")
         return
-    if stats is not None:
-        log.info(f"catalog compacted: {stats.parts_folded} parts in {stats.seconds:.2f} s")
+    log.info(
+        f"catalog published: {stats.videos} rows, {stats.submissions} events "
+        f"(ledger revision {stats.revision}) in {stats.seconds:.2f} s"
+    )
 
 
 def load_table_or_fail(project: KvidProject) -> PromptTable:
@@ -121,7 +135,8 @@ def build_kvid_assets(
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
         table = load_table_or_fail(project)
         new_keys = add_new_partitions(context.instance, project, table.partition_keys)
-        register_table(project.catalog(), table)
+        if register_table(project.ledger(), table):
+            publish_catalog(project, context.log)
         for problem in table.invalid:
             context.log.warning(f"invalid row, not sent: {problem.message}")
         for warning in table.warnings:
@@ -191,6 +206,8 @@ def build_kvid_assets(
     ) -> MaterializeResult:
         keys = list(context.partition_keys)
         table = load_table_or_fail(project)
+        # a backfill started before kvid_prompts ran still gives every row its ledger row
+        registered = register_table(project.ledger(), table)
         by_key = table.by_key
         invalid_by_key = {p.partition_key: p for p in table.invalid if p.partition_key}
         rows = [by_key[k] for k in keys if k in by_key]
@@ -199,44 +216,47 @@ def build_kvid_assets(
         def report(outcome: SubmitOutcome) -> None:
             # one event-log write each (~8 ms): the submitted ones go in the summary and in each
             # partition's metadata instead
-            if outcome.action not in {"submitted", "skipped"}:
+            if outcome.is_problem:
                 context.log.error(f"{outcome.partition_key}: {outcome.action}: {outcome.message}")
 
         async def submit() -> list[SubmitOutcome]:
             async with kvid.get_async_client() as client:
                 return await submit_rows(
                     client,
-                    project.catalog(),
+                    project.ledger(),
                     rows,
-                    force=config.force,
+                    rule=ClaimRule(force=config.force),
                     prices=price_table,
                     on_outcome=report,
+                    generate_concurrency=kvid.generate_concurrency,
+                    owner=ClaimOwner.current(context.run.run_id),
+                    is_alive=run_liveness(context.instance),
                 )
 
         outcomes = run_coroutine(submit()) if rows else []
         for outcome in outcomes:
             context.add_asset_metadata(
                 {
-                    "action": outcome.action,
-                    "status": outcome.status,
+                    "action": outcome.action.value,
+                    "status": outcome.status.value,
                     "request_id": outcome.request_id or "",
                     "note": outcome.message,
                 },
                 partition_key=outcome.partition_key,
             )
-        problems = [o for o in outcomes if o.action in {"uncertain", "error", "rejected"}]
+        problems = [o for o in outcomes if o.is_problem]
         for k in missing:
             reason = invalid_by_key[k].message if k in invalid_by_key else "not in the table"
             context.log.error(f"{k}: no valid row: {reason}")
         counts: dict[str, int] = {}
         for outcome in outcomes:
-            counts[outcome.action] = counts.get(outcome.action, 0) + 1
+            counts[outcome.action.value] = counts.get(outcome.action.value, 0) + 1
         context.log.info(
             f"{len(keys)} partitions: "
             + ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
         )
-        # two small parts per submitted job: fold them now, so the status sensor's reads stay cheap
-        compact_catalog(project, context.log)
+        if registered or any(o.action is not SubmitAction.SKIPPED for o in outcomes):
+            publish_catalog(project, context.log)
         if problems or missing:
             lines = [f"{o.partition_key}: {o.action}: {o.message}" for o in problems]
             lines += [f"{k}: no valid row in the table" for k in missing]
@@ -271,30 +291,33 @@ def build_kvid_assets(
         )
         def video_ok(context: AssetCheckExecutionContext) -> AssetCheckResult:
             partition_key = context.partition_key if context.has_partition_key else None
-            record = project.catalog().get(partition_key) if partition_key else None
-            return video_check_result(translator, record)
+            row = project.ledger().row(partition_key) if partition_key else None
+            return video_check_result(translator, row)
 
     @asset(
         key=key["kvid_catalog"],
         deps=[key["kvid_videos"]],
         group_name=group,
         kinds={"parquet"},
-        description="Compacts the catalog log and publishes <data_dir>/catalog/videos and "
-        "/submissions as Parquet (pandas, DuckDB and Spark read them directly).",
+        description="Republishes <data_dir>/catalog/videos and /submissions from the ledger as "
+        "Parquet (pandas, DuckDB and Spark read them directly).",
     )
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
-        catalog = project.catalog()
-        stats = catalog.compact()
-        latest = catalog.latest()
-        counts = catalog.counts_by_status()
-        context.log.info(f"catalog compacted: {stats}")
-        preview = latest.head(PREVIEW_ROWS).to_dict(orient="records")
+        stats = project.publish()
+        videos, _, _ = read_tables(project.ledger())
+        counts = videos.column("status").value_counts().to_pylist()
+        preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
+        context.log.info(f"catalog published: {stats}")
         return MaterializeResult(
             metadata={
+                # Dagster's standard keys: the UI shows the row count and the columns
+                "dagster/row_count": MetadataValue.int(stats.videos),
+                "dagster/column_schema": MetadataValue.table_schema(catalog_column_schema()),
                 "videos_path": MetadataValue.path(str(project.catalog_dir / "videos")),
                 "submissions_path": MetadataValue.path(str(project.catalog_dir / "submissions")),
-                "rows": len(latest),
-                **{f"status_{s.lower()}": n for s, n in sorted(counts.items())},
+                "submission_events": stats.submissions,
+                "ledger_revision": stats.revision,
+                **{f"status_{c['values'].lower()}": c["counts"] for c in counts},
                 "preview": MetadataValue.md(
                     _markdown_table(
                         preview,
@@ -315,22 +338,26 @@ def build_kvid_assets(
     return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, kvid_catalog]
 
 
-def video_check_result(
-    translator: KvidTranslator, record: Mapping[str, Any] | None
-) -> AssetCheckResult:
-    """The ``video_ok`` verdict for one catalog row (shared by the check and the sensor)."""
-    if record is None:
+def catalog_column_schema() -> TableSchema:
+    """``dagster/column_schema`` of the published videos table."""
+    return TableSchema(
+        columns=[TableColumn(f.name, str(f.type), constraints=None) for f in VIDEO_SCHEMA]
+    )
+
+
+def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> AssetCheckResult:
+    """The ``video_ok`` verdict for one ledger row (shared by the check and the sensor)."""
+    if row is None:
         return AssetCheckResult(
-            check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no catalog row"}
+            check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no ledger row"}
         )
-    status = str(record.get("status") or "")
-    if status == "COMPLETED":
+    if row.status is VideoStatus.COMPLETED:
         return AssetCheckResult(
-            check_name=VIDEO_CHECK_NAME, passed=True, metadata=translator.get_video_metadata(record)
+            check_name=VIDEO_CHECK_NAME, passed=True, metadata=translator.get_video_metadata(row)
         )
     return AssetCheckResult(
         check_name=VIDEO_CHECK_NAME,
         passed=False,
         severity=AssetCheckSeverity.ERROR,
-        metadata=translator.get_failure_metadata(record),
+        metadata=translator.get_failure_metadata(row),
     )

@@ -177,17 +177,19 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     """A person's answer to an UNCERTAIN row, after looking at the kvid dashboard."""
-    from kvid_dagster.catalog import KvidCatalog
-    from kvid_dagster.submit import resolve_uncertain
+    from kvid_dagster.ledger import Ledger, publish
 
-    catalog = KvidCatalog(Path(args.data_dir) / "catalog")
+    data_dir = Path(args.data_dir)
+    ledger = Ledger.for_data_dir(data_dir, os.environ.get("KVID_DATABASE_URL") or None)
     try:
-        resolve_uncertain(catalog, args.partition_key, request_id=args.request_id, note=args.note)
+        row = ledger.resolve_uncertain(
+            args.partition_key, request_id=args.request_id, note=args.note
+        )
     except ValueError as exc:
         print(f"kvid-dagster resolve: {exc}", file=sys.stderr)
         return 2
-    row = catalog.get(args.partition_key) or {}
-    print(f"{args.partition_key}: {row.get('status')} {row.get('request_id') or ''}".rstrip())
+    publish(ledger, data_dir / "catalog")
+    print(f"{args.partition_key}: {row.status} {row.request_id or ''}".rstrip())
     return 0
 
 

@@ -52,26 +52,30 @@ def build_kvid_definitions(
     tick_budget_s: float = 40.0,
     download: bool = True,
     job_deadline_s: float | None = None,
-    intent_grace_s: float | None = None,
     failed_job_max_attempts: int = 1,
     max_download_bytes: int | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     partitions_name: str = "kvid_prompts",
+    database_url: str | None = None,
     executor: ExecutorDefinition | None = in_process_executor,
 ) -> Definitions:
     """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table.
 
     The reliability settings go to the status sensor (see ``build_kvid_status_sensor``):
-    ``job_deadline_s`` (default 900 s) before a job is ``TIMED_OUT``, ``intent_grace_s``
-    (default 600 s) before an intent without a request_id is ``UNCERTAIN``, and
+    ``job_deadline_s`` (default 900 s) before a job is ``TIMED_OUT``, and
     ``failed_job_max_attempts`` (default 1: FAILED jobs are not re-submitted automatically)
     and ``max_download_bytes`` (default 512 MiB). See docs/RELIABILITY.md.
 
     ``executor`` defaults to the in-process executor: every kvid asset waits on the network or
     the disk, so a step process per run buys nothing and costs ~1.4 s and ~230 MB before the
     first job is sent (measured, docs/BENCHMARKS.md). ``None`` keeps Dagster's default.
+
+    ``database_url`` is the ledger (default ``$KVID_DATABASE_URL``, else the SQLite file
+    ``<data_dir>/kvid.db``); a ``postgresql+psycopg://`` URL needs the ``[postgres]`` extra.
     """
-    project = KvidProject(prompts_path, data_dir, partitions_name=partitions_name)
+    project = KvidProject(
+        prompts_path, data_dir, database_url=database_url, partitions_name=partitions_name
+    )
     translator = translator or KvidTranslator()
     assets = build_kvid_assets(
         project,
@@ -96,7 +100,6 @@ def build_kvid_definitions(
                 tick_budget_s=tick_budget_s,
                 download=download,
                 job_deadline_s=job_deadline_s,
-                intent_grace_s=intent_grace_s,
                 failed_job_max_attempts=failed_job_max_attempts,
                 prices=prices,
                 max_download_bytes=max_download_bytes,

@@ -1,10 +1,11 @@
 """Polling every pending job once, concurrently, inside a time budget.
 
-One call of :func:`poll_pending` is one sensor tick: it reads the pending rows from the catalog,
-asks the service for each job's status (what does not fit in the budget waits for the next tick,
-round-robin from the cursor key), fetches, downloads and probes finished videos, records every
-change in the catalog in one write, and returns the events for the orchestrator to publish.
-Knows neither Dagster nor HTTP.
+One call of :func:`poll_pending` is one sensor tick: it settles claims whose owner is gone,
+reads the submissions the service is still working on (old requests of edited rows too), asks
+for each one's status (what does not fit in the budget waits for the next tick, round robin
+from the cursor), fetches, downloads and probes finished videos, applies every change in one
+ledger transaction, and returns the events for the orchestrator to publish. Knows neither
+Dagster nor HTTP.
 """
 
 from __future__ import annotations
@@ -13,25 +14,20 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-
-from kvid_dagster.catalog import KvidCatalog
 from kvid_dagster.client import AsyncKvidClient, JobKind, KvidError, KvidNotFoundError
+from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
 from kvid_dagster.probe import probe_video
 from kvid_dagster.prompts import PROMPT_ID_PATTERN
 
 log = logging.getLogger("kvid_dagster.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
-DEFAULT_INTENT_GRACE_S = 10 * 60.0  # a SUBMITTING row older than this lost its submitter
-# how a job can end, as the catalog and the VideoEvents name it
-TERMINAL_OUTCOMES = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN"})
+DEFAULT_POLL_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -40,19 +36,25 @@ class PollConfig:
     download: bool = True
     budget_s: float = 40.0
     job_deadline_s: float = DEFAULT_JOB_DEADLINE_S
-    intent_grace_s: float = DEFAULT_INTENT_GRACE_S
     max_download_bytes: int = 512 * 1024 * 1024
-    concurrency: int = 32
+    concurrency: int = DEFAULT_POLL_CONCURRENCY
 
 
 @dataclass(frozen=True)
 class VideoEvent:
-    """Something Dagster should hear about one partition."""
+    """Something Dagster should hear about one partition: its current job moved."""
 
     partition_key: str
-    outcome: str  # COMPLETED | FAILED | TIMED_OUT | LOST | UNCERTAIN | PROGRESS
-    record: Mapping[str, Any]  # the catalog row after the change
+    row: VideoRow  # the row after the change
     log_lines: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> VideoStatus:
+        return self.row.status
+
+    @property
+    def is_final(self) -> bool:
+        return self.row.status.is_terminal
 
 
 @dataclass
@@ -62,235 +64,189 @@ class PollReport:
     polled: int = 0
     deferred: int = 0  # left for the next tick by the time budget
     errors: list[str] = field(default_factory=list)
-    last_key: str | None = None  # the cursor: the next tick starts after it
+    settled: list[Submission] = field(default_factory=list)  # orphaned claims now UNCERTAIN
+    changed: int = 0  # submissions whose record changed in this tick
+    last_submission_id: int | None = None  # the cursor: the next tick starts after it
     elapsed_s: float = 0.0
 
     @property
-    def terminal(self) -> list[VideoEvent]:
-        return [e for e in self.events if e.outcome != "PROGRESS"]
+    def final(self) -> list[VideoEvent]:
+        return [e for e in self.events if e.is_final]
 
 
-def video_path(download_dir: Path, partition_key: str) -> Path:
-    """Where a partition's video goes: always inside ``download_dir``, whatever the key holds."""
-    if PROMPT_ID_PATTERN.fullmatch(partition_key):
-        name = partition_key
+def video_path(download_dir: Path, submission: Submission) -> Path:
+    """Where a submission's video goes: always inside ``download_dir``, one file per job (a
+    row edited back and forth keeps each job's video), named after the row when it is safe."""
+    key = submission.partition_key
+    if PROMPT_ID_PATTERN.fullmatch(key) and len(key) <= 64:
+        name = key
     else:
-        name = "key-" + hashlib.sha256(partition_key.encode()).hexdigest()[:16]
+        name = "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    name += f"-{submission.request_hash[:10]}"
+    if submission.attempt > 1:
+        name += f"-{submission.attempt}"
     path = (download_dir / f"{name}.mp4").resolve()
     if path.parent != download_dir.resolve():
-        raise ValueError(f"video path for {partition_key!r} escapes {download_dir}")
+        raise ValueError(f"video path for {key!r} escapes {download_dir}")
     return path
 
 
-def _as_datetime(value: Any) -> datetime | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
-        return None
-    stamp = pd.Timestamp(value)
-    if pd.isna(stamp):
-        return None
-    return (stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp).to_pydatetime()
+def _rotate(subs: list[Submission], start_after: int | None) -> list[Submission]:
+    if start_after is None:
+        return subs
+    later = [s for s in subs if s.submission_id > start_after]
+    return later + [s for s in subs if s.submission_id <= start_after]
 
 
-def _rotate(keys: list[str], start_after: str | None) -> list[str]:
-    if not start_after:
-        return keys
-    later = [k for k in keys if k > start_after]
-    return later + [k for k in keys if k <= start_after]
+def _timed_out(sub: Submission, config: PollConfig, what: str) -> JobChange:
+    return JobChange(
+        sub.submission_id,
+        sub.version,
+        VideoStatus.TIMED_OUT,
+        error=f"{what} after the {config.job_deadline_s:.0f} s job deadline; polling stopped "
+        "(the request_id is kept: the job may still finish)",
+        completed=True,
+    )
 
 
 async def poll_pending(
     client: AsyncKvidClient,
-    catalog: KvidCatalog,
+    ledger: Ledger,
     config: PollConfig,
     *,
-    start_after: str | None = None,
+    start_after: int | None = None,
+    is_alive: Callable[[Submission], bool | None] | None = None,
 ) -> PollReport:
     """Poll each pending job once (budget permitting) and record what changed."""
     started = time.monotonic()
     now = datetime.now(UTC)
     report = PollReport()
-    rows = {str(r["partition_key"]): r for r in catalog.pending_records()}
-    updates: dict[str, dict[str, Any]] = {}
-
-    # intents whose submitter vanished between "send" and "record": a person must look
-    for key, row in rows.items():
-        if row.get("status") == "SUBMITTING" and not row.get("request_id"):
-            since = _as_datetime(row.get("submitted_at")) or _as_datetime(row.get("updated_at"))
-            if since is not None and (now - since).total_seconds() > config.intent_grace_s:
-                updates[key] = {"status": "UNCERTAIN", "error": _intent_expired(row, since)}
-
-    keys = _rotate(sorted(k for k, r in rows.items() if r.get("request_id")), start_after)
-    report.pending = len(keys)
+    report.settled = (await asyncio.to_thread(ledger.recover, is_alive)).settled
+    subs = _rotate(await asyncio.to_thread(ledger.jobs_to_poll), start_after)
+    report.pending = len(subs)
     gate = asyncio.Semaphore(max(1, config.concurrency))
-    logs_by_key: dict[str, tuple[str, ...]] = {}
+    changes: dict[int, JobChange] = {}
+    logs: dict[int, tuple[str, ...]] = {}
 
-    def past_deadline(row: Mapping[str, Any]) -> bool:
-        submitted = _as_datetime(row.get("submitted_at"))
-        return submitted is not None and (now - submitted).total_seconds() > config.job_deadline_s
+    def past_deadline(sub: Submission) -> bool:
+        since = sub.submitted_at or sub.claimed_at
+        return since is not None and (now - since).total_seconds() > config.job_deadline_s
 
-    async def poll_one(key: str) -> None:
-        row = rows[key]
+    async def poll_one(sub: Submission) -> None:
         async with gate:
             if time.monotonic() - started > config.budget_s:
                 report.deferred += 1
                 return
             report.polled += 1
-            report.last_key = key  # the semaphore is FIFO: this follows the rotation order
-            kind = JobKind(str(row["job_kind"]))
-            request_id = str(row["request_id"])
-            try:
-                status = await client.status(kind, request_id)
-            except KvidNotFoundError as exc:
-                updates[key] = {
-                    "status": "LOST",
-                    "error": f"the service no longer knows "
-                    f"{request_id} ({exc.server_message or exc})",
-                }
-                return
-            except KvidError as exc:
-                problem = f"status: {type(exc).__name__}: {exc}"
-                report.errors.append(f"{key}: {problem}")
-                if past_deadline(row):  # a service that never answers must not be polled forever
-                    updates[key] = _timed_out(config, f"no usable status answer ({problem})")
-                return
-            logs_by_key[key] = tuple(status.logs[-3:])
-            if status.is_completed:
-                try:
-                    updates[key] = await _complete(client, config, key, kind, request_id)
-                except (KvidError, OSError, ValueError) as exc:
-                    # not COMPLETED (terminal) without a video: FETCHING is polled again next tick
-                    problem = f"fetching the video: {type(exc).__name__}: {exc}"
-                    report.errors.append(f"{key}: {problem}")
-                    if past_deadline(row):
-                        updates[key] = _timed_out(config, f"completed, but {problem}")
-                    elif row.get("status") != "FETCHING" or row.get("error") != problem:
-                        updates[key] = {"status": "FETCHING", "progress": 100, "error": problem}
-                return
-            if status.is_failed:
-                reason = status.message or (status.logs[-1] if status.logs else "") or "no reason"
-                updates[key] = {
-                    "status": "FAILED",
-                    "error": reason,
-                    "progress": status.progress,
-                    "completed_at": datetime.now(UTC),
-                }
-                return
-            if past_deadline(row):
-                updates[key] = _timed_out(config, f"still {status.status}")
-                return
-            if status.status != row.get("status") or status.progress != row.get("progress"):
-                updates[key] = {"status": status.status, "progress": status.progress}
+            report.last_submission_id = sub.submission_id  # the gate is FIFO: rotation order
+            change = await _poll(client, config, sub, past_deadline(sub), report, logs)
+            if change is not None:
+                changes[sub.submission_id] = change
 
-    await asyncio.gather(*(poll_one(k) for k in keys))
-
-    if updates:
-        _record(catalog, rows, updates, report)
-    for key, change in updates.items():
-        record = {**rows.get(key, {}), **change, "partition_key": key}
-        status = str(change["status"])
-        outcome = status if status in TERMINAL_OUTCOMES else "PROGRESS"
-        report.events.append(VideoEvent(key, outcome, record, logs_by_key.get(key, ())))
+    await asyncio.gather(*(poll_one(s) for s in subs))
+    applied = await asyncio.to_thread(ledger.apply, list(changes.values()))
+    report.changed = len(applied)
+    dropped = len(changes) - len(applied)
+    if dropped:
+        report.errors.append(f"{dropped} job(s) changed while polled; left for the next tick")
+    moved = {s.submission_id for s in applied} | {s.submission_id for s in report.settled}
+    by_sub = await asyncio.to_thread(ledger.rows_for_submissions, moved)
+    for sub_id, rows in sorted(by_sub.items()):
+        for row in rows:
+            report.events.append(VideoEvent(row.partition_key, row, logs.get(sub_id, ())))
+    report.events.sort(key=lambda e: e.partition_key)
     report.elapsed_s = time.monotonic() - started
     return report
 
 
-def _intent_expired(row: Mapping[str, Any], since: datetime) -> str:
-    """Why an old intent without a request_id is UNCERTAIN, and what was (maybe) sent."""
-    return (
-        "the submitting process stopped between sending generate and recording its request_id "
-        f"(intent of {since:%Y-%m-%d %H:%M:%S} UTC, request_hash {row.get('request_hash')}); "
-        "the job may exist and be billed: look for this prompt and params_json in the kvid "
-        "dashboard, then record its request_id with resolve_uncertain(), or release the row "
-        "for a new job"
-    )
-
-
-def _timed_out(config: PollConfig, what: str) -> dict[str, Any]:
-    return {
-        "status": "TIMED_OUT",
-        "error": f"{what} after the {config.job_deadline_s:.0f} s job deadline; polling stopped "
-        "(the request_id is kept: the job may still finish)",
-        "completed_at": datetime.now(UTC),
-    }
-
-
-def _identity(row: Mapping[str, Any] | None) -> tuple[Any, ...]:
-    """What changes when someone else moved a row on while this tick was polling it."""
-    if row is None:
-        return (None,)
-    return (row.get("status"), row.get("request_id"), _as_datetime(row.get("submitted_at")))
-
-
-def _record(
-    catalog: KvidCatalog,
-    rows: Mapping[str, Mapping[str, Any]],
-    updates: dict[str, dict[str, Any]],
+async def _poll(
+    client: AsyncKvidClient,
+    config: PollConfig,
+    sub: Submission,
+    late: bool,
     report: PollReport,
-) -> None:
-    """Write the tick's changes in one part, and how each job ended in the submissions history.
+    logs: dict[int, tuple[str, ...]],
+) -> JobChange | None:
+    """The change one status answer makes to ``sub`` (None: nothing changed)."""
+    kind = JobKind(sub.job_kind)
+    request_id = str(sub.request_id)
+    where = f"{sub.partition_key} ({request_id})"
+    try:
+        status = await client.status(kind, request_id)
+    except KvidNotFoundError as exc:
+        return JobChange(
+            sub.submission_id,
+            sub.version,
+            VideoStatus.LOST,
+            error=f"the service no longer knows {request_id} ({exc.server_message or exc})",
+            completed=True,
+        )
+    except KvidError as exc:
+        problem = f"status: {type(exc).__name__}: {exc}"
+        report.errors.append(f"{where}: {problem}")
+        # a service that never answers must not be polled forever
+        return _timed_out(sub, config, f"no usable status answer ({problem})") if late else None
+    logs[sub.submission_id] = tuple(status.logs[-3:])
+    if status.is_completed:
+        try:
+            video = await _fetch(client, config, sub, kind, request_id)
+        except (KvidError, OSError, ValueError) as exc:
+            # not COMPLETED (terminal) without a video: FETCHING is polled again next tick
+            problem = f"fetching the video: {type(exc).__name__}: {exc}"
+            report.errors.append(f"{where}: {problem}")
+            if late:
+                return _timed_out(sub, config, f"completed, but {problem}")
+            if sub.status is VideoStatus.FETCHING and sub.error == problem:
+                return None
+            return JobChange(
+                sub.submission_id, sub.version, VideoStatus.FETCHING, progress=100, error=problem
+            )
+        return JobChange(
+            sub.submission_id,
+            sub.version,
+            VideoStatus.COMPLETED,
+            progress=100,
+            video=video,
+            completed=True,
+        )
+    if status.is_failed:
+        reason = status.message or (status.logs[-1] if status.logs else "") or "no reason"
+        return JobChange(
+            sub.submission_id,
+            sub.version,
+            VideoStatus.FAILED,
+            progress=status.progress,
+            error=reason,
+            completed=True,
+        )
+    if late:
+        return _timed_out(sub, config, f"still {status.status}")
+    running = VideoStatus.from_service(status.status)
+    if running is sub.status and status.progress == sub.progress:
+        return None
+    return JobChange(sub.submission_id, sub.version, running, progress=status.progress)
 
-    Under the catalog lock, a row that changed since it was read (a submitter recorded its
-    request_id, a forced re-submission started, another poller got there first) is left alone:
-    a stale UNCERTAIN must never hide a request_id recorded meanwhile.
-    """
-    with catalog.lock():
-        current = catalog.records_for(updates)
-        for key in list(updates):
-            if _identity(current.get(key)) != _identity(rows[key]):
-                del updates[key]
-                report.errors.append(f"{key}: changed while it was polled; left for the next tick")
-        if not updates:
-            return
-        catalog.update_many([{"partition_key": k, **v} for k, v in updates.items()])
-        outcomes = []
-        for key, change in updates.items():
-            status = str(change["status"])
-            if status not in TERMINAL_OUTCOMES:
-                continue
-            row = rows[key]
-            event: dict[str, Any] = {
-                "partition_key": key,
-                "event": status,
-                "request_hash": row.get("request_hash"),
-                "job_kind": row.get("job_kind"),
-                "model": row.get("model"),
-                "request_id": row.get("request_id"),
-                "attempt": row.get("attempts"),
-                "error": change.get("error"),
-            }
-            if status == "UNCERTAIN":  # never counted at SUBMITTED: this is its only cost record
-                event["params_json"] = row.get("params_json")
-                event["cost_credits"] = row.get("cost_credits")
-            outcomes.append(event)
-        catalog.record_submissions(outcomes)
 
-
-async def _complete(
-    client: AsyncKvidClient, config: PollConfig, key: str, kind: JobKind, request_id: str
-) -> dict[str, Any]:
+async def _fetch(
+    client: AsyncKvidClient, config: PollConfig, sub: Submission, kind: JobKind, request_id: str
+) -> VideoFile:
     result = await client.result(kind, request_id)
-    change: dict[str, Any] = {
-        "status": "COMPLETED",
-        "progress": 100,
-        "url": result.url,
-        "name": result.name,
-        "size_kb": result.size_kb,
-        "completed_at": datetime.now(UTC),
-        "error": None,
-    }
-    if config.download:
-        config.download_dir.mkdir(parents=True, exist_ok=True)
-        downloaded = await client.download(
-            result, video_path(config.download_dir, key), max_bytes=config.max_download_bytes
-        )
-        probe = await asyncio.to_thread(probe_video, downloaded.path)
-        change.update(
-            local_path=str(downloaded.path),
-            sha256=downloaded.sha256,
-            width=probe.width,
-            height=probe.height,
-            fps=probe.fps,
-            num_frames=probe.num_frames,
-            duration_s=probe.duration_s,
-        )
-    return change
+    if not config.download:
+        return VideoFile(url=result.url, name=result.name, size_kb=result.size_kb)
+    config.download_dir.mkdir(parents=True, exist_ok=True)
+    downloaded = await client.download(
+        result, video_path(config.download_dir, sub), max_bytes=config.max_download_bytes
+    )
+    probe = await asyncio.to_thread(probe_video, downloaded.path)
+    return VideoFile(
+        url=result.url,
+        name=result.name,
+        size_kb=result.size_kb,
+        local_path=str(downloaded.path),
+        sha256=downloaded.sha256,
+        width=probe.width,
+        height=probe.height,
+        fps=probe.fps,
+        num_frames=probe.num_frames,
+        duration_s=probe.duration_s,
+    )

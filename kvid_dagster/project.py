@@ -1,20 +1,24 @@
-"""``KvidProject``: where a kvid pipeline's table, catalog and videos live, and its partitions."""
+"""``KvidProject``: where a kvid pipeline's table, ledger, catalogs and videos live."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dagster import DynamicPartitionsDefinition
 
-from kvid_dagster.catalog import KvidCatalog
+from kvid_dagster.ledger import Ledger, PublishStats, publish
+
+DATABASE_URL_ENV = "KVID_DATABASE_URL"
 
 
 class KvidProject:
     """One prompt table and one data folder: the unit a set of kvid definitions is built for.
 
-    ``<data_dir>/catalog/`` holds the Parquet catalogs, ``<data_dir>/videos/`` the downloaded
-    videos; the partitions definition is named after the table so two projects can share a
-    Dagster instance.
+    The ledger is ``database_url`` (else ``$KVID_DATABASE_URL``, else the SQLite file
+    ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
+    it, ``<data_dir>/videos/`` the downloaded videos. The partitions definition is named after
+    ``partitions_name`` so two projects can share a Dagster instance.
     """
 
     def __init__(
@@ -22,11 +26,16 @@ class KvidProject:
         prompts_path: str | Path,
         data_dir: str | Path,
         *,
+        database_url: str | None = None,
+        table_prefix: str = "kvid_",
         partitions_name: str = "kvid_prompts",
     ) -> None:
         self.prompts_path = Path(prompts_path).resolve()
         self.data_dir = Path(data_dir).resolve()
+        self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
+        self.table_prefix = table_prefix
         self.partitions_def = DynamicPartitionsDefinition(name=partitions_name)
+        self._ledger: tuple[int, Ledger] | None = None
 
     @property
     def partitions_name(self) -> str:
@@ -41,8 +50,18 @@ class KvidProject:
     def videos_dir(self) -> Path:
         return self.data_dir / "videos"
 
-    def catalog(self) -> KvidCatalog:
-        return KvidCatalog(self.catalog_dir)
+    def ledger(self) -> Ledger:
+        """This process's ledger (opened once per process: a forked child opens its own)."""
+        if self._ledger is None or self._ledger[0] != os.getpid():
+            ledger = Ledger.for_data_dir(
+                self.data_dir, self.database_url, table_prefix=self.table_prefix
+            )
+            self._ledger = (os.getpid(), ledger)
+        return self._ledger[1]
+
+    def publish(self) -> PublishStats:
+        """Republish ``catalog/videos`` and ``catalog/submissions`` from the ledger."""
+        return publish(self.ledger(), self.catalog_dir)
 
     def __repr__(self) -> str:
         return f"KvidProject(prompts_path={self.prompts_path!s}, data_dir={self.data_dir!s})"

@@ -8,6 +8,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from kvid_dagster.client import DEFAULT_BASE_URL, AsyncKvidClient, KvidClient
+from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY
 
 
 class KvidResource(ConfigurableResource):
@@ -29,6 +30,13 @@ class KvidResource(ConfigurableResource):
         default=30.0, description="Longest wait between retries; caps a server's Retry-After."
     )
     max_in_flight: int = Field(default=32, description="Requests in flight at once, per client.")
+    generate_concurrency: int = Field(
+        default=DEFAULT_GENERATE_CONCURRENCY,
+        ge=1,
+        description="Generates in flight at once per submitting run (each claimed in the "
+        "ledger just before it leaves): gentle on the service, and after a crash at most this "
+        "many rows can be UNCERTAIN. Status polling has its own, larger bound.",
+    )
     poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
 
     def _client_settings(self) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 
-from kvid_dagster.catalog import TERMINAL_STATUSES
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
+from kvid_dagster.ledger import VideoStatus, videos_frame
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, keys_needing_jobs, partition_ranges
@@ -50,8 +50,8 @@ class PipelineResult:
 
     @property
     def ok(self) -> bool:
-        valid = self.catalog[self.catalog["status"] != "INVALID"]
-        return not self.failed_runs and bool((valid["status"] == "COMPLETED").all())
+        valid = self.catalog[self.catalog["status"] != VideoStatus.INVALID]
+        return not self.failed_runs and bool((valid["status"] == VideoStatus.COMPLETED).all())
 
 
 def evaluate_status_sensor(
@@ -84,15 +84,17 @@ def run_pipeline(
     poll_interval_s: float = 1.0,
     deadline_s: float = 3600.0,
     download: bool = True,
+    database_url: str | None = None,
     say: Callable[[str], Any] = print,
 ) -> PipelineResult:
     started = time.monotonic()
-    project = KvidProject(prompts_path, data_dir)
+    project = KvidProject(prompts_path, data_dir, database_url=database_url)
     defs = build_kvid_definitions(
         project.prompts_path,
         project.data_dir,
         resource=resource,
         download=download,
+        database_url=project.database_url,
     )
     if instance is None:
         os.environ["DAGSTER_HOME"] = str(dagster_home_for(project.data_dir))
@@ -117,8 +119,9 @@ def run_pipeline(
         return outcome.success
 
     say(f"validating {project.prompts_path}")
+    ledger = project.ledger()
     if not execute(PROMPTS_JOB):
-        result.catalog = project.catalog().latest()
+        result.catalog = videos_frame(ledger)
         return result
     ordered, wanted = keys_needing_jobs(project, instance)
     ranges = partition_ranges(ordered, wanted)
@@ -127,20 +130,18 @@ def run_pipeline(
         execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last})
 
     cursor: str | None = None
-    catalog = project.catalog()
     last_line = ""
     while True:
         reported, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
         result.sensor_ticks += 1
         result.events_reported += reported
-        latest = catalog.latest()
-        waiting = latest[~latest["status"].isin(TERMINAL_STATUSES) & latest["request_id"].notna()]
-        counts = latest["status"].value_counts().to_dict()
+        counts = ledger.counts_by_status()
+        waiting = ledger.jobs_to_poll()
         line = "  " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items()))
         if line != last_line:
             say(line)
             last_line = line
-        if waiting.empty:
+        if not waiting:
             break
         if time.monotonic() - started > deadline_s:
             say(
@@ -150,7 +151,7 @@ def run_pipeline(
             break
         time.sleep(poll_interval_s)
     execute(CATALOG_JOB)
-    result.catalog = catalog.latest()
+    result.catalog = videos_frame(ledger)
     result.elapsed_s = time.monotonic() - started
     return result
 

@@ -1,6 +1,5 @@
 """The scheduled content pipeline: submit every partition that has no job yet."""
 
-
 from dagster import (
     DefaultScheduleStatus,
     ScheduleDefinition,

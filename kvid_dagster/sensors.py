@@ -23,12 +23,12 @@ from dagster import (
 )
 
 from kvid_dagster._aio import run_coroutine
-from kvid_dagster.assets import VIDEO_CHECK_NAME, compact_catalog, video_check_result
+from kvid_dagster.assets import VIDEO_CHECK_NAME, publish_catalog, video_check_result
 from kvid_dagster.client import AsyncKvidClient
+from kvid_dagster.ledger import VideoStatus
+from kvid_dagster.liveness import run_liveness
 from kvid_dagster.poll import (
-    DEFAULT_INTENT_GRACE_S,
     DEFAULT_JOB_DEADLINE_S,
-    TERMINAL_OUTCOMES,
     PollConfig,
     PollReport,
     VideoEvent,
@@ -42,7 +42,13 @@ from kvid_dagster.prompts import (
     table_fingerprint,
 )
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import SubmitOutcome, needs_job, resubmit_failed
+from kvid_dagster.submit import (
+    SubmitAction,
+    SubmitOutcome,
+    latest_submissions,
+    needs_job,
+    resubmit_failed,
+)
 from kvid_dagster.translator import KvidTranslator
 
 # Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before.
@@ -97,7 +103,7 @@ def keys_needing_jobs(
     partition_keys: Sequence[str] | None = None,
     extra: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """(partition keys in insertion order, the keys whose row has no job for its exact request).
+    """(partition keys in insertion order, the keys whose row's exact request has no job).
 
     ``table`` and ``partition_keys`` spare a caller that already has them a second read.
     """
@@ -106,49 +112,49 @@ def keys_needing_jobs(
     if partition_keys is None:
         partition_keys = instance.get_dynamic_partitions(project.partitions_name)
     ordered = [*partition_keys, *extra]
-    current = project.catalog().records_by_key()
-    wanted = [
-        row.partition_key for row in table.rows if needs_job(row, current.get(row.partition_key))
-    ]
+    latest = latest_submissions(project.ledger(), table.rows)
+    wanted = [row.partition_key for row in table.rows if needs_job(row, latest)]
     return ordered, wanted
 
 
 def video_events(
-    report: PollReport, translator: KvidTranslator, *, checked: Collection[str] = ()
+    events: Sequence[VideoEvent], translator: KvidTranslator, *, checked: Collection[str] = ()
 ) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
-    """The runless events one poll report turns into.
+    """The runless events that rows whose job ended turn into.
 
     ``checked``: partitions that already have a ``video_ok`` result. Dagster 1.13 stores one
     runless check result per (check, partition) and fails the whole tick on a second one (a
     UNIQUE constraint of its storage), so those get their materialization or observation only;
-    the check's own execution (``video_ok`` in a run) reads the catalog for the latest verdict.
+    the check's own execution (``video_ok`` in a run) reads the ledger for the latest verdict.
     """
     videos_key = translator.get_asset_key("kvid_videos")
     check_key = AssetCheckKey(videos_key, VIDEO_CHECK_NAME)
     done = set(checked)
-    events: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
-    for event in report.terminal:
-        verdict = video_check_result(translator, event.record)
-        if event.outcome == "COMPLETED":
-            events.append(
+    out: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
+    for event in events:
+        if not event.is_final:
+            continue
+        verdict = video_check_result(translator, event.row)
+        if event.status is VideoStatus.COMPLETED:
+            out.append(
                 AssetMaterialization(
                     asset_key=videos_key,
                     partition=event.partition_key,
-                    metadata=translator.get_video_metadata(event.record),
+                    metadata=translator.get_video_metadata(event.row),
                 )
             )
         else:
-            events.append(
+            out.append(
                 AssetObservation(
                     asset_key=videos_key,
                     partition=event.partition_key,
-                    metadata=translator.get_failure_metadata(event.record),
+                    metadata=translator.get_failure_metadata(event.row),
                 )
             )
         if event.partition_key in done:
             continue
         done.add(event.partition_key)
-        events.append(
+        out.append(
             AssetCheckEvaluation(
                 asset_key=videos_key,
                 check_name=check_key.name,
@@ -158,7 +164,7 @@ def video_events(
                 partition=event.partition_key,
             )
         )
-    return events
+    return out
 
 
 def _partitions_with_check_results(
@@ -198,46 +204,41 @@ def _observed_outcomes(
     return latest
 
 
-def _unreported_completions(
+def unreported_events(
     project: KvidProject, instance: DagsterInstance, translator: KvidTranslator, skip: set[str]
-) -> PollReport:
-    """Rows whose outcome never reached Dagster (a tick that died after the catalog write):
-    reported again, so Dagster and the catalog always converge. A COMPLETED row needs a
-    materialization of its partition; a FAILED, TIMED_OUT, LOST or UNCERTAIN row that ended in
-    the last day an observation showing its status and request_id (an UNCERTAIN submission of
-    a run is reported this way too).
+) -> list[VideoEvent]:
+    """Rows whose outcome never reached Dagster (a tick that died after the ledger write, an
+    UNCERTAIN submission of a run): reported again, so Dagster and the ledger converge. A
+    COMPLETED row needs a materialization of its partition; a row that ended without a video in
+    the last day an observation showing its status and request_id.
     """
-    records = project.catalog().latest_records()
-    done = [r for r in records if r["status"] == "COMPLETED"]
+    rows = [r for r in project.ledger().rows() if r.partition_key not in skip]
     since = datetime.now(UTC) - timedelta(seconds=REREPORT_WINDOW_S)
+    done = [r for r in rows if r.status is VideoStatus.COMPLETED]
     ended = [
         r
-        for r in records
-        if r["status"] in TERMINAL_OUTCOMES
-        and r["status"] != "COMPLETED"
-        and str(r["partition_key"]) not in skip
-        and (r.get("updated_at") is None or r["updated_at"] >= since)
+        for r in rows
+        if r.status.is_terminal
+        and r.status not in {VideoStatus.COMPLETED, VideoStatus.INVALID}
+        and (r.updated_at is None or r.updated_at >= since)
     ]
-    report = PollReport()
+    events: list[VideoEvent] = []
     if done:
         materialized = instance.get_materialized_partitions(translator.get_asset_key("kvid_videos"))
-        for record in done:
-            key = str(record["partition_key"])
-            if key not in materialized and key not in skip:
-                report.events.append(VideoEvent(key, "COMPLETED", record))
+        events += [
+            VideoEvent(r.partition_key, r) for r in done if r.partition_key not in materialized
+        ]
     if ended:
-        keys = [str(r["partition_key"]) for r in ended]
-        observed = _observed_outcomes(instance, translator, keys)
-        for record in ended:
-            key = str(record["partition_key"])
-            shown = observed.get(key)
-            now = (str(record["status"]), str(record.get("request_id") or ""))
+        observed = _observed_outcomes(instance, translator, [r.partition_key for r in ended])
+        for row in ended:
+            shown = observed.get(row.partition_key)
+            now = (row.status.value, row.request_id or "")
             stale = shown is None or any(
                 seen is not None and seen != actual for seen, actual in zip(shown, now, strict=True)
             )
             if stale:
-                report.events.append(VideoEvent(key, str(record["status"]), record))
-    return report
+                events.append(VideoEvent(row.partition_key, row))
+    return events
 
 
 async def _retry_failed(
@@ -246,24 +247,30 @@ async def _retry_failed(
     max_attempts: int,
     prices: Mapping[str, float] | None,
 ) -> tuple[list[SubmitOutcome], str | None]:
-    """The retry policy's share of a tick: FAILED rows with attempts left are sent again."""
-    waiting = [
-        r
-        for r in project.catalog().pending_records(statuses=["FAILED"])
-        if int(r.get("attempts") or 0) < max_attempts
+    """The retry policy's share of a tick: FAILED jobs with attempts left are sent again."""
+    ledger = project.ledger()
+    failed = [
+        r for r in ledger.rows() if r.status is VideoStatus.FAILED and r.attempts < max_attempts
     ]
-    if not waiting:
+    if not failed:
         return [], None
     try:
         table = load_prompt_table(project.prompts_path)
     except PromptTableError as exc:
         return [], f"FAILED jobs not retried: {exc}"
     by_key = table.by_key
-    rows = [by_key[str(r["partition_key"])] for r in waiting if str(r["partition_key"]) in by_key]
-    outcomes = await resubmit_failed(
-        client, project.catalog(), rows, max_attempts=max_attempts, prices=prices
-    )
+    rows = [by_key[r.partition_key] for r in failed if r.partition_key in by_key]
+    outcomes = await resubmit_failed(client, ledger, rows, max_attempts=max_attempts, prices=prices)
     return outcomes, None
+
+
+def _cursor_after(cursor: str | None) -> int | None:
+    """The submission id a tick starts after; an unreadable cursor starts over."""
+    try:
+        after = json.loads(cursor or "{}").get("after")
+    except (ValueError, AttributeError):
+        return None
+    return after if isinstance(after, int) and not isinstance(after, bool) else None
 
 
 def build_kvid_status_sensor(
@@ -275,30 +282,28 @@ def build_kvid_status_sensor(
     tick_budget_s: float = DEFAULT_TICK_BUDGET_S,
     download: bool = True,
     job_deadline_s: float | None = None,
-    intent_grace_s: float | None = None,
     failed_job_max_attempts: int = 1,
     prices: Mapping[str, float] | None = None,
     max_download_bytes: int | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
 ) -> SensorDefinition:
     """Polls every pending job (within ``tick_budget_s``; the rest on the next tick, round robin
-    by the cursor) and records finished videos as runless materializations of ``kvid_videos``.
+    by the cursor), records finished videos as runless materializations of ``kvid_videos``, and
+    republishes the Parquet catalogs when anything changed.
 
     - ``job_deadline_s`` (default 900 s, three times the vendor's 5 minutes): a job not finished
       this long after its submission is marked ``TIMED_OUT`` and no longer polled;
-    - ``intent_grace_s`` (default 600 s): a row whose submitter recorded the intent but never
-      the request_id (it was killed between the two) is marked ``UNCERTAIN`` after this long;
-      keep it above the longest a live submission can take (its retries included);
     - ``failed_job_max_attempts`` (default 1: off): a job that ends ``FAILED`` is re-submitted
       as a new job until its request has had this many submissions (each one is paid for);
     - ``max_download_bytes`` (default 512 MiB): a bigger video is refused, nothing is kept.
+
+    Every tick first settles claims whose submitter is gone (``UNCERTAIN`` at once).
     """
     translator = translator or KvidTranslator()
     videos_key = translator.get_asset_key("kvid_videos")
     deadline = DEFAULT_JOB_DEADLINE_S if job_deadline_s is None else job_deadline_s
-    grace = DEFAULT_INTENT_GRACE_S if intent_grace_s is None else intent_grace_s
-    if deadline <= 0 or grace < 0:
-        raise ValueError(f"need job_deadline_s > 0, intent_grace_s >= 0: {deadline}, {grace}")
+    if deadline <= 0:
+        raise ValueError(f"need job_deadline_s > 0, got {deadline}")
     if isinstance(failed_job_max_attempts, bool) or failed_job_max_attempts < 1:
         raise ValueError(f"failed_job_max_attempts must be >= 1, got {failed_job_max_attempts}")
     poll_config = PollConfig(
@@ -306,7 +311,6 @@ def build_kvid_status_sensor(
         download=download,
         budget_s=tick_budget_s,
         job_deadline_s=deadline,
-        intent_grace_s=grace,
         **({"max_download_bytes": max_download_bytes} if max_download_bytes else {}),
     )
 
@@ -316,15 +320,20 @@ def build_kvid_status_sensor(
         default_status=default_status,
         asset_selection=[videos_key],
         description="Polls kvid for every pending job; finished videos become materializations of "
-        "kvid_videos (failed ones a failed video_ok check), all recorded in the catalog.",
+        "kvid_videos (failed ones a failed video_ok check), all recorded in the ledger and "
+        "published to the Parquet catalogs.",
     )
     def kvid_status_sensor(context: SensorEvaluationContext, kvid: KvidResource) -> SensorResult:
-        cursor = json.loads(context.cursor) if context.cursor else {}
+        is_alive = run_liveness(context.instance)
 
         async def tick() -> tuple[PollReport, list[SubmitOutcome], str | None]:
             async with kvid.get_async_client() as client:
                 report = await poll_pending(
-                    client, project.catalog(), poll_config, start_after=cursor.get("after")
+                    client,
+                    project.ledger(),
+                    poll_config,
+                    start_after=_cursor_after(context.cursor),
+                    is_alive=is_alive,
                 )
                 if failed_job_max_attempts <= 1:
                     return report, [], None
@@ -335,45 +344,45 @@ def build_kvid_status_sensor(
         report, retried, retry_problem = run_coroutine(tick())
         for event in report.events:
             line = event.log_lines[-1] if event.log_lines else ""
-            status = event.record.get("status")
-            if event.outcome == "PROGRESS":
+            row = event.row
+            if not event.is_final:
+                context.log.info(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
+            elif row.status is VideoStatus.COMPLETED:
                 context.log.info(
-                    f"{event.partition_key}: {status} {event.record.get('progress')}%  {line}"
+                    f"{event.partition_key}: COMPLETED {row.video.local_path or row.video.url}"
                 )
-            elif event.outcome == "COMPLETED":
-                where = event.record.get("local_path") or event.record.get("url")
-                context.log.info(f"{event.partition_key}: COMPLETED {where}")
             else:
-                context.log.warning(f"{event.partition_key}: {status}: {event.record.get('error')}")
+                context.log.warning(f"{event.partition_key}: {row.status}: {row.error}")
         for error in report.errors:
             context.log.warning(error)
         if retry_problem:
             context.log.warning(retry_problem)
         for outcome in retried:
-            if outcome.action == "submitted":
+            if outcome.action is SubmitAction.SUBMITTED:
                 context.log.info(
                     f"{outcome.partition_key}: its FAILED job was re-submitted as "
                     f"{outcome.request_id} (retry policy: at most {failed_job_max_attempts})"
                 )
-            elif outcome.action != "skipped":
+            elif outcome.action is not SubmitAction.SKIPPED:
                 context.log.warning(
                     f"{outcome.partition_key}: retry {outcome.action}: {outcome.message}"
                 )
-        reported = {e.partition_key for e in report.terminal}
-        late = _unreported_completions(project, context.instance, translator, reported)
-        finished = {e.partition_key for e in report.terminal + late.terminal}
-        checked = _partitions_with_check_results(context.instance, translator, finished)
-        events = video_events(report, translator, checked=checked)
+        final = report.final
+        reported = {e.partition_key for e in final}
+        late = unreported_events(project, context.instance, translator, reported)
+        checked = _partitions_with_check_results(
+            context.instance, translator, reported | {e.partition_key for e in late}
+        )
+        events = video_events(final, translator, checked=checked)
         events += video_events(late, translator, checked=checked | reported)
         context.log.info(
             f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
-            f" ({report.deferred} left for the next tick); {len(report.terminal)} finished"
+            f" ({report.deferred} left for the next tick); {len(final)} finished"
         )
-        compact_catalog(project, context.log)
-        return SensorResult(
-            asset_events=events,
-            cursor=json.dumps({"after": report.last_key if report.deferred else None}),
-        )
+        if report.changed or report.settled or retried:
+            publish_catalog(project, context.log)
+        after = report.last_submission_id if report.deferred else None
+        return SensorResult(asset_events=events, cursor=json.dumps({"after": after}))
 
     return kvid_status_sensor
 

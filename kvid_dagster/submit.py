@@ -1,27 +1,27 @@
 """Submitting prompt rows as kvid jobs, exactly once per canonical request.
 
-The order of writes is what makes a paid job impossible to lose:
+For each row, at most ``generate_concurrency`` at a time:
 
-1. under the catalog lock, decide which rows need a job and record the *intent* (``SUBMITTING``,
-   with the request hash) — a second process deciding at the same time sees it and stands back;
+1. claim the next attempt at its request in the ledger (committed, with this process as owner)
+   immediately before its own generate leaves: a row waiting for a free slot holds nothing;
 2. send ``generate``;
-3. record the returned ``request_id`` before anything else.
+3. record the request_id (retried, then journalled), or release the claim when nothing was
+   sent or created, or mark it UNCERTAIN when the service may have created a job.
 
-A crash between 2 and 3 leaves a ``SUBMITTING`` row with no ``request_id``: the status poller marks
-it ``UNCERTAIN`` after a grace period, for a person to resolve — it is never sent again silently.
-Knows neither Dagster nor HTTP: it drives an :class:`AsyncKvidClient` and a :class:`KvidCatalog`.
+A process killed between 1 and 3 leaves at most ``generate_concurrency`` claims; the next run or
+status tick settles them at once (:meth:`Ledger.recover`). Knows neither Dagster nor HTTP: it
+drives an :class:`AsyncKvidClient` and a :class:`Ledger`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
 
-from kvid_dagster.catalog import KvidCatalog
 from kvid_dagster.client import (
     AsyncKvidClient,
     KvidAuthenticationError,
@@ -29,325 +29,232 @@ from kvid_dagster.client import (
     KvidUncertainSubmissionError,
     KvidValidationError,
 )
+from kvid_dagster.ledger import (
+    DEFAULT_RULE,
+    ClaimOwner,
+    ClaimRule,
+    InvalidEntry,
+    Ledger,
+    Refusal,
+    Submission,
+    VideoStatus,
+    refusal_for,
+)
 from kvid_dagster.pricing import estimate_cost_credits
 from kvid_dagster.prompts import PromptRow, PromptTable
 
 log = logging.getLogger("kvid_dagster.submit")
 
-# A job exists (or may exist) for the row's request: never send it again without `force`.
-HOLDS_A_JOB = frozenset({"SUBMITTING", "UNCERTAIN", "COMPLETED"})
-# Ended without a usable video, but the request WAS sent (and billed): sending it again is a new
-# payment, so only `force` or the retry policy (FAILED only) does it. A TIMED_OUT job may even
-# still finish, and a LOST one may have run: neither is re-sent automatically.
-ENDED_WITHOUT_VIDEO = frozenset({"FAILED", "TIMED_OUT", "LOST"})
-RESUBMITTABLE = ENDED_WITHOUT_VIDEO  # the name earlier versions exported
-NO_JOB = frozenset({"PENDING", "INVALID", ""})
+#: generates in flight at once, per submitting process (status polling has its own bound)
+DEFAULT_GENERATE_CONCURRENCY = 4
+_HEARTBEAT_SECONDS = 15.0
+
+
+class SubmitAction(StrEnum):
+    SUBMITTED = "submitted"
+    SKIPPED = "skipped"  # a job exists (or is being sent) for this exact request
+    UNCERTAIN = "uncertain"  # the generate may have created a job: never re-sent by itself
+    REJECTED = "rejected"  # the service said the request is invalid; nothing billed
+    ERROR = "error"  # not sent, or refused: nothing billed, the row stays PENDING
 
 
 @dataclass(frozen=True)
 class SubmitOutcome:
     partition_key: str
-    action: str  # submitted | skipped | uncertain | rejected | error
-    status: str
+    action: SubmitAction
+    status: VideoStatus
     request_id: str | None = None
     message: str = ""
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def decide(row: PromptRow, current: Mapping[str, Any] | None, *, force: bool) -> str | None:
-    """Why ``row`` must not be sent now, or ``None`` when it should be.
-
-    Once per canonical request: re-runs, re-materializations and overlapping backfills send
-    nothing for a request that was sent before, whatever became of its job; ``force`` is the
-    explicit choice to pay for a new one.
-    """
-    if current is None or force:
-        return None
-    status = str(current.get("status") or "")
-    same_request = current.get("request_hash") == row.request_hash
-    if not same_request:
-        # the row changed: a different request is a different job (the old one stays in history)
-        if status == "SUBMITTING":
-            return "an earlier version of this row is being submitted right now"
-        return None
-    if status in NO_JOB:
-        return None
-    rid = current.get("request_id") or "not known"
-    if status in ENDED_WITHOUT_VIDEO:
-        return (
-            f"this exact request was sent already and its job ended {status} (request_id {rid}); "
-            "materialize with force: true (or enable the retry policy) to pay for a new job"
-        )
-    return f"already has a job for this exact request ({status}, request_id {rid})"
+    @property
+    def is_problem(self) -> bool:
+        return self.action in {SubmitAction.UNCERTAIN, SubmitAction.REJECTED, SubmitAction.ERROR}
 
 
-def needs_job(row: PromptRow, current: Mapping[str, Any] | None) -> bool:
-    """True when the row has no job at all for its exact request (what schedules submit)."""
-    return decide(row, current, force=False) is None
+def latest_submissions(ledger: Ledger, rows: Iterable[PromptRow]) -> dict[str, Submission]:
+    """The latest submission of each row's request (by request_hash), where there is one."""
+    return ledger.latest_submissions(row.request_hash for row in rows)
 
 
-def _event_fields(row: PromptRow) -> dict[str, Any]:
-    """What the submissions history keeps of a row (the prompt lives in the videos table)."""
-    return {
-        "partition_key": row.partition_key,
-        "job_kind": row.job_kind,
-        "model": row.model,
-        "request_hash": row.request_hash,
-        "params_json": row.params_json,
-    }
+def needs_job(row: PromptRow, latest: Mapping[str, Submission]) -> bool:
+    """True when the row's exact request has no job at all (what schedules submit)."""
+    return refusal_for(latest.get(row.request_hash), ClaimRule()) is None
 
 
-def _base_fields(row: PromptRow) -> dict[str, Any]:
-    return {**_event_fields(row), "prompt": row.prompt}
-
-
-Policy = Callable[[PromptRow, Mapping[str, Any] | None], str | None]
+def _skipped(row: PromptRow, refusal: Refusal) -> SubmitOutcome:
+    sub = refusal.submission
+    return SubmitOutcome(
+        row.partition_key,
+        SubmitAction.SKIPPED,
+        sub.status if sub else VideoStatus.PENDING,
+        sub.request_id if sub else None,
+        refusal.reason,
+    )
 
 
 async def submit_rows(
     client: AsyncKvidClient,
-    catalog: KvidCatalog,
+    ledger: Ledger,
     rows: Sequence[PromptRow],
     *,
-    force: bool = False,
+    rule: ClaimRule = DEFAULT_RULE,
     prices: Mapping[str, float] | None = None,
     on_outcome: Callable[[SubmitOutcome], None] | None = None,
-    policy: Policy | None = None,
+    generate_concurrency: int = DEFAULT_GENERATE_CONCURRENCY,
+    owner: ClaimOwner | None = None,
+    is_alive: Callable[[Submission], bool | None] | None = None,
 ) -> list[SubmitOutcome]:
-    """Submit every row that has no job for its exact request; return one outcome per row.
+    """Submit every row whose request has no job (or that ``rule`` allows to pay again);
+    return one outcome per row, in the rows' order.
 
-    ``policy(row, current)`` (default: :func:`decide` with ``force``) says why a row must not be
-    sent; it is evaluated under the catalog lock, against the row's state at that instant.
+    Claims of owners that are gone are settled first (``is_alive``: see
+    :meth:`Ledger.recover`), so a run after a crash starts clean.
     """
-    should_skip: Policy = policy or (lambda row, current: decide(row, current, force=force))
+    if generate_concurrency < 1:
+        raise ValueError(f"generate_concurrency must be >= 1, got {generate_concurrency}")
+    owner = owner or ClaimOwner.current()
+    await asyncio.to_thread(ledger.recover, is_alive)
+    latest = await asyncio.to_thread(latest_submissions, ledger, rows)
     outcomes: dict[str, SubmitOutcome] = {}
-    to_send: list[tuple[PromptRow, int, float]] = []
-    with catalog.lock():
-        current_by_key = catalog.records_by_key()
-        intents: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        for row in rows:
-            current = current_by_key.get(row.partition_key)
-            reason = should_skip(row, current)
-            if reason is not None:
-                status = str(current.get("status") if current else "")
-                outcomes[row.partition_key] = SubmitOutcome(
-                    row.partition_key, "skipped", status, (current or {}).get("request_id"), reason
-                )
-                continue
-            # attempts count submissions of this exact request (what the retry policy bounds)
-            same_request = current is not None and current.get("request_hash") == row.request_hash
-            attempt = int((current or {}).get("attempts") or 0) + 1 if same_request else 1
+    candidates: list[PromptRow] = []
+    for row in dict((r.partition_key, r) for r in rows).values():
+        reason = refusal_for(latest.get(row.request_hash), rule)
+        if reason is None:
+            candidates.append(row)
+        else:
+            outcomes[row.partition_key] = _skipped(row, Refusal(reason, latest[row.request_hash]))
+    gate = asyncio.Semaphore(generate_concurrency)
+    in_flight: set[int] = set()
+
+    async def send(row: PromptRow) -> SubmitOutcome:
+        async with gate:
             cost = estimate_cost_credits(row.request, prices)
-            intents.append(
-                {
-                    **_base_fields(row),
-                    "status": "SUBMITTING",
-                    "request_id": None,
-                    "progress": 0,
-                    "url": None,
-                    "name": None,
-                    "size_kb": None,
-                    "local_path": None,
-                    "sha256": None,
-                    "error": None,
-                    "attempts": attempt,
-                    "cost_credits": cost,  # what this attempt costs once sent
-                    "submitted_at": _now(),
-                    "completed_at": None,
-                }
+            claimed = await asyncio.to_thread(
+                ledger.claim, row, owner, cost_credits=cost, rule=rule
             )
-            events.append({**_event_fields(row), "event": "INTENT", "attempt": attempt})
-            to_send.append((row, attempt, cost))
-        if intents:
-            catalog.update_many(intents)
-            catalog.record_submissions(events)
+            if isinstance(claimed, Refusal):
+                return _skipped(row, claimed)
+            in_flight.add(claimed.submission_id)
+            try:
+                return await _generate(client, ledger, row, claimed)
+            finally:
+                in_flight.discard(claimed.submission_id)
 
-    async def send(row: PromptRow, attempt: int, cost: float) -> SubmitOutcome:
-        key = row.partition_key
-        try:
-            request_id = await client.generate(row.request)
-        except KvidUncertainSubmissionError as exc:
-            message = f"uncertain submission: {exc}"
-            catalog.update(key, status="UNCERTAIN", error=message)
-            catalog.record_submission(
-                **_event_fields(row),
-                event="UNCERTAIN",
-                attempt=attempt,
-                error=message,
-                cost_credits=cost,
-            )
-            return SubmitOutcome(key, "uncertain", "UNCERTAIN", None, message)
-        except (KvidError, OSError, ValueError, TypeError) as exc:
-            # the service said no, was never reached, or the body could not even be built (an
-            # unreadable image): no job exists, nothing was billed
-            status = "INVALID" if isinstance(exc, KvidValidationError) else "PENDING"
-            message = f"{type(exc).__name__}: {exc}"
-            catalog.update(key, status=status, error=message, cost_credits=0.0)
-            catalog.record_submission(
-                **_event_fields(row),
-                event="FAILED_TO_SUBMIT",
-                attempt=attempt,
-                error=message,
-                cost_credits=0.0,
-            )
-            action = "rejected" if isinstance(exc, KvidValidationError) else "error"
-            if isinstance(exc, KvidAuthenticationError):
-                action = "error"
-            return SubmitOutcome(key, action, status, None, message)
-        # first thing after the answer: the request_id, so the paid job can always be found
-        catalog.update(key, status="SUBMITTED", request_id=request_id, cost_credits=cost)
-        catalog.record_submission(
-            **_event_fields(row),
-            event="SUBMITTED",
-            attempt=attempt,
-            request_id=request_id,
-            cost_credits=cost,
-        )
-        return SubmitOutcome(key, "submitted", "SUBMITTED", request_id, "")
-
-    async def send_and_report(row: PromptRow, attempt: int, cost: float) -> None:
-        outcome = await send(row, attempt, cost)
+    async def send_and_report(row: PromptRow) -> None:
+        outcome = await send(row)
         outcomes[row.partition_key] = outcome
         if on_outcome is not None:
             on_outcome(outcome)
 
-    # every row is attempted even if one raises something unexpected; that one is then re-raised
-    results = await asyncio.gather(
-        *(send_and_report(*item) for item in to_send), return_exceptions=True
-    )
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(_HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):  # a missed beat only shortens the lease
+                await asyncio.to_thread(ledger.heartbeat, list(in_flight))
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        # every row is attempted even if one raises something unexpected; that one is re-raised
+        results = await asyncio.gather(
+            *(send_and_report(row) for row in candidates), return_exceptions=True
+        )
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return [outcomes[row.partition_key] for row in rows if row.partition_key in outcomes]
+    for row in rows:
+        if row.partition_key not in outcomes:  # a second row with the same key
+            outcomes[row.partition_key] = SubmitOutcome(
+                row.partition_key, SubmitAction.SKIPPED, VideoStatus.PENDING, None, "duplicate key"
+            )
+    return [outcomes[row.partition_key] for row in rows]
 
 
-def retry_refusal(
-    row: PromptRow, current: Mapping[str, Any] | None, *, max_attempts: int
-) -> str | None:
-    """Why the retry policy must not re-submit ``row`` now, or ``None`` when it should.
-
-    Only a FAILED job of the row's exact request is retried, and only while that request has
-    had fewer than ``max_attempts`` submissions: TIMED_OUT and LOST jobs may still exist (and
-    bill), so they are never re-sent automatically.
-    """
-    status = str((current or {}).get("status") or "")
-    if current is None or status != "FAILED":
-        return f"its job is not FAILED ({status or 'no job'})"
-    if current.get("request_hash") != row.request_hash:
-        return "the row changed since its job failed"
-    attempts = int(current.get("attempts") or 0)
-    if attempts >= max_attempts:
-        return f"all {max_attempts} attempts used"
-    return None
+async def _generate(
+    client: AsyncKvidClient, ledger: Ledger, row: PromptRow, claimed: Submission
+) -> SubmitOutcome:
+    key = row.partition_key
+    try:
+        request_id = await client.generate(row.request)
+    except KvidUncertainSubmissionError as exc:
+        message = f"uncertain submission: {exc}"
+        await asyncio.to_thread(ledger.mark_uncertain, claimed, message)
+        return SubmitOutcome(key, SubmitAction.UNCERTAIN, VideoStatus.UNCERTAIN, None, message)
+    except (KvidError, OSError, ValueError, TypeError) as exc:
+        # the service said no, was never reached, or the body could not even be built (an
+        # unreadable image): no job exists, nothing was billed
+        invalid = isinstance(exc, KvidValidationError)
+        message = f"{type(exc).__name__}: {exc}"
+        await asyncio.to_thread(ledger.release, claimed, message, invalid=invalid)
+        action = SubmitAction.REJECTED if invalid else SubmitAction.ERROR
+        if isinstance(exc, KvidAuthenticationError):
+            action = SubmitAction.ERROR
+        status = VideoStatus.INVALID if invalid else VideoStatus.PENDING
+        return SubmitOutcome(key, action, status, None, message)
+    except BaseException:
+        # cancelled or interrupted while the generate may have left: never lose the claim
+        with contextlib.suppress(Exception):
+            ledger.mark_uncertain(claimed, "interrupted while its generate was in flight")
+        raise
+    # first thing after the answer: the request_id, so the paid job can always be found
+    await asyncio.to_thread(ledger.record_submitted, claimed, request_id)
+    return SubmitOutcome(key, SubmitAction.SUBMITTED, VideoStatus.SUBMITTED, request_id, "")
 
 
 async def resubmit_failed(
     client: AsyncKvidClient,
-    catalog: KvidCatalog,
+    ledger: Ledger,
     rows: Sequence[PromptRow],
     *,
     max_attempts: int,
     prices: Mapping[str, float] | None = None,
     on_outcome: Callable[[SubmitOutcome], None] | None = None,
+    generate_concurrency: int = DEFAULT_GENERATE_CONCURRENCY,
 ) -> list[SubmitOutcome]:
-    """The retry policy for FAILED jobs: each of ``rows`` whose job FAILED is sent again, as a
-    new job, while its request has had fewer than ``max_attempts`` submissions.
+    """The retry policy for FAILED jobs: each of ``rows`` whose request's latest job FAILED is
+    sent again, as a new paid job, while the request has had fewer than ``max_attempts``.
 
-    A forced submission whose condition is re-checked under the catalog lock, so two ticks
-    racing still send one retry; every attempt (INTENT, SUBMITTED with its cost, then how it
-    ended) is in the submissions history, and the videos row shows the latest attempt.
+    Only FAILED: TIMED_OUT and LOST jobs may still exist (and bill). The rule is checked again
+    in the claim's transaction, so two ticks racing still send one retry.
     """
     if max_attempts <= 1 or not rows:
         return []
-    failed = {str(r["partition_key"]): r for r in catalog.pending_records(statuses=["FAILED"])}
+    latest = latest_submissions(ledger, rows)
     todo = [
         row
         for row in rows
-        if row.partition_key in failed
-        and retry_refusal(row, failed[row.partition_key], max_attempts=max_attempts) is None
+        if (sub := latest.get(row.request_hash)) is not None
+        and sub.status is VideoStatus.FAILED
+        and sub.attempt < max_attempts
     ]
     if not todo:
         return []
-
-    def policy(row: PromptRow, current: Mapping[str, Any] | None) -> str | None:
-        return retry_refusal(row, current, max_attempts=max_attempts)
-
     return await submit_rows(
-        client, catalog, todo, prices=prices, on_outcome=on_outcome, policy=policy
+        client,
+        ledger,
+        todo,
+        rule=ClaimRule(retry_failed_below=max_attempts),
+        prices=prices,
+        on_outcome=on_outcome,
+        generate_concurrency=generate_concurrency,
     )
 
 
-def resolve_uncertain(
-    catalog: KvidCatalog, partition_key: str, *, request_id: str | None = None, note: str = ""
-) -> None:
-    """A person's answer to an ``UNCERTAIN`` row, after looking at the kvid dashboard.
-
-    With the ``request_id`` they found, the row is ``SUBMITTED`` again and polled as usual;
-    without one (no job exists), it goes back to ``PENDING`` and the next run submits it. Either
-    way a ``RESOLVED`` event records the decision. Raises ValueError for a row not UNCERTAIN.
-    """
-    if request_id is not None and (not isinstance(request_id, str) or not request_id.strip()):
-        raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-    with catalog.lock():
-        current = catalog.get(partition_key)
-        status = (current or {}).get("status")
-        if current is None or status != "UNCERTAIN":
-            raise ValueError(f"{partition_key!r} is not UNCERTAIN (status {status!r})")
-        if request_id is not None:
-            update = {"status": "SUBMITTED", "request_id": request_id.strip(), "error": None}
-        else:
-            update = {"status": "PENDING", "error": None, "cost_credits": 0.0}
-        catalog.update(partition_key, **update)
-        catalog.record_submission(
-            partition_key=partition_key,
-            event="RESOLVED",
-            request_hash=current.get("request_hash"),
-            job_kind=current.get("job_kind"),
-            model=current.get("model"),
-            request_id=update.get("request_id"),
-            attempt=current.get("attempts"),
-            error=note or ("job found" if request_id else "no job found: released for a new one"),
-        )
+def invalid_entries(table: PromptTable) -> list[InvalidEntry]:
+    """The table's invalid rows as the ledger keys them (``row-N`` when the key is unknown);
+    a later duplicate of a valid row's key is not an entry: the valid row owns the key."""
+    valid = {row.partition_key for row in table.rows}
+    entries = []
+    for bad in table.invalid:
+        key = bad.partition_key or f"row-{bad.row_number}"
+        if key not in valid:
+            entries.append(InvalidEntry(key, bad.prompt, bad.message))
+    return entries
 
 
-def register_table(catalog: KvidCatalog, table: PromptTable) -> int:
-    """Give every table row its catalog row; return how many rows were written.
-
-    New valid rows start ``PENDING``; invalid rows are ``INVALID`` with the reason — unless the
-    key already holds a job, whose record is never overwritten by a later edit of the table.
-    """
-    valid_keys = {row.partition_key for row in table.rows}
-    with catalog.lock():
-        current = catalog.records_by_key()
-        updates: list[dict[str, Any]] = []
-        for row in table.rows:
-            now = current.get(row.partition_key)
-            if now is None or (
-                str(now.get("status") or "") in NO_JOB
-                and now.get("request_hash") != row.request_hash
-            ):
-                updates.append({**_base_fields(row), "status": "PENDING", "error": None})
-        for bad in table.invalid:
-            key = bad.partition_key or f"row-{bad.row_number}"
-            if key in valid_keys:
-                continue  # a later duplicate of a valid row: the valid one owns the key
-            now = current.get(key)
-            if now is not None and str(now.get("status") or "") not in NO_JOB:
-                continue
-            if now is not None and now.get("error") == bad.message:
-                continue
-            updates.append(
-                {
-                    "partition_key": key,
-                    "prompt": bad.prompt,
-                    "status": "INVALID",
-                    "error": bad.message,
-                }
-            )
-        if updates:
-            catalog.update_many(updates)
-    return len(updates)
+def register_table(ledger: Ledger, table: PromptTable) -> int:
+    """Make the ledger's rows say what the table says; return how many rows changed."""
+    return ledger.register(table.rows, invalid_entries(table))

@@ -1,8 +1,12 @@
-"""Shared fixtures: real kvid emulators on loopback, and a tiny server for the sample images."""
+"""Shared fixtures: real kvid emulators on loopback, a tiny server for the sample images, and
+fresh databases (SQLite, PostgreSQL) for the job ledger."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -10,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = REPO_ROOT / "data" / "images"
 TEST_API_KEY = "test-key"
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def fast_config(**overrides: Any) -> EmulatorConfig:
@@ -78,3 +84,57 @@ def image_server() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """SQLAlchemy URL of a new, empty PostgreSQL database, dropped on exit: tests never see each
+    other's tables. The server is ``KVID_TEST_DATABASE_URL`` (an admin URL); unreachable, it
+    fails the test under CI (``CI`` set), where PostgreSQL must be tested, and skips it
+    elsewhere."""
+    admin_url = sa.make_url(os.environ.get("KVID_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
+    admin_url = admin_url.set(drivername="postgresql+psycopg")  # the driver we ship with
+    name = f"kvid_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(
+        admin_url,
+        isolation_level="AUTOCOMMIT",  # CREATE/DROP DATABASE cannot run in a transaction
+        poolclass=sa.NullPool,
+        connect_args={"connect_timeout": 5},
+    )
+    try:
+        try:
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        except sa.exc.OperationalError as error:
+            message = (
+                f"PostgreSQL unreachable at {admin_url.render_as_string(hide_password=True)}"
+                f" ({error.orig}); start it with `pg_ctlcluster --skip-systemctl-redirect"
+                " $(ls /etc/postgresql) main start` or set KVID_TEST_DATABASE_URL"
+            )
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:  # FORCE: a leaked connection must not keep it
+                connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test, see ``fresh_postgres_database``."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test against both ledger backends: SQLite (the default) in ``tmp_path``, and a
+    fresh PostgreSQL database (production). ``postgres_url`` is requested only for the
+    PostgreSQL case, so ``-k sqlite`` runs need no server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'kvid.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -1,10 +1,10 @@
 """Shared machinery of the fault-matrix tests (``tests/test_faults_*.py``).
 
 The one question every fault test answers is :func:`assert_accounted`: after the fault and a
-normal recovery, is every job the emulator created (every one that was billed) in the catalog
-with its request_id, or is its row UNCERTAIN holding what was sent; was no row sent twice; and is
-the catalog readable and right? The ``child_*`` functions run in subprocesses that the tests
-SIGKILL (``python -c "import faultkit; faultkit.child_...(...)"``).
+normal recovery, is every job the emulator created (every one that was billed) in the ledger
+with its request_id, or is its submission UNCERTAIN holding what was sent; was no row sent
+twice; and is the published catalog readable and right? The ``child_*`` functions run in
+subprocesses that the tests SIGKILL (``python -c "import faultkit; faultkit.child_...(...)"``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,15 +26,21 @@ from typing import Any
 import pandas as pd
 from conftest import REPO_ROOT, TEST_API_KEY
 
-from kvid_dagster.catalog import KvidCatalog
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.ledger import (
+    ClaimRule,
+    Ledger,
+    VideoStatus,
+    publish,
+    submissions_frame,
+    videos_frame,
+)
 from kvid_dagster.poll import PollConfig, PollReport, poll_pending
 from kvid_dagster.prompts import PromptRow, load_prompt_table
 from kvid_dagster.submit import SubmitOutcome, submit_rows
 
 TESTS_DIR = Path(__file__).resolve().parent
-SETTLED = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN", "INVALID"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,23 +90,26 @@ def make_client(
 
 
 def submit(
-    base_url: str, catalog: KvidCatalog, rows: Sequence[PromptRow], **kwargs: Any
+    base_url: str, ledger: Ledger, rows: Sequence[PromptRow], **kwargs: Any
 ) -> list[SubmitOutcome]:
-    """One submission run (``kwargs`` split between the client and ``submit_rows``)."""
-    submit_keys = {"force", "prices", "on_outcome", "policy"}
+    """One submission run (``kwargs`` split between the client and ``submit_rows``;
+    ``force=True`` is ``rule=ClaimRule(force=True)``)."""
+    submit_keys = {"rule", "prices", "on_outcome", "generate_concurrency", "owner"}
+    if kwargs.pop("force", False):
+        kwargs["rule"] = ClaimRule(force=True)
     client_kw = {k: v for k, v in kwargs.items() if k not in submit_keys}
     submit_kw = {k: v for k, v in kwargs.items() if k in submit_keys}
 
     async def go() -> list[SubmitOutcome]:
         async with make_client(base_url, **client_kw) as client:
-            return await submit_rows(client, catalog, rows, **submit_kw)
+            return await submit_rows(client, ledger, rows, **submit_kw)
 
     return asyncio.run(go())
 
 
 def poll_until_settled(
     base_url: str,
-    catalog: KvidCatalog,
+    ledger: Ledger,
     download_dir: Path,
     *,
     max_ticks: int = 60,
@@ -113,37 +123,33 @@ def poll_until_settled(
 
     async def tick() -> PollReport:
         async with make_client(base_url, **client_kw) as client:
-            return await poll_pending(client, catalog, poll_config)
+            return await poll_pending(client, ledger, poll_config)
 
     for _ in range(max_ticks):
         reports.append(asyncio.run(tick()))
-        if not waiting(catalog):
+        if not waiting(ledger):
             return reports
         time.sleep(pause)
-    raise AssertionError(f"jobs never settled: {waiting(catalog)}")
+    raise AssertionError(f"jobs never settled: {waiting(ledger)}")
 
 
-def poll_once(base_url: str, catalog: KvidCatalog, download_dir: Path, **kwargs: Any) -> PollReport:
+def poll_once(base_url: str, ledger: Ledger, download_dir: Path, **kwargs: Any) -> PollReport:
     """One status tick."""
 
     async def tick() -> PollReport:
         async with make_client(base_url) as client:
-            return await poll_pending(client, catalog, PollConfig(download_dir, **kwargs))
+            return await poll_pending(client, ledger, PollConfig(download_dir, **kwargs))
 
     return asyncio.run(tick())
 
 
-def waiting(catalog: KvidCatalog) -> dict[str, str]:
-    """Rows with a job still to poll: key -> status."""
-    return {
-        k: str(r["status"])
-        for k, r in catalog.records_by_key().items()
-        if r["request_id"] and r["status"] not in SETTLED
-    }
+def waiting(ledger: Ledger) -> dict[str, str]:
+    """Jobs still to poll (current and earlier requests of a row): claiming key -> status."""
+    return {s.partition_key: s.status.value for s in ledger.jobs_to_poll()}
 
 
-def statuses(catalog: KvidCatalog) -> dict[str, str]:
-    return {k: str(r["status"]) for k, r in catalog.records_by_key().items()}
+def statuses(ledger: Ledger) -> dict[str, str]:
+    return {r.partition_key: r.status.value for r in ledger.rows()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +158,10 @@ def statuses(catalog: KvidCatalog) -> dict[str, str]:
 
 def assert_accounted(
     jobs: Mapping[str, Any],
-    catalog: KvidCatalog,
+    ledger: Ledger,
     rows: Sequence[PromptRow],
     *,
     allowed_jobs: Mapping[str, int] | None = None,
-    quarantined: int | None = 0,
 ) -> None:
     """Every paid job accounted for, no duplicate generate, the catalog readable and right.
 
@@ -164,9 +169,9 @@ def assert_accounted(
     ``allowed_jobs``: rows that may have more than one job (a forced or retried submission).
     """
     by_body = {canonical_json(row.request.to_body()): row for row in rows}
-    latest = catalog.records_by_key()
-    history = catalog.submissions()
-    recorded = {r["request_id"] for r in latest.values() if r["request_id"]}
+    submissions = ledger.submissions()
+    history = submissions_frame(ledger)
+    recorded = {s.request_id for s in submissions if s.request_id}
     recorded |= set(history["request_id"].dropna())
     per_row: Counter[str] = Counter()
     for request_id, job in jobs.items():
@@ -175,36 +180,34 @@ def assert_accounted(
         per_row[row.partition_key] += 1
         if request_id in recorded:
             continue
-        # a job nobody recorded: its row must say so, holding what was sent
-        record = latest[row.partition_key]
-        assert record["status"] in {"UNCERTAIN", "SUBMITTING"}, (request_id, record["status"])
-        assert record["request_id"] is None
-        assert record["request_hash"] == row.request_hash
-        assert record["prompt"] == row.prompt and record["params_json"] == row.params_json
+        # a job nobody recorded: a submission of its request must say so, holding what was sent
+        unknown = [
+            s
+            for s in submissions
+            if s.request_hash == row.request_hash
+            and s.request_id is None
+            and s.status in {VideoStatus.UNCERTAIN, VideoStatus.SUBMITTING}
+        ]
+        assert unknown, (request_id, [(s.status, s.request_id) for s in submissions])
+        assert unknown[0].prompt == row.prompt and unknown[0].params_json == row.params_json
     for key, count in per_row.items():  # no duplicate generate
         assert count <= (allowed_jobs or {}).get(key, 1), f"{key} was sent {count} times"
-    for key, record in latest.items():  # and no made-up request_id
-        if record["request_id"]:
-            assert record["request_id"] in jobs, (key, record["request_id"])
-    assert_catalog_right(catalog, quarantined=quarantined)
+    for sub in submissions:  # and no made-up request_id
+        if sub.request_id:
+            assert sub.request_id in jobs, (sub.partition_key, sub.request_id)
+    assert_catalog_right(ledger)
 
 
-def assert_catalog_right(catalog: KvidCatalog, *, quarantined: int | None = 0) -> None:
-    """Readable by pandas after a compaction, equal to ``latest()``, nothing lost in it."""
-    before = catalog.latest()
-    history = catalog.submissions()
-    catalog.compact(tmp_max_age=3600)
-    after = catalog.latest()
-    pd.testing.assert_frame_equal(after, before)
-    published = pd.read_parquet(catalog.root / "videos")
-    pd.testing.assert_frame_equal(
-        published.set_index("partition_key"), after.set_index("partition_key")
-    )
-    assert len(pd.read_parquet(catalog.root / "submissions")) == len(history)
-    assert history["event_id"].is_unique
-    if quarantined is not None:  # damaged files set aside (None: the test counts them itself)
-        bad = list((catalog.root / "_quarantine").glob("*"))
-        assert len(bad) == quarantined, bad
+def assert_catalog_right(ledger: Ledger, catalog_dir: Path | None = None) -> None:
+    """The published catalog, read back by pandas, equals the ledger; nothing lost in it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = catalog_dir or Path(scratch)
+        publish(ledger, root)
+        published = pd.read_parquet(root / "videos")
+        pd.testing.assert_frame_equal(published, videos_frame(ledger))
+        history = pd.read_parquet(root / "submissions")
+        assert len(history) == len(submissions_frame(ledger))
+        assert history["event_id"].is_unique
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +271,7 @@ def run_prompts(defs: Any, instance: Any) -> bool:
     return bool(result.success)
 
 
-def tick_until_settled(
-    defs: Any, instance: Any, catalog: KvidCatalog, *, max_ticks: int = 80
-) -> int:
+def tick_until_settled(defs: Any, instance: Any, ledger: Ledger, *, max_ticks: int = 80) -> int:
     """Status-sensor ticks, stored as the daemon stores them, until nothing waits; returns the
     number of ticks (one more after settling, so late reports land too)."""
     from kvid_dagster.runner import evaluate_status_sensor
@@ -278,11 +279,11 @@ def tick_until_settled(
     cursor = None
     for ticks in range(1, max_ticks + 1):
         _, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
-        if not waiting(catalog):
+        if not waiting(ledger):
             evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
             return ticks
         time.sleep(0.15)
-    raise AssertionError(f"jobs never settled: {waiting(catalog)}")
+    raise AssertionError(f"jobs never settled: {waiting(ledger)}")
 
 
 def check_verdicts(instance: Any, keys: Sequence[str]) -> dict[str, bool]:
@@ -379,17 +380,12 @@ def child_run_submit(
     request_id is recorded (the kill -9 between send and record); "plain": run to the end,
     starting when the file ``go`` exists (two runs racing); ``marker`` says it got there.
     """
-    from kvid_dagster.catalog import core
-
     if mode == "after_generate":
-        original = core.KvidCatalog.update
 
-        def update(self: KvidCatalog, partition_key: str, **fields: Any) -> int:
-            if fields.get("status") == "SUBMITTED":
-                _hang(marker)
-            return original(self, partition_key, **fields)
+        def record_submitted(self: Ledger, *args: Any, **kwargs: Any) -> None:
+            _hang(marker)
 
-        core.KvidCatalog.update = update  # type: ignore[method-assign]
+        Ledger.record_submitted = record_submitted  # type: ignore[method-assign]
     defs = make_defs(base_url, Path(prompts), Path(data_dir))
     with open_instance(Path(home)) as instance:
         if go:
@@ -404,7 +400,7 @@ def child_sensor_tick(
     home: str, prompts: str, data_dir: str, base_url: str, mode: str, marker: str
 ) -> None:
     """One status-sensor tick that hangs midway: "reporting" after the first two events reached
-    Dagster (the catalog already holds every outcome); "downloading" in the middle of the
+    Dagster (the ledger already holds every outcome); "downloading" in the middle of the
     first video's download (nothing recorded yet, a partial temp file on disk)."""
     from dagster import DagsterInstance
 
@@ -438,7 +434,124 @@ def child_sensor_tick(
 
 
 def child_submit_rows(prompts: str, data_dir: str, base_url: str, keys: str) -> None:
-    """``submit_rows`` of some rows of the table, no Dagster (a concurrent catalog writer)."""
+    """``submit_rows`` of some rows of the table, no Dagster (a concurrent ledger writer)."""
     wanted = set(json.loads(keys))
     rows = [row for row in table_rows(Path(prompts)) if row.partition_key in wanted]
-    submit(base_url, KvidCatalog.for_data_dir(data_dir), rows)
+    submit(base_url, Ledger.for_data_dir(data_dir), rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# kill points inside a submission (tests/test_races.py)
+
+#: where ``child_submit_killable`` stops, "<hook>:<n>": the n-th call of the hook
+KILL_HOOKS = ("claim_entry", "claim_return", "record_entry", "record_return", "pause_after_record")
+
+
+def _hang_quietly() -> None:
+    """A thread that reached a hook after the kill point: it stays where it is."""
+    time.sleep(600)
+
+
+def _install_kill_point(point: str, marker: str, go: str = "") -> None:
+    """Patch ``Ledger.claim`` and ``Ledger.record_submitted`` so the process stops at ``point``.
+
+    ``claim_entry:n``: before the n-th claim is made; ``claim_return:n``: the n-th claim is
+    committed, its generate not sent; ``record_entry:n``: the n-th generate answered, its
+    request_id not recorded; ``record_return:n``: the n-th request_id recorded. At that moment
+    ``marker`` is written and the process *freezes*: every thread that later reaches a hook
+    hangs there (a claim committed meanwhile stays claimed and unsent, an answer that arrives
+    stays unrecorded), so the ledger holds still until the SIGKILL. ``pause_after_record:n``
+    instead writes ``marker`` after the n-th record and holds new claims (only) until the file
+    ``go`` exists: the test changes the emulator meanwhile. ``""`` or ``none``: no hook.
+    """
+    import threading
+
+    hook, _, count = point.partition(":")
+    if hook in ("", "none"):
+        return
+    if hook not in KILL_HOOKS:
+        raise ValueError(f"unknown kill point {point!r}")
+    target = int(count)
+    lock = threading.Lock()
+    calls: Counter[str] = Counter()
+    frozen = threading.Event()
+
+    def reached(name: str) -> bool:
+        with lock:
+            calls[name] += 1
+            return name == hook and calls[name] == target and not frozen.is_set()
+
+    def stop_here() -> None:
+        frozen.set()
+        _hang(marker)
+
+    original_claim = Ledger.claim
+    original_record = Ledger.record_submitted
+
+    def claim(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        if frozen.is_set():
+            _hang_quietly()
+        if reached("claim_entry"):
+            stop_here()
+        if hook == "pause_after_record" and calls["record_return"] >= target:
+            while not Path(go).exists():
+                time.sleep(0.005)
+        claimed = original_claim(self, *args, **kwargs)
+        if frozen.is_set():
+            _hang_quietly()
+        if reached("claim_return"):
+            stop_here()
+        return claimed
+
+    def record_submitted(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        if frozen.is_set():
+            _hang_quietly()
+        if reached("record_entry"):
+            stop_here()
+        original_record(self, *args, **kwargs)
+        if frozen.is_set():
+            _hang_quietly()
+        if reached("record_return"):
+            stop_here()
+        if hook == "pause_after_record":
+            with lock:
+                calls["pause_after_record"] += 1
+                if calls["pause_after_record"] == target:
+                    Path(marker).write_text(str(os.getpid()))
+
+    Ledger.claim = claim  # type: ignore[method-assign]
+    Ledger.record_submitted = record_submitted  # type: ignore[method-assign]
+
+
+def child_submit_killable(
+    prompts: str, data_dir: str, base_url: str, point: str, marker: str, go: str = "",
+    database_url: str = "",
+) -> None:  # fmt: skip
+    """``submit_rows`` of the whole table (generate_concurrency 4, no Dagster) that stops at
+    ``point`` (see ``_install_kill_point``) to be killed there. A submission that gets to
+    its end writes ``<marker>.done`` and waits for the SIGKILL all the same. SIGUSR1 dumps
+    every thread's stack to stderr (a test that waited in vain shows where it was)."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _install_kill_point(point, marker, go)
+    ledger = Ledger.for_data_dir(data_dir, database_url or None)
+    # the client waits long: a held answer must still be in flight when the kill comes
+    submit(base_url, ledger, table_rows(Path(prompts)), generate_concurrency=4, timeout=120.0)
+    _hang(f"{marker}.done")
+
+
+def child_run_submit_at(
+    home: str, prompts: str, data_dir: str, base_url: str, first: str, last: str, point: str,
+    marker: str, request_timeout_s: str = "10",
+) -> None:  # fmt: skip
+    """``child_run_submit`` (a Dagster run of ``kvid_video_jobs`` for ``first..last``) that
+    stops at ``point`` (see ``_install_kill_point``; "none": nowhere) to be killed there."""
+    _install_kill_point(point, marker)
+    defs = make_defs(
+        base_url, Path(prompts), Path(data_dir), request_timeout_s=float(request_timeout_s)
+    )
+    with open_instance(Path(home)) as instance:
+        ok = run_submit(defs, instance, first, last)
+    _hang(f"{marker}.done")
+    sys.exit(0 if ok else 3)

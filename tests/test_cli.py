@@ -7,11 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import IMAGES_DIR
 
-from kvid_dagster.catalog import KvidCatalog
+from kvid_dagster.ledger import (
+    ClaimOwner,
+    JobChange,
+    Ledger,
+    Submission,
+    VideoStatus,
+    submissions_frame,
+)
 from kvid_dagster.probe import probe_video
+from kvid_dagster.prompts import load_prompt_table
 
 
 def cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -62,29 +71,62 @@ def test_generate_rejects_bad_input_before_anything_is_sent(tmp_path: Path) -> N
     assert not (tmp_path / "x.mp4").exists()
 
 
+def claim(ledger: Ledger, row: object) -> Submission:
+    claimed = ledger.claim(row, ClaimOwner.current(), cost_credits=1.0)  # type: ignore[arg-type]
+    assert isinstance(claimed, Submission)
+    return claimed
+
+
 def test_resolve_settles_an_uncertain_row(tmp_path: Path) -> None:
-    catalog = KvidCatalog(tmp_path / "data" / "catalog")
-    catalog.update_many(
-        [
-            {"partition_key": "a", "status": "UNCERTAIN", "request_hash": "h1", "attempts": 1},
-            {"partition_key": "b", "status": "UNCERTAIN", "request_hash": "h2", "attempts": 1},
-            {"partition_key": "c", "status": "COMPLETED", "request_id": "req_c"},
-        ]
+    table = tmp_path / "p.csv"
+    table.write_text(
+        "prompt_id,prompt,resolution\na,First,480p\nb,Second,480p\nc,Third,480p\n",
+        encoding="utf-8",
     )
-    data = str(tmp_path / "data")
+    rows = {row.partition_key: row for row in load_prompt_table(table).rows}
+    data_dir = tmp_path / "data"
+    ledger = Ledger.for_data_dir(data_dir)
+    ledger.register(list(rows.values()))
+    for key in ("a", "b"):  # generates that may have created jobs whose ids we never got
+        ledger.mark_uncertain(claim(ledger, rows[key]), "connection reset after sending")
+    done = claim(ledger, rows["c"])
+    ledger.record_submitted(done, "req_c")
+    submitted = ledger.submission(done.submission_id)
+    assert submitted is not None
+    assert ledger.apply([JobChange(done.submission_id, submitted.version, VideoStatus.COMPLETED)])
+    assert {k: r.status for k, r in ledger.rows_by_key().items()} == {
+        "a": VideoStatus.UNCERTAIN,
+        "b": VideoStatus.UNCERTAIN,
+        "c": VideoStatus.COMPLETED,
+    }
+
+    data = str(data_dir)
     found = cli("resolve", "a", "--request-id", "req_found", "--data-dir", data, cwd=tmp_path)
     assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "a: SUBMITTED req_found"
     released = cli(
         "resolve", "b", "--note", "not on the dashboard", "--data-dir", data, cwd=tmp_path
     )
     assert released.returncode == 0, released.stderr
+    assert released.stdout.strip() == "b: PENDING"
     refused = cli("resolve", "c", "--data-dir", data, cwd=tmp_path)
     assert refused.returncode == 2 and "not UNCERTAIN" in refused.stderr
-    rows = catalog.records_by_key()
-    assert (rows["a"]["status"], rows["a"]["request_id"]) == ("SUBMITTED", "req_found")
-    assert rows["b"]["status"] == "PENDING" and rows["b"]["request_id"] is None
-    assert rows["c"]["status"] == "COMPLETED"
-    history = catalog.submissions()
+
+    rows_now = ledger.rows_by_key()
+    assert rows_now["a"].status is VideoStatus.SUBMITTED
+    assert rows_now["a"].request_id == "req_found"
+    assert rows_now["a"].submission in ledger.jobs_to_poll()  # polled as usual from now on
+    assert rows_now["b"].status is VideoStatus.PENDING and rows_now["b"].request_id is None
+    assert rows_now["c"].status is VideoStatus.COMPLETED and rows_now["c"].request_id == "req_c"
+    history = submissions_frame(ledger)
     resolved = history[history["event"] == "RESOLVED"].set_index("partition_key")
     assert set(resolved.index) == {"a", "b"}
+    assert resolved.loc["a", "request_id"] == "req_found"
     assert resolved.loc["b", "error"] == "not on the dashboard"
+    # the command republished the catalog: what pandas reads is the resolved state
+    published = pd.read_parquet(data_dir / "catalog" / "videos").set_index("partition_key")
+    assert published.loc["a", "status"] == "SUBMITTED"
+    assert published.loc["a", "request_id"] == "req_found"
+    assert published.loc["b", "status"] == "PENDING"
+    published_history = pd.read_parquet(data_dir / "catalog" / "submissions")
+    assert (published_history["event"] == "RESOLVED").sum() == 2

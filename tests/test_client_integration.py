@@ -145,8 +145,8 @@ class CountingTransport(httpx.HTTPTransport):
 
 
 class AsyncCountingTransport(httpx.AsyncHTTPTransport):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.current = self.peak = self.total = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -704,6 +704,194 @@ def test_async_client_keeps_hundreds_of_calls_under_max_in_flight(
     assert len(statuses) == 300 and all(s.status for s in statuses)
     assert transport.total == 301 and slowish.stats["status"] == 300
     assert transport.peak == 8  # used to the full, never beyond
+
+
+def burst_of_generates(
+    base_url: str, api_key: str, count: int, tag: str, max_in_flight: int = 32
+) -> list[str | BaseException]:
+    """``count`` generates at once through one new AsyncKvidClient, in a new event loop."""
+
+    async def flow() -> list[str | BaseException]:
+        async with AsyncKvidClient(api_key, base_url, max_in_flight=max_in_flight) as aclient:
+            return await generate_all(aclient, count, tag)
+
+    return asyncio.run(flow())
+
+
+async def generate_all(aclient: AsyncKvidClient, count: int, tag: str) -> list[Any]:
+    calls = [aclient.generate(TextToVideoV1(f"{tag} {i}", **SMALL_V1)) for i in range(count)]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_a_burst_of_generates_meets_a_small_backlog_without_uncertainty(
+    emulator_factory: Callable[..., KvidEmulator], api_key: str
+) -> None:
+    # the default backlog is the standard library's 5: 32 fresh connections at once overflow
+    # it on Linux (resets after the request was written: uncertain submissions). The client
+    # opens connections as answers come back instead, and keeps them alive.
+    small = emulator_factory(reuse_renders=True)
+    assert small.config.backlog == 5
+    outcomes = burst_of_generates(small.base_url, api_key, 200, "burst")
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert errors == []  # no KvidUncertainSubmissionError, nor anything else
+    assert len(set(outcomes)) == 200 and set(outcomes) == set(small.jobs)
+    assert small.jobs_created == 200 and small.stats["generate"] == 200
+    assert 1 <= small.connections_accepted <= 32  # reused, not one per request
+
+
+@pytest.mark.parametrize("where", ["one event loop", "two threads"])
+def test_two_clients_bursting_at_once_meet_a_small_backlog_without_uncertainty(
+    emulator_factory: Callable[..., KvidEmulator], api_key: str, where: str
+) -> None:
+    # two processes submitting at the same moment: each ramps on its own, and together they
+    # still do not overflow a backlog of 5
+    small = emulator_factory(reuse_renders=True)
+    assert small.config.backlog == 5
+    if where == "one event loop":
+
+        async def both() -> list[Any]:
+            async with (
+                AsyncKvidClient(api_key, small.base_url, max_in_flight=32) as one,
+                AsyncKvidClient(api_key, small.base_url, max_in_flight=32) as two,
+            ):
+                first, second = await asyncio.gather(
+                    generate_all(one, 150, "one"), generate_all(two, 150, "two")
+                )
+                return first + second
+
+        outcomes = asyncio.run(both())
+    else:
+        with ThreadPoolExecutor(2) as pool:
+            runs = [
+                pool.submit(burst_of_generates, small.base_url, api_key, 150, tag)
+                for tag in ("one", "two")
+            ]
+            outcomes = [o for run in runs for o in run.result(timeout=120)]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert errors == []
+    assert len(set(outcomes)) == 300 and set(outcomes) == set(small.jobs)
+    assert small.jobs_created == 300 and small.stats["generate"] == 300
+    assert small.connections_accepted <= 2 * 32
+
+
+def test_sync_client_threads_meet_a_small_backlog_without_uncertainty(
+    emulator_factory: Callable[..., KvidEmulator], api_key: str
+) -> None:
+    small = emulator_factory(reuse_renders=True)
+    with (
+        KvidClient(api_key, small.base_url, max_in_flight=32) as shared,
+        ThreadPoolExecutor(32) as pool,
+    ):
+        runs = [
+            pool.submit(shared.generate, TextToVideoV1(f"thread {i}", **SMALL_V1))
+            for i in range(200)
+        ]
+        outcomes = [run.exception(timeout=120) or run.result() for run in runs]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert errors == []
+    assert small.jobs_created == 200 and set(outcomes) == set(small.jobs)
+    assert small.connections_accepted <= 32
+
+
+def test_status_polling_ramps_up_to_max_in_flight(
+    emulator_factory: Callable[..., KvidEmulator], api_key: str
+) -> None:
+    # a poll of many jobs at once still gets to use max_in_flight: the ramp is not a throttle
+    small = emulator_factory(reuse_renders=True)
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    transport = AsyncCountingTransport(limits=limits)
+
+    async def flow() -> list[JobStatus]:
+        async with AsyncKvidClient(
+            api_key, small.base_url, max_in_flight=32, transport=transport
+        ) as aclient:
+            request_ids = await generate_all(aclient, 200, "poll")
+            assert not [r for r in request_ids if isinstance(r, BaseException)]
+            polls = [aclient.status(T2V, request_id) for request_id in request_ids]
+            return await asyncio.gather(*polls)
+
+    statuses = asyncio.run(flow())
+    assert len(statuses) == 200 and all(s.status for s in statuses)
+    assert small.stats["status"] == 200 and small.jobs_created == 200
+    assert 2 < transport.peak <= 32  # it opened up, never beyond the ceiling
+    assert small.connections_accepted <= 32
+
+
+@pytest.mark.parametrize("twin", ["async", "sync"])
+def test_a_slow_server_sees_two_new_connections_until_it_answers(
+    emulator_factory: Callable[..., KvidEmulator], api_key: str, twin: str
+) -> None:
+    # what a full accept queue can hold against one client: the rest wait, unconnected
+    slow = emulator_factory(latency=0.8, reuse_renders=True)
+    with KvidClient(api_key, slow.base_url) as setup:
+        request_id = setup.generate(TextToVideoV1("x", **SMALL_V1))
+    before = slow.connections_accepted
+    unanswered: list[int] = []  # connections seen while the server had answered no poll yet
+
+    def watch() -> None:
+        for _ in range(6):
+            time.sleep(0.05)
+            opened = slow.connections_accepted - before
+            answered = sum(n for key, n in slow.stats.items() if key[:1] == ("status",))
+            if answered == 0:  # read after: there was no answer either when ``opened`` was
+                unanswered.append(opened)
+
+    if twin == "async":
+
+        async def flow() -> list[JobStatus]:
+            async with AsyncKvidClient(api_key, slow.base_url, max_in_flight=32) as aclient:
+                polls = asyncio.gather(*(aclient.status(T2V, request_id) for _ in range(24)))
+                await asyncio.to_thread(watch)
+                return await polls
+
+        statuses = asyncio.run(flow())
+    else:
+        with (
+            KvidClient(api_key, slow.base_url, max_in_flight=32) as shared,
+            ThreadPoolExecutor(32) as pool,
+        ):
+            runs = [pool.submit(shared.status, T2V, request_id) for _ in range(24)]
+            watch()
+            statuses = [run.result(timeout=60) for run in runs]
+    assert unanswered and max(unanswered) <= 2
+    assert len(statuses) == 24 and slow.stats["status"] == 24
+    assert 2 < slow.connections_accepted - before <= 32  # more once answers came
+
+
+def test_cancelled_calls_give_their_slots_back(api_key: str) -> None:
+    release = asyncio.Event()
+    current = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal current, peak
+        current += 1
+        peak = max(peak, current)
+        try:
+            if "hang" in str(request.url):
+                await release.wait()
+            await asyncio.sleep(0.002)
+            return httpx.Response(200, json={"success": True, "data": {"status": "IN_QUEUE"}})
+        finally:
+            current -= 1
+
+    async def flow() -> None:
+        nonlocal peak
+        async with AsyncKvidClient(
+            api_key, "http://kvid.test", max_in_flight=4, transport=httpx.MockTransport(handler)
+        ) as aclient:
+            hanging = [asyncio.ensure_future(aclient.status(T2V, f"hang{i}")) for i in range(10)]
+            await asyncio.sleep(0.05)
+            assert peak == 2  # the ramp's start: two in flight, eight waiting for a slot
+            for task in hanging:
+                task.cancel()
+            await asyncio.gather(*hanging, return_exceptions=True)
+            assert aclient._ramp.in_flight == 0  # a cancelled call is no longer counted
+            peak = 0
+            statuses = await asyncio.gather(*(aclient.status(T2V, f"ok{i}") for i in range(40)))
+            assert len(statuses) == 40
+            assert peak == 4  # every slot came back, and the window opened to the ceiling
+
+    asyncio.run(asyncio.wait_for(flow(), timeout=30))
 
 
 def test_sync_client_shares_its_limit_across_threads(

@@ -5,7 +5,9 @@ No server is needed: the dialect reads ``httpx.Response`` objects, which are pla
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvid_dagster.client import (
     KVID_DIALECT,
@@ -38,6 +41,7 @@ from kvid_dagster.client import (
     KvidValidationError,
     RetryPolicy,
 )
+from kvid_dagster.client._ramp import DEFAULT_INITIAL, Exchange, Ramp
 from kvid_dagster.client.protocol import parse_retry_after, validate_request_id
 from kvid_dagster.client.retry import NOT_SENT, Verdict
 
@@ -140,6 +144,268 @@ def test_only_pre_send_transport_errors_count_as_unsent() -> None:
     for cls in (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError):
         assert not issubclass(cls, NOT_SENT)
     assert not issubclass(httpx.RemoteProtocolError, NOT_SENT)
+
+
+# ---- the in-flight ramp -----------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CONNECT = "connection.connect_tcp.started"
+SEND = "http11.send_request_headers.started"
+ANSWER = "http11.receive_response_headers.complete"
+
+
+class Client:
+    """The ramp as a client twin drives it (a window semaphore, a connect semaphore) against a
+    model of httpx's pool: a request takes an idle kept-alive connection, else opens one."""
+
+    def __init__(self, ramp: Ramp, clock: Clock | None = None, idle: float = 5.0) -> None:
+        self.ramp = ramp
+        self.clock, self.expiry = clock, idle
+        self.quiet_since = -math.inf
+        self.free = ramp.permits  # the window semaphore
+        self.connect_free = ramp.connect_permits  # the connect semaphore
+        self.idle = 0  # the pool's idle connections
+        self.running: list[Exchange] = []
+        self.opened = 0  # connections ever opened
+        self.stuck = 0  # requests that had to wait for a connect permit on a new connection
+
+    def take(self) -> bool:
+        """Start a request if the window lets one go (False: it would wait)."""
+        while self.free:
+            self.free -= 1
+            exchange = self.ramp.start()
+            if exchange is not None:
+                break
+        else:
+            return False
+        if self.clock and not self.running and self.clock.now - self.quiet_since > self.expiry:
+            self.idle = 0  # all idle longer than the keep-alive expiry: the pool closed them
+        if self.idle:
+            self.idle -= 1
+        else:
+            assert self.ramp.event(exchange, CONNECT) == 1
+            if not self.connect_free:  # committed to a new connection, yet cannot open it
+                self.stuck += 1
+                self.connect_free += 1  # (let it through, so the model can go on)
+            self.connect_free -= 1
+            self.ramp.opening(exchange)
+            self.opened += 1
+        assert self.ramp.event(exchange, SEND) == 0
+        self.running.append(exchange)
+        assert self.ramp.connections == self.idle + len(self.running)  # counted right
+        return True
+
+    def fill(self) -> int:
+        started = 0
+        while self.take():
+            started += 1
+        return started
+
+    def answer(self) -> int:
+        """The oldest request gets its answer; returns the window permits released."""
+        exchange = self.running.pop(0)
+        if self.ramp.event(exchange, ANSWER) == -1:
+            self.connect_free += 1
+        return self._end(exchange, None, keep_connection=True)
+
+    def fail(self, error: BaseException) -> int:
+        """The oldest request fails; the pool drops its connection."""
+        return self._end(self.running.pop(0), error, keep_connection=False)
+
+    def _end(self, exchange: Exchange, error: BaseException | None, keep_connection: bool) -> int:
+        self.connect_free += exchange.held
+        released = self.ramp.done(exchange, error)
+        self.free += released
+        self.idle += keep_connection
+        if not self.running and self.clock:
+            self.quiet_since = self.clock.now
+        return released
+
+    def burst(self) -> int:
+        started = self.fill()
+        for _ in range(started):
+            self.answer()
+        return started
+
+
+def test_the_ramp_starts_small_grows_per_answer_and_halves_on_overload() -> None:
+    client = Client(Ramp(8, clock=Clock()))
+    ramp = client.ramp
+    assert (ramp.initial, ramp.limit, ramp.permits, ramp.in_flight) == (DEFAULT_INITIAL, 2, 2, 0)
+    assert client.fill() == 2 and client.opened == 2 and ramp.unanswered == 2  # two at first
+    # an answer (a 4xx too: the dialect, not the ramp, judges it) widens the window by one:
+    # the returned permit and a new one are released
+    assert client.answer() == 2 and ramp.limit == 3 == ramp.permits
+    assert client.fill() == 2 and client.opened == 3  # one reuses the answered connection
+    while ramp.limit < 8:  # up to the ceiling, and no further
+        client.answer()
+        client.fill()
+    assert ramp.in_flight == 8 and ramp.connections == 8
+    assert client.answer() == 1 and ramp.limit == 8 and client.take()
+    # an overload halves the window; the permits above it are destroyed as they come back
+    assert client.fail(httpx.ReadError("connection reset by peer")) == 0
+    assert (ramp.limit, ramp.permits, ramp.in_flight, ramp.connections) == (4, 7, 7, 7)
+    assert client.fail(httpx.ConnectError("refused")) == 0 and ramp.limit == 2
+    assert client.fail(httpx.RemoteProtocolError("closed")) == 0 and ramp.limit == 1
+    assert client.fail(httpx.ConnectTimeout("syn lost")) == 0 and ramp.limit == 1  # not below
+    assert client.fail(httpx.ReadTimeout("slow")) == 0 and ramp.limit == 1
+    # failures that say nothing about the server leave the window alone
+    for neutral in (httpx.PoolTimeout("ours"), ValueError("sink"), asyncio.CancelledError()):
+        client.fail(neutral)
+        assert ramp.limit == 1
+    assert (ramp.in_flight, ramp.permits, client.free) == (0, 1, 1)  # the last one is kept
+    assert client.fill() == 1  # one at a time now
+    assert client.answer() == 2 and ramp.limit == 2 == ramp.permits  # and opening again
+    assert client.stuck == 0
+
+
+def test_at_most_two_connections_await_their_first_answer() -> None:
+    # all a full accept queue can hold against one client, however answers bunch up
+    client = Client(Ramp(32, clock=Clock()))
+    ramp = client.ramp
+    assert [client.burst() for _ in range(5)] == [2, 4, 6, 8, 10]  # two new ones each time
+    peak = 0
+    client.fill()
+    for _ in range(300):  # a pipeline kept full, answered oldest first
+        client.answer()
+        client.fill()
+        peak = max(peak, ramp.unanswered)
+    assert peak == DEFAULT_INITIAL
+    assert ramp.in_flight == ramp.limit == 32 == client.opened  # it does get to the ceiling
+    assert client.stuck == 0  # and never let in a request that had to wait to connect
+    for _ in range(32):
+        client.answer()
+    assert client.fill() == 32 and client.opened == 32  # all kept alive: reused
+
+
+def test_after_a_quiet_spell_the_ramp_starts_over() -> None:
+    clock = Clock()
+    client = Client(Ramp(16, idle=5.0, clock=clock), clock)
+    while client.burst() < 16:
+        pass
+    clock.now += 4.0  # within the pool's keep-alive expiry: all sixteen are still open
+    assert client.burst() == 16 and client.opened == 16
+    clock.now += 5.5  # expired: the pool has closed them all
+    assert client.fill() == 2 and client.ramp.unanswered == 2  # two new connections at first
+    assert client.stuck == 0
+    never = Client(Ramp(4, idle=None, clock=clock))  # no expiry: nothing is forgotten
+    while never.burst() < 4:
+        pass
+    clock.now += 3600.0
+    assert never.burst() == 4 and never.opened == 4
+
+
+def test_failed_requests_take_their_connections_with_them() -> None:
+    client = Client(Ramp(8, clock=Clock()))
+    while client.burst() < 8:
+        pass
+    assert client.ramp.connections == 8
+    client.fill()
+    for _ in range(3):
+        client.fail(httpx.ReadError("reset"))
+    assert client.ramp.connections == 5 and client.ramp.limit == 1
+    # a request cancelled while it waited for a connect permit had no connection yet
+    waiting = Ramp(4)
+    exchange = waiting.start()
+    assert exchange is not None and waiting.event(exchange, CONNECT) == 1
+    waiting.done(exchange, asyncio.CancelledError())
+    assert (waiting.connections, waiting.unanswered, waiting.limit) == (0, 0, 2)
+
+
+def test_the_ramp_reads_the_trace_events_it_needs() -> None:
+    ramp = Ramp(4)
+    exchange = ramp.start()
+    assert exchange is not None
+    assert ramp.event(exchange, "connection.connect_tcp.started") == 1
+    assert ramp.event(exchange, "connection.connect_unix_socket.started") == 1
+    assert ramp.event(exchange, "http11.receive_response_headers.complete") == 0  # none held
+    ramp.opening(exchange)
+    assert (exchange.held, ramp.unanswered, ramp.connections) == (1, 1, 1)
+    for quiet in ("connection.connect_tcp.complete", "http11.send_request_body.started"):
+        assert ramp.event(exchange, quiet) == 0
+    assert ramp.event(exchange, "http11.send_request_headers.started") == 0
+    assert exchange.on_connection
+    assert ramp.event(exchange, "http11.receive_response_headers.complete") == -1
+    assert (exchange.held, ramp.unanswered) == (0, 0)
+    assert ramp.done(exchange) == 2
+
+
+def test_without_trace_events_the_window_alone_applies() -> None:
+    ramp = Ramp(8)  # a transport with no connections to tell of (httpx.MockTransport)
+    free, running = ramp.permits, []
+    for _ in range(12):
+        while free:
+            free -= 1
+            exchange = ramp.start()
+            if exchange is not None:
+                running.append(exchange)
+        free += ramp.done(running.pop(0))
+    assert ramp.limit == 8 and ramp.connections == 0
+
+
+def test_the_ramp_never_exceeds_a_ceiling_below_its_initial_value() -> None:
+    ramp = Ramp(1)
+    assert ramp.limit == ramp.permits == ramp.connect_permits == 1
+    exchange = ramp.start()
+    assert exchange is not None and ramp.done(exchange) == 1 and ramp.limit == 1
+    with pytest.raises(ValueError):
+        Ramp(0)
+
+
+class RampMachine(RuleBasedStateMachine):
+    """The ramp, its semaphores and a model pool under any order of events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.client = Client(Ramp(7, idle=5.0, clock=self.clock), self.clock)
+
+    @rule()
+    def start(self) -> None:
+        self.client.take()
+
+    @rule()
+    def answer(self) -> None:
+        if self.client.running:
+            before = self.client.ramp.limit
+            self.client.answer()
+            assert before <= self.client.ramp.limit <= min(7, before + 1)
+
+    @rule(error=st.sampled_from([httpx.ReadError("reset"), ValueError("ours")]))
+    def fail(self, error: BaseException) -> None:
+        if self.client.running:
+            before = self.client.ramp.limit
+            self.client.fail(error)
+            overload = isinstance(error, httpx.ReadError)
+            assert self.client.ramp.limit == (max(1, before // 2) if overload else before)
+
+    @rule(seconds=st.sampled_from([0.1, 3.0, 6.0]))
+    def wait(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @invariant()
+    def consistent(self) -> None:
+        client, ramp = self.client, self.client.ramp
+        assert 1 <= ramp.limit <= 7 and ramp.permits <= 7
+        assert ramp.in_flight == len(client.running) and client.free >= 0
+        assert ramp.permits == client.free + ramp.in_flight
+        assert 0 <= ramp.unanswered == sum(e.held for e in client.running) <= DEFAULT_INITIAL
+        assert client.connect_free == ramp.connect_permits - ramp.unanswered
+        assert ramp.connections >= len(client.running)
+        assert client.stuck == 0
+        if not client.running:
+            assert client.free >= 1  # never stuck: something can always start
+
+
+TestRampMachine = RampMachine.TestCase
 
 
 @pytest.mark.parametrize(

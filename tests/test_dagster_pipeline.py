@@ -29,8 +29,16 @@ from dagster import (
     instance_for_test,
 )
 
-from kvid_dagster.definitions import PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
+from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import (
+    VIDEO_COLUMNS,
+    VIDEO_SCHEMA,
+    SubmissionEvent,
+    VideoStatus,
+    submissions_frame,
+    videos_frame,
+)
 from kvid_dagster.probe import probe_video
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import load_prompt_table
@@ -81,12 +89,7 @@ def tick_until_done(defs: Definitions, instance: DagsterInstance, project: KvidP
     cursor = None
     for ticks in range(1, 200):
         _, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
-        latest = project.catalog().latest()
-        waiting = latest[
-            latest["request_id"].notna()
-            & ~latest["status"].isin(["COMPLETED", "FAILED", "TIMED_OUT", "LOST", "UNCERTAIN"])
-        ]
-        if waiting.empty:
+        if not project.ledger().jobs_to_poll():
             return ticks
         time.sleep(0.2)
     raise AssertionError("jobs did not finish")
@@ -113,10 +116,16 @@ def test_prompts_asset_adds_partitions_and_reports_invalid_rows(
     assert metadata["valid_rows"].value == 2
     assert metadata["invalid_rows"].value == 2
     assert "resolution" in metadata["invalid"].value
-    catalog = KvidProject(table, tmp_path / "data").catalog().latest().set_index("partition_key")
-    assert catalog.loc["b", "status"] == "INVALID" and "prompt" in catalog.loc["b", "error"]
-    assert catalog.loc["c", "status"] == "INVALID" and "4k" in catalog.loc["c", "error"]
-    assert catalog.loc["a", "status"] == "PENDING"
+    rows = KvidProject(table, tmp_path / "data").ledger().rows_by_key()
+    assert rows["b"].status is VideoStatus.INVALID and "prompt" in (rows["b"].error or "")
+    assert rows["c"].status is VideoStatus.INVALID and "4k" in (rows["c"].error or "")
+    assert rows["a"].status is VideoStatus.PENDING and rows["d"].status is VideoStatus.PENDING
+    # the asset published what the ledger says for pandas to read
+    published = pd.read_parquet(tmp_path / "data" / "catalog" / "videos")
+    assert sorted(published["partition_key"]) == ["a", "b", "c", "d"]
+    pd.testing.assert_frame_equal(
+        published, videos_frame(KvidProject(table, tmp_path / "data").ledger())
+    )
     assert emulator.stats.get("generate", 0) == 0  # nothing was sent
 
 
@@ -133,36 +142,57 @@ def test_single_run_submits_every_partition_and_the_sensor_materializes_each_vid
     assert run_job(defs, instance, SUBMIT_JOB, tags=range_tags(keys[0], keys[-1]))
     assert emulator.jobs_created == len(keys)
     assert len(instance.get_run_records()) == 2  # one run for the table, ONE for all partitions
-    catalog = project.catalog().latest().set_index("partition_key")
-    assert (catalog.loc[keys, "status"] == "SUBMITTED").all()
-    assert catalog.loc[keys, "request_id"].str.startswith("req_").all()
+    ledger = project.ledger()
+    submitted = ledger.rows_by_key()
+    assert all(submitted[k].status is VideoStatus.SUBMITTED for k in keys)
+    assert all((submitted[k].request_id or "").startswith("req_") for k in keys)
 
     tick_until_done(defs, instance, project)
     assert instance.get_materialized_partitions(VIDEOS) == set(keys)
-    catalog = project.catalog().latest().set_index("partition_key")
+    done = ledger.rows_by_key()
     for row in table.rows:
-        record = catalog.loc[row.partition_key]
-        assert record["status"] == "COMPLETED"
-        path = Path(record["local_path"])
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+        record = done[row.partition_key]
+        assert record.status is VideoStatus.COMPLETED
+        assert record.video.local_path is not None
+        path = Path(record.video.local_path)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == record.video.sha256
         probe = probe_video(path)
         width, height, fps, frames = row.request.output_geometry(
             image_size=_image_size(row) if row.request.job_kind == "image-to-video" else None
         )
         assert (probe.width, probe.height, probe.num_frames) == (width, height, frames)
         assert probe.fps == pytest.approx(fps)
-        assert (record["width"], record["height"], record["num_frames"]) == (width, height, frames)
+        video = record.video
+        assert (video.width, video.height, video.num_frames) == (width, height, frames)
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=VIDEOS, asset_partitions=[row.partition_key]), limit=1
         ).records
         materialization = records[0].event_log_entry.asset_materialization
         assert materialization is not None and materialization.partition == row.partition_key
         metadata = materialization.metadata
-        assert metadata["request_id"].value == record["request_id"]
+        assert metadata["request_id"].value == record.request_id
         assert metadata["width"].value == width and metadata["num_frames"].value == frames
         assert metadata["url"].value.startswith(emulator.base_url)
-        assert metadata["sha256"].value == record["sha256"]
+        assert metadata["sha256"].value == video.sha256
         assert metadata["elapsed_s"].value > 0
+
+    # kvid_catalog republishes from the ledger, with Dagster's standard table metadata
+    assert run_job(defs, instance, CATALOG_JOB)
+    event = instance.get_latest_materialization_event(AssetKey("kvid_catalog"))
+    assert event is not None and event.asset_materialization is not None
+    metadata = event.asset_materialization.metadata
+    assert metadata["dagster/row_count"].value == len(keys)
+    schema = metadata["dagster/column_schema"].value
+    assert [c.name for c in schema.columns] == list(VIDEO_COLUMNS)
+    assert [c.type for c in schema.columns] == [str(f.type) for f in VIDEO_SCHEMA]
+    assert metadata["status_completed"].value == len(keys)
+    assert metadata["ledger_revision"].value == ledger.revision()
+    published = pd.read_parquet(project_dir / "data" / "catalog" / "videos")
+    pd.testing.assert_frame_equal(published, videos_frame(ledger))
+    assert (published["status"] == "COMPLETED").all()
+    history = pd.read_parquet(project_dir / "data" / "catalog" / "submissions")
+    assert metadata["submission_events"].value == len(history)
+    assert (history["event"] == SubmissionEvent.COMPLETED).sum() == len(keys)
 
 
 def _image_size(row: object) -> tuple[int, int]:
@@ -188,8 +218,8 @@ def test_rematerializing_does_not_submit_again_unless_forced(
     assert run_job(defs, instance, SUBMIT_JOB, tags=range_tags("k2", "k3"))
     assert run_job(defs, instance, SUBMIT_JOB, partition_key="k1")
     assert emulator.jobs_created == 4
-    history = KvidProject(table, tmp_path / "data").catalog().submissions()
-    assert (history["event"] == "SUBMITTED").sum() == 4
+    history = submissions_frame(KvidProject(table, tmp_path / "data").ledger())
+    assert (history["event"] == SubmissionEvent.SUBMITTED).sum() == 4
     # forcing is an explicit, separate choice
     forced = {"ops": {"kvid_video_jobs": {"config": {"force": True}}}}
     assert run_job(defs, instance, SUBMIT_JOB, partition_key="k1", run_config=forced)
@@ -208,9 +238,9 @@ def test_a_failed_job_is_recorded_with_its_reason_and_shown_in_dagster(
     assert run_job(defs, instance, PROMPTS_JOB)
     assert run_job(defs, instance, SUBMIT_JOB, tags=range_tags("good", "bad"))
     tick_until_done(defs, instance, project)
-    catalog = project.catalog().latest().set_index("partition_key")
-    assert catalog.loc["good", "status"] == "COMPLETED"
-    assert catalog.loc["bad", "status"] == "FAILED" and catalog.loc["bad", "error"]
+    rows = project.ledger().rows_by_key()
+    assert rows["good"].status is VideoStatus.COMPLETED
+    assert rows["bad"].status is VideoStatus.FAILED and "kvid:fail" in (rows["bad"].error or "")
     assert instance.get_materialized_partitions(VIDEOS) == {"good"}
     observations = instance.fetch_observations(VIDEOS, limit=10).records
     observed = [r.event_log_entry.asset_observation for r in observations]
@@ -338,9 +368,18 @@ def test_backfill_through_dagsters_backfill_daemon_is_one_run(
         assert runs[0].dagster_run.tags.get("dagster/backfill") == "kvidtest"
         assert instance.get_materialized_partitions(AssetKey("kvid_video_jobs")) == set(keys)
     assert emulator.jobs_created == 40
-    catalog = KvidProject(table, data_dir).catalog().latest()
-    assert sorted(catalog["partition_key"]) == keys
-    assert (catalog["status"] == "SUBMITTED").all()
+    ledger = KvidProject(table, data_dir).ledger()
+    # every paid job is in the money record with its request_id, once per partition
+    submissions = ledger.submissions()
+    assert sorted(s.partition_key for s in submissions) == keys
+    assert all(s.status is VideoStatus.SUBMITTED for s in submissions)
+    assert {s.request_id for s in submissions} == set(emulator.jobs)
+    # kvid_prompts never ran here (the backfill selects kvid_video_jobs only): the
+    # submission run registered the rows it submitted
+    rows = ledger.rows()
+    assert [r.partition_key for r in rows] == keys
+    assert all(r.status is VideoStatus.SUBMITTED and r.request_id for r in rows)
+    assert {r.request_id for r in rows} == set(emulator.jobs)
 
 
 def test_kvid_dagster_run_end_to_end_on_the_sample_table(project_dir: Path) -> None:

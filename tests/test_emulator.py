@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
+import socketserver
 import subprocess
 import sys
 import time
@@ -1043,6 +1045,33 @@ def test_config_rejects_nonsense() -> None:
         EmulatorConfig(failure_rate=1.5)
     with pytest.raises(ValueError):
         EmulatorConfig(rate_limit=0)
+    with pytest.raises(ValueError):
+        EmulatorConfig(backlog=0)
+
+
+def listen_backlog(port: int) -> int | None:
+    """The backlog the kernel holds for the socket listening on ``port`` (``ss``'s Send-Q of a
+    LISTEN socket), or None without ``ss``."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[2])
+
+
+def test_the_listen_backlog_is_the_standard_librarys_unless_configured(
+    emulator: KvidEmulator, emulator_factory: EmulatorFactory
+) -> None:
+    # small real servers listen with socketserver's 5: bursts must meet that here too
+    assert socketserver.TCPServer.request_queue_size == 5
+    assert EmulatorConfig().backlog == emulator.config.backlog == 5
+    assert emulator._server is not None and emulator._server.request_queue_size == 5
+    big = emulator_factory(backlog=256)
+    assert big._server is not None and big._server.request_queue_size == 256
+    if shutil.which("ss") is not None:  # what listen() really got, read back from the kernel
+        assert listen_backlog(emulator.port) == 5
+        assert listen_backlog(big.port) == 256
 
 
 def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -1062,6 +1091,8 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         "0.1",
         "--workers",
         "2",
+        "--backlog",
+        "7",
         "--output-dir",
         str(tmp_path / "out"),
     ]
@@ -1072,6 +1103,7 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert process.stdout is not None
         base_url = process.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", base_url), base_url
+        assert listen_backlog(int(base_url.rsplit(":", 1)[1])) in (7, None)
         with httpx.Client(base_url=base_url, headers={"api-key": "cli-key"}, timeout=10) as client:
             request_id = generate(client, T2V, SMALL_T2V)
             assert get_status(client, T2V, request_id).status_code == 200

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import TEST_API_KEY, EmulatorFactory
 from faultkit import (
@@ -27,9 +29,13 @@ from faultkit import (
     write_table,
 )
 
-from kvid_dagster.catalog import KvidCatalog
+from kvid_dagster.client import AsyncKvidClient, KvidRequest
 from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus, submissions_frame, videos_frame
+from kvid_dagster.poll import video_path
 from kvid_dagster.probe import probe_video
+from kvid_dagster.prompts import PromptRow
+from kvid_dagster.submit import SubmitAction, SubmitOutcome, submit_rows
 
 V1_480P_CREDITS = 60.0
 
@@ -40,9 +46,28 @@ def emulator(emulator_factory: EmulatorFactory) -> KvidEmulator:
     return emulator_factory(job_duration=0.1)
 
 
-def one_row(tmp_path: Path) -> tuple[list[Any], KvidCatalog]:
-    rows = table_rows(write_table(tmp_path / "prompts.csv", ["a"]))
-    return rows, KvidCatalog(tmp_path / "catalog", durable=False)
+def registered(tmp_path: Path, keys: list[str]) -> tuple[list[PromptRow], Ledger]:
+    """The table's rows, registered in a fresh ledger (what ``kvid_prompts`` does)."""
+    rows = table_rows(write_table(tmp_path / "prompts.csv", keys))
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    ledger.register(rows)
+    return rows, ledger
+
+
+def one_row(tmp_path: Path) -> tuple[list[PromptRow], Ledger]:
+    return registered(tmp_path, ["a"])
+
+
+def row_of(ledger: Ledger, key: str) -> VideoRow:
+    row = ledger.row(key)
+    assert row is not None, key
+    return row
+
+
+def history_of(ledger: Ledger, key: str) -> Any:
+    """The submissions history (the published ``catalog/submissions``) of one key."""
+    history = submissions_frame(ledger)
+    return history[history["partition_key"] == key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,26 +103,29 @@ AMBIGUOUS_GENERATE = [
 def test_an_ambiguous_generate_is_uncertain_and_never_sent_again(
     kind: str, options: dict[str, Any], jobs: int, emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
+    rows, ledger = one_row(tmp_path)
     emulator.add_fault("generate", kind, **options)
-    [outcome] = submit(emulator.base_url, catalog, rows, timeout=0.5)
-    assert outcome.action == "uncertain" and outcome.status == "UNCERTAIN"
+    [outcome] = submit(emulator.base_url, ledger, rows, timeout=0.5)
+    assert outcome.action is SubmitAction.UNCERTAIN and outcome.status is VideoStatus.UNCERTAIN
     assert emulator.stats["generate"] == 1  # the client did not retry it
     assert emulator.jobs_created == jobs
-    record = catalog.get("a")
-    assert record is not None and record["status"] == "UNCERTAIN" and record["request_id"] is None
-    # what was sent is on the row: the body in the message, the prompt and params beside it
-    assert "body=" in record["error"] and rows[0].prompt in record["error"]
-    history = catalog.submissions(partition_key="a")
+    row = row_of(ledger, "a")
+    assert row.status is VideoStatus.UNCERTAIN and row.request_id is None
+    # what was sent is on the submission: the body in the message, the prompt and params beside it
+    assert row.error is not None and "body=" in row.error and rows[0].prompt in row.error
+    assert row.submission is not None
+    assert row.submission.prompt == rows[0].prompt
+    assert row.submission.params_json == rows[0].params_json
+    history = history_of(ledger, "a")
     assert history["event"].tolist() == ["INTENT", "UNCERTAIN"]
     assert history["cost_credits"].iloc[-1] == V1_480P_CREDITS  # may have been billed
 
     # re-runs and status ticks never send it again
-    [again] = submit(emulator.base_url, catalog, rows)
-    assert again.action == "skipped" and "UNCERTAIN" in again.message
-    poll_until_settled(emulator.base_url, catalog, tmp_path / "videos", intent_grace_s=0.0)
-    assert emulator.stats["generate"] == 1 and statuses(catalog) == {"a": "UNCERTAIN"}
-    assert_accounted(emulator.jobs, catalog, rows)
+    [again] = submit(emulator.base_url, ledger, rows)
+    assert again.action is SubmitAction.SKIPPED and "UNCERTAIN" in again.message
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert emulator.stats["generate"] == 1 and statuses(ledger) == {"a": "UNCERTAIN"}
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,34 +135,65 @@ def test_an_ambiguous_generate_is_uncertain_and_never_sent_again(
 def test_a_429_storm_on_generate_waits_retry_after_and_pays_once(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
+    rows, ledger = one_row(tmp_path)
     emulator.add_fault("generate", 429, times=3, retry_after=7)
     sleep = RecordedSleep()
-    [outcome] = submit(emulator.base_url, catalog, rows, sleep=sleep, backoff_max=60.0)
-    assert outcome.action == "submitted"
+    [outcome] = submit(emulator.base_url, ledger, rows, sleep=sleep, backoff_max=60.0)
+    assert outcome.action is SubmitAction.SUBMITTED
     assert sleep.calls == [7.0, 7.0, 7.0]  # the server's Retry-After, not a guess
     assert emulator.stats[("generate", 429)] == 3 and emulator.jobs_created == 1
-    poll_until_settled(emulator.base_url, catalog, tmp_path / "videos")
-    assert statuses(catalog) == {"a": "COMPLETED"}
-    assert_accounted(emulator.jobs, catalog, rows)
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert statuses(ledger) == {"a": "COMPLETED"}
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 def test_a_429_storm_longer_than_the_retries_leaves_the_row_unpaid_for_the_next_run(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
+    rows, ledger = one_row(tmp_path)
     emulator.add_fault("generate", 429, times=4, retry_after=1)
-    [outcome] = submit(emulator.base_url, catalog, rows, max_retries=3)
-    assert outcome.action == "error" and outcome.status == "PENDING"
+    [outcome] = submit(emulator.base_url, ledger, rows, max_retries=3)
+    assert outcome.action is SubmitAction.ERROR and outcome.status is VideoStatus.PENDING
     assert emulator.jobs_created == 0
-    history = catalog.submissions(partition_key="a")
+    assert row_of(ledger, "a").status is VideoStatus.PENDING
+    assert ledger.submissions() == []  # the claim was released: nothing holds the request
+    history = history_of(ledger, "a")
     assert history["event"].tolist() == ["INTENT", "FAILED_TO_SUBMIT"]
     assert history["cost_credits"].iloc[-1] == 0.0
-    [outcome] = submit(emulator.base_url, catalog, rows)  # the next run sends it, once
-    assert outcome.action == "submitted" and emulator.jobs_created == 1
-    poll_until_settled(emulator.base_url, catalog, tmp_path / "videos")
-    assert statuses(catalog) == {"a": "COMPLETED"}
-    assert_accounted(emulator.jobs, catalog, rows)
+    [outcome] = submit(emulator.base_url, ledger, rows)  # the next run sends it, once
+    assert outcome.action is SubmitAction.SUBMITTED and emulator.jobs_created == 1
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert statuses(ledger) == {"a": "COMPLETED"}
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+class TogetherClient(AsyncKvidClient):
+    """Holds every generate until ``expected`` of them wait, then empties the service's token
+    bucket and lets them all go at once, however long each row's claim took to commit."""
+
+    def __init__(self, *args: Any, expected: int, drain: Callable[[], None], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._expected, self._drain = expected, drain
+        self._waiting = 0
+        self._go = asyncio.Event()
+
+    async def generate(self, request: KvidRequest) -> str:
+        self._waiting += 1
+        if self._waiting == self._expected:
+            self._drain()
+            self._go.set()
+        await asyncio.wait_for(self._go.wait(), timeout=60)
+        return await super().generate(request)
+
+
+def drain_token_bucket(emulator: KvidEmulator, kind: str) -> None:
+    """Spend the emulator's tokens (on status calls, which create nothing) until it says 429."""
+    url = f"{emulator.base_url}/ai/video/{kind}/status"
+    with httpx.Client(timeout=5.0) as http:
+        for _ in range(1000):
+            if http.get(url, params={"request_id": "req_drain"}).status_code == 429:
+                return
+    raise AssertionError("the emulator's token bucket never ran out")
 
 
 def test_a_rate_limited_service_under_load_gets_every_job_once(
@@ -143,16 +202,29 @@ def test_a_rate_limited_service_under_load_gets_every_job_once(
     """A real token bucket (8 requests/s) and real Retry-After waits, twelve jobs at once."""
     emulator = emulator_factory(rate_limit=8.0, reuse_renders=True)
     keys = [f"k{i:02d}" for i in range(12)]
-    rows = table_rows(write_table(tmp_path / "prompts.csv", keys))
-    catalog = KvidCatalog(tmp_path / "catalog", durable=False)
-    outcomes = submit(emulator.base_url, catalog, rows, sleep=asyncio.sleep, backoff_max=2.0)
-    assert [o.action for o in outcomes] == ["submitted"] * len(keys)
+    rows, ledger = registered(tmp_path, keys)
+
+    async def go() -> list[SubmitOutcome]:
+        async with TogetherClient(
+            TEST_API_KEY,
+            emulator.base_url,
+            timeout=5.0,
+            sleep=asyncio.sleep,
+            backoff_max=2.0,
+            expected=len(keys),
+            drain=lambda: drain_token_bucket(emulator, rows[0].job_kind),
+        ) as client:
+            return await submit_rows(client, ledger, rows, generate_concurrency=len(keys))
+
+    outcomes = asyncio.run(go())
+    assert [o.action for o in outcomes] == [SubmitAction.SUBMITTED] * len(keys)
+    # twelve generates against an empty bucket refilling at 8/s: some are refused, all retried
     assert emulator.stats[("generate", 429)] > 0 and emulator.jobs_created == len(keys)
     poll_until_settled(
-        emulator.base_url, catalog, tmp_path / "videos", sleep=asyncio.sleep, pause=0.3
+        emulator.base_url, ledger, tmp_path / "videos", sleep=asyncio.sleep, pause=0.3
     )
-    assert set(statuses(catalog).values()) == {"COMPLETED"}
-    assert_accounted(emulator.jobs, catalog, rows)
+    assert set(statuses(ledger).values()) == {"COMPLETED"}
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,75 +263,89 @@ READ_FAULTS = [
 def test_read_faults_are_retried_and_the_video_arrives_whole(
     endpoint: str, kind: str, options: dict[str, Any], emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
-    [outcome] = submit(emulator.base_url, catalog, rows)
-    assert outcome.action == "submitted"
+    rows, ledger = one_row(tmp_path)
+    [outcome] = submit(emulator.base_url, ledger, rows)
+    assert outcome.action is SubmitAction.SUBMITTED
     emulator.add_fault(endpoint, kind, times=2, **options)  # the first retry meets it again
-    poll_until_settled(emulator.base_url, catalog, tmp_path / "videos", timeout=0.5)
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos", timeout=0.5)
     assert emulator.pending_faults() == []  # both were met
-    record = catalog.get("a")
-    assert record is not None and record["status"] == "COMPLETED" and record["error"] is None
-    data = Path(record["local_path"]).read_bytes()
-    assert hashlib.sha256(data).hexdigest() == record["sha256"]
-    probe = probe_video(Path(record["local_path"]))
+    row = row_of(ledger, "a")
+    assert row.status is VideoStatus.COMPLETED and row.error is None
+    assert row.submission is not None and row.video.local_path is not None
+    local = Path(row.video.local_path)
+    assert local == video_path(tmp_path / "videos", row.submission)  # one file per job
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == row.video.sha256
+    probe = probe_video(local)
     width, height, _, frames = rows[0].request.output_geometry()
     assert (probe.width, probe.height, probe.num_frames) == (width, height, frames)
+    assert (row.video.width, row.video.height, row.video.num_frames) == (width, height, frames)
     assert not list((tmp_path / "videos").glob(".*"))  # no partial file left behind
     assert emulator.jobs_created == 1 and emulator.stats["generate"] == 1
-    assert_accounted(emulator.jobs, catalog, rows)
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 def test_a_status_that_never_answers_times_the_job_out_and_polling_stops(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
-    submit(emulator.base_url, catalog, rows)
+    rows, ledger = one_row(tmp_path)
+    submit(emulator.base_url, ledger, rows)
     emulator.add_fault("status", 503, times=10_000)
     reports = poll_until_settled(
-        emulator.base_url, catalog, tmp_path / "videos", job_deadline_s=0.5, max_retries=1
+        emulator.base_url, ledger, tmp_path / "videos", job_deadline_s=0.5, max_retries=1
     )
-    record = catalog.get("a")
-    assert record is not None and record["status"] == "TIMED_OUT"
-    assert record["request_id"] in emulator.jobs and "no usable status answer" in record["error"]
-    assert reports[-1].terminal[0].outcome == "TIMED_OUT"
+    row = row_of(ledger, "a")
+    assert row.status is VideoStatus.TIMED_OUT
+    assert row.request_id in emulator.jobs
+    assert row.error is not None and "no usable status answer" in row.error
+    [final] = reports[-1].final
+    assert final.partition_key == "a" and final.status is VideoStatus.TIMED_OUT
     asked = emulator.stats["status"]
-    poll_until_settled(emulator.base_url, catalog, tmp_path / "videos")
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
     assert emulator.stats["status"] == asked  # polling stopped
-    assert catalog.submissions(partition_key="a")["event"].tolist()[-1] == "TIMED_OUT"
-    assert_accounted(emulator.jobs, catalog, rows)
+    assert history_of(ledger, "a")["event"].tolist()[-1] == "TIMED_OUT"
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 def test_a_video_that_never_downloads_is_fetched_until_the_deadline_then_timed_out(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
-    submit(emulator.base_url, catalog, rows)
+    rows, ledger = one_row(tmp_path)
+    submit(emulator.base_url, ledger, rows)
     emulator.add_fault("files", "malformed", times=10_000)  # always half a video
-    seen: set[str] = set()
-    for report in poll_until_settled(
-        emulator.base_url, catalog, tmp_path / "videos", job_deadline_s=1.5
-    ):
-        seen |= {e.record["status"] for e in report.events}
-    assert "FETCHING" in seen  # completed at the service, retried on every tick meanwhile
-    record = catalog.get("a")
-    assert record is not None and record["status"] == "TIMED_OUT"
-    assert "completed, but fetching the video" in record["error"]
-    assert record["local_path"] is None and not list((tmp_path / "videos").glob("*"))
-    assert_accounted(emulator.jobs, catalog, rows)
+    seen: set[VideoStatus] = set()
+    reports = poll_until_settled(emulator.base_url, ledger, tmp_path / "videos", job_deadline_s=1.5)
+    for report in reports:
+        seen |= {e.status for e in report.events}
+    assert VideoStatus.FETCHING in seen  # completed at the service, retried meanwhile
+    fetch_errors = [e for r in reports for e in r.errors if "fetching the video" in e]
+    assert len(fetch_errors) >= 2  # every tick until the deadline tried the download again
+    row = row_of(ledger, "a")
+    assert row.status is VideoStatus.TIMED_OUT
+    assert row.error is not None and "completed, but fetching the video" in row.error
+    assert row.video.local_path is None and not list((tmp_path / "videos").glob("*"))
+    assert_accounted(emulator.jobs, ledger, rows)
 
 
 def test_the_api_key_is_scrubbed_when_the_server_echoes_it(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    rows, catalog = one_row(tmp_path)
+    rows, ledger = one_row(tmp_path)
     emulator.add_fault("generate", "echo_key")
-    [outcome] = submit(emulator.base_url, catalog, rows)
-    assert outcome.action == "uncertain" and TEST_API_KEY not in outcome.message
+    [outcome] = submit(emulator.base_url, ledger, rows)
+    assert outcome.action is SubmitAction.UNCERTAIN and TEST_API_KEY not in outcome.message
     assert "***" in outcome.message  # the echo was there, and was scrubbed
-    catalog.update("a", status="SUBMITTED", request_id="req_0000000000000000")
+    # a person settles it with a request_id, so the status endpoint gets polled for it
+    resolved = ledger.resolve_uncertain("a", request_id="req_0000000000000000")
+    assert resolved.status is VideoStatus.SUBMITTED
     emulator.add_fault("status", "echo_key", times=10)
-    report = poll_once(emulator.base_url, catalog, tmp_path / "videos")
+    report = poll_once(emulator.base_url, ledger, tmp_path / "videos")
     assert report.errors and "***" in report.errors[0]
-    text = json.dumps(report.errors) + json.dumps(catalog.records_by_key(), default=str)
-    text += catalog.submissions().to_json(date_format="iso")
-    assert TEST_API_KEY not in text
+    text = json.dumps(report.errors) + repr(ledger.rows()) + repr(ledger.submissions())
+    text += json.dumps(ledger.events(), default=str)
+    text += videos_frame(ledger).to_json(date_format="iso")
+    text += submissions_frame(ledger).to_json(date_format="iso")
+    assert "***" in text and TEST_API_KEY not in text
+    # nor anywhere on disk: the ledger database (and its WAL), the journal, the catalogs
+    ledger.close()
+    on_disk = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert on_disk and all(TEST_API_KEY.encode() not in p.read_bytes() for p in on_disk)

@@ -1,12 +1,14 @@
 """Jobs that end badly, through the Dagster layer: FAILED (with and without the retry policy),
-TIMED_OUT, LOST after the service forgot its jobs or restarted. Each outcome is in the catalog,
-visible in Dagster (an observation and a failed ``video_ok``), and never paid for twice."""
+TIMED_OUT, LOST after the service forgot its jobs or restarted. Each outcome is in the ledger
+and in the catalog the status sensor publishes, visible in Dagster (an observation and a failed
+``video_ok``), and never paid for twice."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from conftest import EmulatorFactory
 from dagster import AssetKey
@@ -26,7 +28,9 @@ from faultkit import (
 )
 
 from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus, submissions_frame
 from kvid_dagster.project import KvidProject
+from kvid_dagster.resource import KvidResource
 from kvid_dagster.runner import evaluate_status_sensor
 from kvid_dagster.sensors import keys_needing_jobs
 
@@ -45,6 +49,18 @@ def observed(instance: Any, key: str) -> list[dict[str, str]]:
     return found
 
 
+def row_of(ledger: Ledger, key: str) -> VideoRow:
+    row = ledger.row(key)
+    assert row is not None, key
+    return row
+
+
+def published_statuses(project: KvidProject) -> dict[str, str]:
+    """What the Parquet catalog the sensor ticks and runs published says (not republished here)."""
+    videos = pd.read_parquet(project.catalog_dir / "videos")
+    return dict(zip(videos["partition_key"], videos["status"], strict=True))
+
+
 def prompt(key: str) -> str:
     return f"A doomed shot {key} [[kvid:fail]]" if key.startswith("bad") else f"A calm lake {key}"
 
@@ -54,21 +70,25 @@ def test_a_failed_job_keeps_its_reason_and_only_force_pays_again(
 ) -> None:
     prompts = write_table(tmp_path / "prompts.csv", ["good", "bad"], prompt)
     project = KvidProject(prompts, tmp_path / "data")
-    catalog = project.catalog()
+    ledger = project.ledger()
     defs = make_defs(emulator.base_url, prompts, project.data_dir)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "good", "bad")
-        tick_until_settled(defs, instance, catalog)
-        assert statuses(catalog) == {"good": "COMPLETED", "bad": "FAILED"}
-        record = catalog.get("bad")
-        assert record is not None and "kvid:fail" in record["error"]
+        tick_until_settled(defs, instance, ledger)
+        assert statuses(ledger) == {"good": "COMPLETED", "bad": "FAILED"}
+        assert published_statuses(project) == {"good": "COMPLETED", "bad": "FAILED"}
+        bad = row_of(ledger, "bad")
+        assert bad.status is VideoStatus.FAILED
+        assert bad.error is not None and "kvid:fail" in bad.error
+        assert bad.request_id in emulator.jobs
         assert check_verdicts(instance, ["good", "bad"]) == {"good": True, "bad": False}
         [seen] = observed(instance, "bad")
         assert seen["status"] == "FAILED" and "kvid:fail" in seen["reason"]
-        assert seen["request_id"] == record["request_id"]
+        assert seen["request_id"] == bad.request_id
         # the failure and its reason are in the money history too
-        events = catalog.submissions(partition_key="bad")
+        history = submissions_frame(ledger)
+        events = history[history["partition_key"] == "bad"]
         assert events["event"].tolist() == ["INTENT", "SUBMITTED", "FAILED"]
         assert "kvid:fail" in events["error"].iloc[-1]
 
@@ -78,10 +98,11 @@ def test_a_failed_job_keeps_its_reason_and_only_force_pays_again(
         assert keys_needing_jobs(project, instance)[1] == []
         assert run_submit(defs, instance, "bad", "bad", run_config=FORCE)
         assert emulator.jobs_created == 3
-        tick_until_settled(defs, instance, catalog)
+        tick_until_settled(defs, instance, ledger)
         assert [o["status"] for o in observed(instance, "bad")] == ["FAILED", "FAILED"]
-        assert catalog.get("bad")["attempts"] == 2  # type: ignore[index]
-    assert_accounted(emulator.jobs, catalog, table_rows(prompts), allowed_jobs={"bad": 2})
+        again = row_of(ledger, "bad")
+        assert again.attempts == 2 and again.request_id != bad.request_id
+    assert_accounted(emulator.jobs, ledger, table_rows(prompts), allowed_jobs={"bad": 2})
 
 
 def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
@@ -89,17 +110,17 @@ def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
 ) -> None:
     prompts = write_table(tmp_path / "prompts.csv", ["bad", "flaky", "fine"], prompt)
     project = KvidProject(prompts, tmp_path / "data")
-    catalog = project.catalog()
+    ledger = project.ledger()
     defs = make_defs(emulator.base_url, prompts, project.data_dir, failed_job_max_attempts=3)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         emulator.fail_next_jobs(1, "GPU worker crashed during inference")
         assert run_submit(defs, instance, "flaky", "flaky")  # its first job will fail
         assert run_submit(defs, instance, "bad", "fine")
-        tick_until_settled(defs, instance, catalog)
-        assert statuses(catalog) == {"bad": "FAILED", "flaky": "COMPLETED", "fine": "COMPLETED"}
+        tick_until_settled(defs, instance, ledger)
+        assert statuses(ledger) == {"bad": "FAILED", "flaky": "COMPLETED", "fine": "COMPLETED"}
         # every attempt, its cost and how it ended are in the history
-        history = catalog.submissions()
+        history = submissions_frame(ledger)
         bad = history[history["partition_key"] == "bad"]
         assert (bad["event"] == "SUBMITTED").sum() == 3 and (bad["event"] == "FAILED").sum() == 3
         assert bad["cost_credits"].sum() == 3 * 60.0
@@ -110,7 +131,7 @@ def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
         assert flaky["attempt"].tolist() == [1, 1, 1, 2, 2, 2]
         assert "GPU worker crashed" in flaky["error"].iloc[2]
         assert flaky["cost_credits"].sum() == 2 * 60.0
-        assert catalog.get("bad")["attempts"] == 3  # type: ignore[index]
+        assert row_of(ledger, "bad").attempts == 3 and row_of(ledger, "flaky").attempts == 2
         # Dagster saw each failure, and the retried partition's video
         assert [o["status"] for o in observed(instance, "bad")] == ["FAILED"] * 3
         assert materialization_counts(instance, ["bad", "flaky", "fine"]) == {
@@ -121,7 +142,7 @@ def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
         evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
         assert emulator.jobs_created == created == 3 + 2 + 1
     assert_accounted(
-        emulator.jobs, catalog, table_rows(prompts), allowed_jobs={"bad": 3, "flaky": 2}
+        emulator.jobs, ledger, table_rows(prompts), allowed_jobs={"bad": 3, "flaky": 2}
     )
 
 
@@ -131,7 +152,7 @@ def test_timed_out_and_lost_jobs_are_visible_in_dagster_and_polling_stops(
     emulator = emulator_factory(job_duration=120.0)  # nothing finishes during the test
     prompts = write_table(tmp_path / "prompts.csv", ["lost", "slow"])
     project = KvidProject(prompts, tmp_path / "data")
-    catalog = project.catalog()
+    ledger = project.ledger()
     defs = make_defs(emulator.base_url, prompts, project.data_dir, job_deadline_s=1.0)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
@@ -140,20 +161,22 @@ def test_timed_out_and_lost_jobs_are_visible_in_dagster_and_polling_stops(
         emulator.forget_jobs()  # a restart that lost what it knew
         assert run_submit(defs, instance, "slow", "slow")
         jobs.update(emulator.jobs)
-        tick_until_settled(defs, instance, catalog)
-        assert statuses(catalog) == {"lost": "LOST", "slow": "TIMED_OUT"}
+        tick_until_settled(defs, instance, ledger)
+        assert statuses(ledger) == {"lost": "LOST", "slow": "TIMED_OUT"}
+        assert published_statuses(project) == {"lost": "LOST", "slow": "TIMED_OUT"}
         assert check_verdicts(instance, ["lost", "slow"]) == {"lost": False, "slow": False}
         [lost], [slow] = observed(instance, "lost"), observed(instance, "slow")
         assert lost["status"] == "LOST" and "no longer knows" in lost["reason"]
         assert slow["status"] == "TIMED_OUT" and "deadline" in slow["reason"]
         assert slow["request_id"] in jobs  # kept: the job may still finish
+        assert row_of(ledger, "slow").request_id == slow["request_id"]
         asked = emulator.stats["status"]
         evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
         assert emulator.stats["status"] == asked  # polling stopped
         # neither is paid for again by a re-run or by automation
         assert run_submit(defs, instance, "lost", "slow")
         assert emulator.jobs_created == 2 and keys_needing_jobs(project, instance)[1] == []
-    assert_accounted(jobs, catalog, table_rows(prompts))
+    assert_accounted(jobs, ledger, table_rows(prompts))
 
 
 def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
@@ -163,7 +186,7 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
     port = first.port
     prompts = write_table(tmp_path / "prompts.csv", ["a", "b", "c"])
     project = KvidProject(prompts, tmp_path / "data")
-    catalog = project.catalog()
+    ledger = project.ledger()
     defs = make_defs(first.base_url, prompts, project.data_dir)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
@@ -171,21 +194,22 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
         jobs = dict(first.jobs)
         first.stop()  # down: every status call fails to connect
         evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
-        assert statuses(catalog) == {"a": "SUBMITTED", "b": "SUBMITTED", "c": "PENDING"}
+        assert statuses(ledger) == {"a": "SUBMITTED", "b": "SUBMITTED", "c": "PENDING"}
         second = emulator_factory(job_duration=0.3, port=port)  # back, with no memory
         assert run_submit(defs, instance, "a", "c")  # only c has no job
         assert second.jobs_created == 1
         jobs.update(second.jobs)
-        tick_until_settled(defs, instance, catalog)
-        assert statuses(catalog) == {"a": "LOST", "b": "LOST", "c": "COMPLETED"}
+        tick_until_settled(defs, instance, ledger)
+        assert statuses(ledger) == {"a": "LOST", "b": "LOST", "c": "COMPLETED"}
+        assert published_statuses(project) == {"a": "LOST", "b": "LOST", "c": "COMPLETED"}
         assert check_verdicts(instance, ["a", "b", "c"]) == {"a": False, "b": False, "c": True}
     assert first.jobs_created + second.jobs_created == 3
-    assert_accounted(jobs, catalog, table_rows(prompts))
+    assert_accounted(jobs, ledger, table_rows(prompts))
 
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("failed_job_max_attempts", 0), ("job_deadline_s", 0.0), ("intent_grace_s", -1.0)],
+    [("failed_job_max_attempts", 0), ("job_deadline_s", 0.0)],
 )
 def test_reliability_settings_are_checked_when_the_definitions_are_built(
     setting: str, value: float, tmp_path: Path
@@ -193,3 +217,17 @@ def test_reliability_settings_are_checked_when_the_definitions_are_built(
     prompts = write_table(tmp_path / "prompts.csv", ["a"])
     with pytest.raises(ValueError, match=setting):
         make_defs("http://127.0.0.1:9", prompts, tmp_path / "data", **{setting: value})
+
+
+def test_the_removed_grace_period_setting_is_refused_not_ignored(tmp_path: Path) -> None:
+    """``intent_grace_s`` is gone (a claim of a dead submitter is UNCERTAIN at once): an old
+    configuration that still passes it fails when the definitions are built."""
+    prompts = write_table(tmp_path / "prompts.csv", ["a"])
+    with pytest.raises(TypeError, match="intent_grace_s"):
+        make_defs("http://127.0.0.1:9", prompts, tmp_path / "data", intent_grace_s=600.0)
+
+
+def test_the_generate_concurrency_is_checked_when_the_resource_is_built() -> None:
+    """What bounds the rows a crash can leave UNCERTAIN must be at least one."""
+    with pytest.raises(ValueError, match="generate_concurrency"):
+        KvidResource(api_key="k", base_url="http://127.0.0.1:9", generate_concurrency=0)

@@ -1,8 +1,10 @@
 """Processes killed with SIGKILL at the worst moments, and processes racing each other.
 
 Every test ends the same way: the next run or sensor tick converges, every job the emulator
-created (billed) is in the catalog with its request_id or its row is UNCERTAIN holding what was
-sent, and no row was sent twice.
+created (billed) is in the ledger with its request_id or its submission is UNCERTAIN holding
+what was sent, and no row was sent twice. A killed submitter leaves at most
+``generate_concurrency`` claims (SUBMITTING); the next run or tick settles them UNCERTAIN at
+once, and rows it never claimed are simply sent by the next run.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ import hashlib
 import json
 import random
 import time
-from datetime import UTC, datetime, timedelta
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_API_KEY, EmulatorFactory
+from conftest import EmulatorFactory
 from dagster import AssetKey, DagsterRunStatus, RunsFilter
 from faultkit import (
     assert_accounted,
     check_verdicts,
+    child_stderr,
     dagster_home,
     kill,
+    make_client,
     make_defs,
     materialization_counts,
     open_instance,
@@ -40,12 +45,15 @@ from faultkit import (
     write_table,
 )
 
-from kvid_dagster.catalog import KvidCatalog
+from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.client.requests import canonical_json
 from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, VideoStatus
+from kvid_dagster.poll import PollConfig, poll_pending
 from kvid_dagster.project import KvidProject
+from kvid_dagster.prompts import PromptRow, load_prompt_table
 from kvid_dagster.sensors import keys_needing_jobs
-from kvid_dagster.submit import resolve_uncertain
+from kvid_dagster.submit import register_table
 
 VIDEOS = AssetKey("kvid_videos")
 
@@ -60,8 +68,29 @@ def wait_until_all_completed(emulator: KvidEmulator, count: int, timeout: float 
     raise AssertionError("the emulator's jobs did not complete")
 
 
-@pytest.mark.parametrize("moment", ["generate returned", "answer in flight"])
-def test_a_run_killed_between_generate_and_recording_never_pays_twice(
+def wait_until(condition: Callable[[], bool], child: Any, timeout: float = 60.0) -> None:
+    """Wait for ``condition`` while ``child`` runs (a state the child reaches, then holds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if child.poll() is not None:
+            raise AssertionError(f"child exited {child.returncode}: {child_stderr(child)}")
+        if time.monotonic() > deadline:
+            raise AssertionError("the child never got there")
+        time.sleep(0.02)
+
+
+def jobs_per_key(jobs: Mapping[str, Any], rows: Sequence[PromptRow]) -> Counter[str]:
+    """How many jobs the emulator created for each row (by the body it was sent)."""
+    by_body = {canonical_json(row.request.to_body()): row.partition_key for row in rows}
+    return Counter(by_body[canonical_json(dict(job.body))] for job in jobs.values())
+
+
+def keys_in(states: Mapping[str, str], status: str) -> set[str]:
+    return {key for key, state in states.items() if state == status}
+
+
+@pytest.mark.parametrize("moment", ["claimed, not sent", "answer in flight", "generate returned"])
+def test_a_run_killed_mid_submission_never_pays_twice(
     moment: str, emulator_factory: EmulatorFactory, tmp_path: Path
 ) -> None:
     emulator = emulator_factory()
@@ -70,67 +99,97 @@ def test_a_run_killed_between_generate_and_recording_never_pays_twice(
     rows = table_rows(prompts)
     data_dir, home = tmp_path / "data", dagster_home(tmp_path / "home")
     project = KvidProject(prompts, data_dir)
-    defs = make_defs(emulator.base_url, prompts, data_dir, intent_grace_s=0.0)
+    defs = make_defs(emulator.base_url, prompts, data_dir)
     with open_instance(home) as instance:
         assert run_prompts(defs, instance)
 
     marker = tmp_path / "marker"
-    in_flight = moment == "answer in flight"
-    if in_flight:
-        # every job is created at once, its answer held back: kill while it is on the way
-        emulator.add_fault("generate", "timeout", times=3, delay=30)
-    # otherwise the first generate has returned; its request_id is about to be recorded
-    mode = "plain" if in_flight else "after_generate"
-    child = spawn(
-        "child_run_submit", home, prompts, data_dir, emulator.base_url, "k0", "k2", mode, marker
-    )
-    if in_flight:
-        assert emulator.wait_for_jobs(1, timeout=60)
-    else:
+    url = emulator.base_url
+    if moment == "claimed, not sent":
+        # the first claim is committed, its generate not sent; the process freezes there
+        child = spawn(
+            "child_run_submit_at", home, prompts, data_dir, url, "k0", "k2", "claim_return:1",
+            marker,
+        )  # fmt: skip
         wait_for_file(marker, child)
+    elif moment == "answer in flight":
+        # every job is created, its answer held back: kill once the three rows are claimed and
+        # a generate is on the way (how many of the three left depends on the client's window)
+        emulator.add_fault("generate", "timeout", times=3, delay=300)  # until the stop
+        child = spawn(
+            "child_run_submit_at", home, prompts, data_dir, url, "k0", "k2", "none", marker, 600
+        )
+        wait_until(
+            lambda: (
+                emulator.jobs_created >= 1
+                and set(statuses(project.ledger()).values()) == {"SUBMITTING"}
+            ),
+            child,
+        )
+    else:
+        # the generates have returned; their request_ids are about to be recorded
+        child = spawn(
+            "child_run_submit", home, prompts, data_dir, url, "k0", "k2", "after_generate", marker
+        )
+        wait_for_file(marker, child)
+        assert emulator.wait_for_jobs(3, timeout=60)
     kill(child)
     quiesce(emulator)
     emulator.clear_faults()
-    created, sent = emulator.jobs_created, emulator.stats["generate"]
-    assert created >= 1
 
-    catalog = project.catalog()
-    assert set(statuses(catalog).values()) == {"SUBMITTING"}  # intents, no request_id
-    assert all(r["request_id"] is None for r in catalog.latest_records())
+    ledger = project.ledger()
+    at_kill = statuses(ledger)
+    claimed = keys_in(at_kill, "SUBMITTING")
+    never_claimed = set(keys) - claimed
+    if moment == "claimed, not sent":
+        assert claimed and set(at_kill.values()) <= {"SUBMITTING", "PENDING"}
+        assert emulator.stats["generate"] == emulator.jobs_created == 0
+    else:
+        assert claimed == set(keys)  # claims, no request_id
+        assert 1 <= emulator.jobs_created <= 3
+        if moment == "generate returned":
+            assert emulator.jobs_created == 3
+    assert all(r.request_id is None for r in ledger.rows())
+    sent = emulator.stats["generate"]
     with open_instance(home) as instance:
-        # the next run finds the intents and sends nothing
+        # the next run settles the dead run's claims UNCERTAIN at once (no grace period) and
+        # sends exactly the rows it never claimed
         assert run_submit(defs, instance, "k0", "k2")
-        assert emulator.stats["generate"] == sent and emulator.jobs_created == created
-        # the next sensor tick marks every orphaned intent UNCERTAIN, visibly in Dagster
-        tick_until_settled(defs, instance, catalog)
-        assert set(statuses(catalog).values()) == {"UNCERTAIN"}
-        assert check_verdicts(instance, keys) == dict.fromkeys(keys, False)
-        for record in catalog.latest_records():
-            assert record["request_hash"] in record["error"] and "dashboard" in record["error"]
-        assert_accounted(emulator.jobs, catalog, rows)
+        assert emulator.stats["generate"] == sent + len(never_claimed)
+        assert keys_in(statuses(ledger), "UNCERTAIN") == claimed
+        # the next sensor tick shows every UNCERTAIN row in Dagster
+        tick_until_settled(defs, instance, ledger)
+        assert check_verdicts(instance, keys) == {k: k not in claimed for k in keys}
+        for row in ledger.rows(claimed):
+            assert row.error and row.request_hash in row.error and "dashboard" in row.error
+        assert_accounted(emulator.jobs, ledger, rows)
         # automation (schedule, prompt sensor) sees nothing to submit
         assert keys_needing_jobs(project, instance)[1] == []
 
         # a person looks at the dashboard: found jobs are recorded, missing ones released
         found = {canonical_json(dict(j.body)): rid for rid, j in emulator.jobs.items()}
+        released = []
         for row in rows:
+            if row.partition_key not in claimed:
+                continue
             request_id = found.get(canonical_json(row.request.to_body()))
-            resolve_uncertain(catalog, row.partition_key, request_id=request_id)
-        released = [
-            r.partition_key for r in rows if r.partition_key not in _keys_with_job(rows, found)
-        ]
+            ledger.resolve_uncertain(row.partition_key, request_id=request_id)
+            if request_id is None:
+                released.append(row.partition_key)
+        if moment == "claimed, not sent":
+            assert set(released) == claimed
+        if moment == "generate returned":
+            assert released == []
+        created = emulator.jobs_created
         assert run_submit(defs, instance, "k0", "k2")  # sends exactly the released rows
         assert emulator.jobs_created == created + len(released)
-        tick_until_settled(defs, instance, catalog)
-        assert set(statuses(catalog).values()) == {"COMPLETED"}
+        tick_until_settled(defs, instance, ledger)
+        assert set(statuses(ledger).values()) == {"COMPLETED"}
         assert instance.get_materialized_partitions(VIDEOS) == set(keys)
-    assert_accounted(emulator.jobs, catalog, rows)
-    events = catalog.submissions()["event"].tolist()
-    assert events.count("RESOLVED") == 3 and events.count("UNCERTAIN") == 3
-
-
-def _keys_with_job(rows: list, found: dict[bytes, str]) -> set[str]:
-    return {r.partition_key for r in rows if canonical_json(r.request.to_body()) in found}
+    assert jobs_per_key(emulator.jobs, rows) == dict.fromkeys(keys, 1)
+    assert_accounted(emulator.jobs, ledger, rows)
+    events = [e["event"] for e in ledger.events()]
+    assert events.count("RESOLVED") == len(claimed) and events.count("UNCERTAIN") == len(claimed)
 
 
 @pytest.mark.parametrize("moment", ["reporting", "downloading"])
@@ -141,7 +200,7 @@ def test_a_status_tick_killed_midway_converges_on_the_next_tick(
     keys = ["k0", "k1", "k2", "k3"]
     prompts = write_table(tmp_path / "prompts.csv", keys)
     data_dir, home = tmp_path / "data", dagster_home(tmp_path / "home")
-    catalog = KvidProject(prompts, data_dir).catalog()
+    ledger = KvidProject(prompts, data_dir).ledger()
     defs = make_defs(emulator.base_url, prompts, data_dir)
     with open_instance(home) as instance:
         assert run_prompts(defs, instance)
@@ -154,21 +213,22 @@ def test_a_status_tick_killed_midway_converges_on_the_next_tick(
     kill(child)
     with open_instance(home) as instance:
         if moment == "reporting":
-            # the catalog has every outcome, Dagster only the first partition's
-            assert set(statuses(catalog).values()) == {"COMPLETED"}
+            # the ledger has every outcome, Dagster only the first partition's
+            assert set(statuses(ledger).values()) == {"COMPLETED"}
             assert len(instance.get_materialized_partitions(VIDEOS)) == 1
         else:
-            assert set(statuses(catalog).values()) == {"SUBMITTED"}
+            assert set(statuses(ledger).values()) == {"SUBMITTED"}
             assert list((data_dir / "videos").glob(".*.part"))  # killed in the middle of a file
-        tick_until_settled(defs, instance, catalog)
-        assert set(statuses(catalog).values()) == {"COMPLETED"}
+        tick_until_settled(defs, instance, ledger)
+        assert set(statuses(ledger).values()) == {"COMPLETED"}
         assert materialization_counts(instance, keys) == dict.fromkeys(keys, 1)
         assert check_verdicts(instance, keys) == dict.fromkeys(keys, True)
-    for record in catalog.latest_records():
-        data = Path(record["local_path"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+    for row in ledger.rows():
+        assert row.video.local_path and row.video.sha256
+        data = Path(row.video.local_path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.video.sha256
     assert emulator.jobs_created == len(keys)
-    assert_accounted(emulator.jobs, catalog, table_rows(prompts))
+    assert_accounted(emulator.jobs, ledger, table_rows(prompts))
 
 
 def test_two_runs_submitting_the_same_partitions_at_once_pay_once(
@@ -204,98 +264,164 @@ def test_two_runs_submitting_the_same_partitions_at_once_pay_once(
     go.touch()  # both runs start submitting the same six partitions now
     assert [child.wait(120) for child in children] == [0, 0]
 
-    assert emulator.jobs_created == len(keys)
-    catalog = KvidCatalog.for_data_dir(data_dir)
-    assert set(statuses(catalog).values()) == {"SUBMITTED"}
-    history = catalog.submissions()
-    assert (history["event"] == "SUBMITTED").sum() == len(keys)
-    assert (history["event"] == "INTENT").sum() == len(keys)
+    assert emulator.jobs_created == emulator.stats["generate"] == len(keys)
+    ledger = Ledger.for_data_dir(data_dir)
+    assert set(statuses(ledger).values()) == {"SUBMITTED"}
+    events = [e["event"] for e in ledger.events()]
+    assert events.count("SUBMITTED") == len(keys)
+    assert events.count("INTENT") == len(keys)  # one claim per row: the other run skipped it
+    assert len(ledger.submissions()) == len(keys)
     with open_instance(home) as instance:
         runs = instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]))
         assert len(runs) == 3  # the table's run and both submitting runs succeeded
-    assert_accounted(emulator.jobs, catalog, table_rows(prompts))
+    assert_accounted(emulator.jobs, ledger, table_rows(prompts))
 
 
-def test_concurrent_submitters_killed_mid_write_lose_no_paid_job(
+def test_concurrent_submitters_killed_mid_submission_lose_no_paid_job(
     emulator_factory: EmulatorFactory, tmp_path: Path
 ) -> None:
-    emulator = emulator_factory(latency=0.01)
+    emulator = emulator_factory(latency=0.01, reuse_renders=True)
     keys = [f"k{i:02d}" for i in range(30)]
     prompts = write_table(tmp_path / "prompts.csv", keys)
     rows = table_rows(prompts)
     data_dir = tmp_path / "data"
-    KvidCatalog.for_data_dir(data_dir)  # created once, before the writers race
+    ledger = Ledger.for_data_dir(data_dir)  # created once, before the writers race
+    register_table(ledger, load_prompt_table(prompts))
     groups = [keys[0:10], keys[10:20], keys[20:30]]
     children = [
         spawn("child_submit_rows", prompts, data_dir, emulator.base_url, json.dumps(group))
         for group in groups
     ]
     rng = random.Random(20261126)
-    targets = sorted(rng.sample(range(2, 28), 3))
+    targets = sorted(rng.sample(range(2, 12), 3))  # the third is reachable whoever died first
     killed = 0
     for child, target in zip(children, targets, strict=True):
-        emulator.wait_for_jobs(target, timeout=60)  # the writers are busy recording by now
+        # the writers are busy submitting by now: kill this one when the emulator has created
+        # `target` jobs in all (unless it finished first)
+        deadline = time.monotonic() + 60
+        while not emulator.wait_for_jobs(target, timeout=0.05) and child.poll() is None:
+            assert time.monotonic() < deadline, f"{emulator.jobs_created} jobs, not {target}"
         if child.poll() is None:
             kill(child)
             killed += 1
+    for child in children:
+        child.wait(60)
     assert killed >= 1
     quiesce(emulator)
 
-    catalog = KvidCatalog.for_data_dir(data_dir)
-    # what the killed writers left is readable and consistent, and no part was damaged
-    assert_accounted(emulator.jobs, catalog, rows)
-    created = emulator.jobs_created
-    assert 0 < created <= len(keys)
-    # the recovery run sends only rows that never got an intent
-    no_intent = [k for k in keys if k not in catalog.records_by_key()]
-    submit(emulator.base_url, catalog, rows)
-    assert emulator.jobs_created == created + len(no_intent)
-    poll_until_settled(emulator.base_url, catalog, data_dir / "videos", intent_grace_s=0.0)
-    final = statuses(catalog)
-    assert set(final.values()) <= {"COMPLETED", "UNCERTAIN"}
-    assert_accounted(emulator.jobs, catalog, rows)
-    # an UNCERTAIN row is exactly one whose writer died between its generate and its record
-    recorded = {r["request_id"] for r in catalog.latest_records() if r["request_id"]}
-    unrecorded = [rid for rid in emulator.jobs if rid not in recorded]
-    assert len(unrecorded) <= list(final.values()).count("UNCERTAIN")
+    # what the killed writers left: at most generate_concurrency claims each (a writer that
+    # started later may have settled some UNCERTAIN already), every paid job recorded or held
+    # by a claim, every other row holding nothing
+    at_kill = statuses(ledger)
+    in_flight = keys_in(at_kill, "SUBMITTING") | keys_in(at_kill, "UNCERTAIN")
+    assert len(in_flight) <= 4 * killed
+    assert set(at_kill.values()) <= {"SUBMITTING", "UNCERTAIN", "SUBMITTED", "PENDING"}
+    assert_accounted(emulator.jobs, ledger, rows)
+    never_claimed = keys_in(at_kill, "PENDING")
+    assert set(jobs_per_key(emulator.jobs, rows)) <= set(keys) - never_claimed
+    # the recovery run settles the claims and sends exactly the rows that were never claimed
+    submit(emulator.base_url, ledger, rows)
+    sent = jobs_per_key(emulator.jobs, rows)
+    assert all(sent[k] == 1 for k in never_claimed)
+    poll_until_settled(emulator.base_url, ledger, data_dir / "videos")
+    final = statuses(ledger)
+    # an UNCERTAIN row is exactly one whose writer died with its claim in flight
+    assert keys_in(final, "UNCERTAIN") == in_flight
+    assert keys_in(final, "COMPLETED") == set(keys) - in_flight
+    assert_accounted(emulator.jobs, ledger, rows)
+    # (a writer killed in the middle of sending a body leaves a truncated request: 422, no job)
+    stats = emulator.stats
+    assert stats[("generate", 200)] == emulator.jobs_created == len(emulator.jobs), stats
+    assert stats["generate"] == stats[("generate", 200)] + stats[("generate", 422)], stats
 
 
-def test_a_request_id_recorded_during_a_tick_is_not_hidden_by_a_stale_uncertain(
-    emulator: KvidEmulator, tmp_path: Path
+def _real_request_id(base_url: str, row: PromptRow) -> str:
+    async def go() -> str:
+        async with make_client(base_url) as client:
+            return await client.generate(row.request)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("when", ["while recovery decides", "after recovery settled it"])
+def test_a_request_id_recorded_by_a_slow_submitter_is_never_hidden_by_uncertain(
+    when: str, emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    """A slow submitter records its request_id while a status tick is deciding that its
-    intent is orphaned: the tick must not overwrite the fresh request_id with UNCERTAIN."""
-    from kvid_dagster.client import AsyncKvidClient
-    from kvid_dagster.poll import PollConfig, poll_pending
-
+    """A submitter that only looked dead records its request_id while (or after) a status tick
+    settles its claim: the request_id wins; UNCERTAIN never overwrites a recorded job."""
     prompts = write_table(tmp_path / "prompts.csv", ["slow", "other"])
     rows = {r.partition_key: r for r in table_rows(prompts)}
-    catalog = KvidCatalog(tmp_path / "catalog", durable=False)
-    submit(emulator.base_url, catalog, [rows["other"]])
-    late_id = "req_" + "0" * 16
-    catalog.update(  # an intent older than the grace period...
-        "slow",
-        status="SUBMITTING",
-        request_hash=rows["slow"].request_hash,
-        job_kind=rows["slow"].job_kind,
-        submitted_at=datetime.now(UTC) - timedelta(hours=1),
-    )
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    register_table(ledger, load_prompt_table(prompts))
+    submit(emulator.base_url, ledger, [rows["other"]])
+    claimed = ledger.claim(rows["slow"], ClaimOwner.current(), cost_credits=1.0)
+    assert isinstance(claimed, Submission)
+    late_id = _real_request_id(emulator.base_url, rows["slow"])  # its generate went out
 
-    class RacingClient(AsyncKvidClient):
-        async def status(self, job_kind: Any, request_id: Any) -> Any:
-            # ...whose submitter records its request_id while the tick is busy
-            catalog.update("slow", status="SUBMITTED", request_id=late_id)
-            return await super().status(job_kind, request_id)
+    def is_alive(sub: Submission) -> bool | None:
+        if when == "while recovery decides" and sub.submission_id == claimed.submission_id:
+            ledger.record_submitted(claimed, late_id)  # recorded as the tick decides
+        return False  # the tick takes the owner for gone
 
     async def tick() -> Any:
-        async with RacingClient(TEST_API_KEY, emulator.base_url) as client:
+        async with make_client(emulator.base_url) as client:
             return await poll_pending(
-                client, catalog, PollConfig(tmp_path / "videos", intent_grace_s=60.0)
+                client, ledger, PollConfig(tmp_path / "videos"), is_alive=is_alive
             )
 
     report = asyncio.run(tick())
-    record = catalog.get("slow")
-    assert record is not None
-    assert (record["status"], record["request_id"]) == ("SUBMITTED", late_id)
-    assert any("slow: changed while it was polled" in e for e in report.errors)
-    assert [e.partition_key for e in report.terminal] == []
+    row = ledger.row("slow")
+    assert row is not None
+    if when == "while recovery decides":
+        assert report.settled == []
+        # recorded, then polled in the same tick like any other job
+        assert row.request_id == late_id and row.status is not VideoStatus.UNCERTAIN
+        assert row.status.needs_polling or row.status is VideoStatus.COMPLETED
+    else:
+        assert [s.partition_key for s in report.settled] == ["slow"]
+        assert row.status is VideoStatus.UNCERTAIN
+        ledger.record_submitted(claimed, late_id)  # the slow submitter's answer lands now
+        row = ledger.row("slow")
+        assert row is not None
+        assert (row.status, row.request_id) == (VideoStatus.SUBMITTED, late_id)
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert set(statuses(ledger).values()) == {"COMPLETED"}
+    assert emulator.jobs_created == 2
+    assert_accounted(emulator.jobs, ledger, list(rows.values()))
+
+
+def test_a_change_to_a_job_made_while_a_tick_polls_it_is_not_overwritten(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """Another writer (a second tick, a person resolving) moves a job while this tick waits for
+    its status: this tick's change is dropped (versioned write) and the next tick converges."""
+    prompts = write_table(tmp_path / "prompts.csv", ["k0", "k1"])
+    rows = table_rows(prompts)
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    register_table(ledger, load_prompt_table(prompts))
+    submit(emulator.base_url, ledger, rows)
+    wait_until_all_completed(emulator, 2)
+    raced: list[int] = []
+
+    class RacingClient(AsyncKvidClient):
+        async def status(self, job_kind: Any, request_id: Any) -> Any:
+            sub = next(s for s in ledger.jobs_to_poll() if s.request_id == request_id)
+            if sub.partition_key == "k0" and not raced:
+                raced.append(sub.submission_id)
+                ledger.apply(
+                    [JobChange(sub.submission_id, sub.version, VideoStatus.PROCESSING, 42)]
+                )
+            return await super().status(job_kind, request_id)
+
+    async def tick() -> Any:
+        async with RacingClient("test-key", emulator.base_url) as client:
+            return await poll_pending(client, ledger, PollConfig(tmp_path / "videos"))
+
+    report = asyncio.run(tick())
+    assert raced and any("changed while polled" in e for e in report.errors)
+    states = statuses(ledger)
+    assert states == {"k0": "PROCESSING", "k1": "COMPLETED"}  # the other writer's change stands
+    assert ledger.submission(raced[0]).progress == 42  # type: ignore[union-attr]
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert set(statuses(ledger).values()) == {"COMPLETED"}
+    assert_accounted(emulator.jobs, ledger, rows)

@@ -1,5 +1,6 @@
-"""The API key never leaves the client: not in logs, metadata, the catalog, exception texts,
-the Dagster event log or any file under DAGSTER_HOME, even when the server echoes it back."""
+"""The API key never leaves the client: not in logs, metadata, the ledger, the catalog,
+exception texts, the Dagster event log or any file under DAGSTER_HOME, even when the server
+echoes it back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from faultkit import (
 )
 
 from kvid_dagster.definitions import CATALOG_JOB
+from kvid_dagster.ledger import VideoStatus
 from kvid_dagster.project import KvidProject
 
 SECRET = "kvid-SECRET-7f3a9c1e-do-not-log"
@@ -54,11 +56,11 @@ def test_a_full_run_with_faults_never_shows_the_api_key(
     with open_instance(home) as instance:
         assert run_prompts(defs, instance)
         assert not run_submit(defs, instance, "echoed", "throttled")  # fails: one UNCERTAIN
-        tick_until_settled(defs, instance, project.catalog())
+        tick_until_settled(defs, instance, project.ledger())
         result = defs.resolve_job_def(CATALOG_JOB).execute_in_process(instance=instance)
         assert result.success
         texts = [str(e.message or "") + repr(e.event_specific_data) for e in result.all_events]
-    assert sorted(statuses(project.catalog()).values()) == [
+    assert sorted(statuses(project.ledger()).values()) == [
         "COMPLETED", "COMPLETED", "FAILED", "UNCERTAIN",
     ]  # fmt: skip
     assert emulator.stats[("status", 500)] == 3  # the echoing server really was asked
@@ -70,5 +72,12 @@ def test_a_full_run_with_faults_never_shows_the_api_key(
     captured = capfd.readouterr()
     assert SECRET not in captured.out and SECRET not in captured.err
     assert all(SECRET not in text for text in texts)
-    assert files_containing(project.data_dir, needle) == []  # catalog Parquet, videos
+    ledger = project.ledger()
+    [uncertain] = ledger.submissions([VideoStatus.UNCERTAIN])
+    assert uncertain.error is not None and "***" in uncertain.error  # the echo, scrubbed
+    ledger.close()
+    written = {p.name for p in project.data_dir.rglob("*") if p.is_file()}
+    assert {"kvid.db", "data.parquet"} <= written  # the ledger and the catalogs were searched
+    # the ledger (database, WAL, journal), the published catalogs, the videos
+    assert files_containing(project.data_dir, needle) == []
     assert files_containing(home, needle) == []  # runs, event logs, compute logs, schedules

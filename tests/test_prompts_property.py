@@ -24,11 +24,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from kvid_dagster.ledger import Submission, VideoFile, VideoStatus
 from kvid_dagster.poll import video_path
 from kvid_dagster.prompts import (
     PARAM_COLUMNS,
     PROMPT_ID_PATTERN,
     ROW_COLUMNS,
+    PromptRow,
     PromptTable,
     PromptTableError,
     load_prompt_table,
@@ -77,7 +79,37 @@ def check_table(table: PromptTable, data_rows: int, download_dir: Path) -> None:
     for row in table.rows:
         assert PROMPT_ID_PATTERN.fullmatch(row.partition_key)
         assert row.request_hash == row.request.canonical_hash()
-        assert video_path(download_dir, row.partition_key).parent == download_dir.resolve()
+        # each job of the row has its own file, inside download_dir
+        paths = {video_path(download_dir, submission_of(row, attempt)) for attempt in (1, 2)}
+        assert len(paths) == 2
+        assert all(path.parent == download_dir.resolve() for path in paths)
+
+
+def submission_of(row: PromptRow, attempt: int) -> Submission:
+    """The ledger's record of an attempt at ``row``'s request (what names its video)."""
+    return Submission(
+        submission_id=attempt,
+        request_hash=row.request_hash,
+        attempt=attempt,
+        partition_key=row.partition_key,
+        prompt=row.prompt,
+        job_kind=row.job_kind,
+        model=row.model,
+        params_json=row.params_json,
+        status=VideoStatus.SUBMITTED,
+        request_id=None,
+        progress=None,
+        video=VideoFile(),
+        error=None,
+        cost_credits=None,
+        owner=None,
+        claimed_at=None,
+        heartbeat_at=None,
+        submitted_at=None,
+        completed_at=None,
+        updated_at=None,
+        version=0,
+    )
 
 
 def csv_bytes(header: Sequence[str], rows: Sequence[Sequence[str]]) -> bytes:

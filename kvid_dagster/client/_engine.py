@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from ._download import DEFAULT_MAX_BYTES, DownloadSink, target_path
+from ._ramp import Ramp
 from .errors import (
     KvidConnectionError,
     KvidError,
@@ -199,10 +200,12 @@ class ClientBase:
         self._sleep = sleep if sleep is not None else type(self)._default_sleep
         self._clock = clock
         self._dialect = dialect if dialect is not None else DEFAULT_DIALECT
-        # one connection per request in flight: the semaphore, not the pool, does the queueing
+        # one connection per request in flight: the ramp's semaphores, not the pool, do the
+        # queueing, and open new connections gradually (see _ramp.py)
         self._limits = httpx.Limits(
             max_connections=max_in_flight, max_keepalive_connections=max_in_flight
         )
+        self._ramp = Ramp(max_in_flight, idle=self._limits.keepalive_expiry)
         self._http = self._open_http(transport)
 
     def _open_http(self, transport: Any) -> Any:

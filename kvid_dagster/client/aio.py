@@ -4,8 +4,9 @@ that the shared operations in ``_engine`` ask for; it makes no decision of its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import httpx
 
 from ._download import DEFAULT_MAX_BYTES
 from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
 
@@ -26,13 +28,16 @@ class AsyncKvidClient(ClientBase):
 
     Same constructor as ``KvidClient``, except that ``transport`` is an
     ``httpx.AsyncBaseTransport`` and ``sleep`` an async ``Callable[[float], Awaitable[None]]``
-    (default ``asyncio.sleep``); ``max_in_flight`` is an ``asyncio.Semaphore``.
+    (default ``asyncio.sleep``). ``max_in_flight`` is the same gradually reached ceiling
+    (2 at first, one more per HTTP answer, halved on a reset, at most 2 on connections not yet
+    answered on: see ``_ramp.py``), waited for on an ``asyncio.Semaphore``.
     """
 
     _default_sleep = staticmethod(asyncio.sleep)
 
     def _open_http(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-        self._slots = asyncio.Semaphore(self._max_in_flight)
+        self._slots = asyncio.Semaphore(self._ramp.permits)
+        self._connects = asyncio.Semaphore(self._ramp.connect_permits)
 
         async def strip_foreign_key(request: httpx.Request) -> None:
             self._strip_foreign_key(request)
@@ -45,12 +50,46 @@ class AsyncKvidClient(ClientBase):
             event_hooks={"request": [strip_foreign_key]},
         )
 
+    async def _take_slot(self) -> Exchange:
+        while True:
+            await self._slots.acquire()
+            exchange = self._ramp.start()
+            if exchange is not None:  # no await since acquire: no permit lost
+                return exchange
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, request: httpx.Request) -> AsyncIterator[None]:
+        """Hold a window permit for one HTTP exchange, and a connect permit while a connection
+        it opens awaits its first answer (see ``_ramp.py``)."""
+        exchange = await self._take_slot()
+
+        async def trace(event: str, info: Any) -> None:
+            step = self._ramp.event(exchange, event)
+            if step > 0:
+                await self._connects.acquire()
+                self._ramp.opening(exchange)
+            elif step < 0:
+                self._connects.release()
+
+        request.extensions["trace"] = trace
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for _ in range(exchange.held):
+                self._connects.release()
+            for _ in range(self._ramp.done(exchange, error)):
+                self._slots.release()
+
     async def _perform(self, action: Action) -> Any:
         if isinstance(action, Send):
-            async with self._slots:
+            async with self._slot(action.request):
                 return await self._http.send(action.request)
         if isinstance(action, Fetch):
-            async with self._slots:
+            async with self._slot(action.request):
                 response = await self._http.send(action.request, stream=True, follow_redirects=True)
                 try:
                     if action.sink.accept(response):

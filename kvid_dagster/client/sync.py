@@ -8,7 +8,7 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -16,6 +16,7 @@ import httpx
 
 from ._download import DEFAULT_MAX_BYTES
 from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
 
@@ -34,8 +35,12 @@ class KvidClient(ClientBase):
     - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only.
     - ``timeout``: seconds for each connect/read/write/pool wait of one HTTP request.
     - ``max_retries``/``backoff_base``/``backoff_max``: the ``RetryPolicy`` (full jitter).
-    - ``max_in_flight``: requests at once across all threads (a ``BoundedSemaphore``; the
-      connection pool has the same size).
+    - ``max_in_flight``: the most requests at once across all threads (the connection pool
+      has the same size). It is a ceiling reached gradually, like TCP slow start: 2 in flight
+      at first, one more per HTTP answer, halved on a reset or refused connection, and never
+      more than 2 on connections the server has not answered on yet, so that a burst cannot
+      overflow a small listen backlog (see ``_ramp.py``). Kept-alive connections are reused,
+      so a busy client stays at the ceiling.
     - ``transport``: an ``httpx.BaseTransport`` (tests); ``sleep``: ``Callable[[float], None]``
       (default ``time.sleep``; inject it to test retries without waiting); ``clock``: monotonic
       seconds for ``wait``'s deadline; ``dialect``: the wire dialect (default ``KVID_DIALECT``).
@@ -44,7 +49,8 @@ class KvidClient(ClientBase):
     _default_sleep = staticmethod(time.sleep)
 
     def _open_http(self, transport: httpx.BaseTransport | None) -> httpx.Client:
-        self._slots = threading.BoundedSemaphore(self._max_in_flight)
+        self._slots = threading.Semaphore(self._ramp.permits)
+        self._connects = threading.Semaphore(self._ramp.connect_permits)
         return httpx.Client(
             timeout=self._timeout,
             limits=self._limits,
@@ -53,12 +59,46 @@ class KvidClient(ClientBase):
             event_hooks={"request": [self._strip_foreign_key]},
         )
 
+    def _take_slot(self) -> Exchange:
+        while True:
+            self._slots.acquire()
+            exchange = self._ramp.start()
+            if exchange is not None:
+                return exchange
+
+    @contextlib.contextmanager
+    def _slot(self, request: httpx.Request) -> Iterator[None]:
+        """Hold a window permit for one HTTP exchange, and a connect permit while a connection
+        it opens awaits its first answer (see ``_ramp.py``)."""
+        exchange = self._take_slot()
+
+        def trace(event: str, info: Any) -> None:
+            step = self._ramp.event(exchange, event)
+            if step > 0:
+                self._connects.acquire()
+                self._ramp.opening(exchange)
+            elif step < 0:
+                self._connects.release()
+
+        request.extensions["trace"] = trace
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for _ in range(exchange.held):
+                self._connects.release()
+            for _ in range(self._ramp.done(exchange, error)):
+                self._slots.release()
+
     def _perform(self, action: Action) -> Any:
         if isinstance(action, Send):
-            with self._slots:
+            with self._slot(action.request):
                 return self._http.send(action.request)
         if isinstance(action, Fetch):
-            with self._slots:
+            with self._slot(action.request):
                 response = self._http.send(action.request, stream=True, follow_redirects=True)
                 with contextlib.closing(response):
                     if action.sink.accept(response):

@@ -36,6 +36,9 @@ def build_parser(prog: str = "python -m kvid_dagster.emulator") -> argparse.Argu
     parser.add_argument(
         "--reuse-renders", action="store_true", help="render once per output geometry"
     )
+    parser.add_argument(
+        "--backlog", type=int, default=5, help="listen backlog (default 5, the stdlib's)"
+    )
     parser.add_argument("--output-dir", default=None, help="where videos go (default: temp dir)")
     parser.add_argument("--public-base-url", default=None, help="base of result URLs")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -61,6 +64,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             reuse_renders=args.reuse_renders,
             seed=args.seed,
             public_base_url=args.public_base_url,
+            backlog=args.backlog,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -50,12 +50,17 @@ class EmulatorConfig:
     """Size of the render pool (encoding is CPU-bound; the machines have 2 cores)."""
     result_wait: float = 120.0
     """How long ``result`` waits for the render of a completed job before answering 503."""
+    backlog: int = 5
+    """Listen backlog: the standard library's (``socketserver``) 5, as small real servers have,
+    so bursts meet a full accept queue in tests too; benchmarks pass a large one."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.render_threads < 1:
             raise ValueError(f"render_threads must be >= 1, got {self.render_threads}")
+        if self.backlog < 1:
+            raise ValueError(f"backlog must be >= 1, got {self.backlog}")
         for name in ("failure_rate", "error_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -1,9 +1,10 @@
 """KvidEmulator: a real HTTP server speaking the kvid contract (shared/kvid-api.md).
 
-One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, Nagle off, daemon threads) runs in a
-background thread. Job states come from the clock (see jobs.py); videos are rendered by a small
-thread pool as soon as a job is created and served from the emulator's own ``/files/``.
-Everything lives on the instance, so several emulators can run in one process.
+One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, Nagle off, daemon threads, listen backlog
+``config.backlog``) runs in a background thread. Job states come from the clock (see jobs.py);
+videos are rendered by a small thread pool as soon as a job is created and served from the
+emulator's own ``/files/``. Everything lives on the instance, so several emulators can run in
+one process.
 """
 
 from __future__ import annotations
@@ -235,6 +236,15 @@ class KvidEmulator:
         for name in ("generate", "status", "result", "files"):
             snapshot[name] += 0
         return snapshot
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted so far (keep-alive reuse keeps this far below requests)."""
+        server = self._server
+        if server is None:
+            return 0
+        with server._connections_lock:
+            return server.connections_accepted
 
     @property
     def jobs_created(self) -> int:
@@ -731,18 +741,21 @@ def _route(path: str) -> tuple[str, str | None, str]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 256  # benchmarks open many connections at once
 
     def __init__(self, address: tuple[str, int], emulator: KvidEmulator) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        # read by server_activate's listen(), which the base __init__ calls: set it first
+        self.request_queue_size = emulator.config.backlog
         self.emulator = emulator
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.connections_accepted = 0
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
             self._connections.add(request)
+            self.connections_accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:

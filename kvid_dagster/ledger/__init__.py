@@ -1,0 +1,67 @@
+"""The job ledger: every paid kvid request, in SQLite (default) or PostgreSQL.
+
+The one place that knows storage. ``Ledger`` holds the rows, the submissions (one per claimed
+attempt at a request) and their history; :func:`publish` writes the Parquet catalogs
+(``<data_dir>/catalog/videos`` and ``/submissions``) from it.
+"""
+
+from kvid_dagster.ledger.publish import (
+    SUBMISSION_COLUMNS,
+    SUBMISSION_SCHEMA,
+    VIDEO_COLUMNS,
+    VIDEO_SCHEMA,
+    PublishStats,
+    publish,
+    read_tables,
+    submissions_frame,
+    videos_frame,
+)
+from kvid_dagster.ledger.records import (
+    ClaimOwner,
+    InvalidEntry,
+    JobChange,
+    RequestRow,
+    Submission,
+    VideoFile,
+    VideoRow,
+)
+from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
+from kvid_dagster.ledger.store import (
+    DEFAULT_CLAIM_LEASE_SECONDS,
+    DEFAULT_RULE,
+    DEFAULT_TABLE_PREFIX,
+    ClaimRule,
+    Ledger,
+    RecoveryReport,
+    Refusal,
+    refusal_for,
+)
+
+__all__ = [
+    "DEFAULT_CLAIM_LEASE_SECONDS",
+    "DEFAULT_RULE",
+    "DEFAULT_TABLE_PREFIX",
+    "SUBMISSION_COLUMNS",
+    "SUBMISSION_SCHEMA",
+    "VIDEO_COLUMNS",
+    "VIDEO_SCHEMA",
+    "ClaimOwner",
+    "ClaimRule",
+    "InvalidEntry",
+    "JobChange",
+    "Ledger",
+    "PublishStats",
+    "RecoveryReport",
+    "Refusal",
+    "RequestRow",
+    "Submission",
+    "SubmissionEvent",
+    "VideoFile",
+    "VideoRow",
+    "VideoStatus",
+    "publish",
+    "read_tables",
+    "refusal_for",
+    "submissions_frame",
+    "videos_frame",
+]

@@ -1,0 +1,158 @@
+"""One-time import of a data folder written by kvid-dagster 0.1 (its Parquet-log catalog).
+
+0.1 kept its state in ``<data_dir>/catalog/``: published snapshots (``videos/data.parquet``,
+``submissions/data.parquet``, carrying ``kvid.max_seq``) plus unpublished partial updates under
+``_log/``. Its request_ids are money, so the first open of such a folder folds that state and
+copies it into the ledger; the old log is then renamed ``_log.imported-0.1`` and kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from sqlalchemy import insert
+
+from kvid_dagster.ledger.status import VideoStatus
+from kvid_dagster.ledger.store import Ledger, utcnow
+
+log = logging.getLogger("kvid_dagster.ledger")
+
+MARKER = "legacy_catalog_imported"
+_MAX_SEQ_KEY = b"kvid.max_seq"
+_SET_COLUMN = "_set"
+_ROW_FIELDS = ("prompt", "job_kind", "model", "request_hash", "params_json")
+_JOB_FIELDS = (
+    "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
+    "height", "fps", "num_frames", "duration_s", "error", "cost_credits", "submitted_at",
+    "completed_at",
+)  # fmt: skip
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # a damaged file of the old engine: say so, import the rest
+        log.warning("kvid 0.1 catalog: %s unreadable, skipped (%s)", path, exc)
+        return []
+
+
+def _parts(log_dir: Path, after: int) -> Iterator[Path]:
+    numbered = []
+    for part in log_dir.glob("*.parquet"):
+        try:
+            numbered.append((int(part.name.split("-", 1)[0]), part))
+        except ValueError:
+            continue
+    yield from (p for seq, p in sorted(numbered) if seq > after)
+
+
+def _max_seq(path: Path) -> int:
+    try:
+        return int((pq.read_metadata(path).metadata or {}).get(_MAX_SEQ_KEY, b"0"))
+    except Exception:
+        return 0
+
+
+def fold_legacy(catalog_dir: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """(videos by partition key, submission events) as 0.1's ``latest()`` would show them."""
+    videos_file = catalog_dir / "videos" / "data.parquet"
+    subs_file = catalog_dir / "submissions" / "data.parquet"
+    videos = {r["partition_key"]: r for r in _records(videos_file)} if videos_file.exists() else {}
+    for part in _parts(catalog_dir / "_log" / "videos", _max_seq(videos_file)):
+        for update in _records(part):
+            row = videos.setdefault(update["partition_key"], {})
+            for name in update.get(_SET_COLUMN) or []:
+                row[name] = update.get(name)
+            row["partition_key"] = update["partition_key"]
+    events = _records(subs_file) if subs_file.exists() else []
+    for part in _parts(catalog_dir / "_log" / "submissions", _max_seq(subs_file)):
+        events.extend(_records(part))
+    return videos, events
+
+
+def _aware(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
+    """Import 0.1's catalog in ``catalog_dir`` once; returns the number of rows imported."""
+    log_dir = catalog_dir / "_log"
+    if not log_dir.is_dir() or ledger.marker(MARKER) is not None:
+        return 0
+    videos, events = fold_legacy(catalog_dir)
+    t = ledger.tables
+    now = utcnow()
+    seen: set[tuple[str, int]] = set()
+    with ledger._write() as conn:
+        for key, v in sorted(videos.items()):
+            status = str(v.get("status") or VideoStatus.PENDING)
+            invalid = status == VideoStatus.INVALID
+            conn.execute(
+                insert(t.rows).values(
+                    partition_key=key,
+                    **{f: v.get(f) for f in _ROW_FIELDS},
+                    invalid_reason=v.get("error") if invalid else None,
+                    last_error=None,
+                    updated_at=_aware(v.get("updated_at")) or now,
+                )
+            )
+            holds = status not in {VideoStatus.PENDING, VideoStatus.INVALID}
+            ident = (str(v.get("request_hash")), int(v.get("attempts") or 1))
+            if not holds or not v.get("request_hash") or ident in seen:
+                continue
+            seen.add(ident)
+            job_status = _job_status(status, v)
+            conn.execute(
+                insert(t.jobs).values(
+                    request_hash=ident[0],
+                    attempt=ident[1],
+                    partition_key=key,
+                    prompt=v.get("prompt") or "",
+                    job_kind=v.get("job_kind") or "",
+                    model=v.get("model") or "",
+                    params_json=v.get("params_json") or "{}",
+                    status=job_status.value,
+                    **{f: _aware(v.get(f)) if f.endswith("_at") else v.get(f) for f in _JOB_FIELDS},
+                    claimed_at=_aware(v.get("submitted_at")),
+                    updated_at=_aware(v.get("updated_at")) or now,
+                    version=0,
+                )
+            )
+        for e in events:
+            conn.execute(
+                insert(t.events).values(
+                    **{k: e.get(k) for k in _EVENT_FIELDS},
+                    recorded_at=_aware(e.get("recorded_at")) or now,
+                )
+            )
+        ledger.set_marker(MARKER, now.isoformat(), conn)
+    log_dir.rename(catalog_dir / "_log.imported-0.1")
+    log.warning(
+        "imported kvid 0.1's catalog from %s: %d rows, %d submission events",
+        catalog_dir, len(videos), len(events),
+    )  # fmt: skip
+    return len(videos)
+
+
+_EVENT_FIELDS = (
+    "event_id", "partition_key", "request_hash", "job_kind", "model", "params_json",
+    "request_id", "event", "attempt", "cost_credits", "error",
+)  # fmt: skip
+
+
+def _job_status(status: str, v: Mapping[str, Any]) -> VideoStatus:
+    """0.1's SUBMITTING row without a request_id was an intent its submitter never finished:
+    the job may exist, so it is UNCERTAIN; any other status is kept (running ones mapped)."""
+    if status == VideoStatus.SUBMITTING:
+        return VideoStatus.SUBMITTED if v.get("request_id") else VideoStatus.UNCERTAIN
+    try:
+        return VideoStatus(status)
+    except ValueError:
+        return VideoStatus.from_service(status)

@@ -1,0 +1,194 @@
+"""The typed records the ledger hands out and takes: a row, a submission, a claim's owner."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvid_dagster.ledger.status import VideoStatus
+
+
+class RequestRow(Protocol):
+    """What the ledger needs of a valid prompt row (``prompts.PromptRow`` is one)."""
+
+    @property
+    def partition_key(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def job_kind(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def request_hash(self) -> str: ...
+    @property
+    def params_json(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class InvalidEntry:
+    """A table row that will never be sent, keyed as the catalog shows it."""
+
+    partition_key: str
+    prompt: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """What the status poller learnt of a finished job's video."""
+
+    url: str | None = None
+    name: str | None = None
+    size_kb: int | None = None
+    local_path: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    num_frames: int | None = None
+    duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One claimed attempt at a request: the money record (``<prefix>submissions``)."""
+
+    submission_id: int
+    request_hash: str
+    attempt: int
+    partition_key: str  # the row that claimed it (other rows may share the request)
+    prompt: str
+    job_kind: str
+    model: str
+    params_json: str
+    status: VideoStatus
+    request_id: str | None
+    progress: int | None
+    video: VideoFile
+    error: str | None
+    cost_credits: float | None
+    owner: ClaimOwner | None
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    submitted_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime | None
+    version: int
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """A prompt row as the ledger knows it: its current request and that request's latest job.
+
+    ``status`` is ``INVALID`` for an invalid row, ``PENDING`` when no job exists for the row's
+    current request, else the status of the request's latest submission (which another row with
+    the same request may have claimed: a request is paid once, whatever row asks for it).
+    """
+
+    partition_key: str
+    prompt: str | None
+    job_kind: str | None
+    model: str | None
+    request_hash: str | None
+    params_json: str | None
+    status: VideoStatus
+    error: str | None
+    submission: Submission | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        return self.submission.request_id if self.submission else None
+
+    @property
+    def progress(self) -> int | None:
+        return self.submission.progress if self.submission else None
+
+    @property
+    def video(self) -> VideoFile:
+        return self.submission.video if self.submission else VideoFile()
+
+    @property
+    def attempts(self) -> int:
+        return self.submission.attempt if self.submission else 0
+
+    @property
+    def cost_credits(self) -> float | None:
+        return self.submission.cost_credits if self.submission else None
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """A change of one submission, applied only if nobody moved it since ``expected_version``."""
+
+    submission_id: int
+    expected_version: int
+    status: VideoStatus
+    progress: int | None = None
+    error: str | None = None
+    video: VideoFile | None = None
+    completed: bool = False  # stamp completed_at
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_token(pid: int) -> str | None:
+    """What tells a live process from a later one with the same pid (``None``: no such pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if not Path("/proc/self/stat").exists():  # no procfs: fall back to "the pid exists"
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return ""
+            return ""
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime, after the comm field
+
+
+@dataclass(frozen=True)
+class ClaimOwner:
+    """Who holds a claim: enough to tell, from another process or host, whether it is gone."""
+
+    host: str
+    pid: int
+    started: str  # "<boot id>:<process start time>": a restarted machine or a reused pid differs
+    run_id: str | None = None
+
+    @classmethod
+    @cache
+    def _this_process(cls, pid: int) -> ClaimOwner:
+        return cls(socket.gethostname(), pid, f"{_boot_id()}:{process_start_token(pid) or ''}")
+
+    @classmethod
+    def current(cls, run_id: str | None = None) -> ClaimOwner:
+        """This process (after a fork, the child is a new owner)."""
+        owner = cls._this_process(os.getpid())
+        return ClaimOwner(owner.host, owner.pid, owner.started, run_id)
+
+    def is_local(self) -> bool:
+        here = ClaimOwner.current()
+        return self.host == here.host and self.started.split(":")[0] == here.started.split(":")[0]
+
+    def is_alive_locally(self) -> bool:
+        """For an owner on this machine: does its process still run?"""
+        token = process_start_token(self.pid)
+        return token is not None and self.started == f"{_boot_id()}:{token}"
+
+
+VIDEO_FILE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoFile))

@@ -1,0 +1,1015 @@
+"""``Ledger``: every paid request, in a transactional database (SQLite file or PostgreSQL).
+
+The money rules live here, enforced by the database rather than by whoever calls:
+
+- **one claim per attempt at a request**: ``(request_hash, attempt)`` is unique, so two runs,
+  a run and a sensor, or two hosts cannot both claim (and so both send) the same request;
+- **a claim is committed immediately before its generate leaves** and records its owner
+  (host, pid, process start, Dagster run id): :meth:`Ledger.recover` settles the claims of
+  owners that are gone, at once, without a grace period;
+- **a request is paid once across the whole history**, whatever partition asks for it: a row
+  that returns to an earlier request reuses that request's job and video;
+- **a paid request_id is never only in memory**: recording it is retried, then journalled.
+
+Everything else (which rows, when, over what HTTP) is the callers' business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from kvid_dagster.ledger.journal import Journal, JournalEntry
+from kvid_dagster.ledger.records import (
+    VIDEO_FILE_FIELDS,
+    ClaimOwner,
+    InvalidEntry,
+    JobChange,
+    RequestRow,
+    Submission,
+    VideoFile,
+    VideoRow,
+)
+from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
+from kvid_dagster.ledger.tables import MIGRATIONS, SCHEMA_VERSION, LedgerTables, define_tables
+
+log = logging.getLogger("kvid_dagster.ledger")
+
+DEFAULT_TABLE_PREFIX = "kvid_"
+#: A claim of another host whose heartbeat is older than this is taken as abandoned.
+DEFAULT_CLAIM_LEASE_SECONDS = 120.0
+DATABASE_FILE = "kvid.db"
+JOURNAL_FILE = "kvid-journal.jsonl"
+# recording a paid request_id: this many attempts, with these waits, before the journal
+_RECORD_ATTEMPTS = 5
+_RECORD_BACKOFF_SECONDS = (0.05, 0.2, 0.5, 1.0)
+_SQLITE_BUSY_TIMEOUT_SECONDS = 60.0
+_REVISION = "revision"
+_IN_CHUNK = 5_000  # values in one IN (...): under every backend's parameter limit
+_VERSION = "schema_version"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the ``[postgres]`` extra)."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_ledger_engine(url: str) -> Engine:
+    """An engine tuned for many writer processes: SQLite in WAL mode with a busy timeout and
+    write transactions that take the write lock up front (``BEGIN IMMEDIATE``: a deferred one
+    that upgrades later fails at once with "database is locked", whatever the timeout)."""
+    url = normalize_database_url(url)
+    if not make_url(url).drivername.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_SECONDS})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed request_id survives power loss
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("kvid_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+@dataclass(frozen=True)
+class ClaimRule:
+    """When a request that was sent before may be sent again (each time is paid)."""
+
+    force: bool = False  # pay for a new attempt whatever became of the last one
+    retry_failed_below: int | None = None  # the retry policy: a FAILED request with fewer attempts
+
+
+#: send a request only if it was never sent (or its last claim was released)
+DEFAULT_RULE = ClaimRule()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a row was not claimed, with the submission that stands in its way."""
+
+    reason: str
+    submission: Submission | None = None
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    replayed: list[Submission]  # request_ids recorded from the journal
+    settled: list[Submission]  # claims of owners that are gone, now UNCERTAIN
+
+
+def refusal_for(latest: Submission | None, rule: ClaimRule) -> str | None:
+    """Why a request whose latest submission is ``latest`` must not be claimed again, or None."""
+    if latest is None:
+        return None
+    status, rid = latest.status, latest.request_id or "not known"
+    if status is VideoStatus.SUBMITTING:
+        owner = latest.owner
+        who = f" by pid {owner.pid} on {owner.host}" if owner else ""
+        return f"this exact request is being submitted right now{who}"
+    if rule.force:
+        return None
+    if status.ended_without_video:
+        if (
+            rule.retry_failed_below is not None
+            and status is VideoStatus.FAILED
+            and latest.attempt < rule.retry_failed_below
+        ):
+            return None
+        return (
+            f"this exact request was sent already and its job ended {status} (request_id {rid}); "
+            "materialize with force: true (or enable the retry policy) to pay for a new job"
+        )
+    return f"already has a job for this exact request ({status}, request_id {rid})"
+
+
+class Ledger:
+    """The job ledger on ``url`` (``sqlite:///path/kvid.db`` or ``postgresql+psycopg://...``).
+
+    Tables are named ``<table_prefix>rows``, ``jobs``, ``events`` and ``meta``, so the ledger
+    can share a database (a production Dagster instance's, say). The schema is created or
+    migrated on open. Safe for many threads, processes and hosts at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        journal_path: Path | None = None,
+        claim_lease_seconds: float = DEFAULT_CLAIM_LEASE_SECONDS,
+    ) -> None:
+        self.url = normalize_database_url(url)
+        self.tables: LedgerTables = define_tables(table_prefix)
+        self.engine = create_ledger_engine(self.url)
+        self.journal = Journal(journal_path) if journal_path is not None else None
+        self.claim_lease_seconds = claim_lease_seconds
+        self._migrate()
+
+    @classmethod
+    def for_data_dir(
+        cls,
+        data_dir: str | os.PathLike[str],
+        database_url: str | None = None,
+        **kwargs: Any,
+    ) -> Ledger:
+        """The ledger of a data folder: ``database_url``, else ``<data_dir>/kvid.db``; its
+        journal is ``<data_dir>/kvid-journal.jsonl`` either way."""
+        from kvid_dagster.ledger.legacy import import_legacy_catalog
+
+        folder = Path(data_dir).resolve()
+        url = database_url or f"sqlite:///{folder / DATABASE_FILE}"
+        ledger = cls(url, journal_path=folder / JOURNAL_FILE, **kwargs)
+        import_legacy_catalog(ledger, folder / "catalog")  # once: 0.1's request_ids are money
+        return ledger
+
+    def __repr__(self) -> str:
+        return f"Ledger({redact_url(self.url)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction that bumps the revision (what publishing compares)."""
+        with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
+            yield conn
+            meta = self.tables.meta
+            conn.execute(
+                update(meta).where(meta.c.name == _REVISION).values(int_value=meta.c.int_value + 1)
+            )
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold a lock named ``name`` across every process and host using this ledger, for a
+        short block (it waits for, and then holds off, the ledger's writers on SQLite)."""
+        with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                key = f"{self.tables.meta.name}:{name}"
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(key)})
+            # SQLite: BEGIN IMMEDIATE already holds the database's write lock
+            yield
+
+    def _migrate(self) -> None:
+        meta = self.tables.meta
+        with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
+            if conn.dialect.name == "postgresql":  # serialise first opens of one database
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(meta.name)})
+            if not conn.dialect.has_table(conn, meta.name):
+                meta.create(conn)
+            version = conn.scalar(select(meta.c.int_value).where(meta.c.name == _VERSION)) or 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the kvid ledger in {redact_url(self.url)} is at schema version {version}, "
+                    f"written by a newer kvid-dagster (this one knows {SCHEMA_VERSION})"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](conn, self.tables)
+            if version == 0:
+                conn.execute(
+                    insert(meta),
+                    [{"name": _VERSION, "int_value": 0}, {"name": _REVISION, "int_value": 0}],
+                )
+            if version < SCHEMA_VERSION:
+                conn.execute(
+                    update(meta).where(meta.c.name == _VERSION).values(int_value=SCHEMA_VERSION)
+                )
+
+    def revision(self) -> int:
+        """A number that grows with every committed change (what a publication is of)."""
+        meta = self.tables.meta
+        with self._read() as conn:
+            return int(conn.scalar(select(meta.c.int_value).where(meta.c.name == _REVISION)) or 0)
+
+    def marker(self, name: str) -> str | None:
+        meta = self.tables.meta
+        with self._read() as conn:
+            return conn.scalar(select(meta.c.text_value).where(meta.c.name == f"marker:{name}"))
+
+    def set_marker(self, name: str, value: str, conn: Connection | None = None) -> None:
+        meta = self.tables.meta
+        with contextlib.ExitStack() as stack:
+            conn = conn or stack.enter_context(self._write())
+            conn.execute(delete(meta).where(meta.c.name == f"marker:{name}"))
+            conn.execute(insert(meta).values(name=f"marker:{name}", text_value=value))
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def register(self, valid: Sequence[RequestRow], invalid: Sequence[InvalidEntry] = ()) -> int:
+        """Make the rows table say what the prompt table says; return how many rows changed.
+
+        A row whose request changed keeps its old submissions (still polled, kept in the
+        history); its status is now that of its new request. A key that is both valid and
+        invalid belongs to the valid row.
+        """
+        now = utcnow()
+        wanted: dict[str, dict[str, Any]] = {}
+        for bad in invalid:
+            wanted[bad.partition_key] = {
+                "partition_key": bad.partition_key,
+                "prompt": bad.prompt,
+                "job_kind": None,
+                "model": None,
+                "request_hash": None,
+                "params_json": None,
+                "invalid_reason": bad.reason,
+            }
+        for row in valid:
+            wanted[row.partition_key] = {
+                "partition_key": row.partition_key,
+                "prompt": row.prompt,
+                "job_kind": row.job_kind,
+                "model": row.model,
+                "request_hash": row.request_hash,
+                "params_json": row.params_json,
+                "invalid_reason": None,
+            }
+        if not wanted:
+            return 0
+        for attempt in range(3):
+            try:
+                return self._register(wanted, now)
+            except IntegrityError:
+                # another process inserted the same new key first (READ COMMITTED on
+                # PostgreSQL): read again, and this time it is an update or nothing
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _register(self, wanted: Mapping[str, dict[str, Any]], now: datetime) -> int:
+        rows = self.tables.rows
+        compared = ("prompt", "job_kind", "model", "request_hash", "params_json", "invalid_reason")
+        with self._write() as conn:
+            existing = {
+                r.partition_key: r
+                for r in conn.execute(select(rows.c.partition_key, *(rows.c[c] for c in compared)))
+            }
+            new = [
+                {**w, "last_error": None, "updated_at": now}
+                for k, w in wanted.items()
+                if k not in existing
+            ]
+            changed = [
+                {**w, "last_error": None, "updated_at": now}
+                for k, w in wanted.items()
+                if k in existing and any(getattr(existing[k], c) != w[c] for c in compared)
+            ]
+            if new:
+                conn.execute(insert(rows), new)
+            for values in changed:
+                conn.execute(
+                    update(rows).where(rows.c.partition_key == values["partition_key"]),
+                    values,
+                )
+        return len(new) + len(changed)
+
+    def _row_query(self) -> Any:
+        rows, jobs = self.tables.rows, self.tables.jobs
+        latest = (
+            select(jobs.c.request_hash, func.max(jobs.c.attempt).label("attempt"))
+            .group_by(jobs.c.request_hash)
+            .subquery("latest")
+        )
+        return select(rows, *(c.label(f"j_{c.name}") for c in jobs.c)).select_from(
+            rows.outerjoin(latest, latest.c.request_hash == rows.c.request_hash).outerjoin(
+                jobs,
+                and_(
+                    jobs.c.request_hash == latest.c.request_hash,
+                    jobs.c.attempt == latest.c.attempt,
+                ),
+            )
+        )
+
+    def rows(self, keys: Iterable[str] | None = None) -> list[VideoRow]:
+        """Rows (all, or those of ``keys``) with their current submission, by partition key."""
+        key = self.tables.rows.c.partition_key
+        query = self._row_query().order_by(key)
+        with self._read() as conn:
+            if keys is None:
+                return [_video_row(r._mapping) for r in conn.execute(query)]
+            wanted = sorted(set(keys))
+            found = []
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = query.where(key.in_(wanted[start : start + _IN_CHUNK]))
+                found += [_video_row(r._mapping) for r in conn.execute(chunk)]
+            return found
+
+    def row(self, partition_key: str) -> VideoRow | None:
+        found = self.rows([partition_key])
+        return found[0] if found else None
+
+    def rows_by_key(self, keys: Iterable[str] | None = None) -> dict[str, VideoRow]:
+        return {r.partition_key: r for r in self.rows(keys)}
+
+    def rows_for_submissions(self, submission_ids: Iterable[int]) -> dict[int, list[VideoRow]]:
+        """The rows whose current submission is each of ``submission_ids``."""
+        ids = set(submission_ids)
+        if not ids:
+            return {}
+        jobs, rows = self.tables.jobs, self.tables.rows
+        found: dict[int, list[VideoRow]] = {i: [] for i in ids}
+        wanted = sorted(ids)
+        with self._read() as conn:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                hashes = (
+                    select(jobs.c.request_hash)
+                    .where(jobs.c.submission_id.in_(wanted[start : start + _IN_CHUNK]))
+                    .scalar_subquery()
+                )
+                query = self._row_query().where(rows.c.request_hash.in_(hashes))
+                for r in conn.execute(query.order_by(rows.c.partition_key)):
+                    row = _video_row(r._mapping)
+                    if row.submission is not None and row.submission.submission_id in ids:
+                        found[row.submission.submission_id].append(row)
+        return found
+
+    def counts_by_status(self) -> dict[VideoStatus, int]:
+        counts: dict[VideoStatus, int] = {}
+        for row in self.rows():
+            counts[row.status] = counts.get(row.status, 0) + 1
+        return counts
+
+    # -- submissions ---------------------------------------------------------------------------
+
+    def _latest(self, conn: Connection, request_hash: str) -> Submission | None:
+        jobs = self.tables.jobs
+        found = conn.execute(
+            select(jobs)
+            .where(jobs.c.request_hash == request_hash)
+            .order_by(jobs.c.attempt.desc())
+            .limit(1)
+        ).first()
+        return _submission(found._mapping) if found is not None else None
+
+    def latest_submission(self, request_hash: str) -> Submission | None:
+        with self._read() as conn:
+            return self._latest(conn, request_hash)
+
+    def latest_submissions(self, request_hashes: Iterable[str]) -> dict[str, Submission]:
+        """The latest submission of each request that has one, by request_hash."""
+        jobs = self.tables.jobs
+        wanted = sorted(set(request_hashes))
+        found: dict[str, Submission] = {}
+        with self._read() as conn:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                for r in conn.execute(
+                    select(jobs).where(jobs.c.request_hash.in_(chunk)).order_by(jobs.c.attempt)
+                ):
+                    sub = _submission(r._mapping)
+                    found[sub.request_hash] = sub  # ascending attempts: the last one wins
+        return found
+
+    def submission(self, submission_id: int) -> Submission | None:
+        jobs = self.tables.jobs
+        with self._read() as conn:
+            found = conn.execute(select(jobs).where(jobs.c.submission_id == submission_id)).first()
+        return _submission(found._mapping) if found is not None else None
+
+    def submissions(self, statuses: Iterable[VideoStatus] | None = None) -> list[Submission]:
+        """Every submission (or those in ``statuses``), oldest first."""
+        jobs = self.tables.jobs
+        query = select(jobs).order_by(jobs.c.submission_id)
+        if statuses is not None:
+            query = query.where(jobs.c.status.in_([s.value for s in statuses]))
+        with self._read() as conn:
+            return [_submission(r._mapping) for r in conn.execute(query)]
+
+    def jobs_to_poll(self) -> list[Submission]:
+        """Submissions the service knows by request_id and has not finished, old and current
+        requests alike (an edited row's earlier job still gets its video)."""
+        polled = [s for s in VideoStatus if s.needs_polling]
+        return [s for s in self.submissions(polled) if s.request_id]
+
+    def claim(
+        self,
+        row: RequestRow,
+        owner: ClaimOwner,
+        *,
+        cost_credits: float,
+        rule: ClaimRule = DEFAULT_RULE,
+    ) -> Submission | Refusal:
+        """Claim the next attempt at ``row``'s request, committed before returning.
+
+        Call it immediately before sending the generate, and send only with the submission it
+        returns: the database refuses any second claim of the same attempt.
+        """
+        jobs = self.tables.jobs
+        now = utcnow()
+        try:
+            with self._write() as conn:
+                latest = self._latest(conn, row.request_hash)
+                reason = refusal_for(latest, rule)
+                if reason is not None:
+                    return Refusal(reason, latest)
+                attempt = latest.attempt + 1 if latest is not None else 1
+                values = {
+                    "request_hash": row.request_hash,
+                    "attempt": attempt,
+                    "partition_key": row.partition_key,
+                    "prompt": row.prompt,
+                    "job_kind": row.job_kind,
+                    "model": row.model,
+                    "params_json": row.params_json,
+                    "status": VideoStatus.SUBMITTING.value,
+                    "progress": 0,
+                    "cost_credits": cost_credits,
+                    "owner_host": owner.host,
+                    "owner_pid": owner.pid,
+                    "owner_started": owner.started,
+                    "owner_run_id": owner.run_id,
+                    "claimed_at": now,
+                    "heartbeat_at": now,
+                    "updated_at": now,
+                    "version": 0,
+                }
+                submission_id = conn.execute(insert(jobs).values(values)).inserted_primary_key[0]
+                self._event(
+                    conn,
+                    _submission({**values, "submission_id": submission_id}),
+                    SubmissionEvent.INTENT,
+                )
+                self._clear_row_error(conn, row.partition_key)
+        except IntegrityError:
+            with self._read() as conn:
+                latest = self._latest(conn, row.request_hash)
+            return Refusal(
+                "another submitter claimed this exact request at the same moment", latest
+            )
+        claimed = self.submission(int(submission_id))
+        assert claimed is not None
+        return claimed
+
+    def record_submitted(self, submission: Submission, request_id: str) -> None:
+        """Record the request_id a generate returned: retried, then journalled; raises only if
+        both fail, with the request_id in the message (and logged at ERROR)."""
+        problem: Exception | None = None
+        for attempt in range(_RECORD_ATTEMPTS):
+            try:
+                self._record_submitted(submission.submission_id, request_id)
+                return
+            except (OperationalError, DBAPIError, OSError) as exc:
+                problem = exc
+                if attempt < len(_RECORD_BACKOFF_SECONDS):
+                    time.sleep(_RECORD_BACKOFF_SECONDS[attempt])
+        what = (
+            f"{submission.partition_key}: PAID job request_id {request_id} (request_hash "
+            f"{submission.request_hash}, attempt {submission.attempt}) could not be recorded in "
+            f"the ledger ({type(problem).__name__}: {problem})"
+        )
+        if self.journal is None:
+            log.error("%s, and there is no journal", what)
+            raise RuntimeError(f"{what}, and there is no journal") from problem
+        try:
+            self.journal.append(
+                JournalEntry(
+                    submission.submission_id,
+                    submission.request_hash,
+                    submission.attempt,
+                    submission.partition_key,
+                    request_id,
+                )
+            )
+        except OSError as exc:
+            log.error("%s, nor journalled (%s)", what, exc)
+            raise RuntimeError(f"{what}, nor journalled: {exc}") from problem
+        log.error(
+            "%s; it is journalled in %s and recorded on the next start", what, self.journal.path
+        )
+
+    def _record_submitted(self, submission_id: int, request_id: str) -> Submission | None:
+        jobs = self.tables.jobs
+        now = utcnow()
+        with self._write() as conn:
+            current = conn.execute(
+                select(jobs).where(jobs.c.submission_id == submission_id)
+            ).first()
+            if current is None:
+                raise LookupError(f"no submission {submission_id} in the ledger")
+            sub = _submission(current._mapping)
+            if sub.request_id == request_id:
+                return None  # already recorded (a journal replayed twice)
+            if sub.status not in {VideoStatus.SUBMITTING, VideoStatus.UNCERTAIN}:
+                raise LookupError(
+                    f"submission {submission_id} is {sub.status} with request_id "
+                    f"{sub.request_id}; not overwriting it with {request_id}"
+                )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.submission_id == submission_id)
+                .values(
+                    status=VideoStatus.SUBMITTED.value,
+                    request_id=request_id,
+                    error=None,
+                    submitted_at=now,
+                    updated_at=now,
+                    version=jobs.c.version + 1,
+                )
+            )
+            recorded = replace(sub, status=VideoStatus.SUBMITTED, request_id=request_id)
+            self._event(conn, recorded, SubmissionEvent.SUBMITTED, cost=sub.cost_credits)
+            return recorded
+
+    def release(self, submission: Submission, error: str, *, invalid: bool = False) -> None:
+        """The generate was refused or never sent: nothing was billed, the claim goes away and
+        the row is PENDING again (``invalid``: the service said the request is invalid)."""
+        jobs, rows = self.tables.jobs, self.tables.rows
+        with self._write() as conn:
+            conn.execute(
+                delete(jobs).where(
+                    jobs.c.submission_id == submission.submission_id,
+                    jobs.c.status == VideoStatus.SUBMITTING.value,
+                )
+            )
+            self._event(conn, submission, SubmissionEvent.FAILED_TO_SUBMIT, cost=0.0, error=error)
+            values: dict[str, Any] = {"last_error": error, "updated_at": utcnow()}
+            if invalid:
+                values["invalid_reason"] = error
+            conn.execute(
+                update(rows)
+                .where(
+                    rows.c.partition_key == submission.partition_key,
+                    rows.c.request_hash == submission.request_hash,
+                )
+                .values(values)
+            )
+
+    def mark_uncertain(self, submission: Submission, error: str) -> None:
+        """The generate may have created a job whose request_id we never got."""
+        self._settle_uncertain(submission, error)
+
+    def _settle_uncertain(self, submission: Submission, error: str) -> bool:
+        jobs = self.tables.jobs
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.submission_id == submission.submission_id,
+                    jobs.c.status == VideoStatus.SUBMITTING.value,
+                )
+                .values(
+                    status=VideoStatus.UNCERTAIN.value,
+                    error=error,
+                    updated_at=utcnow(),
+                    version=jobs.c.version + 1,
+                )
+            ).rowcount
+            if done:
+                self._event(
+                    conn,
+                    replace(submission, status=VideoStatus.UNCERTAIN),
+                    SubmissionEvent.UNCERTAIN,
+                    cost=submission.cost_credits,
+                    error=error,
+                )
+        return bool(done)
+
+    def heartbeat(self, submission_ids: Iterable[int]) -> None:
+        """Claims in flight are still owned (what another host's recovery looks at)."""
+        ids = list(submission_ids)
+        if not ids:
+            return
+        jobs = self.tables.jobs
+        with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.submission_id.in_(ids), jobs.c.status == VideoStatus.SUBMITTING.value)
+                .values(heartbeat_at=utcnow())
+            )
+
+    def owner_alive(self, submission: Submission) -> bool:
+        """Whether a claim's owner may still send or record it."""
+        owner = submission.owner
+        if owner is None:
+            return False
+        if owner.is_local():
+            return owner.is_alive_locally()
+        beat = submission.heartbeat_at or submission.claimed_at
+        lease = timedelta(seconds=self.claim_lease_seconds)
+        return beat is not None and utcnow() - beat < lease
+
+    def recover(
+        self, is_alive: Callable[[Submission], bool | None] | None = None
+    ) -> RecoveryReport:
+        """Replay the journal, then settle every claim whose owner is gone: its generate may
+        have left, so it is UNCERTAIN at once (never sent again by itself).
+
+        ``is_alive`` may say more than the ledger can (e.g. the Dagster run has ended); None
+        from it means "ask the default" (:meth:`owner_alive`).
+        """
+        replayed = self.replay_journal()
+        settled = []
+        for sub in self.submissions([VideoStatus.SUBMITTING]):
+            verdict = is_alive(sub) if is_alive is not None else None
+            alive = self.owner_alive(sub) if verdict is None else verdict
+            if alive:
+                continue
+            owner = sub.owner
+            who = (
+                f"run {owner.run_id or '-'} on {owner.host} (pid {owner.pid})"
+                if owner
+                else "an unknown submitter"
+            )
+            message = (
+                f"the submitter, {who}, stopped while this request's generate was in flight "
+                f"(claimed {sub.claimed_at:%Y-%m-%d %H:%M:%S} UTC, request_hash "
+                f"{sub.request_hash}); the job may exist and be billed: look for this prompt and "
+                "params_json in the kvid dashboard, then `kvid-dagster resolve KEY --request-id "
+                "ID`, or `kvid-dagster resolve KEY` if there is none"
+            )
+            if self._settle_uncertain(sub, message):
+                settled.append(replace(sub, status=VideoStatus.UNCERTAIN, error=message))
+        return RecoveryReport(replayed, settled)
+
+    def replay_journal(self) -> list[Submission]:
+        if self.journal is None or not self.journal.pending():
+            return []
+        replayed = []
+        for file, entries in self.journal.take():
+            for entry in entries:
+                try:
+                    recorded = self._record_submitted(entry.submission_id, entry.request_id)
+                except LookupError as exc:
+                    log.error("journal entry %s not replayed: %s", entry, exc)
+                    continue
+                if recorded is not None:
+                    log.warning(
+                        "%s: recorded the journalled request_id %s",
+                        entry.partition_key,
+                        entry.request_id,
+                    )
+                    replayed.append(recorded)
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+        return replayed
+
+    def resolve_uncertain(
+        self, partition_key: str, *, request_id: str | None = None, note: str = ""
+    ) -> VideoRow:
+        """A person's answer to an UNCERTAIN row, after looking at the kvid dashboard: the
+        request_id of the job they found (polled as usual from now on), or none (the claim is
+        released and the next run submits the row). Raises ValueError otherwise."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id.strip()):
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        jobs = self.tables.jobs
+        row = self.row(partition_key)
+        sub = row.submission if row is not None else None
+        if row is None or sub is None or row.status is not VideoStatus.UNCERTAIN:
+            status = row.status if row is not None else None
+            raise ValueError(f"{partition_key!r} is not UNCERTAIN (status {status})")
+        with self._write() as conn:
+            where = and_(
+                jobs.c.submission_id == sub.submission_id,
+                jobs.c.status == VideoStatus.UNCERTAIN.value,
+                jobs.c.version == sub.version,
+            )
+            if request_id is not None:
+                changed = conn.execute(
+                    update(jobs)
+                    .where(where)
+                    .values(
+                        status=VideoStatus.SUBMITTED.value,
+                        request_id=request_id.strip(),
+                        error=None,
+                        submitted_at=utcnow(),
+                        updated_at=utcnow(),
+                        version=jobs.c.version + 1,
+                    )
+                ).rowcount
+            else:
+                changed = conn.execute(delete(jobs).where(where)).rowcount
+            if not changed:
+                raise ValueError(f"{partition_key!r} changed while it was being resolved")
+            self._event(
+                conn,
+                replace(sub, request_id=request_id.strip() if request_id else None),
+                SubmissionEvent.RESOLVED,
+                error=note or ("job found" if request_id else "no job found: released"),
+            )
+        resolved = self.row(partition_key)
+        assert resolved is not None
+        return resolved
+
+    def apply(self, changes: Sequence[JobChange]) -> list[Submission]:
+        """Apply the poller's changes in one transaction; a change to a submission someone
+        else moved meanwhile (another poller, a resolver) is dropped. Returns those applied."""
+        if not changes:
+            return []
+        jobs = self.tables.jobs
+        now = utcnow()
+        applied: list[int] = []
+        order = {c.submission_id: i for i, c in enumerate(changes)}
+        with self._write() as conn:
+            # one lock order for every writer: two pollers never deadlock on PostgreSQL
+            for change in sorted(changes, key=lambda c: c.submission_id):
+                values: dict[str, Any] = {
+                    "status": change.status.value,
+                    "updated_at": now,
+                    "version": jobs.c.version + 1,
+                    **change.extra,
+                }
+                if change.progress is not None:
+                    values["progress"] = change.progress
+                if change.error is not None or change.status is VideoStatus.COMPLETED:
+                    values["error"] = change.error
+                if change.video is not None:
+                    values.update({f: getattr(change.video, f) for f in VIDEO_FILE_FIELDS})
+                if change.completed:
+                    values["completed_at"] = now
+                done = conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.submission_id == change.submission_id,
+                        jobs.c.version == change.expected_version,
+                    )
+                    .values(values)
+                ).rowcount
+                if done:
+                    applied.append(change.submission_id)
+            found = self._fetch(conn, applied)
+            self._events(
+                conn,
+                [
+                    self._event_values(sub, SubmissionEvent.ended(sub.status), error=sub.error)
+                    for sub in found
+                    if sub.status.is_terminal
+                ],
+            )
+        by_id = {s.submission_id: s for s in found}
+        return [by_id[i] for i in sorted(applied, key=order.__getitem__)]
+
+    def _fetch(self, conn: Connection, ids: Sequence[int]) -> list[Submission]:
+        jobs = self.tables.jobs
+        wanted = sorted(ids)
+        found = []
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            query = select(jobs).where(jobs.c.submission_id.in_(chunk))
+            found += [_submission(r._mapping) for r in conn.execute(query)]
+        return found
+
+    # -- the history ---------------------------------------------------------------------------
+
+    def _event(
+        self,
+        conn: Connection,
+        sub: Submission,
+        kind: SubmissionEvent,
+        *,
+        cost: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        self._events(conn, [self._event_values(sub, kind, cost=cost, error=error)])
+
+    def _events(self, conn: Connection, values: list[dict[str, Any]]) -> None:
+        if values:
+            conn.execute(insert(self.tables.events), values)
+
+    @staticmethod
+    def _event_values(
+        sub: Submission,
+        kind: SubmissionEvent,
+        *,
+        cost: float | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "event_id": uuid.uuid4().hex,
+            "submission_id": sub.submission_id,
+            "partition_key": sub.partition_key,
+            "request_hash": sub.request_hash,
+            "job_kind": sub.job_kind,
+            "model": sub.model,
+            "params_json": sub.params_json,
+            "request_id": sub.request_id,
+            "event": kind.value,
+            "attempt": sub.attempt,
+            "cost_credits": cost,
+            "error": error,
+            "recorded_at": utcnow(),
+        }
+
+    def _clear_row_error(self, conn: Connection, partition_key: str) -> None:
+        rows = self.tables.rows
+        conn.execute(
+            update(rows)
+            .where(rows.c.partition_key == partition_key, rows.c.last_error.is_not(None))
+            .values(last_error=None)
+        )
+
+    def events(self) -> list[Mapping[str, Any]]:
+        """The submissions history, oldest first (what ``catalog/submissions`` publishes)."""
+        events = self.tables.events
+        with self._read() as conn:
+            return [
+                dict(r._mapping) for r in conn.execute(select(events).order_by(events.c.event_seq))
+            ]
+
+    # -- bulk reads for publishing -------------------------------------------------------------
+
+    def video_rows_raw(self, conn: Connection) -> Sequence[Row[Any]]:
+        return conn.execute(self._row_query().order_by(self.tables.rows.c.partition_key)).all()
+
+    def event_rows_raw(self, conn: Connection) -> Sequence[Row[Any]]:
+        events = self.tables.events
+        return conn.execute(select(events).order_by(events.c.event_seq)).all()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[tuple[Connection, int]]:
+        """One consistent read (the rows, the history and the revision they are at).
+
+        On SQLite a read transaction sees one snapshot once it has read; on PostgreSQL this
+        uses REPEATABLE READ for the same guarantee.
+        """
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                meta = self.tables.meta
+                revision = int(
+                    conn.scalar(select(meta.c.int_value).where(meta.c.name == _REVISION)) or 0
+                )
+                yield conn, revision
+
+
+def _lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for ``name``."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:15], 16)
+
+
+def _owner(m: Mapping[str, Any], prefix: str = "") -> ClaimOwner | None:
+    host = m.get(f"{prefix}owner_host")
+    if host is None:
+        return None
+    return ClaimOwner(
+        host, int(m[f"{prefix}owner_pid"] or 0), m[f"{prefix}owner_started"] or "",
+        m[f"{prefix}owner_run_id"],
+    )  # fmt: skip
+
+
+def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
+    def get(name: str) -> Any:
+        return m.get(f"{prefix}{name}")
+
+    return Submission(
+        submission_id=int(get("submission_id")),
+        request_hash=get("request_hash"),
+        attempt=int(get("attempt")),
+        partition_key=get("partition_key"),
+        prompt=get("prompt"),
+        job_kind=get("job_kind"),
+        model=get("model"),
+        params_json=get("params_json"),
+        status=VideoStatus(get("status")),
+        request_id=get("request_id"),
+        progress=get("progress"),
+        video=VideoFile(**{f: get(f) for f in VIDEO_FILE_FIELDS}),
+        error=get("error"),
+        cost_credits=get("cost_credits"),
+        owner=_owner(m, prefix),
+        claimed_at=get("claimed_at"),
+        heartbeat_at=get("heartbeat_at"),
+        submitted_at=get("submitted_at"),
+        completed_at=get("completed_at"),
+        updated_at=get("updated_at"),
+        version=int(get("version") or 0),
+    )
+
+
+def row_status(m: Mapping[str, Any]) -> VideoStatus:
+    """A joined row's status: INVALID, PENDING (no job for its request), else its job's."""
+    if m["invalid_reason"] is not None:
+        return VideoStatus.INVALID
+    if m["j_submission_id"] is None:
+        return VideoStatus.PENDING
+    return VideoStatus(m["j_status"])
+
+
+def row_error(m: Mapping[str, Any]) -> str | None:
+    if m["invalid_reason"] is not None:
+        return m["invalid_reason"]
+    if m["j_submission_id"] is None:
+        return m["last_error"]
+    return m["j_error"]
+
+
+def _video_row(m: Mapping[str, Any]) -> VideoRow:
+    sub = _submission(m, "j_") if m["j_submission_id"] is not None else None
+    if m["invalid_reason"] is not None:
+        sub = None
+    return VideoRow(
+        partition_key=m["partition_key"],
+        prompt=m["prompt"],
+        job_kind=m["job_kind"],
+        model=m["model"],
+        request_hash=m["request_hash"],
+        params_json=m["params_json"],
+        status=row_status(m),
+        error=row_error(m),
+        submission=sub,
+        updated_at=max(
+            (t for t in (m["updated_at"], sub.updated_at if sub else None) if t is not None),
+            default=None,
+        ),
+    )

@@ -1,0 +1,166 @@
+"""The ledger's tables (SQLAlchemy Core) and its schema versions.
+
+Migrations are a small version table of our own (``<prefix>meta``), not Alembic: the ledger
+lives in databases other tools own (a production Dagster instance's PostgreSQL already has
+Dagster's own ``alembic_version``), a library must migrate itself on open with no scripts
+folder to ship, and each step is one function run in the transaction that records it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+#: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
+SCHEMA_VERSION = 1
+TABLE_PREFIX_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,30}")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite keeps no time zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the ledger stores UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class LedgerTables:
+    metadata: MetaData
+    meta: Table  # name -> value: the schema version, the change revision, one-off markers
+    rows: Table  # one per prompt row: its current request
+    jobs: Table  # one per claimed attempt at a request: the money record
+    events: Table  # the submissions history, published as catalog/submissions
+
+
+def _video_columns() -> list[Column[Any]]:
+    return [
+        Column("url", Text),
+        Column("name", Text),
+        Column("size_kb", BigInteger),
+        Column("local_path", Text),
+        Column("sha256", String(64)),
+        Column("width", Integer),
+        Column("height", Integer),
+        Column("fps", Float),
+        Column("num_frames", Integer),
+        Column("duration_s", Float),
+    ]
+
+
+def define_tables(prefix: str) -> LedgerTables:
+    if not TABLE_PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(f"table prefix {prefix!r}: lowercase letters, digits and _, at most 31")
+    md = MetaData()
+    meta = Table(
+        f"{prefix}meta",
+        md,
+        Column("name", String(64), primary_key=True),
+        Column("int_value", BigInteger),
+        Column("text_value", Text),
+    )
+    rows = Table(
+        f"{prefix}rows",
+        md,
+        Column("partition_key", String(255), primary_key=True),
+        Column("prompt", Text),
+        Column("job_kind", String(64)),
+        Column("model", String(255)),
+        Column("request_hash", String(64)),  # null for an invalid row
+        Column("params_json", Text),
+        Column("invalid_reason", Text),  # set: the row is INVALID
+        Column("last_error", Text),  # why its last submission did not go through
+        Column("updated_at", UTCDateTime, nullable=False),
+        Index(f"ix_{prefix}rows_request_hash", "request_hash"),
+    )
+    jobs = Table(
+        f"{prefix}jobs",
+        md,
+        Column("submission_id", Integer, primary_key=True, autoincrement=True),
+        Column("request_hash", String(64), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("partition_key", String(255), nullable=False),
+        Column("prompt", Text, nullable=False),
+        Column("job_kind", String(64), nullable=False),
+        Column("model", String(255), nullable=False),
+        Column("params_json", Text, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("request_id", String(255)),
+        Column("progress", Integer),
+        *_video_columns(),
+        Column("error", Text),
+        Column("cost_credits", Float),
+        Column("owner_host", String(255)),
+        Column("owner_pid", Integer),
+        Column("owner_started", String(128)),
+        Column("owner_run_id", String(64)),
+        Column("claimed_at", UTCDateTime),
+        Column("heartbeat_at", UTCDateTime),
+        Column("submitted_at", UTCDateTime),
+        Column("completed_at", UTCDateTime),
+        Column("updated_at", UTCDateTime, nullable=False),
+        Column("version", Integer, nullable=False, default=0),
+        # the database itself refuses a second claim of the same attempt at the same request
+        UniqueConstraint("request_hash", "attempt", name=f"uq_{prefix}jobs_request_attempt"),
+        Index(f"ix_{prefix}jobs_status", "status"),
+        Index(f"ix_{prefix}jobs_request_id", "request_id"),
+    )
+    events = Table(
+        f"{prefix}events",
+        md,
+        Column("event_seq", Integer, primary_key=True, autoincrement=True),
+        Column("event_id", String(32), nullable=False, unique=True),
+        Column("submission_id", Integer),
+        Column("partition_key", String(255), nullable=False),
+        Column("request_hash", String(64)),
+        Column("job_kind", String(64)),
+        Column("model", String(255)),
+        Column("params_json", Text),
+        Column("request_id", String(255)),
+        Column("event", String(32), nullable=False),
+        Column("attempt", Integer),
+        Column("cost_credits", Float),
+        Column("error", Text),
+        Column("recorded_at", UTCDateTime, nullable=False),
+    )
+    return LedgerTables(md, meta, rows, jobs, events)
+
+
+def _create_v1(conn: Connection, tables: LedgerTables) -> None:
+    tables.metadata.create_all(conn)
+
+
+#: version -> the step that brings a database from version - 1 to it
+MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {1: _create_v1}
+assert max(MIGRATIONS) == SCHEMA_VERSION
