@@ -136,7 +136,9 @@ def run_pipeline(
         result.sensor_ticks += 1
         result.events_reported += reported
         counts = ledger.counts_by_status()
-        waiting = ledger.jobs_to_poll()
+        # jobs to poll, and claims another live process is still sending (the ticks settle
+        # them if that process dies)
+        waiting = ledger.jobs_to_poll() + ledger.submissions([VideoStatus.SUBMITTING])
         line = "  " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items()))
         if line != last_line:
             say(line)

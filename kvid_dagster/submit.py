@@ -3,7 +3,8 @@
 For each row, at most ``generate_concurrency`` at a time:
 
 1. claim the next attempt at its request in the ledger (committed, with this process as owner)
-   immediately before its own generate leaves: a row waiting for a free slot holds nothing;
+   immediately before its own generate leaves, once the client's own limits let it go (the
+   client's ``before_send``): a row waiting for a free slot holds nothing;
 2. send ``generate``;
 3. record the request_id (retried, then journalled), or release the claim when nothing was
    sent or created, or mark it UNCERTAIN when the service may have created a job.
@@ -129,16 +130,12 @@ async def submit_rows(
     async def send(row: PromptRow) -> SubmitOutcome:
         async with gate:
             cost = estimate_cost_credits(row.request, prices)
-            claimed = await asyncio.to_thread(
-                ledger.claim, row, owner, cost_credits=cost, rule=rule
-            )
-            if isinstance(claimed, Refusal):
-                return _skipped(row, claimed)
-            in_flight.add(claimed.submission_id)
+            claim = _Claim(ledger, row, owner, cost, rule)
             try:
-                return await _generate(client, ledger, row, claimed)
+                return await _generate(client, ledger, row, claim, in_flight)
             finally:
-                in_flight.discard(claimed.submission_id)
+                if claim.submission is not None:
+                    in_flight.discard(claim.submission.submission_id)
 
     async def send_and_report(row: PromptRow) -> None:
         outcome = await send(row)
@@ -173,22 +170,56 @@ async def submit_rows(
     return [outcomes[row.partition_key] for row in rows]
 
 
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+class _Claim:
+    """The claim of one row, made by the client right before its generate is written."""
+
+    def __init__(
+        self, ledger: Ledger, row: PromptRow, owner: ClaimOwner, cost: float, rule: ClaimRule
+    ) -> None:
+        self.ledger, self.row, self.owner, self.cost, self.rule = ledger, row, owner, cost, rule
+        self.submission: Submission | None = None
+
+    async def __call__(self) -> None:
+        result = await asyncio.to_thread(
+            self.ledger.claim, self.row, self.owner, cost_credits=self.cost, rule=self.rule
+        )
+        if isinstance(result, Refusal):
+            raise _Refused(result)
+        self.submission = result
+
+
 async def _generate(
-    client: AsyncKvidClient, ledger: Ledger, row: PromptRow, claimed: Submission
+    client: AsyncKvidClient, ledger: Ledger, row: PromptRow, claim: _Claim, in_flight: set[int]
 ) -> SubmitOutcome:
     key = row.partition_key
+
+    async def claim_then_send() -> None:
+        await claim()
+        assert claim.submission is not None
+        in_flight.add(claim.submission.submission_id)
+
     try:
-        request_id = await client.generate(row.request)
+        request_id = await client.generate(row.request, before_send=claim_then_send)
+    except _Refused as refused:
+        return _skipped(row, refused.refusal)
     except KvidUncertainSubmissionError as exc:
         message = f"uncertain submission: {exc}"
-        await asyncio.to_thread(ledger.mark_uncertain, claimed, message)
+        assert claim.submission is not None  # uncertain means it was sent, so it was claimed
+        await asyncio.to_thread(ledger.mark_uncertain, claim.submission, message)
         return SubmitOutcome(key, SubmitAction.UNCERTAIN, VideoStatus.UNCERTAIN, None, message)
     except (KvidError, OSError, ValueError, TypeError) as exc:
         # the service said no, was never reached, or the body could not even be built (an
         # unreadable image): no job exists, nothing was billed
         invalid = isinstance(exc, KvidValidationError)
         message = f"{type(exc).__name__}: {exc}"
-        await asyncio.to_thread(ledger.release, claimed, message, invalid=invalid)
+        if claim.submission is not None:
+            await asyncio.to_thread(ledger.release, claim.submission, message, invalid=invalid)
         action = SubmitAction.REJECTED if invalid else SubmitAction.ERROR
         if isinstance(exc, KvidAuthenticationError):
             action = SubmitAction.ERROR
@@ -196,11 +227,15 @@ async def _generate(
         return SubmitOutcome(key, action, status, None, message)
     except BaseException:
         # cancelled or interrupted while the generate may have left: never lose the claim
-        with contextlib.suppress(Exception):
-            ledger.mark_uncertain(claimed, "interrupted while its generate was in flight")
+        if claim.submission is not None:
+            with contextlib.suppress(Exception):
+                ledger.mark_uncertain(
+                    claim.submission, "interrupted while its generate was in flight"
+                )
         raise
     # first thing after the answer: the request_id, so the paid job can always be found
-    await asyncio.to_thread(ledger.record_submitted, claimed, request_id)
+    assert claim.submission is not None
+    await asyncio.to_thread(ledger.record_submitted, claim.submission, request_id)
     return SubmitOutcome(key, SubmitAction.SUBMITTED, VideoStatus.SUBMITTED, request_id, "")
 
 

@@ -46,6 +46,7 @@ from faultkit import (
 )
 
 from kvid_dagster.client import AsyncKvidClient
+from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, VideoStatus
@@ -113,16 +114,17 @@ def test_a_run_killed_mid_submission_never_pays_twice(
         )  # fmt: skip
         wait_for_file(marker, child)
     elif moment == "answer in flight":
-        # every job is created, its answer held back: kill once the three rows are claimed and
-        # a generate is on the way (how many of the three left depends on the client's window)
+        # the jobs are created, their answers held back: a new client lets its first
+        # DEFAULT_INITIAL generates go, and only those rows are claimed; the third waits in
+        # the client holding nothing
         emulator.add_fault("generate", "timeout", times=3, delay=300)  # until the stop
         child = spawn(
             "child_run_submit_at", home, prompts, data_dir, url, "k0", "k2", "none", marker, 600
         )
         wait_until(
             lambda: (
-                emulator.jobs_created >= 1
-                and set(statuses(project.ledger()).values()) == {"SUBMITTING"}
+                emulator.jobs_created == DEFAULT_INITIAL
+                and len(keys_in(statuses(project.ledger()), "SUBMITTING")) == DEFAULT_INITIAL
             ),
             child,
         )
@@ -144,11 +146,12 @@ def test_a_run_killed_mid_submission_never_pays_twice(
     if moment == "claimed, not sent":
         assert claimed and set(at_kill.values()) <= {"SUBMITTING", "PENDING"}
         assert emulator.stats["generate"] == emulator.jobs_created == 0
+    elif moment == "answer in flight":
+        assert len(claimed) == emulator.jobs_created == DEFAULT_INITIAL  # claimed = sent
+        assert set(at_kill.values()) == {"SUBMITTING", "PENDING"}
     else:
         assert claimed == set(keys)  # claims, no request_id
-        assert 1 <= emulator.jobs_created <= 3
-        if moment == "generate returned":
-            assert emulator.jobs_created == 3
+        assert emulator.jobs_created == 3
     assert all(r.request_id is None for r in ledger.rows())
     sent = emulator.stats["generate"]
     with open_instance(home) as instance:

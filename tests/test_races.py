@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO_ROOT, TEST_API_KEY, EmulatorFactory, fast_config
+from conftest import TEST_API_KEY, EmulatorFactory, fast_config
 from faultkit import (
     assert_accounted,
     child_stderr,
@@ -47,13 +48,14 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
 from kvid_dagster.prompts import PromptRow, load_prompt_table
 from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY, SubmitAction, register_table
 
-CLI = REPO_ROOT / ".venv" / "bin" / "kvid-dagster"
+CLI = Path(sys.executable).parent / "kvid-dagster"  # the venv running the tests
 CONCURRENCY = 4  # what child_submit_killable uses
 SHM = Path("/dev/shm")
 
@@ -273,6 +275,7 @@ KILL_POINTS = {
     "request-id-12-recorded": KillPoint("record_return:12"),
     "after-the-submission-returned": KillPoint(done=True),
 }
+FIRST_WAVE = DEFAULT_INITIAL  # requests a new client lets go before any answer
 HELD_FOR = 300.0  # a held answer outlasts the test: only the emulator's stop releases it
 
 
@@ -321,11 +324,14 @@ def test_a_submitter_killed_anywhere_leaves_at_most_its_claims_in_doubt(
         assert marker.exists(), f"the submission ended before {kp.point}: {statuses(ledger)}"
     elif kp.done:
         wait_for_file(Path(f"{marker}.done"), child)
-    elif kp.hold:  # the first wave is claimed and on its way; no answer comes back
+    elif kp.hold:
+        # the first wave is on its way and no answer comes back: the client lets only its
+        # first DEFAULT_INITIAL requests go, and only those are claimed (the others wait
+        # in the client holding nothing)
         wait_until(
             lambda: (
-                emulator.jobs_created >= 1
-                and len(keys_in(statuses(ledger), "SUBMITTING")) == CONCURRENCY
+                emulator.jobs_created == FIRST_WAVE
+                and len(keys_in(statuses(ledger), "SUBMITTING")) == FIRST_WAVE
             ),
             child,
             "the first wave claimed and sent",
@@ -362,6 +368,8 @@ def test_a_submitter_killed_anywhere_leaves_at_most_its_claims_in_doubt(
         assert len(recorded) >= kp.n
     if kp.hold:
         assert in_flight & set(sent), "a held generate's job exists"
+    if kp.hold and not kp.hold_after and kp.hook == "none":  # the first wave
+        assert in_flight == set(sent), "a row is claimed only when its generate leaves"
     if kp.hold_after:
         assert len(in_flight) == CONCURRENCY and in_flight <= set(sent)
     if kp.done:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -84,9 +84,13 @@ class AsyncKvidClient(ClientBase):
             for _ in range(self._ramp.done(exchange, error)):
                 self._slots.release()
 
-    async def _perform(self, action: Action) -> Any:
+    async def _perform(
+        self, action: Action, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> Any:
         if isinstance(action, Send):
             async with self._slot(action.request):
+                if before_send is not None:
+                    await before_send()
                 return await self._http.send(action.request)
         if isinstance(action, Fetch):
             async with self._slot(action.request):
@@ -105,11 +109,14 @@ class AsyncKvidClient(ClientBase):
         assert isinstance(action, Await)
         return await action.awaitable
 
-    async def _run(self, op: Op[T]) -> T:
+    async def _run(self, op: Op[T], before_send: Callable[[], Awaitable[None]] | None = None) -> T:
         with OpRunner(op, self._scrub) as runner:
             for action in runner:
+                hook = before_send if isinstance(action, Send) else None
+                if hook is not None:
+                    before_send = None  # once: retries of a request that was not sent reuse it
                 try:
-                    outcome = await self._perform(action)
+                    outcome = await self._perform(action, hook)
                 except Exception as exc:  # handed to the operation, which decides
                     runner.fail(exc)
                 else:
@@ -118,9 +125,17 @@ class AsyncKvidClient(ClientBase):
 
     # ---- the API (documented on KvidClient) -----------------------------------------------
 
-    async def generate(self, request: KvidRequest) -> str:
-        """Async ``KvidClient.generate``: never re-sends an ambiguous submission."""
-        return await self._run(self._generate_op(request))
+    async def generate(
+        self, request: KvidRequest, *, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> str:
+        """Async ``KvidClient.generate``: never re-sends an ambiguous submission.
+
+        ``before_send`` is awaited once, when the client's own limits let the request go, right
+        before it is written: where a caller records that it is about to pay (a claim waiting
+        in the client's queue would hold a row for nothing). If it raises, nothing is sent and
+        its exception propagates.
+        """
+        return await self._run(self._generate_op(request), before_send)
 
     async def status(self, job_kind: JobKind | str, request_id: str) -> JobStatus:
         """Async ``KvidClient.status``."""

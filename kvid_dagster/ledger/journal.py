@@ -56,7 +56,11 @@ class Journal:
         batches = []
         for file in sorted(self._taken()):
             entries = []
-            for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                text = file.read_text(encoding="utf-8")
+            except FileNotFoundError:  # another process replayed it meanwhile
+                continue
+            for line in text.splitlines():
                 if line.strip():
                     try:
                         entries.append(JournalEntry(**json.loads(line)))

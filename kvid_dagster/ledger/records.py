@@ -158,7 +158,10 @@ def process_start_token(pid: int) -> str | None:
                 return ""
             return ""
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime, after the comm field
+    fields = stat.rsplit(")", 1)[1].split()  # after the comm field: state is field 3
+    if fields[0] in {"Z", "X"}:  # killed, not yet reaped: gone all the same
+        return None
+    return fields[19]  # field 22, starttime
 
 
 @dataclass(frozen=True)
