@@ -177,13 +177,13 @@ class TogetherClient(AsyncKvidClient):
         self._waiting = 0
         self._go = asyncio.Event()
 
-    async def generate(self, request: KvidRequest) -> str:
+    async def generate(self, request: KvidRequest, **kwargs: Any) -> str:
         self._waiting += 1
         if self._waiting == self._expected:
             self._drain()
             self._go.set()
         await asyncio.wait_for(self._go.wait(), timeout=60)
-        return await super().generate(request)
+        return await super().generate(request, **kwargs)
 
 
 def drain_token_bucket(emulator: KvidEmulator, kind: str) -> None:
