@@ -41,7 +41,6 @@ from kvid_dagster.ledger import (
     ClaimRule,
     VideoRow,
     VideoStatus,
-    read_tables,
 )
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.pricing import DEFAULT_PRICES
@@ -304,7 +303,7 @@ def build_kvid_assets(
     )
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
         stats = project.publish()
-        videos, _, _ = read_tables(project.ledger())
+        videos = stats.videos_table
         counts = videos.column("status").value_counts().to_pylist()
         preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
         context.log.info(f"catalog published: {stats}")

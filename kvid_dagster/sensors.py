@@ -1,7 +1,10 @@
 """Sensors: the status sensor (jobs → runless video materializations), the prompt-table sensor."""
 
+from __future__ import annotations
+
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -205,14 +208,23 @@ def _observed_outcomes(
 
 
 def unreported_events(
-    project: KvidProject, instance: DagsterInstance, translator: KvidTranslator, skip: set[str]
-) -> list[VideoEvent]:
+    project: KvidProject,
+    instance: DagsterInstance,
+    translator: KvidTranslator,
+    skip: set[str],
+    checked: int | None = None,
+) -> tuple[list[VideoEvent], int]:
     """Rows whose outcome never reached Dagster (a tick that died after the ledger write, an
     UNCERTAIN submission of a run): reported again, so Dagster and the ledger converge. A
     COMPLETED row needs a materialization of its partition; a row that ended without a video in
     the last day an observation showing its status and request_id.
+
+    Only rows changed after ledger revision ``checked`` are looked at (every row when None);
+    returns the events and the revision now checked. The cursor that carries it is stored with
+    the tick's events, so a tick that dies before they are stored is checked again.
     """
-    rows = [r for r in project.ledger().rows() if r.partition_key not in skip]
+    changed, revision = project.ledger().rows_changed_since(-1 if checked is None else checked)
+    rows = [r for r in changed if r.partition_key not in skip]
     since = datetime.now(UTC) - timedelta(seconds=REREPORT_WINDOW_S)
     done = [r for r in rows if r.status is VideoStatus.COMPLETED]
     ended = [
@@ -238,7 +250,7 @@ def unreported_events(
             )
             if stale:
                 events.append(VideoEvent(row.partition_key, row))
-    return events
+    return events, revision
 
 
 async def _retry_failed(
@@ -250,7 +262,7 @@ async def _retry_failed(
     """The retry policy's share of a tick: FAILED jobs with attempts left are sent again."""
     ledger = project.ledger()
     failed = [
-        r for r in ledger.rows() if r.status is VideoStatus.FAILED and r.attempts < max_attempts
+        r for r in ledger.rows_with_job_status(VideoStatus.FAILED) if r.attempts < max_attempts
     ]
     if not failed:
         return [], None
@@ -264,13 +276,39 @@ async def _retry_failed(
     return outcomes, None
 
 
-def _cursor_after(cursor: str | None) -> int | None:
-    """The submission id a tick starts after; an unreadable cursor starts over."""
-    try:
-        after = json.loads(cursor or "{}").get("after")
-    except (ValueError, AttributeError):
-        return None
-    return after if isinstance(after, int) and not isinstance(after, bool) else None
+@dataclass(frozen=True)
+class StatusCursor:
+    """Where the status sensor is: the submission id its next tick polls after (round robin
+    when a tick's budget does not cover every job) and the ledger (id, revision) whose changes
+    it has checked for outcomes Dagster never got. An unreadable cursor starts over."""
+
+    after: int | None = None
+    ledger_id: str | None = None
+    checked: int | None = None
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> StatusCursor:
+        try:
+            raw = json.loads(cursor or "{}")
+            values = {n: raw.get(n) for n in ("after", "ledger_id", "checked")}
+        except (ValueError, AttributeError):
+            return cls()
+        ints = {
+            n: v if isinstance(v, int) and not isinstance(v, bool) else None
+            for n, v in values.items()
+            if n != "ledger_id"
+        }
+        ledger_id = values["ledger_id"] if isinstance(values["ledger_id"], str) else None
+        return cls(ints["after"], ledger_id, ints["checked"])
+
+    def checked_in(self, ledger_id: str) -> int | None:
+        """The revision checked, if it is of this ledger (a new database is checked whole)."""
+        return self.checked if self.ledger_id == ledger_id else None
+
+    def dump(self) -> str:
+        return json.dumps(
+            {"after": self.after, "ledger_id": self.ledger_id, "checked": self.checked}
+        )
 
 
 def build_kvid_status_sensor(
@@ -325,6 +363,7 @@ def build_kvid_status_sensor(
     )
     def kvid_status_sensor(context: SensorEvaluationContext, kvid: KvidResource) -> SensorResult:
         is_alive = run_liveness(context.instance)
+        cursor = StatusCursor.parse(context.cursor)
 
         async def tick() -> tuple[PollReport, list[SubmitOutcome], str | None]:
             async with kvid.get_async_client() as client:
@@ -332,7 +371,7 @@ def build_kvid_status_sensor(
                     client,
                     project.ledger(),
                     poll_config,
-                    start_after=_cursor_after(context.cursor),
+                    start_after=cursor.after,
                     is_alive=is_alive,
                 )
                 if failed_job_max_attempts <= 1:
@@ -369,7 +408,10 @@ def build_kvid_status_sensor(
                 )
         final = report.final
         reported = {e.partition_key for e in final}
-        late = unreported_events(project, context.instance, translator, reported)
+        ledger_id = project.ledger().ledger_id()
+        late, checked_revision = unreported_events(
+            project, context.instance, translator, reported, cursor.checked_in(ledger_id)
+        )
         checked = _partitions_with_check_results(
             context.instance, translator, reported | {e.partition_key for e in late}
         )
@@ -382,7 +424,10 @@ def build_kvid_status_sensor(
         if report.changed or report.settled or retried:
             publish_catalog(project, context.log)
         after = report.last_submission_id if report.deferred else None
-        return SensorResult(asset_events=events, cursor=json.dumps({"after": after}))
+        return SensorResult(
+            asset_events=events,
+            cursor=StatusCursor(after, ledger_id, checked_revision).dump(),
+        )
 
     return kvid_status_sensor
 

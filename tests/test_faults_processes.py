@@ -32,6 +32,7 @@ from faultkit import (
     make_defs,
     materialization_counts,
     open_instance,
+    poll_once,
     poll_until_settled,
     quiesce,
     run_prompts,
@@ -42,6 +43,7 @@ from faultkit import (
     table_rows,
     tick_until_settled,
     wait_for_file,
+    waiting,
     write_table,
 )
 
@@ -53,7 +55,8 @@ from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, Video
 from kvid_dagster.poll import PollConfig, poll_pending
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptRow, load_prompt_table
-from kvid_dagster.sensors import keys_needing_jobs
+from kvid_dagster.runner import evaluate_status_sensor
+from kvid_dagster.sensors import StatusCursor, keys_needing_jobs
 from kvid_dagster.submit import register_table
 
 VIDEOS = AssetKey("kvid_videos")
@@ -195,16 +198,23 @@ def test_a_run_killed_mid_submission_never_pays_twice(
     assert events.count("RESOLVED") == len(claimed) and events.count("UNCERTAIN") == len(claimed)
 
 
+def _pipeline(
+    emulator: KvidEmulator, tmp_path: Path, keys: list[str]
+) -> tuple[Path, Path, Path, Ledger, Any]:
+    """A prompt table of ``keys``, its data folder, a Dagster home, its ledger, definitions."""
+    prompts = write_table(tmp_path / "prompts.csv", keys)
+    data_dir, home = tmp_path / "data", dagster_home(tmp_path / "home")
+    defs = make_defs(emulator.base_url, prompts, data_dir)
+    return prompts, data_dir, home, KvidProject(prompts, data_dir).ledger(), defs
+
+
 @pytest.mark.parametrize("moment", ["reporting", "downloading"])
 def test_a_status_tick_killed_midway_converges_on_the_next_tick(
     moment: str, emulator_factory: EmulatorFactory, tmp_path: Path
 ) -> None:
     emulator = emulator_factory()
     keys = ["k0", "k1", "k2", "k3"]
-    prompts = write_table(tmp_path / "prompts.csv", keys)
-    data_dir, home = tmp_path / "data", dagster_home(tmp_path / "home")
-    ledger = KvidProject(prompts, data_dir).ledger()
-    defs = make_defs(emulator.base_url, prompts, data_dir)
+    prompts, data_dir, home, ledger, defs = _pipeline(emulator, tmp_path, keys)
     with open_instance(home) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "k0", "k3")
@@ -232,6 +242,35 @@ def test_a_status_tick_killed_midway_converges_on_the_next_tick(
         assert hashlib.sha256(data).hexdigest() == row.video.sha256
     assert emulator.jobs_created == len(keys)
     assert_accounted(emulator.jobs, ledger, table_rows(prompts))
+
+
+def test_an_outcome_the_ledger_got_after_the_sensor_checked_is_reported_by_its_next_tick(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """Past its first tick the sensor re-checks only rows changed since the revision in its
+    cursor: an outcome recorded after that (by a poller that died before reporting it) is still
+    reported, once, and rows checked before are not reported again."""
+    keys = ["k0", "k1"]
+    _, data_dir, home, ledger, defs = _pipeline(emulator, tmp_path, keys)
+    with open_instance(home) as instance:
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "k0", "k0")
+        cursor = None
+        while "k0" in waiting(ledger):
+            _, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+            time.sleep(0.1)
+        checked = StatusCursor.parse(cursor).checked
+        assert checked is not None and checked <= ledger.revision()
+        assert run_submit(defs, instance, "k1", "k1")
+        wait_until_all_completed(emulator, len(keys))
+        poll_once(emulator.base_url, ledger, data_dir / "videos")  # its report never made
+        assert statuses(ledger) == {"k0": "COMPLETED", "k1": "COMPLETED"}
+        assert materialization_counts(instance, keys) == {"k0": 1, "k1": 0}
+        reported, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+        assert reported and materialization_counts(instance, keys) == {"k0": 1, "k1": 1}
+        again, _ = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
+        assert again == 0 and materialization_counts(instance, keys) == {"k0": 1, "k1": 1}
+    assert emulator.jobs_created == len(keys)
 
 
 def test_two_runs_submitting_the_same_partitions_at_once_pay_once(

@@ -303,7 +303,7 @@ def test_another_hosts_claim_is_abandoned_when_its_heartbeat_lease_runs_out(
     stale = next(s for s in ledger.submissions() if s.partition_key == "stale")
     old = datetime.now(UTC) - timedelta(seconds=ledger.claim_lease_seconds + 5)
     jobs = ledger.tables.jobs
-    with ledger.engine.begin() as conn:
+    with ledger.write() as conn:
         conn.execute(
             sa.update(jobs)
             .where(jobs.c.submission_id == stale.submission_id)
@@ -417,7 +417,7 @@ def test_terminal_changes_are_in_the_history_and_stop_polling(ledger: Ledger) ->
 def test_the_schema_is_versioned_and_a_newer_one_is_refused(database_url: str) -> None:
     with Ledger(database_url) as ledger:
         meta = ledger.tables.meta
-        with ledger.engine.begin() as conn:
+        with ledger.write() as conn:
             version = conn.scalar(
                 sa.select(meta.c.int_value).where(meta.c.name == "schema_version")
             )
@@ -486,6 +486,109 @@ def test_a_catalog_deleted_or_damaged_by_hand_is_rewritten_whole(
 
 
 # -- 0.1's data folders --------------------------------------------------------------------------
+
+
+def test_each_publication_after_the_first_reads_only_what_changed_and_equals_a_full_read(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Every write path of the ledger, each followed by a publication: after the first, each
+    one merges only the rows and events changed since the previous file, and the files are
+    always exactly what a full read of the ledger gives."""
+    catalog = tmp_path / "catalog"
+    video = VideoFile(size_kb=12, width=854, height=480, fps=16.0, local_path="/v/a.mp4")
+    subs: dict[str, Submission] = {}
+
+    def latest(key: str) -> Submission:
+        row = ledger.row(key)
+        assert row is not None and row.submission is not None
+        return row.submission
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("register", lambda: ledger.register(
+            [Row("a", "h1"), Row("b", "h2"), Row("twin", "h1")], [InvalidEntry("c", "p", "bad")]
+        )),
+        ("claim", lambda: subs.setdefault("b", claimed(ledger, Row("b", "h2")))),
+        ("release", lambda: ledger.release(subs.pop("b"), "refused: 400")),
+        ("pay", lambda: subs.setdefault("a", paid(ledger, Row("a", "h1"), "r1"))),
+        ("progress", lambda: finish(ledger, latest("a"), VideoStatus.PROCESSING, progress=40)),
+        ("complete", lambda: finish(ledger, latest("a"), VideoStatus.COMPLETED, video=video)),
+        ("uncertain", lambda: ledger.mark_uncertain(claimed(ledger, Row("b", "h2")), "reset")),
+        ("resolve none", lambda: ledger.resolve_uncertain("b")),
+        ("edit A -> B", lambda: ledger.register(
+            [Row("a", "h9"), Row("b", "h2"), Row("twin", "h1")], [InvalidEntry("c", "p", "bad")]
+        )),
+        ("invalid again", lambda: ledger.register(
+            [Row("a", "h9"), Row("twin", "h1")],
+            [InvalidEntry("c", "p", "bad"), InvalidEntry("b", "p", "seed: not an integer")],
+        )),
+        ("edit B -> A", lambda: ledger.register(
+            [Row("a", "h1"), Row("twin", "h1")],
+            [InvalidEntry("c", "p", "bad"), InvalidEntry("b", "p", "seed: not an integer")],
+        )),
+    ]  # fmt: skip
+    modes = []
+    for name, step in steps:
+        step()
+        stats = publish(ledger, catalog)
+        modes.append(stats.incremental)
+        videos, history = (pd.read_parquet(catalog / t) for t in ("videos", "submissions"))
+        pd.testing.assert_frame_equal(videos, videos_frame(ledger), obj=f"videos after {name}")
+        pd.testing.assert_frame_equal(history, submissions_frame(ledger), obj=f"history: {name}")
+        assert stats.revision == ledger.revision()
+    assert modes == [False] + [True] * (len(steps) - 1)
+    shown = pd.read_parquet(catalog / "videos").set_index("partition_key")
+    assert shown.loc["twin", "status"] == shown.loc["a", "status"] == "COMPLETED"
+
+
+def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Same folder, a different database (SQLite moved to PostgreSQL, say): nothing of the old
+    catalog is merged, whatever its revision."""
+    catalog = tmp_path / "catalog"
+    with Ledger(f"sqlite:///{tmp_path / 'other.db'}") as other:
+        other.register([Row("old", "h0")])
+        for _ in range(5):
+            other.register([Row("old", f"h{_}")])  # a revision ahead of the new ledger's
+        publish(other, catalog)
+    with Ledger(database_url) as ledger:
+        ledger.register([Row("new", "h1")])
+        stats = publish(ledger, catalog)
+        assert not stats.incremental
+        assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["new"]
+
+
+def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A 0.2 database from before row revisions: opened by this version, it gains them (every
+    existing row at revision 0) and the first publication reads everything."""
+    catalog = tmp_path / "catalog"
+    with Ledger(database_url) as ledger:
+        ledger.register([Row("a", "h1")])
+        paid(ledger, Row("a", "h1"), "r1")
+        publish(ledger, catalog)
+        t = ledger.tables
+        with ledger.write() as conn:  # back to version 1: no revision columns, no identity
+            for table in (t.rows, t.jobs, t.events):
+                conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
+                conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
+            conn.execute(sa.delete(t.meta).where(t.meta.c.name == "ledger_id"))
+            conn.execute(
+                sa.update(t.meta).where(t.meta.c.name == "schema_version").values(int_value=1)
+            )
+        old_file = catalog / "videos" / "data.parquet"
+        meta = dict(pq.read_metadata(old_file).metadata)
+        meta.pop(b"kvid.ledger_id")
+        pq.write_table(pq.read_table(old_file).replace_schema_metadata(meta), old_file)
+    with Ledger(database_url) as ledger:
+        assert ledger.row("a") is not None and ledger.row("a").request_id == "r1"  # type: ignore[union-attr]
+        stats = publish(ledger, catalog)
+        assert not stats.incremental
+        pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))
+        ledger.register([Row("a", "h1"), Row("b", "h2")])
+        assert publish(ledger, catalog).incremental
+        assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["a", "b"]
 
 
 def _write_legacy_catalog(root: Path) -> None:

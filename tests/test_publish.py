@@ -567,8 +567,8 @@ def test_the_last_publisher_to_finish_leaves_the_latest_revision(tmp_path: Path)
     overtaken: list[int] = []
     others: list[threading.Thread] = []
 
-    def write_overtaken(table: Any, path: Path, revision: int) -> Path:
-        hidden = write(table, path, revision)
+    def write_overtaken(table: Any, path: Path, revision: int, ledger_id: str) -> Path:
+        hidden = write(table, path, revision, ledger_id)
         if threading.get_ident() == first and path.parent.name == "videos":
             change()  # a tick commits a change and publishes it, all before our rename
             other = threading.Thread(target=publish, args=(ledger, catalog))

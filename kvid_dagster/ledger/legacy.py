@@ -90,7 +90,7 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
     t = ledger.tables
     now = utcnow()
     seen: set[tuple[str, int]] = set()
-    with ledger._write() as conn:
+    with ledger.write() as conn:
         for key, v in sorted(videos.items()):
             status = str(v.get("status") or VideoStatus.PENDING)
             invalid = status == VideoStatus.INVALID

@@ -15,23 +15,27 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from sqlalchemy import Connection, or_, select
 
-from kvid_dagster.ledger.store import Ledger, row_error, row_status
+from kvid_dagster.ledger.store import Ledger
 
 REVISION_KEY = b"kvid.revision"
+LEDGER_ID_KEY = b"kvid.ledger_id"
 TABLES = ("videos", "submissions")
 DATA_FILE = "data.parquet"
 ROW_GROUP_ROWS = 16_384
 _TS = pa.timestamp("us", tz="UTC")
 _MAX_ROUNDS = 3
+_FETCH_ROWS = 16_384
 
 _VIDEO_FIELDS: list[tuple[str, pa.DataType]] = [
     ("partition_key", pa.string()),
@@ -105,11 +109,13 @@ SUBMISSION_SCHEMA: pa.Schema = _schema(
 VIDEO_COLUMNS: tuple[str, ...] = tuple(VIDEO_SCHEMA.names)
 SUBMISSION_COLUMNS: tuple[str, ...] = tuple(SUBMISSION_SCHEMA.names)
 
-# videos column -> the joined ledger column it comes from (rows.* or j_* of the current job)
-_FROM_JOB = {
+# videos columns that come from the row's current job (``j_<name>``); null for an invalid row
+_FROM_JOB = (
     "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
     "height", "fps", "num_frames", "duration_s", "cost_credits", "submitted_at", "completed_at",
-}  # fmt: skip
+)  # fmt: skip
+_FROM_ROW = ("partition_key", "prompt", "job_kind", "model", "request_hash", "params_json")
+_TYPES = dict(_VIDEO_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -119,47 +125,148 @@ class PublishStats:
     submissions: int
     seconds: float
     rounds: int
+    incremental: bool  # only what changed since the previous publication was read
+    videos_table: pa.Table  # what catalog/videos now holds
 
 
-def _video_table(raw: Sequence[Any]) -> pa.Table:
-    maps = [r._mapping for r in raw]
-    columns: dict[str, list[Any]] = {}
-    for name in VIDEO_COLUMNS:
-        if name == "status":
-            columns[name] = [row_status(m).value for m in maps]
-        elif name == "error":
-            columns[name] = [row_error(m) for m in maps]
-        elif name == "attempts":
-            columns[name] = [m["j_attempt"] for m in maps]
-        elif name == "updated_at":
-            columns[name] = [
-                max(t for t in (m["updated_at"], m["j_updated_at"]) if t is not None) for m in maps
-            ]
-        elif name in _FROM_JOB:
-            columns[name] = [m[f"j_{name}"] for m in maps]
-        else:
-            columns[name] = [m[name] for m in maps]
-    # an invalid row shows no job, whatever its key's earlier request had
-    invalid = [i for i, m in enumerate(maps) if m["invalid_reason"] is not None]
-    for name in _FROM_JOB | {"attempts"}:
-        for i in invalid:
-            columns[name][i] = None
-    return pa.Table.from_pydict(columns, schema=VIDEO_SCHEMA)
+def _array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    """A column as the driver returned it: SQLite gives datetimes as ISO text, PostgreSQL as
+    naive datetimes; both are UTC (the ledger stores nothing else)."""
+    if type_ == _TS:
+        return pa.array(values).cast(pa.timestamp("us")).cast(_TS)
+    return pa.array(values, type=type_)
 
 
-def _submission_table(raw: Sequence[Any]) -> pa.Table:
-    maps = [r._mapping for r in raw]
-    return pa.Table.from_pydict(
-        {name: [m[name] for m in maps] for name in SUBMISSION_COLUMNS}, schema=SUBMISSION_SCHEMA
+def _fetch(conn: Connection, query: Any, build: Callable[[list[list[Any]]], pa.Table]) -> pa.Table:
+    """``query``'s result as Arrow, ``build`` turning each chunk of rows (as columns of the
+    values the driver returns) into a table: no per-value conversion in Python (most of the
+    cost of reading 100,000 rows) and at most one chunk of Python objects alive at a time."""
+    compiled = query.compile(dialect=conn.dialect)
+    params: Any = compiled.params
+    if compiled.positional:
+        params = [compiled.params[n] for n in compiled.positiontup or ()]
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    parts = []
+    try:
+        cursor.execute(str(compiled), params)
+        while chunk := cursor.fetchmany(_FETCH_ROWS):
+            parts.append(build([list(c) for c in zip(*chunk, strict=True)]))
+    finally:
+        cursor.close()
+    if not parts:
+        parts.append(build([[] for _ in query.selected_columns]))
+    return pa.concat_tables(parts)
+
+
+def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:
+    """The videos rows (all, or those changed after revision ``since``), by partition key."""
+    rows, jobs = ledger.tables.rows, ledger.tables.jobs
+    job_names = ("submission_id", "status", "error", "attempt", "updated_at", *_FROM_JOB)
+    selected = [
+        *(rows.c[n] for n in (*_FROM_ROW, "invalid_reason", "last_error", "updated_at")),
+        *(jobs.c[n].label(f"j_{n}") for n in job_names),
+    ]
+    query = select(*selected).select_from(ledger.current_jobs())
+    if since is not None:
+        query = query.where(or_(rows.c.revision > since, jobs.c.revision > since))
+    names = [c.name for c in selected]
+    table = _fetch(conn, query, lambda chunk: _video_chunk(dict(zip(names, chunk, strict=True))))
+    return table.sort_by("partition_key")  # byte order, whatever the database's collation
+
+
+def _video_chunk(raw: dict[str, list[Any]]) -> pa.Table:
+    """Joined ledger columns -> videos rows: an invalid row shows no job, a row without a job
+    is PENDING with its last refusal as the error (what ``store._video_row`` derives too)."""
+    typed = {
+        name: _array(raw[name], _TS if name.endswith("updated_at") else pa.string())
+        for name in ("invalid_reason", "last_error", "updated_at", "j_updated_at", "j_status")
+    }
+    invalid = pc.is_valid(typed["invalid_reason"])
+    has_job = pc.and_(pc.is_valid(pa.array(raw["j_submission_id"], pa.int64())), pc.invert(invalid))
+
+    def job_column(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+        return pc.if_else(invalid, pa.scalar(None, type_), _array(values, type_))
+
+    columns: dict[str, pa.Array] = {n: _array(raw[n], _TYPES[n]) for n in _FROM_ROW}
+    columns |= {n: job_column(raw[f"j_{n}"], _TYPES[n]) for n in _FROM_JOB}
+    columns["status"] = pc.if_else(
+        invalid, "INVALID", pc.if_else(has_job, typed["j_status"], "PENDING")
+    )
+    columns["error"] = pc.if_else(
+        invalid,
+        typed["invalid_reason"],
+        pc.if_else(has_job, _array(raw["j_error"], pa.string()), typed["last_error"]),
+    )
+    columns["attempts"] = job_column(raw["j_attempt"], pa.int32())
+    latest = pc.max_element_wise(  # no kernel for zoned timestamps: compare the microseconds
+        typed["updated_at"].cast(pa.int64()), typed["j_updated_at"].cast(pa.int64()),
+        skip_nulls=True,
+    )  # fmt: skip
+    columns["updated_at"] = latest.cast(pa.timestamp("us")).cast(_TS)
+    return pa.Table.from_pydict({n: columns[n] for n in VIDEO_COLUMNS}, schema=VIDEO_SCHEMA)
+
+
+def _submission_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:
+    """The submission events (all, or those recorded after revision ``since``), in order."""
+    events = ledger.tables.events
+    query = select(*(events.c[n] for n in SUBMISSION_COLUMNS)).order_by(events.c.event_seq)
+    if since is not None:
+        query = query.where(events.c.revision > since)
+    return _fetch(
+        conn,
+        query,
+        lambda chunk: pa.Table.from_pydict(
+            {n: _array(v, t) for (n, t), v in zip(_SUBMISSION_FIELDS, chunk, strict=True)},
+            schema=SUBMISSION_SCHEMA,
+        ),
     )
 
 
-def read_tables(ledger: Ledger) -> tuple[pa.Table, pa.Table, int]:
-    """(videos, submissions, revision) from one consistent read of the ledger."""
+@dataclass(frozen=True)
+class _Published:
+    """The catalogs as last published: what an incremental publication starts from."""
+
+    videos: pa.Table
+    submissions: pa.Table
+    revision: int
+
+
+def _previous(paths: dict[str, Path], ledger_id: str) -> _Published | None:
+    """Both published files, if they are whole, of this ledger, at one revision, and of this
+    schema; else None (and the next publication reads everything)."""
+    try:
+        tables = {name: pq.read_table(path) for name, path in paths.items()}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    metas = [t.schema.metadata or {} for t in tables.values()]
+    if any(m.get(LEDGER_ID_KEY) != ledger_id.encode() for m in metas):
+        return None
+    revisions = {m.get(REVISION_KEY) for m in metas}
+    if len(revisions) != 1 or None in revisions:
+        return None
+    try:
+        videos = tables["videos"].cast(VIDEO_SCHEMA)
+        submissions = tables["submissions"].cast(SUBMISSION_SCHEMA)
+    except (ValueError, pa.ArrowInvalid):
+        return None
+    return _Published(videos, submissions, int(revisions.pop()))
+
+
+def read_tables(ledger: Ledger, since: _Published | None = None) -> tuple[pa.Table, pa.Table, int]:
+    """(videos, submissions, revision) from one consistent read of the ledger; given the
+    previous publication, only what changed after it is read, and merged into it."""
     with ledger.snapshot() as (conn, revision):
-        videos = _video_table(ledger.video_rows_raw(conn))
-        submissions = _submission_table(ledger.event_rows_raw(conn))
-    return videos, submissions, revision
+        if since is None or since.revision > revision:
+            return _video_table(ledger, conn, None), _submission_table(ledger, conn, None), revision
+        changed = _video_table(ledger, conn, since.revision)
+        new_events = _submission_table(ledger, conn, since.revision)
+    kept = since.videos.filter(
+        pc.invert(pc.is_in(since.videos["partition_key"], value_set=changed["partition_key"]))
+    )
+    videos = pa.concat_tables([kept, changed]).sort_by("partition_key")
+    return videos, pa.concat_tables([since.submissions, new_events]), revision
 
 
 def videos_frame(ledger: Ledger) -> pd.DataFrame:
@@ -180,10 +287,14 @@ def published_revision(path: Path) -> int | None:
     return int(value) if value is not None else None
 
 
-def _write_hidden(table: pa.Table, path: Path, revision: int) -> Path:
+def _write_hidden(table: pa.Table, path: Path, revision: int, ledger_id: str) -> Path:
     """``table`` written and fsynced beside ``path`` under a hidden name (readers skip it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**(table.schema.metadata or {}), REVISION_KEY: str(revision).encode()}
+    meta = {
+        **(table.schema.metadata or {}),
+        REVISION_KEY: str(revision).encode(),
+        LEDGER_ID_KEY: ledger_id.encode(),
+    }
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         pq.write_table(
@@ -211,10 +322,20 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _current(paths: dict[str, Path], revision: int) -> bool:
-    """Both published files are readable and show ``revision`` or a later one."""
-    shown = [published_revision(path) for path in paths.values()]
-    return all(r is not None and r >= revision for r in shown)
+def _current(paths: dict[str, Path], revision: int, ledger_id: str) -> bool:
+    """Both published files are readable, of this ledger, and show ``revision`` or a later one
+    (another ledger's files are replaced whatever revision they show)."""
+    for path in paths.values():
+        try:
+            meta = pq.read_metadata(path).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return False
+        shown = meta.get(REVISION_KEY)
+        if meta.get(LEDGER_ID_KEY) != ledger_id.encode() or shown is None:
+            return False
+        if int(shown) < revision:
+            return False
+    return True
 
 
 def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats:
@@ -222,21 +343,25 @@ def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats
     started = time.monotonic()
     root = Path(catalog_dir)
     paths = {t: root / t / DATA_FILE for t in TABLES}
+    ledger_id = ledger.ledger_id()
     videos = submissions = pa.table({})
     revision = -1
     rounds = 0
+    incremental = False
     while rounds < _MAX_ROUNDS:
         rounds += 1
-        videos, submissions, revision = read_tables(ledger)
-        if _current(paths, revision):
+        previous = _previous(paths, ledger_id)
+        incremental = previous is not None
+        videos, submissions, revision = read_tables(ledger, previous)
+        if _current(paths, revision, ledger_id):
             break  # someone published this state (or a later one) already, both files whole
         written = {
-            "submissions": _write_hidden(submissions, paths["submissions"], revision),
-            "videos": _write_hidden(videos, paths["videos"], revision),
+            "submissions": _write_hidden(submissions, paths["submissions"], revision, ledger_id),
+            "videos": _write_hidden(videos, paths["videos"], revision, ledger_id),
         }
         try:
             with ledger.exclusive("publication"):
-                if not _current(paths, revision):  # never over a newer publication
+                if not _current(paths, revision, ledger_id):  # never over a newer publication
                     for table, tmp in written.items():
                         os.replace(tmp, paths[table])
         finally:
@@ -248,5 +373,6 @@ def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats
         if ledger.revision() == revision:
             break
     return PublishStats(
-        revision, videos.num_rows, submissions.num_rows, time.monotonic() - started, rounds
-    )
+        revision, videos.num_rows, submissions.num_rows, time.monotonic() - started, rounds,
+        incremental, videos,
+    )  # fmt: skip

@@ -31,13 +31,15 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
     and_,
+    bindparam,
+    case,
     create_engine,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -57,7 +59,14 @@ from kvid_dagster.ledger.records import (
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-from kvid_dagster.ledger.tables import MIGRATIONS, SCHEMA_VERSION, LedgerTables, define_tables
+from kvid_dagster.ledger.tables import (
+    MIGRATIONS,
+    REVISION_OPTION,
+    SCHEMA_VERSION,
+    LedgerTables,
+    create_schema,
+    define_tables,
+)
 
 log = logging.getLogger("kvid_dagster.ledger")
 
@@ -71,6 +80,7 @@ _RECORD_ATTEMPTS = 5
 _RECORD_BACKOFF_SECONDS = (0.05, 0.2, 0.5, 1.0)
 _SQLITE_BUSY_TIMEOUT_SECONDS = 60.0
 _REVISION = "revision"
+_LEDGER_ID = "ledger_id"
 _IN_CHUNK = 5_000  # values in one IN (...): under every backend's parameter limit
 _VERSION = "schema_version"
 
@@ -226,14 +236,23 @@ class Ledger:
     # -- transactions --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """One write transaction that bumps the revision (what publishing compares)."""
+    def write(self) -> Iterator[Connection]:
+        """One write transaction at the next revision; what it writes carries that revision.
+
+        The revision is taken first, so write transactions run one at a time and their
+        revisions follow their commits: a reader that sees revision R has every write up to R
+        and none after it (what incremental publishing and the sensors' re-checks rely on).
+        """
+        meta = self.tables.meta
         with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
+            revision = conn.execute(
+                update(meta)
+                .where(meta.c.name == _REVISION)
+                .values(int_value=meta.c.int_value + 1)
+                .returning(meta.c.int_value)
+            ).scalar_one()
+            conn.execution_options(**{REVISION_OPTION: int(revision)})
             yield conn
-            meta = self.tables.meta
-            conn.execute(
-                update(meta).where(meta.c.name == _REVISION).values(int_value=meta.c.int_value + 1)
-            )
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -264,17 +283,27 @@ class Ledger:
                     f"the kvid ledger in {redact_url(self.url)} is at schema version {version}, "
                     f"written by a newer kvid-dagster (this one knows {SCHEMA_VERSION})"
                 )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[step](conn, self.tables)
             if version == 0:
+                create_schema(conn, self.tables)
                 conn.execute(
                     insert(meta),
                     [{"name": _VERSION, "int_value": 0}, {"name": _REVISION, "int_value": 0}],
                 )
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[step](conn, self.tables)
+            if conn.scalar(select(meta.c.text_value).where(meta.c.name == _LEDGER_ID)) is None:
+                conn.execute(insert(meta).values(name=_LEDGER_ID, text_value=uuid.uuid4().hex))
             if version < SCHEMA_VERSION:
                 conn.execute(
                     update(meta).where(meta.c.name == _VERSION).values(int_value=SCHEMA_VERSION)
                 )
+
+    def ledger_id(self) -> str:
+        """This database's identity: a catalog published from another ledger is not ours."""
+        meta = self.tables.meta
+        with self._read() as conn:
+            return str(conn.scalar(select(meta.c.text_value).where(meta.c.name == _LEDGER_ID)))
 
     def revision(self) -> int:
         """A number that grows with every committed change (what a publication is of)."""
@@ -290,7 +319,7 @@ class Ledger:
     def set_marker(self, name: str, value: str, conn: Connection | None = None) -> None:
         meta = self.tables.meta
         with contextlib.ExitStack() as stack:
-            conn = conn or stack.enter_context(self._write())
+            conn = conn or stack.enter_context(self.write())
             conn.execute(delete(meta).where(meta.c.name == f"marker:{name}"))
             conn.execute(insert(meta).values(name=f"marker:{name}", text_value=value))
 
@@ -340,7 +369,7 @@ class Ledger:
     def _register(self, wanted: Mapping[str, dict[str, Any]], now: datetime) -> int:
         rows = self.tables.rows
         compared = ("prompt", "job_kind", "model", "request_hash", "params_json", "invalid_reason")
-        with self._write() as conn:
+        with self.write() as conn:
             existing = {
                 r.partition_key: r
                 for r in conn.execute(select(rows.c.partition_key, *(rows.c[c] for c in compared)))
@@ -364,22 +393,37 @@ class Ledger:
                 )
         return len(new) + len(changed)
 
-    def _row_query(self) -> Any:
+    def current_jobs(self) -> Any:
+        """``rows`` outer-joined with each row's current job: the latest attempt at its request
+        (the FROM clause of every row read, publishing's included)."""
         rows, jobs = self.tables.rows, self.tables.jobs
         latest = (
             select(jobs.c.request_hash, func.max(jobs.c.attempt).label("attempt"))
             .group_by(jobs.c.request_hash)
             .subquery("latest")
         )
-        return select(rows, *(c.label(f"j_{c.name}") for c in jobs.c)).select_from(
-            rows.outerjoin(latest, latest.c.request_hash == rows.c.request_hash).outerjoin(
-                jobs,
-                and_(
-                    jobs.c.request_hash == latest.c.request_hash,
-                    jobs.c.attempt == latest.c.attempt,
-                ),
-            )
+        return rows.outerjoin(latest, latest.c.request_hash == rows.c.request_hash).outerjoin(
+            jobs,
+            and_(jobs.c.request_hash == latest.c.request_hash, jobs.c.attempt == latest.c.attempt),
         )
+
+    def _row_query(self) -> Any:
+        rows, jobs = self.tables.rows, self.tables.jobs
+        return select(rows, *(c.label(f"j_{c.name}") for c in jobs.c)).select_from(
+            self.current_jobs()
+        )
+
+    def rows_changed_since(self, revision: int) -> tuple[list[VideoRow], int]:
+        """The rows whose state changed after ``revision`` (their own row or current job was
+        written, or their job went away), and the revision they are read at."""
+        rows, jobs = self.tables.rows, self.tables.jobs
+        query = (
+            self._row_query()
+            .where(or_(rows.c.revision > revision, jobs.c.revision > revision))
+            .order_by(rows.c.partition_key)
+        )
+        with self.snapshot() as (conn, now):
+            return [_video_row(r._mapping) for r in conn.execute(query)], now
 
     def rows(self, keys: Iterable[str] | None = None) -> list[VideoRow]:
         """Rows (all, or those of ``keys``) with their current submission, by partition key."""
@@ -424,11 +468,28 @@ class Ledger:
                         found[row.submission.submission_id].append(row)
         return found
 
+    def rows_with_job_status(self, status: VideoStatus) -> list[VideoRow]:
+        """The valid rows whose current job is in ``status``, by partition key."""
+        rows, jobs = self.tables.rows, self.tables.jobs
+        query = (
+            self._row_query()
+            .where(jobs.c.status == status.value, rows.c.invalid_reason.is_(None))
+            .order_by(rows.c.partition_key)
+        )
+        with self._read() as conn:
+            return [_video_row(r._mapping) for r in conn.execute(query)]
+
     def counts_by_status(self) -> dict[VideoStatus, int]:
-        counts: dict[VideoStatus, int] = {}
-        for row in self.rows():
-            counts[row.status] = counts.get(row.status, 0) + 1
-        return counts
+        """How many rows are in each status (counted by the database)."""
+        rows, jobs = self.tables.rows, self.tables.jobs
+        status = case(
+            (rows.c.invalid_reason.is_not(None), VideoStatus.INVALID.value),
+            (jobs.c.submission_id.is_(None), VideoStatus.PENDING.value),
+            else_=jobs.c.status,
+        ).label("status")
+        query = select(status, func.count()).select_from(self.current_jobs()).group_by(status)
+        with self._read() as conn:
+            return {VideoStatus(s): int(n) for s, n in conn.execute(query)}
 
     # -- submissions ---------------------------------------------------------------------------
 
@@ -498,7 +559,7 @@ class Ledger:
         jobs = self.tables.jobs
         now = utcnow()
         try:
-            with self._write() as conn:
+            with self.write() as conn:
                 latest = self._latest(conn, row.request_hash)
                 reason = refusal_for(latest, rule)
                 if reason is not None:
@@ -581,7 +642,7 @@ class Ledger:
     def _record_submitted(self, submission_id: int, request_id: str) -> Submission | None:
         jobs = self.tables.jobs
         now = utcnow()
-        with self._write() as conn:
+        with self.write() as conn:
             current = conn.execute(
                 select(jobs).where(jobs.c.submission_id == submission_id)
             ).first()
@@ -615,7 +676,7 @@ class Ledger:
         """The generate was refused or never sent: nothing was billed, the claim goes away and
         the row is PENDING again (``invalid``: the service said the request is invalid)."""
         jobs, rows = self.tables.jobs, self.tables.rows
-        with self._write() as conn:
+        with self.write() as conn:
             conn.execute(
                 delete(jobs).where(
                     jobs.c.submission_id == submission.submission_id,
@@ -623,6 +684,7 @@ class Ledger:
                 )
             )
             self._event(conn, submission, SubmissionEvent.FAILED_TO_SUBMIT, cost=0.0, error=error)
+            self._touch_request(conn, submission.request_hash)
             values: dict[str, Any] = {"last_error": error, "updated_at": utcnow()}
             if invalid:
                 values["invalid_reason"] = error
@@ -641,7 +703,7 @@ class Ledger:
 
     def _settle_uncertain(self, submission: Submission, error: str) -> bool:
         jobs = self.tables.jobs
-        with self._write() as conn:
+        with self.write() as conn:
             done = conn.execute(
                 update(jobs)
                 .where(
@@ -675,7 +737,7 @@ class Ledger:
             conn.execute(
                 update(jobs)
                 .where(jobs.c.submission_id.in_(ids), jobs.c.status == VideoStatus.SUBMITTING.value)
-                .values(heartbeat_at=utcnow())
+                .values(heartbeat_at=utcnow(), revision=jobs.c.revision)  # nothing published
             )
 
     def owner_alive(self, submission: Submission) -> bool:
@@ -758,7 +820,7 @@ class Ledger:
         if row is None or sub is None or row.status is not VideoStatus.UNCERTAIN:
             status = row.status if row is not None else None
             raise ValueError(f"{partition_key!r} is not UNCERTAIN (status {status})")
-        with self._write() as conn:
+        with self.write() as conn:
             where = and_(
                 jobs.c.submission_id == sub.submission_id,
                 jobs.c.status == VideoStatus.UNCERTAIN.value,
@@ -779,6 +841,7 @@ class Ledger:
                 ).rowcount
             else:
                 changed = conn.execute(delete(jobs).where(where)).rowcount
+                self._touch_request(conn, sub.request_hash)
             if not changed:
                 raise ValueError(f"{partition_key!r} changed while it was being resolved")
             self._event(
@@ -798,35 +861,30 @@ class Ledger:
             return []
         jobs = self.tables.jobs
         now = utcnow()
-        applied: list[int] = []
         order = {c.submission_id: i for i, c in enumerate(changes)}
-        with self._write() as conn:
-            # one lock order for every writer: two pollers never deadlock on PostgreSQL
-            for change in sorted(changes, key=lambda c: c.submission_id):
-                values: dict[str, Any] = {
-                    "status": change.status.value,
-                    "updated_at": now,
-                    "version": jobs.c.version + 1,
-                    **change.extra,
-                }
-                if change.progress is not None:
-                    values["progress"] = change.progress
-                if change.error is not None or change.status is VideoStatus.COMPLETED:
-                    values["error"] = change.error
-                if change.video is not None:
-                    values.update({f: getattr(change.video, f) for f in VIDEO_FILE_FIELDS})
-                if change.completed:
-                    values["completed_at"] = now
-                done = conn.execute(
+        with self.write() as conn:
+            # write transactions run one at a time: the versions read here are the ones the
+            # updates meet, so a change is applied exactly when it passes this check
+            versions = self._versions(conn, list(order))
+            shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            applied: list[int] = []
+            for change in changes:
+                if versions.pop(change.submission_id, None) != change.expected_version:
+                    continue  # moved meanwhile (or a second change of one submission)
+                values = _change_values(change, now)
+                shapes.setdefault(tuple(sorted(values)), []).append(
+                    {"b_id": change.submission_id, **{f"b_{k}": v for k, v in values.items()}}
+                )
+                applied.append(change.submission_id)
+            for names, params in shapes.items():  # one executemany per set of columns
+                statement = (
                     update(jobs)
-                    .where(
-                        jobs.c.submission_id == change.submission_id,
-                        jobs.c.version == change.expected_version,
+                    .where(jobs.c.submission_id == bindparam("b_id"))
+                    .values(
+                        {**{n: bindparam(f"b_{n}") for n in names}, "version": jobs.c.version + 1}
                     )
-                    .values(values)
-                ).rowcount
-                if done:
-                    applied.append(change.submission_id)
+                )
+                conn.execute(statement, sorted(params, key=lambda p: p["b_id"]))
             found = self._fetch(conn, applied)
             self._events(
                 conn,
@@ -838,6 +896,17 @@ class Ledger:
             )
         by_id = {s.submission_id: s for s in found}
         return [by_id[i] for i in sorted(applied, key=order.__getitem__)]
+
+    def _versions(self, conn: Connection, ids: Sequence[int]) -> dict[int, int]:
+        jobs = self.tables.jobs
+        wanted = sorted(ids)
+        found: dict[int, int] = {}
+        for start in range(0, len(wanted), _IN_CHUNK):
+            query = select(jobs.c.submission_id, jobs.c.version).where(
+                jobs.c.submission_id.in_(wanted[start : start + _IN_CHUNK])
+            )
+            found.update({int(i): int(v) for i, v in conn.execute(query)})
+        return found
 
     def _fetch(self, conn: Connection, ids: Sequence[int]) -> list[Submission]:
         jobs = self.tables.jobs
@@ -890,6 +959,14 @@ class Ledger:
             "recorded_at": utcnow(),
         }
 
+    def _touch_request(self, conn: Connection, request_hash: str) -> None:
+        """A job of this request went away: the rows showing it show another state now."""
+        rows = self.tables.rows
+        revision = conn.get_execution_options()[REVISION_OPTION]
+        conn.execute(
+            update(rows).where(rows.c.request_hash == request_hash).values(revision=revision)
+        )
+
     def _clear_row_error(self, conn: Connection, partition_key: str) -> None:
         rows = self.tables.rows
         conn.execute(
@@ -905,15 +982,6 @@ class Ledger:
             return [
                 dict(r._mapping) for r in conn.execute(select(events).order_by(events.c.event_seq))
             ]
-
-    # -- bulk reads for publishing -------------------------------------------------------------
-
-    def video_rows_raw(self, conn: Connection) -> Sequence[Row[Any]]:
-        return conn.execute(self._row_query().order_by(self.tables.rows.c.partition_key)).all()
-
-    def event_rows_raw(self, conn: Connection) -> Sequence[Row[Any]]:
-        events = self.tables.events
-        return conn.execute(select(events).order_by(events.c.event_seq)).all()
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[tuple[Connection, int]]:
@@ -931,6 +999,20 @@ class Ledger:
                     conn.scalar(select(meta.c.int_value).where(meta.c.name == _REVISION)) or 0
                 )
                 yield conn, revision
+
+
+def _change_values(change: JobChange, now: datetime) -> dict[str, Any]:
+    """The job columns a poller's change sets."""
+    values: dict[str, Any] = {"status": change.status.value, "updated_at": now, **change.extra}
+    if change.progress is not None:
+        values["progress"] = change.progress
+    if change.error is not None or change.status is VideoStatus.COMPLETED:
+        values["error"] = change.error
+    if change.video is not None:
+        values.update({f: getattr(change.video, f) for f in VIDEO_FILE_FIELDS})
+    if change.completed:
+        values["completed_at"] = now
+    return values
 
 
 def _lock_key(name: str) -> int:

@@ -29,10 +29,13 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 
 #: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The execution option a write transaction carries its revision in (see ``_stamp``).
+REVISION_OPTION = "kvid_revision"
 TABLE_PREFIX_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,30}")
 
 
@@ -53,6 +56,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC)
+
+
+def _stamp(context: Any) -> int:
+    """The revision of the write transaction running the statement: every inserted or updated
+    row of ``rows``, ``jobs`` and ``events`` carries the revision it was last written at, which
+    is what lets publishing and the sensors read only what changed since a revision."""
+    try:
+        return int(context.execution_options[REVISION_OPTION])
+    except KeyError:
+        raise RuntimeError("a ledger write outside Ledger.write()") from None
+
+
+def _revision_column() -> Column[Any]:
+    return Column("revision", BigInteger, nullable=False, default=_stamp, onupdate=_stamp)
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,9 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("invalid_reason", Text),  # set: the row is INVALID
         Column("last_error", Text),  # why its last submission did not go through
         Column("updated_at", UTCDateTime, nullable=False),
+        _revision_column(),
         Index(f"ix_{prefix}rows_request_hash", "request_hash"),
+        Index(f"ix_{prefix}rows_revision", "revision"),
     )
     jobs = Table(
         f"{prefix}jobs",
@@ -131,10 +150,12 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("completed_at", UTCDateTime),
         Column("updated_at", UTCDateTime, nullable=False),
         Column("version", Integer, nullable=False, default=0),
+        _revision_column(),
         # the database itself refuses a second claim of the same attempt at the same request
         UniqueConstraint("request_hash", "attempt", name=f"uq_{prefix}jobs_request_attempt"),
         Index(f"ix_{prefix}jobs_status", "status"),
         Index(f"ix_{prefix}jobs_request_id", "request_id"),
+        Index(f"ix_{prefix}jobs_revision", "revision"),
     )
     events = Table(
         f"{prefix}events",
@@ -153,14 +174,28 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("cost_credits", Float),
         Column("error", Text),
         Column("recorded_at", UTCDateTime, nullable=False),
+        _revision_column(),
+        Index(f"ix_{prefix}events_revision", "revision"),
     )
     return LedgerTables(md, meta, rows, jobs, events)
 
 
-def _create_v1(conn: Connection, tables: LedgerTables) -> None:
+def create_schema(conn: Connection, tables: LedgerTables) -> None:
+    """A new database gets the current schema in one step (no migration replays)."""
     tables.metadata.create_all(conn)
 
 
-#: version -> the step that brings a database from version - 1 to it
-MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {1: _create_v1}
+def _add_revisions(conn: Connection, tables: LedgerTables) -> None:
+    """v2: the revision each row was last written at (0: before v2, so published as of old)."""
+    for table in (tables.rows, tables.jobs, tables.events):
+        conn.execute(
+            text(f"ALTER TABLE {table.name} ADD COLUMN revision BIGINT NOT NULL DEFAULT 0")
+        )
+        for index in table.indexes:
+            if index.name and index.name.endswith("_revision"):
+                index.create(conn)
+
+
+#: version -> the step that brings a database from version - 1 to it (version 1: created)
+MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {2: _add_revisions}
 assert max(MIGRATIONS) == SCHEMA_VERSION
