@@ -7,6 +7,7 @@ Renders are kept at 480p and the fewest frames the contract allows, except one 7
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,9 @@ import numpy as np
 import pytest
 from conftest import IMAGES_DIR, REPO_ROOT, TEST_API_KEY, EmulatorFactory
 
-from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
+from kvid_dagster.emulator import FAIL_MARKER, EmulatorConfig, KvidEmulator
+from kvid_dagster.emulator.__main__ import build_parser
+from kvid_dagster.emulator.config import REALISTIC, RoughEdges
 
 T2V, I2V = "text-to-video", "image-to-video"
 V2_MODEL = {
@@ -1124,3 +1129,317 @@ def test_result_json_is_the_envelope(client: httpx.Client) -> None:
     assert set(payload) == {"success", "data", "message"}
     assert set(payload["data"]) == {"url", "name", "size"}
     assert json.loads(json.dumps(payload)) == payload
+
+
+# --- the realistic mode: rough edges of real servers -------------------------------------------
+
+IMF_FIXDATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
+
+
+def completed_url(client: httpx.Client, kind: str, request_id: str) -> str:
+    """The result URL of a job, once it is COMPLETED and visible (fresh jobs may 404 first)."""
+    deadline = time.monotonic() + 30
+    while (response := get_status(client, kind, request_id)).status_code == 404:
+        assert time.monotonic() < deadline, "the job never became visible"
+        time.sleep(0.05)
+    assert wait_terminal(client, kind, request_id)["status"] == "COMPLETED"
+    response = get_result(client, kind, request_id)
+    assert response.status_code == 200, response.text
+    return str(response.json()["data"]["url"])
+
+
+def is_mp4(response: httpx.Response) -> bool:
+    return response.status_code == 200 and response.content[4:8] == b"ftyp"
+
+
+def test_realistic_turns_every_rough_edge_on_and_explicit_values_win() -> None:
+    assert EmulatorConfig().edges == RoughEdges()  # the default: all off
+    assert EmulatorConfig(realistic=True).edges == REALISTIC
+    assert all(getattr(REALISTIC, f.name) for f in dataclasses.fields(RoughEdges))
+    picked = EmulatorConfig(realistic=True, fresh_404_s=0, separate_storage=False).edges
+    assert picked == dataclasses.replace(REALISTIC, fresh_404_s=0, separate_storage=False)
+    assert EmulatorConfig(null_progress=True).edges == RoughEdges(null_progress=True)
+    # KvidEmulator's overrides go through dataclasses.replace: realistic must still resolve
+    assert dataclasses.replace(EmulatorConfig(), realistic=True).edges == REALISTIC
+    assert EmulatorConfig(realistic=True).backlog == 5
+    assert EmulatorConfig(realistic=True).echo_api_key is False  # a separate opt-in
+    with pytest.raises(ValueError):
+        EmulatorConfig(omit_progress_rate=1.5)
+    with pytest.raises(ValueError):
+        EmulatorConfig(result_url_ttl_s=-1)
+    assert build_parser().parse_args(["--realistic"]).realistic is True
+    assert build_parser().parse_args([]).realistic is False
+
+
+def test_realistic_mode_end_to_end(emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory(realistic=True)
+    assert emulator.storage_url != emulator.base_url
+    with make_client(emulator) as client:
+        response = post_generate(client, T2V, SMALL_T2V)
+        assert response.status_code == 200 and "x-debug-key" not in response.headers
+        url = completed_url(client, T2V, response.json()["data"]["request_id"])
+        assert url.startswith(f"{emulator.storage_url}/videos/") and "signature=" in url
+        assert is_mp4(httpx.get(url, timeout=30))
+        emulator.add_fault("status", "503", retry_after=2)
+        retry = get_status(client, T2V, "req_0000000000000000").headers["retry-after"]
+        assert IMF_FIXDATE.fullmatch(retry)
+
+
+def test_burst_resets_new_connections_before_anything_is_created(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    emulator = emulator_factory(burst_reset_above=2)
+    emulator.add_fault("status", "timeout", times=3, delay=6.0)  # holds three requests in flight
+
+    def hold() -> None:
+        with make_client(emulator) as client:
+            assert get_status(client, T2V, "req_0000000000000000").status_code == 404
+
+    def wait_held(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while emulator.stats["status"] < count:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(hold), pool.submit(hold)]
+        wait_held(2)
+        with make_client(emulator) as client:  # two in flight: not more than 2, served
+            generate(client, T2V, SMALL_T2V)
+        held.append(pool.submit(hold))
+        wait_held(3)
+        with make_client(emulator) as client, pytest.raises(httpx.TransportError):
+            post_generate(client, T2V, SMALL_T2V)
+        assert emulator.jobs_created == 1  # refused before reading: no job
+        assert emulator.stats["refused"] == 1
+        assert emulator.stats["generate"] == 1
+        for future in held:
+            future.result()
+    with make_client(emulator) as client:  # the burst is over
+        generate(client, T2V, SMALL_T2V)
+    assert emulator.jobs_created == 2 and emulator.stats["refused"] == 1
+
+
+def test_fresh_jobs_answer_404_then_normally(emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory(fresh_404_s=3.0)
+    with make_client(emulator) as client:
+        started = time.monotonic()
+        request_id = generate(client, T2V, SMALL_T2V)
+        status, result = get_status(client, T2V, request_id), get_result(client, T2V, request_id)
+        assert time.monotonic() - started < 3.0, "too slow to see the fresh window"
+        for response in (status, result):
+            assert response.status_code == 404
+            assert response.json() == {
+                "success": False,
+                "data": None,
+                "message": f"request_id {request_id!r} not found for {T2V}",
+            }
+        while get_status(client, T2V, request_id).status_code == 404:
+            assert time.monotonic() - started < 15
+            time.sleep(0.05)
+        assert time.monotonic() - started >= 2.95  # not before the window ended
+        assert wait_terminal(client, T2V, request_id)["status"] == "COMPLETED"
+        assert get_result(client, T2V, request_id).status_code == 200
+
+
+def test_progress_null_in_queue_and_fractional_while_running(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    emulator = emulator_factory(
+        null_progress=True, fractional_progress=True, workers=1, job_duration=4.0
+    )
+    with make_client(emulator) as client:
+        running = generate(client, T2V, SMALL_T2V)
+        queued = generate(client, T2V, SMALL_T2V)
+        data = status_data(client, T2V, queued)
+        assert data["status"] == "IN_QUEUE"
+        assert "progress" in data and data["progress"] is None
+        seen: list[Any] = []
+        while len(seen) < 8:
+            data = status_data(client, T2V, running)
+            assert data["status"] == "PROCESSING"
+            seen.append(data["progress"])
+            time.sleep(0.13)
+        assert all(type(p) is float and 0 <= p < 100 for p in seen)
+        assert any(p != int(p) for p in seen)  # e.g. 12.5
+        assert all(p == round(p, 1) for p in seen)  # one decimal
+        assert wait_terminal(client, T2V, running, timeout=30)["progress"] == 100
+
+
+def test_progress_is_sometimes_omitted(emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory(omit_progress_rate=0.5, seed=3)
+    with make_client(emulator) as client:
+        request_id = generate(client, T2V, SMALL_T2V)
+        present = ["progress" in status_data(client, T2V, request_id) for _ in range(30)]
+        assert True in present and False in present
+        always = emulator_factory(omit_progress_rate=1.0)
+    with make_client(always) as client:
+        request_id = generate(client, T2V, SMALL_T2V)
+        data = status_data(client, T2V, request_id)
+        assert "progress" not in data and data["status"] in ("IN_QUEUE", "PROCESSING", "COMPLETED")
+
+
+def test_separate_storage_serves_videos_on_another_port_without_the_key(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    emulator = emulator_factory(separate_storage=True)
+    storage = httpx.URL(emulator.storage_url)
+    assert storage.host == "127.0.0.1" and storage.port not in (None, emulator.port)
+    with make_client(emulator) as client:
+        request_id = generate(client, T2V, SMALL_T2V)
+        url = completed_url(client, T2V, request_id)
+        assert url == f"{emulator.storage_url}/videos/{request_id}.mp4"
+        video = httpx.get(url, timeout=30)  # no api-key
+        assert is_mp4(video) and video.headers["content-type"] == "video/mp4"
+        assert emulator.stats["files_with_api_key"] == 0
+        assert is_mp4(httpx.get(url, headers={"api-key": TEST_API_KEY}, timeout=30))
+        assert emulator.stats["files_with_api_key"] == 1  # counted: a client must not send it
+        # the API origin serves no files, and the storage origin no API
+        assert client.get(f"/files/{request_id}.mp4").status_code == 404
+        assert client.get(f"/videos/{request_id}.mp4").status_code == 404
+        wrong = httpx.get(f"{emulator.storage_url}/ai/video/{T2V}/status?request_id={request_id}")
+        assert wrong.status_code == 404 and b"NoSuchKey" in wrong.content
+        assert httpx.get(f"{emulator.storage_url}/videos/req_0.mp4").status_code == 404
+
+
+def test_result_urls_expire_with_403_and_result_gives_a_fresh_one(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    emulator = emulator_factory(result_url_ttl_s=2.0)
+    with make_client(emulator) as client:
+        request_id = generate(client, T2V, SMALL_T2V)
+        first = completed_url(client, T2V, request_id)
+        assert is_mp4(httpx.get(first, timeout=30))
+        unsigned = first.split("?")[0]
+        for bad in (unsigned, unsigned + "?signature=forged"):
+            assert httpx.get(bad).status_code == 403
+        time.sleep(2.3)
+        expired = httpx.get(first)
+        assert expired.status_code == 403
+        assert b"AccessDenied" in expired.content and b"expired" in expired.content
+        second = get_result(client, T2V, request_id).json()["data"]["url"]
+        assert second != first
+        assert is_mp4(httpx.get(second, timeout=30))
+        assert httpx.head(second).status_code == 200
+        assert httpx.get(first).status_code == 403  # the old one stays dead
+
+
+def test_retry_after_as_an_http_date(emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory(retry_after_http_date=True, rate_limit=1.0)
+    emulator.add_fault("status", "429", retry_after=5)
+    emulator.add_fault("status", "503", retry_after=3)
+    emulator.add_fault("status", "500")
+    with make_client(emulator) as client:
+        responses = [get_status(client, T2V, "req_0000000000000000") for _ in range(5)]
+    before = time.time()
+    codes = [r.status_code for r in responses]
+    assert codes[:3] == [429, 503, 500] and codes[3] == 404 and codes[4] == 429
+    assert "retry-after" not in responses[2].headers
+    for response, seconds in ((responses[0], 5), (responses[1], 3), (responses[4], 1)):
+        header = response.headers["retry-after"]
+        assert IMF_FIXDATE.fullmatch(header), header
+        delta = parsedate_to_datetime(header).timestamp() - before
+        assert seconds - 3 <= delta <= seconds + 1, (header, delta)
+
+
+def test_failed_messages_echo_the_request(
+    emulator_factory: EmulatorFactory, client: httpx.Client
+) -> None:
+    body = {**SMALL_T2V, "prompt": f"A red kite over dunes {FAIL_MARKER}", "seed": 4242}
+    echoing = emulator_factory(echo_request_in_failures=True)
+    with make_client(echoing) as echo_client:
+        request_id = generate(echo_client, T2V, body)
+        data = wait_terminal(echo_client, T2V, request_id)
+        failed = get_result(echo_client, T2V, request_id)
+    assert data["status"] == "FAILED" and failed.status_code == 409
+    for text in (data["message"], data["logs"][-1], failed.json()["message"]):
+        assert "A red kite over dunes" in text and '"seed": 4242' in text
+        assert '"resolution": "480p"' in text
+    # by default a failure names its reason only
+    plain = wait_terminal(client, T2V, generate(client, T2V, body))
+    assert plain["status"] == "FAILED"
+    assert "A red kite" not in plain["message"] and "4242" not in plain["logs"][-1]
+
+
+def test_echo_api_key_puts_the_key_everywhere(
+    emulator_factory: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kvid_dagster.emulator")
+    key = "sekrit-key-123"
+    emulator = emulator_factory(api_key=key, echo_api_key=True)
+    with make_client(emulator, key=key) as client:
+        response = post_generate(client, T2V, {**SMALL_T2V, "prompt": f"x {FAIL_MARKER}"})
+        assert response.headers["x-debug-key"] == key
+        request_id = response.json()["data"]["request_id"]
+        data = wait_terminal(client, T2V, request_id)
+        assert data["status"] == "FAILED"
+        assert key in data["message"] and key in data["logs"][0] and key in data["logs"][-1]
+        assert key in get_result(client, T2V, request_id).json()["message"]
+    with make_client(emulator, key="sekrit-wrong-456") as client:
+        denied = get_status(client, T2V, request_id)
+        assert denied.status_code == 401 and denied.headers["x-debug-key"] == "sekrit-wrong-456"
+    assert key in caplog.text and "sekrit-wrong-456" in caplog.text
+    assert "sekrit" not in repr(emulator.config)
+
+
+def test_fault_match_targets_a_request_by_what_it_carries(
+    emulator: KvidEmulator, client: httpx.Client
+) -> None:
+    fault = emulator.add_fault("generate", "500", match="target")
+    assert fault.match == "target"
+    generate(client, T2V, {**SMALL_T2V, "prompt": "an innocent prompt"})
+    assert client.post(f"/ai/video/{T2V}/generate", content=b"{not json").status_code == 422
+    assert [f.match for f in emulator.pending_faults()] == ["target"]  # not consumed
+    response = post_generate(client, T2V, {**SMALL_T2V, "prompt": "the target prompt"})
+    assert response.status_code == 500 and emulator.jobs_created == 1
+    assert emulator.pending_faults() == []
+
+    first = generate(client, T2V, SMALL_T2V)
+    second = generate(client, T2V, SMALL_T2V)
+    emulator.add_fault("status", "503", times=2, match=second)
+    emulator.add_fault("status", "502")  # order-based, behind the matched one
+    assert get_status(client, T2V, first).status_code == 502  # passes the matched fault by
+    assert get_status(client, T2V, first).status_code == 200
+    assert get_status(client, T2V, second).status_code == 503
+    assert get_status(client, T2V, first).status_code == 200
+    assert get_status(client, T2V, second).status_code == 503
+    assert get_status(client, T2V, second).status_code == 200
+
+    url_first, url_second = (completed_url(client, T2V, rid) for rid in (first, second))
+    emulator.add_fault("*", "500", match=second)  # result and files alike
+    assert get_result(client, T2V, first).status_code == 200
+    assert httpx.get(url_first, timeout=30).status_code == 200
+    assert httpx.get(url_second, timeout=30).status_code == 500
+    assert is_mp4(httpx.get(url_second, timeout=30))
+    with pytest.raises(ValueError):
+        emulator.add_fault("status", "500", match="")
+
+
+def test_command_line_realistic(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, "-m", "kvid_dagster.emulator", "--port", "0", "--realistic"]
+    command += ["--job-duration", "0.1", "--output-dir", str(tmp_path / "out")]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()
+        with httpx.Client(base_url=base_url, headers={"api-key": "k"}, timeout=30) as client:
+            url = completed_url(client, T2V, generate(client, T2V, SMALL_T2V))
+        assert httpx.URL(url).port != httpx.URL(base_url).port and "signature=" in url
+        assert is_mp4(httpx.get(url, timeout=30))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -124,10 +124,12 @@ class BothSubmittersGate:
         self._timeout = timeout
         original = emulator.handle
 
-        def handle(method: str, target: str, headers: Message, body: bytes | None) -> Any:
+        def handle(
+            method: str, target: str, headers: Message, body: bytes | None, **options: Any
+        ) -> Any:
             if urlsplit(target).path.endswith("/generate") and not self.opened.is_set():
                 self._wait()
-            return original(method, target, headers, body)
+            return original(method, target, headers, body, **options)
 
         emulator.handle = handle  # type: ignore[method-assign]
 

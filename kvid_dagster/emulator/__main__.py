@@ -39,6 +39,13 @@ def build_parser(prog: str = "python -m kvid_dagster.emulator") -> argparse.Argu
     parser.add_argument(
         "--backlog", type=int, default=5, help="listen backlog (default 5, the stdlib's)"
     )
+    parser.add_argument(
+        "--realistic",
+        action="store_true",
+        help="the rough edges of real servers: bursts reset, fresh jobs 404, null/fractional "
+        "progress, a separate storage origin with expiring URLs, Retry-After dates, FAILED "
+        "messages echoing the request",
+    )
     parser.add_argument("--output-dir", default=None, help="where videos go (default: temp dir)")
     parser.add_argument("--public-base-url", default=None, help="base of result URLs")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -65,6 +72,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             seed=args.seed,
             public_base_url=args.public_base_url,
             backlog=args.backlog,
+            realistic=args.realistic,
         )
     except ValueError as exc:
         parser.error(str(exc))

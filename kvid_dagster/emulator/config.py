@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Final
 
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RoughEdges:
+    """The rough edges of real servers, resolved (``EmulatorConfig.edges``); defaults: all off."""
+
+    burst_reset_above: int = 0
+    fresh_404_s: float = 0.0
+    null_progress: bool = False
+    fractional_progress: bool = False
+    omit_progress_rate: float = 0.0
+    separate_storage: bool = False
+    result_url_ttl_s: float = 0.0
+    retry_after_http_date: bool = False
+    echo_request_in_failures: bool = False
+
+
+REALISTIC: Final = RoughEdges(
+    burst_reset_above=8,
+    fresh_404_s=1.0,
+    null_progress=True,
+    fractional_progress=True,
+    omit_progress_rate=0.2,
+    separate_storage=True,
+    result_url_ttl_s=30.0,
+    retry_after_http_date=True,
+    echo_request_in_failures=True,
+)
+"""What ``realistic=True`` gives each rough edge the config leaves at ``None``."""
 
 
 @dataclass
 class EmulatorConfig:
     """How the emulator behaves. Every field has a default that gives a quick, well-behaved demo.
+
+    The rough edges of real servers (``burst_reset_above`` to ``echo_request_in_failures``) are
+    off unless set (0 or False is off); ``realistic=True`` turns on every one left at ``None``
+    (values: ``REALISTIC``). An explicit value wins either way, so a test can pick one edge, or
+    drop one. The server reads them resolved, from ``edges``.
 
     Job timing: a job takes the vendor's 1-5 minutes (by resolution and length) times
     ``time_scale``, unless ``job_duration`` fixes it. Fault rates draw from an RNG seeded with
@@ -53,6 +89,36 @@ class EmulatorConfig:
     backlog: int = 5
     """Listen backlog: the standard library's (``socketserver``) 5, as small real servers have,
     so bursts meet a full accept queue in tests too; benchmarks pass a large one."""
+    echo_api_key: bool = False
+    """Put the request's api-key into an ``X-Debug-Key`` response header, status logs, FAILED
+    messages and the emulator's own log, so a client's scrubbing is tested everywhere. Not part
+    of ``realistic``: a real server doing this is a bug of its own."""
+
+    # the rough edges of real servers; None: as ``realistic`` says
+    realistic: bool = False
+    """Turn on every rough edge below that is left at ``None``."""
+    burst_reset_above: int | None = None
+    """While more than this many API requests are in flight, every new connection is reset
+    (TCP RST) before anything is read, so a generate refused this way creates no job (0: never)."""
+    fresh_404_s: float | None = None
+    """status and result answer 404 for a job younger than this many seconds, as an eventually
+    consistent store does (0: never)."""
+    null_progress: bool | None = None
+    """status answers ``"progress": null`` while the job is ``IN_QUEUE``."""
+    fractional_progress: bool | None = None
+    """status answers a fractional progress (one decimal, e.g. 12.5) while ``PROCESSING``."""
+    omit_progress_rate: float | None = None
+    """Fraction of status answers without a ``progress`` field (seeded RNG)."""
+    separate_storage: bool | None = None
+    """Serve videos from a second listener (``KvidEmulator.storage_url``, ``/videos/NAME``,
+    no api-key needed) instead of the API origin's ``/files/``, which then does not exist."""
+    result_url_ttl_s: float | None = None
+    """A result URL carries a token that expires this many seconds after the result answer that
+    issued it; the file then answers 403, as an expired presigned URL does (0: never)."""
+    retry_after_http_date: bool | None = None
+    """``Retry-After`` on 429 and 503 as an HTTP date (RFC 7231 IMF-fixdate), not seconds."""
+    echo_request_in_failures: bool | None = None
+    """FAILED messages (status ``message`` and the last log line) repeat the prompt and params."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -61,9 +127,9 @@ class EmulatorConfig:
             raise ValueError(f"render_threads must be >= 1, got {self.render_threads}")
         if self.backlog < 1:
             raise ValueError(f"backlog must be >= 1, got {self.backlog}")
-        for name in ("failure_rate", "error_rate"):
+        for name in ("failure_rate", "error_rate", "omit_progress_rate"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
         if self.time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
@@ -75,8 +141,22 @@ class EmulatorConfig:
             raise ValueError(f"latency must be >= 0, got {self.latency}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty (or None to accept any key)")
+        for name in ("burst_reset_above", "fresh_404_s", "result_url_ttl_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {value}")
         if self.public_base_url is not None:
             self.public_base_url = self.public_base_url.rstrip("/")
+
+    @property
+    def edges(self) -> RoughEdges:
+        """The rough edges in force: each field as set, or as ``realistic`` says if ``None``."""
+        base = REALISTIC if self.realistic else RoughEdges()
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(RoughEdges):
+            value = getattr(self, f.name)
+            values[f.name] = getattr(base, f.name) if value is None else value
+        return RoughEdges(**values)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         # the key never appears in reprs or logs

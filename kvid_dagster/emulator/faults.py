@@ -1,7 +1,10 @@
 """Fault injection: random rates from the config, and scripted one-shot faults for tests.
 
-Scripted faults (``KvidEmulator.add_fault(endpoint, kind, times=1, **kw)``), consumed in the
-order added by the next matching requests:
+Scripted faults (``KvidEmulator.add_fault(endpoint, kind, times=1, match=None, **kw)``), consumed
+in the order added by the next requests they apply to. Without ``match`` that is the next requests
+to the endpoint; with it, only requests that carry it: a generate whose prompt contains ``match``,
+a status, result or file request for the request_id ``match``. Other requests pass the fault by
+without using it, so a test can aim at one job however the client orders or retries its calls.
 
 =================  ===============================================================================
 kind               effect
@@ -30,10 +33,12 @@ and then misbehave (default False: nothing is created). Endpoints: "generate", "
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -81,6 +86,22 @@ class Fault:
     kind: str
     remaining: int
     options: dict[str, Any] = field(default_factory=dict)
+    match: str | None = None  # a prompt substring (generate) or a request_id (the others)
+
+    def applies(self, endpoint: str, carried: Callable[[], str | None]) -> bool:
+        """Whether a request to ``endpoint`` meets it; ``carried()``: the request's prompt
+        (generate) or request_id, asked only when there is a ``match`` to compare."""
+        if self.endpoint not in (endpoint, "*"):
+            return False
+        if self.match is None:
+            return True
+        value = carried()
+        if value is None:
+            return False
+        return self.match in value if endpoint == "generate" else value == self.match
+
+    def copy(self, remaining: int) -> Fault:
+        return Fault(self.endpoint, self.kind, remaining, dict(self.options), self.match)
 
     @property
     def delay(self) -> float:
@@ -101,6 +122,7 @@ class FaultInjector:
 
     def __init__(self, config: EmulatorConfig) -> None:
         self._config = config
+        self._omit_progress_rate = config.edges.omit_progress_rate
         self._lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._scripted: list[Fault] = []
@@ -109,7 +131,9 @@ class FaultInjector:
 
     # --- scripted one-shot faults -------------------------------------------------------------
 
-    def add(self, endpoint: str, kind: str, times: int = 1, **options: Any) -> Fault:
+    def add(
+        self, endpoint: str, kind: str, times: int = 1, match: str | None = None, **options: Any
+    ) -> Fault:
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
         kind = str(kind)
@@ -117,6 +141,8 @@ class FaultInjector:
             raise ValueError(f"kind must be one of {FAULT_KINDS}, got {kind!r}")
         if times < 1:
             raise ValueError(f"times must be >= 1, got {times}")
+        if match is not None and not (isinstance(match, str) and match):
+            raise ValueError(f"match must be a non-empty string (or None), got {match!r}")
         unknown = set(options) - _OPTIONS[kind]
         if unknown:
             raise TypeError(f"fault {kind!r} takes {sorted(_OPTIONS[kind])}, not {sorted(unknown)}")
@@ -124,27 +150,31 @@ class FaultInjector:
             raise ValueError("after_create only applies to the generate endpoint")
         if options.get("body", "json") not in ("json", "html"):
             raise ValueError("body must be 'json' or 'html'")
-        fault = Fault(endpoint, kind, times, dict(options))
+        fault = Fault(endpoint, kind, times, dict(options), match)
         with self._lock:
             self._scripted.append(fault)
         return fault
 
-    def take(self, endpoint: str) -> Fault | None:
-        """The next scripted fault for ``endpoint``, consumed (one use of its ``times``)."""
+    def take(self, endpoint: str, carried: Callable[[], str | None]) -> Fault | None:
+        """The first scripted fault this request meets, consumed (one use of its ``times``).
+
+        ``carried``: what ``match`` is compared with (see ``Fault.applies``); parsed at most once.
+        """
         if not self._scripted:  # the common case: no lock
             return None
+        carried = functools.cache(carried)
         with self._lock:
             for i, fault in enumerate(self._scripted):
-                if fault.endpoint in (endpoint, "*"):
+                if fault.applies(endpoint, carried):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         del self._scripted[i]
-                    return Fault(fault.endpoint, fault.kind, 0, dict(fault.options))
+                    return fault.copy(0)
         return None
 
     def pending(self) -> list[Fault]:
         with self._lock:
-            return [Fault(f.endpoint, f.kind, f.remaining, dict(f.options)) for f in self._scripted]
+            return [f.copy(f.remaining) for f in self._scripted]
 
     def clear(self) -> None:
         with self._lock:
@@ -188,6 +218,14 @@ class FaultInjector:
             if self._rng.random() >= self._config.failure_rate:
                 return None
             return self._rng.choice(FAILURE_REASONS), self._rng.uniform(0.2, 0.8)
+
+    def omit_progress(self) -> bool:
+        """Whether this status answer leaves ``progress`` out (at ``omit_progress_rate``)."""
+        rate = self._omit_progress_rate
+        if rate <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < rate
 
     def pick_seed(self) -> int:
         """A seed for a job sent with ``seed: null`` (deterministic under the config's seed)."""

@@ -75,11 +75,12 @@ class Job:
 class JobStatus:
     state: JobState
     progress: int
+    exact_progress: float  # progress before rounding down to a whole percent
     logs: list[str]
     message: str
 
 
-def _stamp(epoch: float) -> str:
+def stamp(epoch: float) -> str:
     # UTC, so logs read the same on every machine
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
 
@@ -176,29 +177,31 @@ class JobQueue:
         """The job's state, progress and logs at ``now``, from its two booked instants."""
         now = self._clock() if now is None else now
         if now < job.start:
-            return JobStatus(JobState.IN_QUEUE, 0, [], _MESSAGES[JobState.IN_QUEUE])
+            return JobStatus(JobState.IN_QUEUE, 0, 0.0, [], _MESSAGES[JobState.IN_QUEUE])
         upto = min(now, job.end)
-        progress = self._progress(job, upto)
+        exact = self._progress(job, upto)
+        progress = int(exact)
         logs = self._logs(job, upto)
         if now < job.end:
-            return JobStatus(JobState.PROCESSING, progress, logs, _MESSAGES[JobState.PROCESSING])
+            message = _MESSAGES[JobState.PROCESSING]
+            return JobStatus(JobState.PROCESSING, progress, exact, logs, message)
         if job.fail_reason is not None:
-            logs.append(f"{_stamp(job.wall(job.end))} - Video generation failed: {job.fail_reason}")
+            logs.append(f"{stamp(job.wall(job.end))} - Video generation failed: {job.fail_reason}")
             message = f"Video generation failed: {job.fail_reason}"
-            return JobStatus(JobState.FAILED, progress, logs, message)
-        logs.append(f"{_stamp(job.wall(job.end))} - Video generation completed")
-        return JobStatus(JobState.COMPLETED, 100, logs, _MESSAGES[JobState.COMPLETED])
+            return JobStatus(JobState.FAILED, progress, exact, logs, message)
+        logs.append(f"{stamp(job.wall(job.end))} - Video generation completed")
+        return JobStatus(JobState.COMPLETED, 100, 100.0, logs, _MESSAGES[JobState.COMPLETED])
 
     @staticmethod
-    def _progress(job: Job, upto: float) -> int:
+    def _progress(job: Job, upto: float) -> float:
         if job.duration <= 0:
-            return 99
-        return max(0, min(99, int(99 * (upto - job.start) / job.duration)))
+            return 99.0
+        return max(0.0, min(99.0, 99 * (upto - job.start) / job.duration))
 
     @staticmethod
     def _logs(job: Job, upto: float) -> list[str]:
         """Log lines up to ``upto``: started, one per 20 frames, then encoding (at most ~15)."""
-        lines = [f"{_stamp(job.wall(job.start))} - Video generation started"]
+        lines = [f"{stamp(job.wall(job.start))} - Video generation started"]
         chunks = math.ceil(job.frames / _FRAMES_PER_LOG_LINE)
         for k in range(chunks):
             at = job.start + job.duration * _FRAMES_SHARE * k / chunks
@@ -206,8 +209,8 @@ class JobQueue:
                 break
             first = k * _FRAMES_PER_LOG_LINE + 1
             last = min(job.frames, (k + 1) * _FRAMES_PER_LOG_LINE)
-            lines.append(f"{_stamp(job.wall(at))} - Processing frame {first}-{last}")
+            lines.append(f"{stamp(job.wall(at))} - Processing frame {first}-{last}")
         encoding_at = job.start + job.duration * _FRAMES_SHARE
         if encoding_at <= upto and (job.fail_reason is None or encoding_at < job.end):
-            lines.append(f"{_stamp(job.wall(encoding_at))} - Encoding video")
+            lines.append(f"{stamp(job.wall(encoding_at))} - Encoding video")
         return lines

@@ -3,8 +3,14 @@
 One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, Nagle off, daemon threads, listen backlog
 ``config.backlog``) runs in a background thread. Job states come from the clock (see jobs.py);
 videos are rendered by a small thread pool as soon as a job is created and served from the
-emulator's own ``/files/``. Everything lives on the instance, so several emulators can run in
-one process.
+emulator's own ``/files/``, or with ``separate_storage`` from a second listener on another port
+(``/videos/``), as a real service's storage origin. Everything lives on the instance, so several
+emulators can run in one process.
+
+The rough edges of real servers (``config.edges``; all off by default, on with ``realistic``) are
+applied here: connection resets under bursts (``_Server.process_request``), 404s for fresh jobs,
+null / fractional / missing progress, expiring result URLs, Retry-After as an HTTP date and
+FAILED messages that echo the request.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from email.message import Message
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -40,7 +48,7 @@ import numpy as np
 from kvid_dagster.emulator import render
 from kvid_dagster.emulator.config import EmulatorConfig
 from kvid_dagster.emulator.faults import STATUS_KINDS, Fault, FaultInjector
-from kvid_dagster.emulator.jobs import Job, JobQueue, JobState, JobStatus, vendor_duration
+from kvid_dagster.emulator.jobs import Job, JobQueue, JobState, JobStatus, stamp, vendor_duration
 from kvid_dagster.emulator.validation import (
     IMAGE_TO_VIDEO,
     JOB_KINDS,
@@ -56,6 +64,12 @@ FAIL_MARKER: Final = "[[kvid:fail]]"
 FAIL_MARKER_REASON: Final = "Generation failed: the request was rejected ([[kvid:fail]] in prompt)"
 
 _API_PREFIX: Final = "/ai/video/"
+_FILES_PREFIX: Final = "/files/"  # on the API origin
+_STORAGE_PREFIX: Final = "/videos/"  # on the separate storage origin
+_XML_ERROR: Final = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+)
 _FILE_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+\.mp4$")
 _METHODS: Final = {"generate": "POST", "status": "GET", "result": "GET", "files": "GET, HEAD"}
 _HTML_PAGE: Final = "<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
@@ -106,6 +120,12 @@ def _html(status: int, title: str) -> _Response:
     return _Response(status, _HTML_PAGE.format(title=title).encode(), "text/html; charset=utf-8")
 
 
+def _xml_error(status: int, code: str, message: str) -> _Response:
+    """An object store's error (S3 answers XML, not the API's envelope)."""
+    body = _XML_ERROR.format(code=code, message=message).encode()
+    return _Response(status, body, "application/xml")
+
+
 class KvidEmulator:
     """A local kvid service: ``with KvidEmulator(EmulatorConfig(workers=2)) as emu: emu.base_url``.
 
@@ -131,6 +151,7 @@ class KvidEmulator:
         self._output_dir: Path | None = None
         self._owns_output_dir = False
 
+        self._edges = self.config.edges
         self._queue = JobQueue(self.config.workers)
         self._faults = FaultInjector(self.config)
         self._lock = threading.Lock()
@@ -138,11 +159,13 @@ class KvidEmulator:
         self._stats: Counter[str | tuple[str, int]] = Counter()
         self._jobs_created = 0
         self._files: dict[str, Path] = {}  # served name -> file (outlives forget_jobs)
+        self._url_tokens: dict[str, tuple[str, float]] = {}  # token -> (name, issued), in order
         self._shared: dict[tuple[int, int, int, int, str], Future[Path]] = {}
         self._fail_next: list[str] = []  # reasons for the next jobs created (fail_next_jobs)
         self._stopping = threading.Event()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._storage: _Server | None = None  # separate_storage: the videos' origin
+        self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
         self._http: httpx.Client | None = None
 
@@ -163,14 +186,22 @@ class KvidEmulator:
         )
         self._http = httpx.Client(follow_redirects=True)
         self._server = _Server((self._host, self._requested_port), self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},  # stop() returns quickly
-            name=f"kvid-emulator:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        servers = [self._server]
+        if self._edges.separate_storage:
+            self._storage = _Server((self._host, 0), self, storage=True)
+            servers.append(self._storage)
+        for server in servers:
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},  # stop() returns quickly
+                name=f"kvid-emulator:{server.server_address[1]}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
         logger.info("kvid emulator listening on %s (%r)", self.base_url, self.config)
+        if self._storage is not None:
+            logger.info("kvid emulator storage on %s", self.storage_url)
         return self
 
     def stop(self) -> None:
@@ -178,11 +209,12 @@ class KvidEmulator:
         if self._server is None or self._stopping.is_set():
             return
         self._stopping.set()  # wakes handlers sleeping in faults and stops renders mid-file
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for server in filter(None, (self._server, self._storage)):
+            server.shutdown()
+            server.server_close()
+            server.close_connections()
+        for thread in self._threads:
+            thread.join(timeout=5)
         if self._http is not None:
             self._http.close()  # first: aborts image fetches that renders are waiting on
         if self._pool is not None:
@@ -217,8 +249,19 @@ class KvidEmulator:
     @property
     def base_url(self) -> str:
         """``http://host:port`` of the running server (what a client's base_url should be)."""
+        return self._url(self.port)
+
+    @property
+    def storage_url(self) -> str:
+        """``http://host:port`` of the origin that serves the videos: with ``separate_storage``
+        the second listener (no api-key, paths ``/videos/NAME``), else ``base_url``."""
+        if self._storage is None:
+            return self.base_url
+        return self._url(int(self._storage.server_address[1]))
+
+    def _url(self, port: int) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        return f"http://{host}:{port}"
 
     @property
     def output_dir(self) -> Path:
@@ -229,8 +272,10 @@ class KvidEmulator:
     @property
     def stats(self) -> Counter[str | tuple[str, int]]:
         """Request counts: by endpoint name ("generate", "status", "result", "files", "other")
-        and by (endpoint, HTTP status) — status 0 when the connection was dropped unanswered.
-        A snapshot (a Counter: missing keys read as 0)."""
+        and by (endpoint, HTTP status) — status 0 when the connection was dropped unanswered;
+        "refused": connections reset unread under a burst (``burst_reset_above``);
+        "files_with_api_key": file requests that carried an api-key (a client must not send
+        its key to storage). A snapshot (a Counter: missing keys read as 0)."""
         with self._lock:
             snapshot = Counter(self._stats)
         for name in ("generate", "status", "result", "files"):
@@ -276,9 +321,17 @@ class KvidEmulator:
             )
         return MappingProxyType(view)
 
-    def add_fault(self, endpoint: str, kind: str | int, times: int = 1, **kw: Any) -> Fault:
-        """Script a fault for the next ``times`` requests to ``endpoint`` (see faults.py)."""
-        return self._faults.add(endpoint, str(kind), times, **kw)
+    def add_fault(
+        self,
+        endpoint: str,
+        kind: str | int,
+        times: int = 1,
+        match: str | None = None,
+        **kw: Any,
+    ) -> Fault:
+        """Script a fault for the next ``times`` requests to ``endpoint``; with ``match``, only
+        requests whose prompt contains it (generate) or for that request_id (see faults.py)."""
+        return self._faults.add(endpoint, str(kind), times, match, **kw)
 
     def pending_faults(self) -> list[Fault]:
         """Scripted faults not used up yet (a test's proof that its fault was hit)."""
@@ -314,22 +367,54 @@ class KvidEmulator:
         if seconds > 0:
             self._stopping.wait(seconds)
 
-    def handle(self, method: str, target: str, headers: Message, body: bytes | None) -> _Response:
-        """Answer one request; ``body`` is None when it was over the size cap."""
+    def handle(
+        self,
+        method: str,
+        target: str,
+        headers: Message,
+        body: bytes | None,
+        *,
+        storage: bool = False,
+    ) -> _Response:
+        """Answer one request (``storage``: to the storage origin); ``body`` is None when it was
+        over the size cap."""
         url = urlsplit(target)
-        endpoint, kind, arg = _route(url.path)
+        endpoint, kind, arg = _route(url.path, storage, self._edges.separate_storage)
         self._count(endpoint)
+        key = _api_key(headers)
+        if endpoint == "files" and key:
+            self._count("files_with_api_key")
         try:
-            response = self._handle(method, endpoint, kind, arg, url.query, headers, body)
+            if storage and endpoint == "other":
+                response = _xml_error(404, "NoSuchKey", "The specified key does not exist.")
+            else:
+                response = self._handle(method, endpoint, kind, arg, url.query, headers, body)
         except Exception:
             logger.exception("emulator error on %s %s", method, url.path)
             response = _error(500, "Internal emulator error")
         self._count((endpoint, 0 if response.drop else response.status))
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s -> %s", method, url.path, "dropped" if response.drop else response.status
-            )
+        if not response.drop:
+            self._rough_headers(response, key)
+        outcome = "dropped" if response.drop else response.status
+        if self.config.echo_api_key and key:  # the careless server's access log
+            logger.info("%s %s (api-key %s) -> %s", method, url.path, key, outcome)
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s -> %s", method, url.path, outcome)
         return response
+
+    def _rough_headers(self, response: _Response, key: str) -> None:
+        """Retry-After as an HTTP date, and the api-key echoed in a header, when configured."""
+        retry = response.headers.get("Retry-After")
+        if (
+            retry is not None
+            and response.status in (429, 503)
+            and self._edges.retry_after_http_date
+        ):
+            response.headers["Retry-After"] = formatdate(
+                math.ceil(time.time() + int(retry)), usegmt=True
+            )
+        if self.config.echo_api_key and key:
+            response.headers["X-Debug-Key"] = key
 
     def _handle(
         self,
@@ -348,19 +433,19 @@ class KvidEmulator:
         if method not in allowed.split(", "):
             return _error(405, f"Method {method} not allowed; use {allowed}", Allow=allowed)
 
-        fault = self._faults.take(endpoint)
+        fault = self._faults.take(endpoint, lambda: _carried(endpoint, arg, query, body))
         if fault is not None and fault.kind == "echo_key":  # a careless server's error page
             sent = headers.get("api-key") or ""
             return _error(500, f"Internal error while serving api-key {sent!r}")
         if fault is not None:
-            early = self._fault_before(endpoint, fault, arg, method)
+            early = self._fault_before(endpoint, fault, arg, query, method)
             if early is not None:
                 return early
         if body is None:
             cap = self.config.max_body_bytes
             return replace(_error(413, f"Request body larger than {cap} bytes"), close=True)
         if endpoint == "files":  # storage: public URLs, no api-key, no rate limit
-            return self._file(arg, method)
+            return self._file(arg, query, method)
 
         retry_after = self._faults.rate_limited()
         if retry_after is not None:
@@ -385,15 +470,19 @@ class KvidEmulator:
                 422, "request_id: required query parameter (got nothing); allowed: a request id"
             )
         job = self._queue.get(request_id)
-        if job is None or job.kind != kind:
+        fresh = job is not None and time.monotonic() - job.created < self._edges.fresh_404_s
+        if job is None or job.kind != kind or fresh:  # fresh: not in the read replica yet
             return _error(404, f"request_id {request_id!r} not found for {kind}")
+        key = _api_key(headers)
         if endpoint == "status":
-            return self._status_response(job)
-        return self._result(job)
+            return self._status_response(job, key)
+        return self._result(job, key)
 
     # --- faults --------------------------------------------------------------------------------
 
-    def _fault_before(self, endpoint: str, fault: Fault, arg: str, method: str) -> _Response | None:
+    def _fault_before(
+        self, endpoint: str, fault: Fault, arg: str, query: str, method: str
+    ) -> _Response | None:
         """Act on a scripted fault before the request is served; None: serve it (maybe later)."""
         if fault.kind in ("timeout", "timeout_before"):
             if endpoint == "generate" and fault.kind == "timeout":
@@ -405,7 +494,7 @@ class KvidEmulator:
         if endpoint == "generate" and fault.after_create:
             return None
         if endpoint == "files":
-            return self._file_fault(fault, arg, method)
+            return self._file_fault(fault, arg, query, method)
         return self._fault_response(fault)
 
     def _fault_after_create(self, fault: Fault, response: _Response) -> _Response:
@@ -445,9 +534,9 @@ class KvidEmulator:
             response.headers["Retry-After"] = str(retry_after)
         return response
 
-    def _file_fault(self, fault: Fault, name: str, method: str) -> _Response:
+    def _file_fault(self, fault: Fault, name: str, query: str, method: str) -> _Response:
         if fault.kind == "malformed":  # a truncated, undecodable video
-            response = self._file(name, method)
+            response = self._file(name, query, method)
             if response.file is not None:
                 response.file_bytes //= 2
             return response
@@ -458,7 +547,7 @@ class KvidEmulator:
     # --- auth ----------------------------------------------------------------------------------
 
     def _check_key(self, headers: Message) -> _Response | None:
-        key = (headers.get("api-key") or "").strip()  # never logged
+        key = _api_key(headers)  # never logged
         if not key:
             return _error(401, "Missing api-key header")
         expected = self.config.api_key
@@ -675,15 +764,40 @@ class KvidEmulator:
     def _status(self, job: Job) -> JobStatus:
         return self._queue.status(job)
 
-    def _status_response(self, job: Job) -> _Response:
+    def _status_response(self, job: Job, key: str) -> _Response:
         status = self._queue.status(job)
-        data = {"status": status.state.value, "progress": status.progress, "logs": status.logs}
-        return _envelope(200, True, data, status.message)
+        progress: float | None = status.progress
+        if status.state is JobState.IN_QUEUE and self._edges.null_progress:
+            progress = None
+        elif status.state is JobState.PROCESSING and self._edges.fractional_progress:
+            progress = round(status.exact_progress, 1)
+        logs, message = list(status.logs), status.message
+        if status.state is JobState.FAILED:
+            echo = self._failure_echo(job, key)
+            message += echo
+            logs[-1] += echo
+        if self.config.echo_api_key:
+            logs.insert(0, f"{stamp(time.time())} - Request authenticated with api-key {key}")
+        data: dict[str, Any] = {"status": status.state.value, "progress": progress, "logs": logs}
+        if self._faults.omit_progress():
+            del data["progress"]
+        return _envelope(200, True, data, message)
 
-    def _result(self, job: Job) -> _Response:
+    def _failure_echo(self, job: Job, key: str) -> str:
+        """What a careless server appends to a failure: the request, and even the api-key."""
+        echo = ""
+        if self._edges.echo_request_in_failures:
+            params = {k: v for k, v in job.body.items() if k != "prompt"}
+            echo += f" (prompt {job.params['prompt']!r}, params {json.dumps(params)})"
+        if self.config.echo_api_key:
+            echo += f" (api-key {key})"
+        return echo
+
+    def _result(self, job: Job, key: str) -> _Response:
         status = self._queue.status(job)
         if status.state is JobState.FAILED:
-            return _error(409, f"{job.request_id} FAILED: {job.fail_reason}; no video to return")
+            reason = f"{job.fail_reason}{self._failure_echo(job, key)}"
+            return _error(409, f"{job.request_id} FAILED: {reason}; no video to return")
         if status.state is not JobState.COMPLETED:
             return _error(
                 409,
@@ -701,20 +815,49 @@ class KvidEmulator:
         except Exception as exc:
             # a shared render that failed: this job fails with it (status agrees from now on)
             self._fail_render(job, f"Rendering failed: {type(exc).__name__}: {exc}")
-            reason = job.fail_reason or "rendering failed"
+            reason = f"{job.fail_reason or 'rendering failed'}{self._failure_echo(job, key)}"
             return _error(409, f"{job.request_id} FAILED: {reason}; no video to return")
         name = f"{job.request_id}.mp4"
         with self._lock:
             self._files[name] = path
         size = path.stat().st_size
-        base = self.config.public_base_url or self.base_url
-        data = {"url": f"{base}/files/{name}", "name": name, "size": math.ceil(size / 1024)}
+        data = {"url": self._file_url(name), "name": name, "size": math.ceil(size / 1024)}
         return _envelope(200, True, data, "Video result retrieved successfully")
 
-    def _file(self, name: str, method: str) -> _Response:
+    def _file_url(self, name: str) -> str:
+        """Where ``name`` is served; with ``result_url_ttl_s``, signed by a fresh token."""
+        if self._storage is not None:
+            url = f"{self.storage_url}{_STORAGE_PREFIX}{name}"
+        else:
+            url = f"{self.config.public_base_url or self.base_url}{_FILES_PREFIX}{name}"
+        ttl = self._edges.result_url_ttl_s
+        if not ttl:
+            return url
+        token = secrets.token_urlsafe(16)
+        now = time.monotonic()
+        with self._lock:
+            # issued in time order: drop the expired from the front (they answer 403 all the same)
+            while self._url_tokens:
+                oldest = next(iter(self._url_tokens))
+                if now - self._url_tokens[oldest][1] < ttl:
+                    break
+                del self._url_tokens[oldest]
+            self._url_tokens[token] = (name, now)
+        return f"{url}?expires={math.ceil(time.time() + ttl)}&signature={token}"
+
+    def _file(self, name: str, query: str, method: str) -> _Response:
         path = self._files.get(name) if _FILE_NAME.match(name) else None
         if path is None or not path.is_file():
+            if self._storage is not None:
+                return _xml_error(404, "NoSuchKey", "The specified key does not exist.")
             return _error(404, f"No such file: {name}")
+        ttl = self._edges.result_url_ttl_s
+        if ttl:
+            token = parse_qs(query).get("signature", [""])[0]
+            with self._lock:
+                issued = self._url_tokens.get(token)
+            if issued is None or issued[0] != name or time.monotonic() - issued[1] >= ttl:
+                return _xml_error(403, "AccessDenied", "Request has expired")
         size = path.stat().st_size
         return _Response(200, content_type="video/mp4", file=path, file_bytes=size)
 
@@ -728,10 +871,33 @@ def _shared_name(key: tuple[int, int, int, int, str]) -> str:
     return f"shared-{width}x{height}-{fps}fps-{frames}f-{kind}.mp4"
 
 
-def _route(path: str) -> tuple[str, str | None, str]:
-    """(endpoint name, job kind, argument): the argument is a file name, or the path if unknown."""
-    if path.startswith("/files/"):
-        return "files", None, path[len("/files/") :]
+def _api_key(headers: Message) -> str:
+    return (headers.get("api-key") or "").strip()
+
+
+def _carried(endpoint: str, arg: str, query: str, body: bytes | None) -> str | None:
+    """What a scripted fault's ``match`` is compared with: generate's prompt, else the id."""
+    if endpoint == "files":
+        return arg.removesuffix(".mp4")
+    if endpoint != "generate":
+        return parse_qs(query).get("request_id", [""])[0].strip()
+    try:
+        prompt = json.loads(body or b"").get("prompt")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return None
+    return prompt if isinstance(prompt, str) else None
+
+
+def _route(path: str, storage: bool, separate_storage: bool) -> tuple[str, str | None, str]:
+    """(endpoint name, job kind, argument): the argument is a file name, or the path if unknown.
+
+    The storage origin serves only ``/videos/``; the API origin ``/files/`` unless separate.
+    """
+    files_prefix = _STORAGE_PREFIX if storage else None if separate_storage else _FILES_PREFIX
+    if files_prefix is not None and path.startswith(files_prefix):
+        return "files", None, path[len(files_prefix) :]
+    if storage:
+        return "other", None, path
     if path.startswith(_API_PREFIX):
         kind, _, action = path[len(_API_PREFIX) :].partition("/")
         if kind in JOB_KINDS and action in ("generate", "status", "result"):
@@ -740,23 +906,46 @@ def _route(path: str) -> tuple[str, str | None, str]:
 
 
 class _Server(ThreadingHTTPServer):
+    """The API listener, or (``storage``) the videos' origin, which never resets bursts."""
+
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], emulator: KvidEmulator) -> None:
+    def __init__(
+        self, address: tuple[str, int], emulator: KvidEmulator, *, storage: bool = False
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # read by server_activate's listen(), which the base __init__ calls: set it first
         self.request_queue_size = emulator.config.backlog
         self.emulator = emulator
+        self.storage = storage
+        self.reset_above = 0 if storage else emulator.config.edges.burst_reset_above
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self.connections_accepted = 0
+        self.in_flight = 0  # requests between their headers and the end of their answer
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
-            self._connections.add(request)
-            self.connections_accepted += 1
+            refuse = 0 < self.reset_above < self.in_flight
+            if not refuse:
+                self._connections.add(request)
+                self.connections_accepted += 1
+        if refuse:  # an overloaded server: reset before reading a byte, so nothing is created
+            self.emulator._count("refused")
+            with contextlib.suppress(OSError):
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                request.close()
+            return
         super().process_request(request, client_address)
+
+    def request_started(self) -> None:
+        with self._connections_lock:
+            self.in_flight += 1
+
+    def request_ended(self) -> None:
+        with self._connections_lock:
+            self.in_flight -= 1
 
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
@@ -835,12 +1024,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.readline(1024)
 
     def _serve(self, method: str) -> None:
+        self.server.request_started()
+        try:
+            self._answer(method)
+        finally:
+            self.server.request_ended()
+
+    def _answer(self, method: str) -> None:
         try:
             body = self._read_body()
         except (OSError, ValueError):
             self.close_connection = True
             return
-        response = self.server.emulator.handle(method, self.path, self.headers, body)
+        emulator = self.server.emulator
+        response = emulator.handle(
+            method, self.path, self.headers, body, storage=self.server.storage
+        )
         try:
             if response.drop:
                 self._reset()
