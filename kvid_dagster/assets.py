@@ -51,6 +51,7 @@ from kvid_dagster.submit import SubmitAction, SubmitOutcome, register_table, sub
 from kvid_dagster.translator import KvidTranslator
 
 PREVIEW_ROWS = 20
+PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
 VIDEO_CHECK_NAME = "video_ok"
 
 
@@ -140,12 +141,14 @@ def build_kvid_assets(
             context.log.warning(f"invalid row, not sent: {problem.message}")
         for warning in table.warnings:
             context.log.warning(warning)
+        shown_user_columns = list(table.user_columns[:PREVIEW_USER_COLUMNS])
         preview = [
             {
                 "partition_key": r.partition_key,
                 "job": r.job_kind,
                 "model": r.model,
                 "prompt": r.prompt,
+                **{c: r.user_columns.get(c, "") for c in shown_user_columns},
             }
             for r in table.rows[:PREVIEW_ROWS]
         ]
@@ -160,8 +163,11 @@ def build_kvid_assets(
             "invalid_rows": len(table.invalid),
             "new_partitions": len(new_keys),
             "preview": MetadataValue.md(
-                _markdown_table(preview, ["partition_key", "job", "model", "prompt"])
+                _markdown_table(
+                    preview, ["partition_key", "job", "model", "prompt", *shown_user_columns]
+                )
             ),
+            "user_columns": MetadataValue.json(list(table.user_columns)),
         }
         if invalid:
             metadata["invalid"] = MetadataValue.md(
@@ -224,7 +230,10 @@ def build_kvid_assets(
                     client,
                     project.ledger(),
                     rows,
-                    rule=ClaimRule(force=config.force),
+                    rule=ClaimRule(
+                        force=config.force,
+                        force_token=context.run.root_run_id or context.run_id,
+                    ),
                     prices=price_table,
                     on_outcome=report,
                     generate_concurrency=kvid.generate_concurrency,

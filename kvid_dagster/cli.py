@@ -6,9 +6,12 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvid_dagster.ledger import VideoRow
 
 DEFAULT_PROMPTS = Path("data/prompts.csv")
 DEFAULT_DATA_DIR = Path("data")
@@ -38,14 +41,22 @@ def service_endpoint(**emulator_options: Any) -> Iterator[tuple[str, str, bool]]
         yield emulator.base_url, DEMO_API_KEY, True
 
 
-def _progress_printer(stream: Any = sys.stderr) -> Any:
-    """A wait() callback drawing one live progress line (a plain line per change when not a TTY)."""
+def _percent(progress: float | None) -> str:
+    """``" 12.5%"``; a server may send no progress at all, or fractions."""
+    return "     -" if progress is None else f"{progress:5.1f}%"
+
+
+def _progress_printer(stream: Any = None) -> Any:
+    """A wait() callback drawing one live progress line (a plain line per change when not a TTY).
+
+    ``stream`` defaults to the ``sys.stderr`` of the moment, like the other messages (bound at
+    import, it would miss a redirected or captured stderr)."""
+    stream = sys.stderr if stream is None else stream
     state = {"last": ""}
 
     def show(status: Any) -> None:
-        line = (
-            f"{status.status:<11} {status.progress:3d}%  {status.logs[-1] if status.logs else ''}"
-        )
+        last_log = status.logs[-1] if status.logs else ""
+        line = f"{status.status:<11} {_percent(status.progress)}  {last_log}"
         if line == state["last"]:
             return
         state["last"] = line
@@ -175,22 +186,36 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 continue
 
 
-def cmd_resolve(args: argparse.Namespace) -> int:
-    """A person's answer to an UNCERTAIN row, after looking at the kvid dashboard."""
+def _change_row(args: argparse.Namespace, command: str, change: Callable[..., VideoRow]) -> int:
+    """Apply a person's change to one row of the data folder's ledger, then republish."""
     from kvid_dagster.ledger import Ledger, publish
 
     data_dir = Path(args.data_dir)
     ledger = Ledger.for_data_dir(data_dir, os.environ.get("KVID_DATABASE_URL") or None)
     try:
-        row = ledger.resolve_uncertain(
-            args.partition_key, request_id=args.request_id, note=args.note
-        )
+        row = change(ledger)
     except ValueError as exc:
-        print(f"kvid-dagster resolve: {exc}", file=sys.stderr)
+        print(f"kvid-dagster {command}: {exc}", file=sys.stderr)
         return 2
     publish(ledger, data_dir / "catalog")
     print(f"{args.partition_key}: {row.status} {row.request_id or ''}".rstrip())
     return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """A person's answer to an UNCERTAIN row, after looking at the kvid dashboard."""
+    return _change_row(
+        args,
+        "resolve",
+        lambda ledger: ledger.resolve_uncertain(
+            args.partition_key, request_id=args.request_id, note=args.note
+        ),
+    )
+
+
+def cmd_refetch(args: argparse.Namespace) -> int:
+    """Try a FETCH_FAILED row's video again (same paid job): the next status tick fetches it."""
+    return _change_row(args, "refetch", lambda ledger: ledger.refetch(args.partition_key))
 
 
 def cmd_emulator(argv: Sequence[str]) -> int:
@@ -258,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("--note", default="", help="recorded in the submissions history")
     resolve.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     resolve.set_defaults(func=cmd_resolve)
+    refetch = sub.add_parser(
+        "refetch",
+        help="fetch a FETCH_FAILED row's video again (its paid job; nothing is re-sent)",
+    )
+    refetch.add_argument("partition_key")
+    refetch.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    refetch.set_defaults(func=cmd_refetch)
     dev = sub.add_parser("dev", help="the emulator and `dagster dev` together")
     dev.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))

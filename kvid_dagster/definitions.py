@@ -54,6 +54,8 @@ def build_kvid_definitions(
     job_deadline_s: float | None = None,
     failed_job_max_attempts: int = 1,
     max_download_bytes: int | None = None,
+    lost_after_s: float | None = None,
+    fetch_attempts: int | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     partitions_name: str = "kvid_prompts",
     database_url: str | None = None,
@@ -64,7 +66,9 @@ def build_kvid_definitions(
     The reliability settings go to the status sensor (see ``build_kvid_status_sensor``):
     ``job_deadline_s`` (default 900 s) before a job is ``TIMED_OUT``, and
     ``failed_job_max_attempts`` (default 1: FAILED jobs are not re-submitted automatically)
-    and ``max_download_bytes`` (default 512 MiB). See docs/RELIABILITY.md.
+    and ``max_download_bytes`` (default 512 MiB), ``lost_after_s`` (default 120 s of 404s
+    before a job is LOST) and ``fetch_attempts`` (default 3 before FETCH_FAILED). See
+    docs/RELIABILITY.md.
 
     ``executor`` defaults to the in-process executor: every kvid asset waits on the network or
     the disk, so a step process per run buys nothing and costs ~1.4 s and ~230 MB before the
@@ -103,6 +107,8 @@ def build_kvid_definitions(
                 failed_job_max_attempts=failed_job_max_attempts,
                 prices=prices,
                 max_download_bytes=max_download_bytes,
+                lost_after_s=lost_after_s,
+                fetch_attempts=fetch_attempts,
                 default_status=sensor_status,
             ),
             build_kvid_prompts_sensor(project, translator=translator, default_status=sensor_status),

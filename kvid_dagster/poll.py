@@ -11,33 +11,56 @@ Dagster nor HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kvid_dagster.client import AsyncKvidClient, JobKind, KvidError, KvidNotFoundError
+from kvid_dagster.client import (
+    AsyncKvidClient,
+    JobKind,
+    KvidError,
+    KvidNotFoundError,
+    build_request,
+)
 from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
-from kvid_dagster.probe import probe_video
+from kvid_dagster.probe import VideoProbe, probe_video
 from kvid_dagster.prompts import PROMPT_ID_PATTERN
 
 log = logging.getLogger("kvid_dagster.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
 DEFAULT_POLL_CONCURRENCY = 32
+# a download's hidden staging file, and the client's partial one: older than this, a leftover
+_LEFTOVER_AGE_S = 3600.0
+_STAGING_SUFFIX = ".unverified.mp4"
+# an encoder may round each side to a multiple of 16
+_GEOMETRY_TOLERANCE_PX = 16
 
 
 @dataclass(frozen=True)
 class PollConfig:
+    """One tick's rules. ``lost_after_s``: a job is LOST only after status has answered 404
+    for this long (and ``lost_after_404s`` times in a row): a 404 right after generate, or
+    during a deploy, is not proof of loss. ``fetch_attempts``: a completed job's video is
+    fetched at most this many times, ``refetch_interval_s`` apart, before FETCH_FAILED."""
+
     download_dir: Path
     download: bool = True
     budget_s: float = 40.0
     job_deadline_s: float = DEFAULT_JOB_DEADLINE_S
     max_download_bytes: int = 512 * 1024 * 1024
     concurrency: int = DEFAULT_POLL_CONCURRENCY
+    lost_after_s: float = 120.0
+    lost_after_404s: int = 3
+    fetch_attempts: int = 3
+    refetch_interval_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -134,15 +157,30 @@ async def poll_pending(
 
     async def poll_one(sub: Submission) -> None:
         async with gate:
-            if time.monotonic() - started > config.budget_s:
+            left = config.budget_s - (time.monotonic() - started)
+            if left <= 0:
                 report.deferred += 1
                 return
             report.polled += 1
             report.last_submission_id = sub.submission_id  # the gate is FIFO: rotation order
-            change = await _poll(client, config, sub, past_deadline(sub), report, logs)
+            try:
+                # every call of this job (status, result, download, probe) within the budget
+                change = await asyncio.wait_for(
+                    _poll(client, config, sub, past_deadline(sub), now, report, logs), left
+                )
+            except TimeoutError:
+                report.polled -= 1
+                report.deferred += 1
+                return
+            except Exception as exc:  # one bad job never stops the others
+                problem = f"polling failed: {type(exc).__name__}: {exc}"
+                log.warning("%s (%s): %s", sub.partition_key, sub.request_id, problem)
+                report.errors.append(f"{sub.partition_key} ({sub.request_id}): {problem}")
+                change = _noted(sub, problem)
             if change is not None:
                 changes[sub.submission_id] = change
 
+    await asyncio.to_thread(_clean_leftovers, config.download_dir)
     await asyncio.gather(*(poll_one(s) for s in subs))
     applied = await asyncio.to_thread(ledger.apply, list(changes.values()))
     report.changed = len(applied)
@@ -159,11 +197,57 @@ async def poll_pending(
     return report
 
 
+def _noted(sub: Submission, problem: str) -> JobChange | None:
+    """The problem recorded on the job, its status unchanged (None: already recorded)."""
+    if sub.error == problem:
+        return None
+    return JobChange(sub.submission_id, sub.version, sub.status, error=problem)
+
+
+def _percent(progress: float | int | None) -> int | None:
+    """Progress as the ledger keeps it: a whole percent, or None (the service may send none,
+    null, or a fraction)."""
+    if progress is None:
+        return None
+    try:
+        return max(0, min(100, round(float(progress))))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _not_found(
+    sub: Submission, config: PollConfig, now: datetime, why: str, late: bool
+) -> JobChange:
+    """A 404 from status: LOST once the 404s have lasted (or the job deadline passed), else
+    one more in the streak."""
+    since = sub.not_found_since or now
+    count = sub.not_found_count + 1
+    lasted = (now - since).total_seconds()
+    if late or (count >= config.lost_after_404s and lasted >= config.lost_after_s):
+        return JobChange(
+            sub.submission_id,
+            sub.version,
+            VideoStatus.LOST,
+            error=f"the service no longer knows {sub.request_id}: {count} answers of 404 over "
+            f"{lasted:.0f} s ({why})",
+            completed=True,
+        )
+    return JobChange(
+        sub.submission_id,
+        sub.version,
+        sub.status,
+        error=f"status answered 404 ({count} in a row since {since:%H:%M:%S} UTC: {why}); "
+        f"LOST only after {config.lost_after_s:.0f} s of them",
+        extra={"not_found_count": count, "not_found_since": since},
+    )
+
+
 async def _poll(
     client: AsyncKvidClient,
     config: PollConfig,
     sub: Submission,
     late: bool,
+    now: datetime,
     report: PollReport,
     logs: dict[int, tuple[str, ...]],
 ) -> JobChange | None:
@@ -174,75 +258,111 @@ async def _poll(
     try:
         status = await client.status(kind, request_id)
     except KvidNotFoundError as exc:
-        return JobChange(
-            sub.submission_id,
-            sub.version,
-            VideoStatus.LOST,
-            error=f"the service no longer knows {request_id} ({exc.server_message or exc})",
-            completed=True,
-        )
+        return _not_found(sub, config, now, exc.server_message or str(exc), late)
     except KvidError as exc:
         problem = f"status: {type(exc).__name__}: {exc}"
         report.errors.append(f"{where}: {problem}")
         # a service that never answers must not be polled forever
         return _timed_out(sub, config, f"no usable status answer ({problem})") if late else None
+    # an answer ends a 404 streak
+    found = {"not_found_count": 0, "not_found_since": None} if sub.not_found_count else {}
     logs[sub.submission_id] = tuple(status.logs[-3:])
     if status.is_completed:
-        try:
-            video = await _fetch(client, config, sub, kind, request_id)
-        except (KvidError, OSError, ValueError) as exc:
-            # not COMPLETED (terminal) without a video: FETCHING is polled again next tick
-            problem = f"fetching the video: {type(exc).__name__}: {exc}"
-            report.errors.append(f"{where}: {problem}")
-            if late:
-                return _timed_out(sub, config, f"completed, but {problem}")
-            if sub.status is VideoStatus.FETCHING and sub.error == problem:
-                return None
-            return JobChange(
-                sub.submission_id, sub.version, VideoStatus.FETCHING, progress=100, error=problem
-            )
-        return JobChange(
-            sub.submission_id,
-            sub.version,
-            VideoStatus.COMPLETED,
-            progress=100,
-            video=video,
-            completed=True,
-        )
+        return await _completed(client, config, sub, kind, late, now, report, found)
+    progress = _percent(status.progress)
     if status.is_failed:
         reason = status.message or (status.logs[-1] if status.logs else "") or "no reason"
         return JobChange(
             sub.submission_id,
             sub.version,
             VideoStatus.FAILED,
-            progress=status.progress,
+            progress=progress,
             error=reason,
             completed=True,
         )
     if late:
         return _timed_out(sub, config, f"still {status.status}")
     running = VideoStatus.from_service(status.status)
-    if running is sub.status and status.progress == sub.progress:
+    if running is sub.status and progress == sub.progress and not found:
         return None
-    return JobChange(sub.submission_id, sub.version, running, progress=status.progress)
+    extra = {**found, "error": None} if found else {}
+    return JobChange(sub.submission_id, sub.version, running, progress=progress, extra=extra)
+
+
+async def _completed(
+    client: AsyncKvidClient,
+    config: PollConfig,
+    sub: Submission,
+    kind: JobKind,
+    late: bool,
+    now: datetime,
+    report: PollReport,
+    found: dict[str, object],
+) -> JobChange | None:
+    """The service says done: fetch, verify and keep the video, at most ``fetch_attempts``
+    times ``refetch_interval_s`` apart; then FETCH_FAILED (the paid request_id kept)."""
+    waited = (now - sub.updated_at).total_seconds() if sub.updated_at else config.refetch_interval_s
+    if sub.fetch_failures and not late and waited < config.refetch_interval_s:
+        return None  # the last fetch failed a moment ago: try again on a later tick
+    try:
+        video = await _fetch(client, config, sub, kind, str(sub.request_id))
+    except Exception as exc:  # whatever the result, the download or the probe raised
+        problem = f"fetching the video: {type(exc).__name__}: {exc}"
+        report.errors.append(f"{sub.partition_key} ({sub.request_id}): {problem}")
+        if late:
+            return _timed_out(sub, config, f"completed, but {problem}")
+        failures = sub.fetch_failures + 1
+        given_up = failures >= config.fetch_attempts
+        if given_up:
+            problem = (
+                f"completed, but the video could not be fetched in {failures} attempts (last: "
+                f"{problem}); the request_id {sub.request_id} is kept: `kvid-dagster refetch "
+                f"{sub.partition_key}` tries again"
+            )
+        return JobChange(
+            sub.submission_id,
+            sub.version,
+            VideoStatus.FETCH_FAILED if given_up else VideoStatus.FETCHING,
+            progress=100,
+            error=problem,
+            completed=given_up,
+            extra={**found, "fetch_failures": failures},
+        )
+    return JobChange(
+        sub.submission_id,
+        sub.version,
+        VideoStatus.COMPLETED,
+        progress=100,
+        video=video,
+        completed=True,
+        extra=found,
+    )
 
 
 async def _fetch(
     client: AsyncKvidClient, config: PollConfig, sub: Submission, kind: JobKind, request_id: str
 ) -> VideoFile:
+    """The result, and its video downloaded to a hidden staging file, verified as a video of
+    the expected geometry, then renamed into place: what is not a video never lands as .mp4."""
     result = await client.result(kind, request_id)
     if not config.download:
         return VideoFile(url=result.url, name=result.name, size_kb=result.size_kb)
     config.download_dir.mkdir(parents=True, exist_ok=True)
-    downloaded = await client.download(
-        result, video_path(config.download_dir, sub), max_bytes=config.max_download_bytes
-    )
-    probe = await asyncio.to_thread(probe_video, downloaded.path)
+    target = video_path(config.download_dir, sub)
+    staging = target.with_name(f".{target.stem}{_STAGING_SUFFIX}")
+    try:
+        downloaded = await client.download(result, staging, max_bytes=config.max_download_bytes)
+        probe = await asyncio.to_thread(_verified, downloaded.path, sub)
+        await asyncio.to_thread(os.replace, staging, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        raise
     return VideoFile(
         url=result.url,
         name=result.name,
         size_kb=result.size_kb,
-        local_path=str(downloaded.path),
+        local_path=str(target),
         sha256=downloaded.sha256,
         width=probe.width,
         height=probe.height,
@@ -250,3 +370,52 @@ async def _fetch(
         num_frames=probe.num_frames,
         duration_s=probe.duration_s,
     )
+
+
+def _verified(path: Path, sub: Submission) -> VideoProbe:
+    """The file's probe, if it is a video with frames and the geometry the request asks for
+    (text-to-video: an image-to-video's geometry follows its input image); else ValueError."""
+    try:
+        probe = probe_video(path)
+    except Exception as exc:  # PyAV raises its own zoo (and IndexError: no video stream)
+        raise ValueError(f"the download is not a video ({type(exc).__name__}: {exc})") from exc
+    if probe.width <= 0 or probe.height <= 0 or probe.num_frames <= 0:
+        raise ValueError(f"the download has no picture ({probe.width}x{probe.height}, "
+                         f"{probe.num_frames} frames)")  # fmt: skip
+    expected = _expected_size(sub)
+    if expected is not None and (
+        abs(probe.width - expected[0]) > _GEOMETRY_TOLERANCE_PX
+        or abs(probe.height - expected[1]) > _GEOMETRY_TOLERANCE_PX
+    ):
+        raise ValueError(
+            f"the download is {probe.width}x{probe.height}, the request asks for "
+            f"{expected[0]}x{expected[1]}"
+        )
+    return probe
+
+
+def _expected_size(sub: Submission) -> tuple[int, int] | None:
+    """(width, height) a text-to-video request yields; None when it cannot be known here."""
+    if sub.job_kind != JobKind.TEXT_TO_VIDEO:
+        return None
+    try:
+        params = {k: v for k, v in json.loads(sub.params_json).items() if k not in ("job", "model")}
+        request = build_request(sub.prompt, job=sub.job_kind, model=sub.model, **params)
+        width, height, _fps, _frames = request.output_geometry()
+    except (KvidError, TypeError, ValueError):
+        return None
+    return width, height
+
+
+def _clean_leftovers(download_dir: Path) -> None:
+    """Remove staging and partial files a killed poller left (never a fresh one: another
+    poller may be writing it)."""
+    if not download_dir.is_dir():
+        return
+    old = time.time() - _LEFTOVER_AGE_S
+    for path in download_dir.glob(".*"):
+        if not path.name.endswith((_STAGING_SUFFIX, ".part")):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_mtime < old:
+                path.unlink()

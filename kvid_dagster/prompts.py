@@ -11,21 +11,29 @@ import csv
 import hashlib
 import io
 import json
-import math
 import re
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from kvid_dagster.client import KvidError, KvidRequest, build_request
+from kvid_dagster.prompt_cells import CellError, cell_text, integer_text, key_text
 
-# Columns that are not API parameters.
-ROW_COLUMNS = ("prompt_id", "prompt", "job", "model", "image", "end_image")
+# Columns that are not API parameters (``image_url``/``image_file``/``end_image_url``: the
+# vendor's own names for ``image`` and ``end_image``).
+ROW_COLUMNS = (
+    "prompt_id", "prompt", "job", "model", "image", "image_url", "image_file", "end_image",
+    "end_image_url",
+)  # fmt: skip
+IMAGE_COLUMNS = {
+    "image": ("image", "image_url", "image_file"),
+    "end_image": ("end_image", "end_image_url"),
+}
 # Every API parameter a row may carry, by its API name (the model decides which are allowed).
 PARAM_COLUMNS = (
     "negative_prompt",
@@ -44,6 +52,11 @@ INT_PARAMS = frozenset({"num_frames", "frames_per_second", "seed", "num_inferenc
 # A partition key is also a file name and a Dagster partition key: keep it boring.
 PROMPT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_TABLE_BYTES = 256 * 1024 * 1024
+# a CSV file without its last newline may be half written: read it once it stops changing
+_SETTLE_S = 1.0
+_SETTLE_MAX_S = 5.0
+# an unknown column this close to a kvid field is a misspelling of it, not the user's own
+_MAX_MISSPELLING = 2
 
 
 class PromptTableError(ValueError):
@@ -59,6 +72,7 @@ class PromptRow:
     request: KvidRequest
     request_hash: str
     params: Mapping[str, Any]  # the cells that were set, normalised, for the catalog
+    user_columns: Mapping[str, str] = field(default_factory=dict)  # never sent
 
     @property
     def prompt(self) -> str:
@@ -75,6 +89,12 @@ class PromptRow:
     @property
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, default=str, ensure_ascii=False)
+
+    @property
+    def user_columns_json(self) -> str | None:
+        if not self.user_columns:
+            return None
+        return json.dumps(dict(self.user_columns), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,8 @@ class PromptTable:
     rows: list[PromptRow] = field(default_factory=list)
     invalid: list[InvalidRow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # sha256 of exactly the bytes parsed
+    user_columns: tuple[str, ...] = ()  # the user's own columns, kept with each row, never sent
 
     @property
     def by_key(self) -> dict[str, PromptRow]:
@@ -113,17 +135,49 @@ class PromptTable:
 _Read = tuple[list[str], list[dict[str, Any]], dict[int, tuple[str, str]]]
 
 
-def _read_table(path: Path) -> _Read:
-    """Read a whole table; anything that makes the *file* unusable is a PromptTableError."""
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in {".parquet", ".pq"}
+
+
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise PromptTableError(f"prompt table {path} does not exist or is not a file")
     if path.stat().st_size > MAX_TABLE_BYTES:
         raise PromptTableError(f"prompt table {path} is larger than {MAX_TABLE_BYTES} bytes")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise PromptTableError(f"prompt table {path} cannot be read: {exc}") from exc
-    if path.suffix.lower() in {".parquet", ".pq"}:
+
+
+def _stable_bytes(path: Path) -> bytes:
+    """The file's bytes. A CSV file that does not end in a newline may be caught mid-write: it
+    is read once it has not been modified for ``_SETTLE_S`` and reads the same twice (one that
+    keeps changing is an error for now: the sensor tries again on its next tick)."""
+    data = _read_bytes(path)
+    deadline = time.monotonic() + _SETTLE_MAX_S
+    while data and not _is_parquet(path) and not data.endswith((b"\n", b"\r")):
+        age = time.time() - path.stat().st_mtime
+        if age >= _SETTLE_S:
+            again = _read_bytes(path)
+            if again == data:
+                break
+            data = again
+            continue
+        if time.monotonic() + _SETTLE_S - age > deadline:
+            raise PromptTableError(
+                f"prompt table {path} is still being written (it does not end in a newline and "
+                f"changed within {_SETTLE_S:.0f} s, for {_SETTLE_MAX_S:.0f} s); it is read once "
+                "it stops changing"
+            )
+        time.sleep(_SETTLE_S - age)
+        data = _read_bytes(path)
+    return data
+
+
+def _read_table(path: Path, data: bytes) -> _Read:
+    """Read a whole table; anything that makes the *file* unusable is a PromptTableError."""
+    if _is_parquet(path):
         return _read_parquet(path, data)
     return _read_csv(path, data)
 
@@ -171,13 +225,16 @@ def _read_csv(path: Path, data: bytes) -> _Read:
                 _check_columns(path, header)
                 continue
             number = len(records) + 1
-            if any(cell.strip() for cell in cells[len(header) :]):
+            if len(cells) < len(header) or any(cell.strip() for cell in cells[len(header) :]):
+                hint = "an extra delimiter" if len(cells) > len(header) else "a missing delimiter"
                 problems[number] = (
                     "row",
                     f"has {len(cells)} cells but the header names {len(header)} columns "
-                    "(a missing quote or an extra delimiter?)",
+                    f"(a missing quote or {hint}?)",
                 )
-            records.append({name: cell for name, cell in zip(header, cells, strict=False) if name})
+            records.append(
+                {name: _lines(cell) for name, cell in zip(header, cells, strict=False) if name}
+            )
     except csv.Error as exc:
         raise PromptTableError(
             f"prompt table {path} is not a readable CSV file (line {reader.line_num}): {exc}"
@@ -185,6 +242,12 @@ def _read_csv(path: Path, data: bytes) -> _Read:
     if header is None:
         return ["prompt"], [], {}  # an empty file is an empty table
     return header, records, problems
+
+
+def _lines(cell: str) -> str:
+    """A quoted cell's line breaks as the prompt's newlines, whatever the file's line ends
+    (Excel on Windows writes CRLF inside quoted cells too)."""
+    return cell.replace("\r\n", "\n").replace("\r", "\n") if "\r" in cell else cell
 
 
 def _check_columns(path: Path, columns: Sequence[str]) -> None:
@@ -196,36 +259,51 @@ def _check_columns(path: Path, columns: Sequence[str]) -> None:
         raise PromptTableError(f"prompt table {path} repeats columns: {', '.join(duplicates)}")
 
 
-def _is_empty(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    try:
-        if value is pd.NA or value is pd.NaT:
-            return True
-    except TypeError:
-        pass
-    return isinstance(value, str) and value.strip() == ""
+def _param(name: str, text: str) -> Any:
+    """A parameter cell's text as its field reads it: integers exactly (``81``, or ``81.0``
+    from a float column), anything else as text for the request's own validation."""
+    if name in INT_PARAMS:
+        return integer_text(text)
+    return text.strip()
 
 
-def _cell(value: Any) -> Any:
-    """A table cell as a Python value; ``None`` for an empty cell (the API default)."""
-    if isinstance(value, np.generic):
-        value = value.item()  # numpy scalar -> Python (arrays of a list column stay arrays)
-    if _is_empty(value):
-        return None
-    return value
+_KVID_COLUMNS = frozenset(ROW_COLUMNS) | frozenset(PARAM_COLUMNS)
 
 
-def _coerce_param(name: str, value: Any) -> Any:
-    # CSV cells are text: an integer parameter written as "81" is the integer 81. Anything else is
-    # passed through unchanged so that the request's own validation names the field and value.
-    if name in INT_PARAMS and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    if isinstance(value, str):
-        return value.strip()
-    return value
+class _FieldError(ValueError):
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+def _texts(record: Mapping[Any, Any]) -> tuple[dict[str, str], tuple[str, str] | None]:
+    """The record's non-empty cells as exact text, and the first cell that has none."""
+    texts: dict[str, str] = {}
+    for name, value in record.items():
+        try:
+            text = cell_text(value)
+        except CellError as exc:
+            return texts, (str(name), str(exc))
+        if text is not None:
+            texts[str(name)] = text
+    return texts, None
+
+
+def _image_cell(texts: Mapping[str, str], target: str) -> tuple[str, str | None]:
+    """(the column it came from, its value) for ``image`` or ``end_image``, whichever of its
+    names the table uses: ``image_url`` must be a URL, ``image_file`` a local file."""
+    given = [c for c in IMAGE_COLUMNS[target] if c in texts]
+    if not given:
+        return target, None
+    if len(given) > 1:
+        raise _FieldError(given[1], f"conflicts with {given[0]}: give the image once")
+    column, value = given[0], texts[given[0]].strip()
+    if column.endswith("_url") and "://" not in value:
+        raise _FieldError(column, f"{_short(value)} is not a URL (a local file goes in {target})")
+    if column.endswith("_file") and "://" in value:
+        raise _FieldError(column, f"{_short(value)} is a URL: put it in {target}_url")
+    return column, value
 
 
 def _derived_key(request: KvidRequest) -> str:
@@ -235,6 +313,82 @@ def _derived_key(request: KvidRequest) -> str:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _parse_record(
+    index: int,
+    record: Mapping[Any, Any],
+    base_dir: Path | None,
+    known_problem: tuple[str, str] | None,
+) -> tuple[PromptRow, bool] | InvalidRow:
+    """One record: its valid row (and whether its key was given), or why it is invalid."""
+    texts, problem = _texts(record)
+    prompt_text = texts.get("prompt", "")
+    key: str | None = None
+
+    def invalid(field_name: str, reason: str) -> InvalidRow:
+        return InvalidRow(index, key, field_name, reason, prompt_text[:200])
+
+    if "prompt_id" in texts:
+        try:
+            key = key_text(texts["prompt_id"])
+        except CellError as exc:
+            key = texts["prompt_id"].strip()
+            return invalid("prompt_id", str(exc))
+    if known_problem is not None:
+        return invalid(*known_problem)
+    if problem is not None:
+        return invalid(*problem)
+    if key is not None and not PROMPT_ID_PATTERN.fullmatch(key):
+        return invalid(
+            "prompt_id",
+            f"{_short(key)} is not a safe key: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+        )
+    if not prompt_text.strip():
+        return invalid("prompt", "is empty: every row needs a prompt")
+    params: dict[str, Any] = {}
+    for name in (n for n in PARAM_COLUMNS if n in texts):
+        try:
+            params[name] = _param(name, texts[name])
+        except CellError as exc:
+            return invalid(name, str(exc))
+    try:
+        images = {target: _image_cell(texts, target) for target in IMAGE_COLUMNS}
+    except _FieldError as exc:
+        return invalid(exc.field, exc.reason)
+    job = texts.get("job")
+    model = texts.get("model")
+    image_column, image = images["image"]
+    try:
+        request = build_request(
+            prompt_text,
+            job=None if job is None else job.strip(),
+            model="v1" if model is None else model.strip(),
+            image=image,
+            end_image=images["end_image"][1],
+            base_dir=base_dir,
+            **params,
+        )
+    except KvidError as exc:
+        field_name = getattr(exc, "field", None) or "row"
+        return invalid(image_column if field_name == "image" else field_name, str(exc))
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
+        # never let one row stop the table: an unreadable image file ("~nobody/x.png", a name
+        # too long for the file system) is that row's problem
+        return invalid(image_column if image is not None else "row", f"{type(exc).__name__}: {exc}")
+    recorded: dict[str, Any] = dict(params)
+    recorded.update({n: texts[n].strip() for n in ("job", "model") if n in texts})
+    recorded.update({column: value for column, value in images.values() if value is not None})
+    row = PromptRow(
+        partition_key=key or _derived_key(request),
+        row_number=index,
+        request=request,
+        request_hash=request.canonical_hash(),
+        params=recorded,
+        user_columns={c: t for c, t in texts.items() if c and c not in _KVID_COLUMNS},
+    )
+    return row, key is not None
 
 
 def parse_rows(
@@ -251,78 +405,11 @@ def parse_rows(
     row_problems = row_problems or {}
     candidates: list[tuple[PromptRow, bool]] = []  # (row, key was given explicitly)
     for index, record in enumerate(records, start=1):
-        given_id = _cell(record.get("prompt_id"))
-        key = None if given_id is None else str(given_id).strip()
-        prompt = _cell(record.get("prompt"))
-        prompt_text = prompt if isinstance(prompt, str) else ""
-
-        def invalid(
-            field_name: str,
-            reason: str,
-            *,
-            _i: int = index,
-            _k: str | None = key,
-            _p: str = prompt_text,
-        ) -> None:
-            table.invalid.append(InvalidRow(_i, _k, field_name, reason, _p[:200]))
-
-        if index in row_problems:
-            invalid(*row_problems[index])
-            continue
-        if key is not None and not PROMPT_ID_PATTERN.fullmatch(key):
-            invalid(
-                "prompt_id",
-                f"{_short(key)} is not a safe key: use 1-64 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit",
-            )
-            continue
-        if prompt is None:
-            invalid("prompt", "is empty: every row needs a prompt")
-            continue
-        params = {
-            name: _coerce_param(name, value)
-            for name in PARAM_COLUMNS
-            if (value := _cell(record.get(name))) is not None
-        }
-        job = _cell(record.get("job"))
-        model = _cell(record.get("model"))
-        image = _cell(record.get("image"))
-        end_image = _cell(record.get("end_image"))
-        try:
-            request = build_request(
-                prompt,
-                job=None if job is None else str(job).strip(),
-                model="v1" if model is None else str(model).strip(),
-                image=None if image is None else str(image).strip(),
-                end_image=None if end_image is None else str(end_image).strip(),
-                base_dir=base_dir,
-                **params,
-            )
-        except KvidError as exc:
-            invalid(getattr(exc, "field", None) or "row", str(exc))
-            continue
-        except (TypeError, ValueError, OSError, RuntimeError) as exc:
-            # never let one row stop the table: an unreadable image file ("~nobody/x.png", a name
-            # too long for the file system) is that row's problem
-            invalid("image" if image is not None else "row", f"{type(exc).__name__}: {exc}")
-            continue
-        recorded = dict(params)
-        for name, value in (
-            ("job", job),
-            ("model", model),
-            ("image", image),
-            ("end_image", end_image),
-        ):
-            if value is not None:
-                recorded[name] = str(value).strip()
-        row = PromptRow(
-            partition_key=key or _derived_key(request),
-            row_number=index,
-            request=request,
-            request_hash=request.canonical_hash(),
-            params=recorded,
-        )
-        candidates.append((row, key is not None))
+        parsed = _parse_record(index, record, base_dir, row_problems.get(index))
+        if isinstance(parsed, InvalidRow):
+            table.invalid.append(parsed)
+        else:
+            candidates.append(parsed)
 
     counts = Counter(row.partition_key for row, explicit in candidates if explicit)
     seen: set[str] = set()
@@ -358,17 +445,61 @@ def parse_rows(
 
 
 def load_prompt_table(path: str | Path) -> PromptTable:
-    """Read and validate a prompt table; relative image paths resolve against its folder."""
+    """Read and validate a prompt table; relative image paths resolve against its folder.
+
+    Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable,
+    still being written, or with a column that looks like a misspelt kvid field (its rows
+    would be paid with the field's default).
+    """
     path = Path(path).resolve()
-    columns, records, problems = _read_table(path)
+    data = _stable_bytes(path)
+    columns, records, problems = _read_table(path, data)
+    _check_spelling(path, columns)
     table = parse_rows(records, base_dir=path.parent, row_problems=problems)
     table.path = path
-    unknown = [c for c in columns if c and c not in ROW_COLUMNS and c not in PARAM_COLUMNS]
-    if unknown:
-        table.warnings.append(f"columns ignored (not kvid fields): {', '.join(unknown)}"[:2000])
+    table.fingerprint = hashlib.sha256(data).hexdigest()
+    table.user_columns = tuple(c for c in columns if c and c not in _KVID_COLUMNS)
     if "" in columns:
         table.warnings.append("columns without a name are ignored")
     return table
+
+
+def find_misspelling(columns: Sequence[str]) -> tuple[str, str] | None:
+    """(column, the kvid field it resembles) for the first unknown column that is within a
+    small edit distance of a kvid field (``num_frame``, ``seeds``, ``Seed``), else None."""
+    for column in columns:
+        if not column or column in _KVID_COLUMNS:
+            continue
+        distance, field_name = min((_edit_distance(column.lower(), f), f) for f in _KVID_COLUMNS)
+        if distance <= min(_MAX_MISSPELLING, max(1, len(field_name) // 4)):
+            return column, field_name
+    return None
+
+
+def _check_spelling(path: Path, columns: Sequence[str]) -> None:
+    found = find_misspelling(columns)
+    if found is not None:
+        column, field_name = found
+        raise PromptTableError(
+            f"prompt table {path}: column {column!r} looks like the kvid field {field_name!r}; "
+            f"rename it to {field_name!r} (or, if it is your own column, to something further "
+            "from kvid's fields). No row of this table is sent until then: each would be paid "
+            "with that field's default"
+        )
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance (a swap of two neighbours counts once)."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                current[j] = min(current[j], previous2[j - 2] + 1)
+        previous2, previous = previous, current
+    return previous[-1]
 
 
 def table_fingerprint(path: str | Path) -> str:

@@ -19,7 +19,9 @@ class KvidResource(ConfigurableResource):
         KvidResource(api_key=dg.EnvVar("KVID_API_KEY"), base_url=dg.EnvVar("KVID_BASE_URL"))
     """
 
-    api_key: str = Field(description="The kvid API key (use EnvVar('KVID_API_KEY')).")
+    # repr=False: the key stays out of repr()/str() of the resource, which Dagster and
+    # tracebacks print
+    api_key: str = Field(repr=False, description="The kvid API key (use EnvVar('KVID_API_KEY')).")
     base_url: str = Field(default=DEFAULT_BASE_URL, description="The kvid API base URL.")
     request_timeout_s: float = Field(default=30.0, description="Timeout of one HTTP request.")
     max_retries: int = Field(default=5, description="Retries of a retryable request (bounded).")

@@ -323,6 +323,8 @@ def build_kvid_status_sensor(
     failed_job_max_attempts: int = 1,
     prices: Mapping[str, float] | None = None,
     max_download_bytes: int | None = None,
+    lost_after_s: float | None = None,
+    fetch_attempts: int | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
 ) -> SensorDefinition:
     """Polls every pending job (within ``tick_budget_s``; the rest on the next tick, round robin
@@ -333,7 +335,11 @@ def build_kvid_status_sensor(
       this long after its submission is marked ``TIMED_OUT`` and no longer polled;
     - ``failed_job_max_attempts`` (default 1: off): a job that ends ``FAILED`` is re-submitted
       as a new job until its request has had this many submissions (each one is paid for);
-    - ``max_download_bytes`` (default 512 MiB): a bigger video is refused, nothing is kept.
+    - ``max_download_bytes`` (default 512 MiB): a bigger video is refused, nothing is kept;
+    - ``lost_after_s`` (default 120 s): a job is LOST only after status has answered 404 this
+      long (a 404 right after generate or during a deploy is not proof of loss);
+    - ``fetch_attempts`` (default 3, 20 s apart): then a completed job whose video cannot be
+      fetched or is not a video is FETCH_FAILED, its request_id kept (``kvid-dagster refetch``).
 
     Every tick first settles claims whose submitter is gone (``UNCERTAIN`` at once).
     """
@@ -350,6 +356,8 @@ def build_kvid_status_sensor(
         budget_s=tick_budget_s,
         job_deadline_s=deadline,
         **({"max_download_bytes": max_download_bytes} if max_download_bytes else {}),
+        **({"lost_after_s": lost_after_s} if lost_after_s is not None else {}),
+        **({"fetch_attempts": fetch_attempts} if fetch_attempts is not None else {}),
     )
 
     @sensor(
@@ -465,6 +473,7 @@ def build_kvid_prompts_sensor(
             table = load_prompt_table(project.prompts_path)
         except PromptTableError as exc:
             return SensorResult(skip_reason=SkipReason(str(exc)), cursor=fingerprint)
+        fingerprint = table.fingerprint  # of exactly the bytes parsed (the file may have moved on)
         existing = context.instance.get_dynamic_partitions(project.partitions_name)
         known = set(existing)
         new_keys = [k for k in table.partition_keys if k not in known]

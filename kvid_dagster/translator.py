@@ -57,7 +57,12 @@ class KvidTranslator:
             meta["cost_credits"] = MetadataValue.float(float(row.cost_credits))
         if row.prompt:
             meta["prompt"] = MetadataValue.text(row.prompt[:500])
-        return meta
+        return meta | self.get_user_column_metadata(row)
+
+    def get_user_column_metadata(self, row: VideoRow) -> dict[str, Any]:
+        """The table's own columns of the row (campaign, owner, ...): shown, never sent."""
+        columns = row.user_columns
+        return {"user_columns": MetadataValue.json(columns)} if columns else {}
 
     def get_failure_metadata(self, row: VideoRow) -> dict[str, Any]:
         """Metadata of a job that ended without a video (FAILED, TIMED_OUT, LOST, UNCERTAIN)."""
@@ -68,4 +73,4 @@ class KvidTranslator:
         }
         if row.prompt:
             meta["prompt"] = MetadataValue.text(row.prompt[:500])
-        return meta
+        return meta | self.get_user_column_metadata(row)

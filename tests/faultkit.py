@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -555,3 +556,61 @@ def child_run_submit_at(
         ok = run_submit(defs, instance, first, last)
     _hang(f"{marker}.done")
     sys.exit(0 if ok else 3)
+
+
+class StorageFront:
+    """A storage origin on 127.0.0.1 that result URLs can point at. Every GET is redirected to
+    ``target`` + its path (the headers it came with are kept in ``headers``), except while
+    ``bad`` is set: then paths containing one of ``bad_for`` (every path when empty) get
+    ``bad``, padded to the real file's length so the size the result announced still matches
+    (only looking inside the file can tell). ``bad_gets`` counts those answers."""
+
+    def __init__(self, target: str = "", bad: bytes | None = None, content_type: str = "") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.target, self.bad, self.content_type = target, bad, content_type or "text/html"
+        self.bad_for: set[str] = set()
+        self.bad_gets = 0
+        self.headers: list[dict[str, str]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if owner.serves_bad(self.path):
+                    owner.bad_gets += 1
+                    body = owner.padded(self.path)
+                    self.send_response(200)
+                    self.send_header("Content-Type", owner.content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(302)
+                self.send_header("Location", owner.target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def serves_bad(self, path: str) -> bool:
+        return self.bad is not None and (
+            not self.bad_for or any(key in path for key in self.bad_for)
+        )
+
+    def padded(self, path: str) -> bytes:
+        import urllib.request
+
+        assert self.bad is not None
+        with urllib.request.urlopen(self.target + path, timeout=10) as real:
+            size = len(real.read())
+        return self.bad + b"\0" * max(0, size - len(self.bad))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -130,3 +130,32 @@ def test_resolve_settles_an_uncertain_row(tmp_path: Path) -> None:
     assert published.loc["b", "status"] == "PENDING"
     published_history = pd.read_parquet(data_dir / "catalog" / "submissions")
     assert (published_history["event"] == "RESOLVED").sum() == 2
+
+
+def test_refetch_makes_a_fetch_failed_row_fetching_again_and_refuses_others(
+    tmp_path: Path,
+) -> None:
+    table = tmp_path / "p.csv"
+    table.write_text("prompt_id,prompt,resolution\na,First,480p\nb,Second,480p\n", encoding="utf-8")
+    rows = {row.partition_key: row for row in load_prompt_table(table).rows}
+    data_dir = tmp_path / "data"
+    ledger = Ledger.for_data_dir(data_dir)
+    ledger.register(list(rows.values()))
+    for key in ("a", "b"):
+        sub = claim(ledger, rows[key])
+        ledger.record_submitted(sub, f"req_{key}")
+    a = next(s for s in ledger.submissions() if s.partition_key == "a")
+    failed = JobChange(
+        a.submission_id, a.version, VideoStatus.FETCH_FAILED, error="not a video", completed=True
+    )
+    assert ledger.apply([failed])
+    data = str(data_dir)
+    done = cli("refetch", "a", "--data-dir", data, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "a: FETCHING req_a"
+    row = ledger.row("a")
+    assert row is not None and row.submission in ledger.jobs_to_poll()
+    refused = cli("refetch", "b", "--data-dir", data, cwd=tmp_path)
+    assert refused.returncode == 2 and "not FETCH_FAILED" in refused.stderr
+    history = submissions_frame(ledger)
+    assert (history["event"] == "REFETCH").sum() == 1

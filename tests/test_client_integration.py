@@ -19,6 +19,7 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from kvid_dagster.client import (
     TextToVideoV2,
     build_request,
 )
-from kvid_dagster.emulator import FAIL_MARKER, KvidEmulator
+from kvid_dagster.emulator import FAIL_MARKER, EmulatorConfig, KvidEmulator
 
 T2V, I2V = JobKind.TEXT_TO_VIDEO, JobKind.IMAGE_TO_VIDEO
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,82 @@ class AsyncCountingTransport(httpx.AsyncHTTPTransport):
             return await super().handle_async_request(request)
         finally:
             self.current -= 1
+
+
+class Gateway:
+    """A reverse proxy on 127.0.0.1, like a company's API gateway: it serves ``upstream`` under
+    ``prefix`` (stripped before forwarding), answers 404 outside it, redirects ``/moved/<rest>``
+    to ``redirect_to/<rest>``, and remembers every request as (method, path?query, api-key)."""
+
+    def __init__(self, prefix: str = "", upstream: str = "", redirect_to: str = "") -> None:
+        self.prefix, self.upstream, self.redirect_to = prefix, upstream, redirect_to
+        self.received: list[tuple[str, str, str | None]] = []
+        self._forward = httpx.Client(timeout=30.0)
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                gateway.answer(self)
+
+            do_POST = do_GET
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        self.received.append((handler.command, handler.path, handler.headers.get("api-key")))
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        headers: dict[str, str] = {}
+        if handler.path.startswith("/moved/") and self.redirect_to:
+            status, content = 302, b""
+            headers["Location"] = self.redirect_to + handler.path.removeprefix("/moved")
+        elif handler.path.startswith(self.prefix + "/"):
+            forwarded = {k: v for k, v in handler.headers.items() if k.lower() != "host"}
+            upstream = self._forward.request(
+                handler.command,
+                self.upstream + handler.path.removeprefix(self.prefix),
+                headers=forwarded,
+                content=body,
+            )
+            status, content = upstream.status_code, upstream.content
+            headers.update(
+                (k, v) for k, v in upstream.headers.items() if k.lower() in ("content-type",)
+            )
+        else:
+            status, content = 404, b'{"success": false, "data": null, "message": "no route"}'
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        handler.wfile.write(content)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._forward.close()
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[..., Gateway]]:
+    """``make(prefix="", upstream="", redirect_to="")``: started gateways, closed at teardown."""
+    made: list[Gateway] = []
+
+    def make(**kwargs: str) -> Gateway:
+        made.append(Gateway(**kwargs))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
 
 
 @pytest.fixture
@@ -681,6 +758,69 @@ def test_key_is_dropped_on_a_cross_origin_redirect(api_key: str, tmp_path: Path)
         done = c.download("https://api.kvid.test/files/v.mp4", tmp_path / "v.mp4")
     assert seen == [("api.kvid.test", api_key), ("storage.example", None)]
     assert done.path.read_bytes() == b"video bytes"
+
+
+@pytest.mark.parametrize(("suffix", "flavour"), [("/kvid", "sync"), ("/kvid/", "async")])
+def test_a_base_url_path_prefix_is_kept(
+    emulator: KvidEmulator,
+    api_key: str,
+    gateways: Callable[..., Gateway],
+    suffix: str,
+    flavour: str,
+) -> None:
+    """Behind a gateway at ``https://gw.example.com/kvid`` the API is ``/kvid/ai/video/...``."""
+    gateway = gateways(prefix="/kvid", upstream=emulator.base_url)
+    base_url = gateway.url + suffix
+    request = TextToVideoV1("A man hiking with a backpack", **SMALL_V1)
+
+    def sync_run() -> tuple[str, JobResult]:
+        with KvidClient(api_key, base_url) as client:
+            request_id = client.generate(request)
+            client.wait(T2V, request_id, poll_interval=0.05, deadline=60)
+            return request_id, client.result(T2V, request_id)
+
+    async def async_run() -> tuple[str, JobResult]:
+        async with AsyncKvidClient(api_key, base_url) as client:
+            request_id = await client.generate(request)
+            await client.wait(T2V, request_id, poll_interval=0.05, deadline=60)
+            return request_id, await client.result(T2V, request_id)
+
+    request_id, result = sync_run() if flavour == "sync" else asyncio.run(async_run())
+    api = "/kvid/ai/video/text-to-video"
+    first, *polls, last = gateway.received
+    assert first == ("POST", f"{api}/generate", api_key)
+    assert polls and set(polls) == {("GET", f"{api}/status?request_id={request_id}", api_key)}
+    assert last == ("GET", f"{api}/result?request_id={request_id}", api_key)
+    assert result.url.startswith(emulator.base_url + "/files/")
+
+
+def test_key_goes_only_to_the_api_origin_behind_a_prefix(
+    emulator_factory: Callable[..., KvidEmulator],
+    api_key: str,
+    gateways: Callable[..., Gateway],
+    tmp_path: Path,
+) -> None:
+    """The origin is scheme, host and port: a path prefix neither widens nor narrows it."""
+    storage = gateways()  # another origin, serving the emulator's files
+    emulator = emulator_factory(
+        EmulatorConfig(api_key=api_key, job_duration=0.3, public_base_url=storage.url)
+    )
+    storage.upstream = emulator.base_url
+    api = gateways(prefix="/kvid", upstream=emulator.base_url, redirect_to=storage.url)
+    with KvidClient(api_key, f"{api.url}/kvid") as client:
+        kind, request_id = finished_job(client)
+        result = client.result(kind, request_id)
+        path = httpx.URL(result.url).path
+        assert result.url == storage.url + path  # the video is on the storage origin
+        client.download(result, tmp_path / "direct.mp4")
+        client.download(f"{api.url}/moved{path}", tmp_path / "redirected.mp4")
+        client.download(f"{api.url}/kvid{path}", tmp_path / "own-origin.mp4")
+    assert storage.received == [("GET", path, None), ("GET", path, None)]
+    assert {key for _, _, key in api.received} == {api_key}  # own origin, prefix or not
+    assert ("GET", f"/moved{path}", api_key) in api.received
+    assert ("GET", f"/kvid{path}", api_key) in api.received
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert len(set(sizes.values())) == 1 and len(sizes) == 3
 
 
 # ---- concurrency ------------------------------------------------------------------------------

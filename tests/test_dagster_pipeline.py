@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -127,6 +128,42 @@ def test_prompts_asset_adds_partitions_and_reports_invalid_rows(
         published, videos_frame(KvidProject(table, tmp_path / "data").ledger())
     )
     assert emulator.stats.get("generate", 0) == 0  # nothing was sent
+
+
+def test_the_tables_own_columns_reach_dagster_and_the_catalog_never_the_service(
+    emulator: KvidEmulator, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """campaign and owner are the user's: in the kvid_prompts preview, on each video's
+    materialization and in catalog/videos; no generate body carries them."""
+    table = write_table(
+        tmp_path / "prompts.csv",
+        ["a,A lake at dawn,480p,spring,ana", "b,A quiet forest,480p,,bo"],
+        header="prompt_id,prompt,resolution,campaign,owner",
+    )
+    data_dir = tmp_path / "data"
+    project = KvidProject(table, data_dir)
+    defs = make_defs(emulator, table, data_dir)
+    assert run_job(defs, instance, PROMPTS_JOB)
+    prompts = instance.get_latest_materialization_event(AssetKey("kvid_prompts"))
+    assert prompts is not None and prompts.asset_materialization is not None
+    metadata = prompts.asset_materialization.metadata
+    assert metadata["user_columns"].value == ["campaign", "owner"]
+    assert "spring" in metadata["preview"].value and "campaign" in metadata["preview"].value
+    assert run_job(defs, instance, SUBMIT_JOB, tags=range_tags("a", "b"))
+    tick_until_done(defs, instance, project)
+    shown = {"a": {"campaign": "spring", "owner": "ana"}, "b": {"owner": "bo"}}
+    for key, expected in shown.items():
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=VIDEOS, asset_partitions=[key]), limit=1
+        ).records
+        materialization = records[0].event_log_entry.asset_materialization
+        assert materialization is not None
+        assert materialization.metadata["user_columns"].value == expected
+    assert not any({"campaign", "owner"} & set(job.body) for job in emulator.jobs.values())
+    published = pd.read_parquet(data_dir / "catalog" / "videos").set_index("partition_key")
+    assert json.loads(published.loc["a", "user_columns_json"]) == {
+        "campaign": "spring", "owner": "ana",
+    }  # fmt: skip
 
 
 def test_single_run_submits_every_partition_and_the_sensor_materializes_each_video(

@@ -267,7 +267,9 @@ def test_read_faults_are_retried_and_the_video_arrives_whole(
     [outcome] = submit(emulator.base_url, ledger, rows)
     assert outcome.action is SubmitAction.SUBMITTED
     emulator.add_fault(endpoint, kind, times=2, **options)  # the first retry meets it again
-    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos", timeout=0.5)
+    poll_until_settled(
+        emulator.base_url, ledger, tmp_path / "videos", timeout=0.5, refetch_interval_s=0.0
+    )
     assert emulator.pending_faults() == []  # both were met
     row = row_of(ledger, "a")
     assert row.status is VideoStatus.COMPLETED and row.error is None

@@ -187,7 +187,7 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
     prompts = write_table(tmp_path / "prompts.csv", ["a", "b", "c"])
     project = KvidProject(prompts, tmp_path / "data")
     ledger = project.ledger()
-    defs = make_defs(first.base_url, prompts, project.data_dir)
+    defs = make_defs(first.base_url, prompts, project.data_dir, lost_after_s=0.5)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "a", "b")

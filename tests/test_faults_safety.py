@@ -4,9 +4,7 @@ run)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import EmulatorFactory
 from faultkit import (
+    StorageFront,
     assert_accounted,
     dagster_home,
     make_defs,
@@ -46,37 +45,9 @@ from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptRow
 
 
-class Redirector:
-    """A storage front that answers every GET with a redirect, and remembers the headers."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.headers: list[dict[str, str]] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.headers.append({k.lower(): v for k, v in self.headers.items()})
-                self.send_response(302)
-                self.send_header("Location", owner.target + self.path)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def redirector() -> Iterator[Redirector]:
-    front = Redirector("file://")
+def redirector() -> Iterator[StorageFront]:
+    front = StorageFront("file://")
     yield front
     front.close()
 
@@ -117,7 +88,7 @@ def job(key: str, *, attempt: int = 1, request_hash: str = "0123456789abcdef" * 
 
 
 def test_a_redirect_to_storage_elsewhere_works_without_the_key(
-    emulator_factory: EmulatorFactory, redirector: Redirector, tmp_path: Path
+    emulator_factory: EmulatorFactory, redirector: StorageFront, tmp_path: Path
 ) -> None:
     emulator = emulator_factory(public_base_url=redirector.url)  # result URLs point at the front
     redirector.target = emulator.base_url  # ...which sends every download back to the emulator
@@ -129,7 +100,7 @@ def test_a_redirect_to_storage_elsewhere_works_without_the_key(
 
 @pytest.mark.parametrize("where", ["a non-http result URL", "a redirect to file://"])
 def test_downloads_only_follow_http(
-    where: str, emulator_factory: EmulatorFactory, redirector: Redirector, tmp_path: Path
+    where: str, emulator_factory: EmulatorFactory, redirector: StorageFront, tmp_path: Path
 ) -> None:
     base = "ftp://127.0.0.1:21" if where == "a non-http result URL" else redirector.url
     emulator = emulator_factory(public_base_url=base)

@@ -60,6 +60,7 @@ class Row:
     job_kind: str = "text-to-video"
     model: str = "v1"
     params_json: str = "{}"
+    user_columns_json: str | None = None
 
 
 @pytest.fixture
@@ -573,6 +574,9 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
             for table in (t.rows, t.jobs, t.events):
                 conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
                 conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
+            conn.execute(sa.text(f"ALTER TABLE {t.rows.name} DROP COLUMN user_columns_json"))
+            for column in ("not_found_count", "not_found_since", "fetch_failures", "forced_by"):
+                conn.execute(sa.text(f"ALTER TABLE {t.jobs.name} DROP COLUMN {column}"))
             conn.execute(sa.delete(t.meta).where(t.meta.c.name == "ledger_id"))
             conn.execute(
                 sa.update(t.meta).where(t.meta.c.name == "schema_version").values(int_value=1)

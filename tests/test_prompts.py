@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -129,7 +132,181 @@ def test_missing_table_names_the_path(tmp_path: Path) -> None:
         load_prompt_table(tmp_path / "nope.csv")
 
 
-def test_unknown_columns_are_warned_about_not_fatal(tmp_path: Path) -> None:
-    table = load_prompt_table(write_csv(tmp_path, "prompt,num_frame\nA fox,90\n"))
-    assert len(table.rows) == 1
-    assert any("num_frame" in w for w in table.warnings)
+# -- types never drift -----------------------------------------------------------------------
+
+ORIGINAL = (
+    "prompt_id,prompt,seed,num_frames,campaign\n"
+    "1,A calm lake,7,81,spring\n"
+    "2,A storm,,90,spring\n"
+    "3,A desert,9007199254740993,,\n"
+)
+
+
+def _requests(path: Path) -> dict[str, str]:
+    table = load_prompt_table(path)
+    assert table.invalid == [], table.invalid
+    return {row.partition_key: row.request_hash for row in table.rows}
+
+
+def test_a_table_resaved_by_pandas_gives_the_same_keys_and_requests(tmp_path: Path) -> None:
+    """pandas reads the blank cells as NaN, so the integer columns come back float64 (1.0,
+    7.0, 81.0); saved again as CSV or Parquet, every row is still the same key and request."""
+    original = write_csv(tmp_path, ORIGINAL)
+    frame = pd.read_csv(original, dtype={"seed": "Int64"})  # the big seed exactly, as pandas can
+    frame["prompt_id"] = frame["prompt_id"].astype("float64")
+    frame["num_frames"] = frame["num_frames"].astype("float64")
+    assert frame["prompt_id"].tolist() == [1.0, 2.0, 3.0]
+    frame.to_csv(tmp_path / "resaved.csv", index=False)
+    frame.to_parquet(tmp_path / "resaved.parquet")
+    assert "1.0," in (tmp_path / "resaved.csv").read_text()  # what pandas writes
+    expected = _requests(original)
+    assert sorted(expected) == ["1", "2", "3"]
+    assert _requests(tmp_path / "resaved.csv") == expected
+    assert _requests(tmp_path / "resaved.parquet") == expected
+    row = load_prompt_table(tmp_path / "resaved.parquet").by_key["1"]
+    assert row.request.to_body()["seed"] == 7 and row.request.to_body()["num_frames"] == 81
+
+
+@pytest.mark.parametrize(
+    ("cell", "needle"),
+    [
+        ("7.5", "not a whole number"),
+        ("1.2e+19", "beyond 2^53"),  # how pandas writes a float64 seed past 2^53
+        ("seven", "not an integer"),
+    ],
+)
+def test_an_integer_field_that_is_not_exactly_an_integer_is_that_rows_error(
+    tmp_path: Path, cell: str, needle: str
+) -> None:
+    path = write_csv(tmp_path, f"prompt_id,prompt,seed\nbad,A fox,{cell}\ngood,A owl,3\n")
+    table = load_prompt_table(path)
+    assert [r.partition_key for r in table.rows] == ["good"]
+    (problem,) = table.invalid
+    assert (problem.partition_key, problem.field) == ("bad", "seed") and needle in problem.reason
+
+
+def test_a_float_seed_beyond_2_53_in_parquet_is_refused_never_rounded(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"prompt_id": ["big", "ok"], "prompt": ["A", "B"], "seed": [2.0**60, 5.0]})
+    frame.to_parquet(tmp_path / "p.parquet")
+    table = load_prompt_table(tmp_path / "p.parquet")
+    assert [r.partition_key for r in table.rows] == ["ok"]
+    assert table.invalid[0].field == "seed" and "beyond 2^53" in table.invalid[0].reason
+
+
+# -- the vendor's field names, short rows, misspelt and user columns ---------------------------
+
+
+def test_the_vendors_image_field_names_are_columns_too(tmp_path: Path) -> None:
+    shutil.copy(DATA / "images" / "tiger.jpg", tmp_path / "tiger.jpg")
+    path = write_csv(
+        tmp_path,
+        "prompt_id,prompt,model,image_url,image_file,end_image_url\n"
+        "by-url,A tiger,v1,https://example.com/tiger.jpg,,\n"
+        "by-file,A tiger,v1,,tiger.jpg,\n"
+        "both-ends,A tiger,v2,https://example.com/a.jpg,,https://example.com/b.jpg\n"
+        "two-images,A tiger,v1,https://example.com/a.jpg,tiger.jpg,\n"
+        "file-not-url,A tiger,v1,tiger.jpg,,\n",
+    )
+    table = load_prompt_table(path)
+    by_url, by_file, both = (table.by_key[k].request for k in ("by-url", "by-file", "both-ends"))
+    assert isinstance(by_url, ImageToVideoV1) and isinstance(by_file, ImageToVideoV1)
+    assert by_url.to_body()["image_url"] == "https://example.com/tiger.jpg"
+    assert by_file.to_body()["image_file"]  # the local file, sent as base64
+    assert isinstance(both, ImageToVideoV2)
+    assert both.to_body()["end_image_url"] == "https://example.com/b.jpg"
+    problems = {p.partition_key: p for p in table.invalid}
+    assert problems["two-images"].field == "image_file"
+    assert "conflicts with image_url" in problems["two-images"].reason
+    assert problems["file-not-url"].field == "image_url"
+
+
+def test_a_row_with_too_few_cells_is_invalid_not_shifted(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path,
+        "prompt_id,prompt,negative_prompt,resolution\n"
+        "clip1,A lion yawns,,720p\n"
+        "clip2,A tiger blinks,480p\n",
+    )
+    table = load_prompt_table(path)
+    assert [r.partition_key for r in table.rows] == ["clip1"]
+    (problem,) = table.invalid
+    assert (problem.partition_key, problem.field) == ("clip2", "row")
+    assert "3 cells" in problem.reason and "4 columns" in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("column", "field"),
+    [("num_frame", "num_frames"), ("seeds", "seed"), ("resolutions", "resolution"),
+     ("Seed", "seed"), ("negativ_prompt", "negative_prompt"), ("imageurl", "image_url")],
+)  # fmt: skip
+def test_a_misspelt_parameter_column_stops_the_whole_table(
+    tmp_path: Path, column: str, field: str
+) -> None:
+    path = write_csv(tmp_path, f"prompt,{column}\nA fox,90\nA owl,\n")
+    with pytest.raises(PromptTableError) as raised:
+        load_prompt_table(path)
+    assert f"{column!r}" in str(raised.value) and f"{field!r}" in str(raised.value)
+    assert "No row of this table is sent" in str(raised.value)
+
+
+def test_the_users_own_columns_stay_with_the_row_and_are_never_sent(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path,
+        'prompt_id,prompt,campaign,owner,notes\nfox,A fox,spring,ana,"two, lines\nof notes"\n',
+    )
+    table = load_prompt_table(path)
+    row = table.by_key["fox"]
+    assert table.user_columns == ("campaign", "owner", "notes")
+    assert row.user_columns == {
+        "campaign": "spring",
+        "owner": "ana",
+        "notes": "two, lines\nof notes",
+    }
+    body = row.request.to_body()
+    assert not {"campaign", "owner", "notes"} & set(body)
+    assert table.warnings == []
+
+
+def test_an_excel_crlf_table_with_multi_line_prompts_is_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(
+        '\ufeffprompt_id,prompt\r\nfox,"A fox\r\nruns, then ""stops"""\r\nowl,An owl\r\n'.encode()
+    )
+    table = load_prompt_table(path)
+    assert table.invalid == []
+    assert table.by_key["fox"].prompt == 'A fox\nruns, then "stops"'
+    assert table.by_key["owl"].prompt == "An owl"
+
+
+# -- a table caught mid-write --------------------------------------------------------------------
+
+
+def test_a_table_still_being_written_is_read_once_it_is_whole(tmp_path: Path) -> None:
+    """A writer that flushes a partial last line (no newline yet) and finishes a moment later:
+    the reader waits for the file to stop changing, and the fingerprint is of what it parsed."""
+    path = tmp_path / "prompts.csv"
+    whole = "prompt_id,prompt,seed\na,A fox,1\nb,A long prompt about an owl,12\n"
+    path.write_text(whole[:-12])  # "b,A long prompt ab" and no newline
+
+    def finish() -> None:
+        time.sleep(0.3)
+        path.write_text(whole[:-5])  # still changing, still no newline
+        time.sleep(0.3)
+        path.write_text(whole)
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    table = load_prompt_table(path)
+    writer.join()
+    assert [(r.partition_key, r.prompt) for r in table.rows] == [
+        ("a", "A fox"), ("b", "A long prompt about an owl"),
+    ]  # fmt: skip
+    assert table.invalid == []
+    assert table.fingerprint == hashlib.sha256(whole.encode()).hexdigest()
+
+
+def test_a_table_without_a_final_newline_that_does_not_change_is_read(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "prompt_id,prompt\na,A fox")
+    table = load_prompt_table(path)
+    assert [r.prompt for r in table.rows] == ["A fox"]
+    assert table.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import decimal
 import io
+import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -33,6 +37,7 @@ from kvid_dagster.prompts import (
     PromptRow,
     PromptTable,
     PromptTableError,
+    find_misspelling,
     load_prompt_table,
     parse_rows,
 )
@@ -124,7 +129,15 @@ def load_bytes(data: bytes, suffix: str) -> PromptTable:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"prompts{suffix}"
         path.write_bytes(data)
+        settled(path)
         return load_prompt_table(path)
+
+
+def settled(path: Path) -> None:
+    """Date the file a minute back: written earlier, not being written now (a CSV file without
+    a final newline that changed within the last second is waited for)."""
+    past = time.time() - 60
+    os.utime(path, (past, past))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +165,11 @@ def test_csv_tables_of_anything(header: list[str], rows: list[list[str]], tmp_pa
     lines = [line for line in [header, *rows] if any(cell.strip() for cell in line)]
     names = [h.strip() for h in lines[0]] if lines else ["prompt"]
     data = lines[1:]
-    unusable = "prompt" not in names or any(n > 1 for name, n in Counter(names).items() if name)
+    unusable = (
+        "prompt" not in names
+        or any(n > 1 for name, n in Counter(names).items() if name)
+        or find_misspelling(names) is not None
+    )
     try:
         table = load_bytes(csv_bytes(header, rows), ".csv")
     except PromptTableError:
@@ -160,9 +177,9 @@ def test_csv_tables_of_anything(header: list[str], rows: list[list[str]], tmp_pa
         return
     assert not unusable
     check_table(table, len(data), tmp_path)
-    # a row with cells beyond the header is reported as such, never shifted into other columns
+    # a row with cells beyond the header, or too few, is reported as such, never shifted
     for number, cells in enumerate(data, start=1):
-        if any(cell.strip() for cell in cells[len(names) :]):
+        if len(cells) < len(names) or any(cell.strip() for cell in cells[len(names) :]):
             assert any(p.row_number == number and p.field == "row" for p in table.invalid)
 
 
@@ -352,3 +369,95 @@ def test_a_parquet_table_indexed_by_prompt_id_keeps_its_keys(tmp_path: Path) -> 
         "prompt_id"
     ).to_parquet(path)
     assert load_prompt_table(path).partition_keys == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the same table, whoever wrote it
+
+PROMPT_CHARS = st.characters(
+    codec="utf-8", exclude_categories=["Cs", "Cc", "Zl", "Zp"], include_characters="\n,\"' "
+)
+
+
+@st.composite
+def canonical_tables(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Rows of a table as a person means them: a key (all integers or all names), a prompt
+    with commas, quotes and line breaks, an optional seed and frame count, their own notes."""
+    n = draw(st.integers(1, 6))
+    if draw(st.booleans()):
+        ids: list[Any] = draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n, unique=True))
+    else:
+        name = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
+        ids = draw(st.lists(name, min_size=n, max_size=n, unique=True))
+    return [
+        {
+            "prompt_id": ids[i],
+            "prompt": draw(st.text(PROMPT_CHARS, min_size=1, max_size=40).filter(str.strip)),
+            "seed": draw(st.none() | st.integers(0, 2**31)),
+            "num_frames": draw(st.none() | st.integers(81, 100)),
+            "notes": draw(st.none() | st.text(PROMPT_CHARS, min_size=1, max_size=12)),
+        }
+        for i in range(n)
+    ]
+
+
+def _csv_module(rows: list[dict[str, Any]], path: Path, crlf: bool, bom: bool, quote: int) -> None:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(rows[0]), quoting=quote, lineterminator="\r\n" if crlf else "\n"
+    )
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    path.write_bytes((("\ufeff" if bom else "") + buffer.getvalue()).encode())
+
+
+def _pandas_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """As pandas holds it after reading a table with a blank cell in each integer column:
+    float64 (an integer key 1 becomes 1.0, a seed 7 becomes 7.0)."""
+    frame = pd.DataFrame(rows).astype({c: "float64" for c in ("seed", "num_frames")})
+    if pd.api.types.is_integer_dtype(frame["prompt_id"]):
+        frame["prompt_id"] = frame["prompt_id"].astype("float64")
+    return frame
+
+
+WRITERS: dict[str, Any] = {
+    "csv module": lambda rows, path, crlf, bom, quote: _csv_module(rows, path, crlf, bom, quote),
+    "pandas csv": lambda rows, path, crlf, bom, quote: _pandas_frame(rows).to_csv(
+        path, index=False, lineterminator="\r\n" if crlf else "\n",
+        encoding="utf-8-sig" if bom else "utf-8", quoting=quote,
+    ),
+    "pandas parquet": lambda rows, path, *_: _pandas_frame(rows).to_parquet(path),
+    "pyarrow parquet": lambda rows, path, *_: pq.write_table(pa.Table.from_pylist(rows), path),
+}  # fmt: skip
+
+
+@SETTINGS
+@given(
+    rows=canonical_tables(),
+    crlf=st.booleans(),
+    bom=st.booleans(),
+    quote=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]),
+)
+def test_every_writer_gives_the_same_keys_requests_and_user_columns(
+    rows: list[dict[str, Any]], crlf: bool, bom: bool, quote: int, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, write in WRITERS.items():
+            path = Path(folder) / f"{name.replace(' ', '-')}.{name.split()[-1]}"
+            write(rows, path, crlf, bom, quote)
+            settled(path)
+            table = load_prompt_table(path)
+            assert table.invalid == [], (name, table.invalid)
+            seen[name] = {
+                r.partition_key: (r.request_hash, r.prompt, dict(r.user_columns))
+                for r in table.rows
+            }
+    expected = {
+        str(row["prompt_id"]): (row["prompt"], {"notes": row["notes"]} if row["notes"] else {})
+        for row in rows
+    }
+    reference = seen["csv module"]
+    assert {k: (v[1], v[2]) for k, v in reference.items()} == expected
+    for name, found in seen.items():
+        assert found == reference, name

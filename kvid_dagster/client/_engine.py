@@ -14,13 +14,14 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, TypeVar
 
 import httpx
 
 from ._download import DEFAULT_MAX_BYTES, DownloadSink, target_path
 from ._ramp import Ramp
+from ._secrets import Secret, protect_logs, redact, spellings
 from .errors import (
     KvidConnectionError,
     KvidError,
@@ -49,6 +50,7 @@ _REQUEST_TYPES = (TextToVideoV1, ImageToVideoV1, TextToVideoV2, ImageToVideoV2)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 T = TypeVar("T")
+Answer = TypeVar("Answer", JobStatus, JobResult)
 
 
 # ---- the I/O an operation can ask for ---------------------------------------------------------
@@ -84,23 +86,6 @@ class Await:
 
 Action = Send | Fetch | Sleep | Await
 Op = Generator[Action, Any, T]
-
-
-class _Secret:
-    """Holds the API key so that no repr, vars() dump or log line can show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -192,7 +177,7 @@ class ClientBase:
             raise KvidValidationError("base_url", base_url, "an http(s) URL")
         _positive("timeout", timeout)
         _positive("max_in_flight", max_in_flight, integer=True)
-        self._api_key = _Secret(api_key)
+        self._api_key = Secret(api_key)
         self._base_url = url
         self._timeout = httpx.Timeout(timeout)
         self._max_in_flight = max_in_flight
@@ -207,6 +192,7 @@ class ClientBase:
         )
         self._ramp = Ramp(max_in_flight, idle=self._limits.keepalive_expiry)
         self._http = self._open_http(transport)
+        protect_logs(api_key)  # once the client exists: a refused one sends nothing
 
     def _open_http(self, transport: Any) -> Any:
         raise NotImplementedError
@@ -234,16 +220,29 @@ class ClientBase:
     # ---- secrets -----------------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key.reveal(), "***")
+        return redact(text, spellings(self._api_key.reveal()))
+
+    def _redact_value(self, value: Any) -> Any:
+        """A text, or a tuple of texts, without the key; anything else, and any text without
+        the key, is returned as it is (a ``StrEnum`` stays a member)."""
+        if isinstance(value, str):
+            redacted = self._redact(value)
+            return value if redacted == value else redacted
+        if isinstance(value, tuple):
+            return tuple(self._redact_value(item) for item in value)
+        return value
 
     def _scrub(self, error: KvidError) -> None:
         """Remove the API key from an error, should the server have echoed it back."""
-        key = self._api_key.reveal()
-        for name in ("message", "server_message"):
-            value = getattr(error, name, None)
-            if isinstance(value, str) and key in value:
-                setattr(error, name, self._redact(value))
-        error.args = tuple(self._redact(a) if isinstance(a, str) else a for a in error.args)
+        for name, value in vars(error).items():
+            setattr(error, name, self._redact_value(value))
+        error.args = self._redact_value(error.args)
+
+    def _scrubbed(self, answer: Answer) -> Answer:
+        """A status or result with the key removed from every text the server sent: they go on
+        to callbacks, the ledger, catalogs and Dagster metadata."""
+        changes = {f.name: self._redact_value(getattr(answer, f.name)) for f in fields(answer)}
+        return replace(answer, **changes)
 
     def _is_own_origin(self, url: httpx.URL) -> bool:
         return _origin(url) == _origin(self._base_url)
@@ -262,7 +261,8 @@ class ClientBase:
     # ---- building blocks ---------------------------------------------------------------------
 
     def _build(self, call: HttpCall) -> httpx.Request:
-        url = self._base_url.join(call.path)
+        # appended, not joined: joining an absolute path would drop a gateway's prefix
+        url = self._base_url.copy_with(path=self._base_url.path.rstrip("/") + call.path)
         request: httpx.Request = self._http.build_request(
             call.method,
             url,
@@ -382,14 +382,14 @@ class ClientBase:
         response = yield from self._exchange(
             lambda: Send(self._build(call)), call.describe(), idempotent=True, deadline=deadline
         )
-        return self._dialect.parse_status(response)
+        return self._scrubbed(self._dialect.parse_status(response))
 
     def _result_op(self, job_kind: Any, request_id: Any) -> Op[JobResult]:
         call = self._dialect.result_call(self._job_kind(job_kind), request_id)
         response = yield from self._exchange(
             lambda: Send(self._build(call)), call.describe(), idempotent=True
         )
-        result = self._dialect.parse_result(response)
+        result = self._scrubbed(self._dialect.parse_result(response))
         try:
             url = self._download_url(result.url, "url")
         except KvidValidationError:

@@ -35,7 +35,7 @@ from .errors import (
     KvidValidationError,
 )
 from .requests import JobKind
-from .results import JobResult, JobState, JobStatus
+from .results import JobResult, JobState, JobStatus, as_progress
 
 __all__ = [
     "DEFAULT_DIALECT",
@@ -260,13 +260,6 @@ class KvidDialect(Dialect):
         status = data.get("status")
         if not isinstance(status, str) or not status:
             raise self._field_error(response, "status", status, "a string")
-        progress = data.get("progress")
-        if progress is not None and (
-            isinstance(progress, bool)
-            or not isinstance(progress, int | float)
-            or not math.isfinite(progress)
-        ):
-            raise self._field_error(response, "progress", progress, "a number")
         logs = data.get("logs")
         if logs is None:
             logs = []
@@ -274,7 +267,7 @@ class KvidDialect(Dialect):
             raise self._field_error(response, "logs", logs, "a list of strings")
         return JobStatus(
             status=status,
-            progress=progress,
+            progress=as_progress(data.get("progress")),  # missing, null, "12", 12.5: all fine
             logs=tuple(logs),
             message=message,
             state=self.classify_status(status),

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DownloadedFile", "JobResult", "JobState", "JobStatus"]
+__all__ = ["DownloadedFile", "JobResult", "JobState", "JobStatus", "as_progress"]
+
+
+def as_progress(value: Any) -> float | None:
+    """A progress percentage as a float, or None when the server gave none usable.
+
+    Servers send it missing, null, fractional (12.5) or as a string ("12", "12%"). It is only
+    informational, so an odd value must never fail a poll of a job that is already paid for.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value.strip().removesuffix("%") if isinstance(value, str) else value)
+    except (ValueError, OverflowError):  # "soon", or an integer too large for a float
+        return None
+    return number if math.isfinite(number) else None
 
 
 class JobState(StrEnum):
@@ -19,7 +36,8 @@ class JobState(StrEnum):
 
 @dataclass(frozen=True)
 class JobStatus:
-    """One status answer. ``status`` is the server's word; ``state`` is what it means."""
+    """One status answer. ``status`` is the server's word; ``state`` is what it means;
+    ``progress`` is a percentage (a float, fractions kept) or None when the server sent none."""
 
     status: str
     progress: float | None = None
@@ -29,6 +47,7 @@ class JobStatus:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logs", tuple(self.logs))
+        object.__setattr__(self, "progress", as_progress(self.progress))
         if self.state is None:
             # built by hand (tests, callers): read ``status`` with the default dialect's words
             from .protocol import DEFAULT_DIALECT

@@ -32,7 +32,10 @@ class KvidClient(ClientBase):
     backoff_base=0.5, backoff_max=30.0, max_in_flight=16, transport=None, sleep=None,
     clock=time.monotonic, dialect=None)``
 
-    - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only.
+    - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only; it never shows
+      in a repr, an error, a returned status or result, or an ``httpx``/``httpcore`` log record.
+    - ``base_url`` may carry a path prefix (a gateway's ``https://gw.example.com/kvid``): the
+      API paths are appended to it.
     - ``timeout``: seconds for each connect/read/write/pool wait of one HTTP request.
     - ``max_retries``/``backoff_base``/``backoff_max``: the ``RetryPolicy`` (full jitter).
     - ``max_in_flight``: the most requests at once across all threads (the connection pool

@@ -44,6 +44,7 @@ _VIDEO_FIELDS: list[tuple[str, pa.DataType]] = [
     ("model", pa.string()),
     ("request_hash", pa.string()),
     ("params_json", pa.string()),
+    ("user_columns_json", pa.string()),
     ("request_id", pa.string()),
     ("status", pa.string()),
     ("progress", pa.int32()),
@@ -114,7 +115,10 @@ _FROM_JOB = (
     "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
     "height", "fps", "num_frames", "duration_s", "cost_credits", "submitted_at", "completed_at",
 )  # fmt: skip
-_FROM_ROW = ("partition_key", "prompt", "job_kind", "model", "request_hash", "params_json")
+_FROM_ROW = (
+    "partition_key", "prompt", "job_kind", "model", "request_hash", "params_json",
+    "user_columns_json",
+)  # fmt: skip
 _TYPES = dict(_VIDEO_FIELDS)
 
 

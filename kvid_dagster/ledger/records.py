@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,8 @@ class RequestRow(Protocol):
     def request_hash(self) -> str: ...
     @property
     def params_json(self) -> str: ...
+    @property
+    def user_columns_json(self) -> str | None: ...  # the user's own columns, never sent
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class Submission:
     completed_at: datetime | None
     updated_at: datetime | None
     version: int
+    not_found_count: int = 0  # 404s in a row from status
+    not_found_since: datetime | None = None  # the first of them
+    fetch_failures: int = 0  # failed fetches of the completed job's video
+    forced_by: str | None = None  # the root run id of the force=True run that claimed it
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,11 @@ class VideoRow:
     error: str | None
     submission: Submission | None = None
     updated_at: datetime | None = None
+    user_columns_json: str | None = None  # the table's other columns for this row, as JSON
+
+    @property
+    def user_columns(self) -> dict[str, str]:
+        return json.loads(self.user_columns_json) if self.user_columns_json else {}
 
     @property
     def request_id(self) -> str | None:

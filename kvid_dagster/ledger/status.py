@@ -22,7 +22,8 @@ class VideoStatus(StrEnum):
     FAILED = "FAILED"  # the service said the job failed (it was billed)
     UNCERTAIN = "UNCERTAIN"  # a generate that may have created a job whose id we never got
     TIMED_OUT = "TIMED_OUT"  # past the job deadline; polling stopped, the request_id is kept
-    LOST = "LOST"  # the service no longer knows the request_id
+    LOST = "LOST"  # the service no longer knows the request_id (404s that lasted)
+    FETCH_FAILED = "FETCH_FAILED"  # completed, but its video could not be fetched: refetch it
 
     @classmethod
     def from_service(cls, status: str) -> VideoStatus:
@@ -60,12 +61,19 @@ _POLLED = frozenset(
     {VideoStatus.SUBMITTED, VideoStatus.IN_QUEUE, VideoStatus.PROCESSING, VideoStatus.FETCHING}
 )
 _ENDED_WITHOUT_VIDEO = frozenset({VideoStatus.FAILED, VideoStatus.TIMED_OUT, VideoStatus.LOST})
+# FETCH_FAILED holds a paid job: the video exists at the service, a new job would pay again
 _HOLDS_JOB = frozenset(
-    {VideoStatus.SUBMITTING, VideoStatus.UNCERTAIN, VideoStatus.COMPLETED, *_POLLED}
-)
+    {
+        VideoStatus.SUBMITTING, VideoStatus.UNCERTAIN, VideoStatus.COMPLETED,
+        VideoStatus.FETCH_FAILED, *_POLLED,
+    }
+)  # fmt: skip
 _TERMINAL = frozenset(
-    {VideoStatus.COMPLETED, VideoStatus.UNCERTAIN, VideoStatus.INVALID, *_ENDED_WITHOUT_VIDEO}
-)
+    {
+        VideoStatus.COMPLETED, VideoStatus.UNCERTAIN, VideoStatus.INVALID,
+        VideoStatus.FETCH_FAILED, *_ENDED_WITHOUT_VIDEO,
+    }
+)  # fmt: skip
 
 
 class SubmissionEvent(StrEnum):
@@ -84,6 +92,8 @@ class SubmissionEvent(StrEnum):
     FAILED = "FAILED"
     TIMED_OUT = "TIMED_OUT"
     LOST = "LOST"
+    FETCH_FAILED = "FETCH_FAILED"
+    REFETCH = "REFETCH"  # a person asked for a FETCH_FAILED job's video again
 
     @classmethod
     def ended(cls, status: VideoStatus) -> SubmissionEvent:

@@ -135,6 +135,8 @@ class ClaimRule:
     """When a request that was sent before may be sent again (each time is paid)."""
 
     force: bool = False  # pay for a new attempt whatever became of the last one
+    # the forced run's root run id: its retries and re-executions do not pay a second time
+    force_token: str | None = None
     retry_failed_below: int | None = None  # the retry policy: a FAILED request with fewer attempts
 
 
@@ -166,6 +168,11 @@ def refusal_for(latest: Submission | None, rule: ClaimRule) -> str | None:
         who = f" by pid {owner.pid} on {owner.host}" if owner else ""
         return f"this exact request is being submitted right now{who}"
     if rule.force:
+        if rule.force_token is not None and latest.forced_by == rule.force_token:
+            return (
+                f"already sent by this forced run ({rule.force_token}, request_id {rid}): "
+                "force pays once per run, not again when the run is retried or re-executed"
+            )
         return None
     if status.ended_without_video:
         if (
@@ -342,6 +349,7 @@ class Ledger:
                 "model": None,
                 "request_hash": None,
                 "params_json": None,
+                "user_columns_json": None,
                 "invalid_reason": bad.reason,
             }
         for row in valid:
@@ -352,6 +360,7 @@ class Ledger:
                 "model": row.model,
                 "request_hash": row.request_hash,
                 "params_json": row.params_json,
+                "user_columns_json": row.user_columns_json,
                 "invalid_reason": None,
             }
         if not wanted:
@@ -368,7 +377,10 @@ class Ledger:
 
     def _register(self, wanted: Mapping[str, dict[str, Any]], now: datetime) -> int:
         rows = self.tables.rows
-        compared = ("prompt", "job_kind", "model", "request_hash", "params_json", "invalid_reason")
+        compared = (
+            "prompt", "job_kind", "model", "request_hash", "params_json", "user_columns_json",
+            "invalid_reason",
+        )  # fmt: skip
         with self.write() as conn:
             existing = {
                 r.partition_key: r
@@ -584,6 +596,7 @@ class Ledger:
                     "heartbeat_at": now,
                     "updated_at": now,
                     "version": 0,
+                    "forced_by": rule.force_token if rule.force else None,
                 }
                 submission_id = conn.execute(insert(jobs).values(values)).inserted_primary_key[0]
                 self._event(
@@ -854,6 +867,34 @@ class Ledger:
         assert resolved is not None
         return resolved
 
+    def refetch(self, partition_key: str) -> VideoRow:
+        """A person's "try again" for a FETCH_FAILED row: its job is FETCHING again, with a
+        fresh count of fetch attempts (the paid request_id is the same). Raises ValueError."""
+        jobs = self.tables.jobs
+        row = self.row(partition_key)
+        sub = row.submission if row is not None else None
+        if row is None or sub is None or row.status is not VideoStatus.FETCH_FAILED:
+            status = row.status if row is not None else None
+            raise ValueError(f"{partition_key!r} is not FETCH_FAILED (status {status})")
+        with self.write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.submission_id == sub.submission_id, jobs.c.version == sub.version)
+                .values(
+                    status=VideoStatus.FETCHING.value,
+                    fetch_failures=0,
+                    completed_at=None,
+                    updated_at=utcnow(),
+                    version=jobs.c.version + 1,
+                )
+            ).rowcount
+            if not changed:
+                raise ValueError(f"{partition_key!r} changed while it was being refetched")
+            self._event(conn, sub, SubmissionEvent.REFETCH, error=sub.error)
+        refetched = self.row(partition_key)
+        assert refetched is not None
+        return refetched
+
     def apply(self, changes: Sequence[JobChange]) -> list[Submission]:
         """Apply the poller's changes in one transaction; a change to a submission someone
         else moved meanwhile (another poller, a resolver) is dropped. Returns those applied."""
@@ -1056,6 +1097,10 @@ def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
         completed_at=get("completed_at"),
         updated_at=get("updated_at"),
         version=int(get("version") or 0),
+        not_found_count=int(get("not_found_count") or 0),
+        not_found_since=get("not_found_since"),
+        fetch_failures=int(get("fetch_failures") or 0),
+        forced_by=get("forced_by"),
     )
 
 
@@ -1087,6 +1132,7 @@ def _video_row(m: Mapping[str, Any]) -> VideoRow:
         model=m["model"],
         request_hash=m["request_hash"],
         params_json=m["params_json"],
+        user_columns_json=m["user_columns_json"],
         status=row_status(m),
         error=row_error(m),
         submission=sub,

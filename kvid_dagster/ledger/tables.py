@@ -72,6 +72,17 @@ def _revision_column() -> Column[Any]:
     return Column("revision", BigInteger, nullable=False, default=_stamp, onupdate=_stamp)
 
 
+def _attempt_columns() -> list[Column[Any]]:
+    """How the poller is faring with a job: a 404 streak (LOST only after it lasts), failed
+    fetches of a completed job's video (bounded), and the forced run that claimed it."""
+    return [
+        Column("not_found_count", Integer, nullable=False, default=0),
+        Column("not_found_since", UTCDateTime),
+        Column("fetch_failures", Integer, nullable=False, default=0),
+        Column("forced_by", String(255)),  # a force=True run's root run id: force is one-shot
+    ]
+
+
 @dataclass(frozen=True)
 class LedgerTables:
     metadata: MetaData
@@ -116,6 +127,7 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("model", String(255)),
         Column("request_hash", String(64)),  # null for an invalid row
         Column("params_json", Text),
+        Column("user_columns_json", Text),  # the table's other columns: shown, never sent
         Column("invalid_reason", Text),  # set: the row is INVALID
         Column("last_error", Text),  # why its last submission did not go through
         Column("updated_at", UTCDateTime, nullable=False),
@@ -150,6 +162,7 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("completed_at", UTCDateTime),
         Column("updated_at", UTCDateTime, nullable=False),
         Column("version", Integer, nullable=False, default=0),
+        *_attempt_columns(),
         _revision_column(),
         # the database itself refuses a second claim of the same attempt at the same request
         UniqueConstraint("request_hash", "attempt", name=f"uq_{prefix}jobs_request_attempt"),
@@ -186,7 +199,17 @@ def create_schema(conn: Connection, tables: LedgerTables) -> None:
 
 
 def _add_revisions(conn: Connection, tables: LedgerTables) -> None:
-    """v2: the revision each row was last written at (0: before v2, so published as of old)."""
+    """v2: the revision each row was last written at (0: before v2, so published as of old),
+    the user's own columns of each row, and the poller's counts of each job."""
+    conn.execute(text(f"ALTER TABLE {tables.rows.name} ADD COLUMN user_columns_json TEXT"))
+    jobs = tables.jobs.name
+    for column in (
+        "not_found_count INTEGER NOT NULL DEFAULT 0",
+        f"not_found_since {UTCDateTime().compile(dialect=conn.dialect)}",
+        "fetch_failures INTEGER NOT NULL DEFAULT 0",
+        "forced_by VARCHAR(255)",
+    ):
+        conn.execute(text(f"ALTER TABLE {jobs} ADD COLUMN {column}"))
     for table in (tables.rows, tables.jobs, tables.events):
         conn.execute(
             text(f"ALTER TABLE {table.name} ADD COLUMN revision BIGINT NOT NULL DEFAULT 0")

@@ -1,0 +1,237 @@
+"""What a real network and a hostile storage answer do to polling, and what the ledger keeps.
+
+- a download that is not a video (an HTML page, an MP4 without a video stream) never lands as
+  ``.mp4``; it is fetched a bounded number of times, then FETCH_FAILED with its reason and its
+  paid request_id, and ``Ledger.refetch`` (``kvid-dagster refetch KEY``) tries again;
+- one bad job never stops the others: its problem is recorded on it and the tick goes on;
+- a 404 from status is not proof of loss: LOST only after 404s that lasted;
+- the tick budget is a hard deadline: a status call that hangs is carried over;
+- ``force`` pays once per forced run, not again on its retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+from faultkit import (
+    StorageFront,
+    assert_accounted,
+    make_client,
+    poll_once,
+    poll_until_settled,
+    statuses,
+    submit,
+    table_rows,
+    write_table,
+)
+
+from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import ClaimOwner, ClaimRule, JobChange, Ledger, Refusal, VideoStatus
+from kvid_dagster.poll import PollConfig, poll_pending
+from kvid_dagster.prompts import PromptRow
+
+HTML = b"<html><body>Access denied</body></html>"
+
+
+def audio_only_mp4() -> bytes:
+    """A valid MP4 with one audio stream and no video (what a broken render may upload)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame(format="fltp", layout="mono", samples=1024)
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def html_storage() -> Iterator[StorageFront]:
+    storage = StorageFront(bad=HTML)
+    yield storage
+    storage.close()
+
+
+@pytest.fixture
+def audio_storage() -> Iterator[StorageFront]:
+    storage = StorageFront(bad=audio_only_mp4(), content_type="video/mp4")
+    yield storage
+    storage.close()
+
+
+def started(
+    emulator: KvidEmulator, tmp_path: Path, keys: list[str]
+) -> tuple[Ledger, list[PromptRow]]:
+    rows = table_rows(write_table(tmp_path / "prompts.csv", keys))
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    ledger.register(rows)
+    submit(emulator.base_url, ledger, rows)
+    return ledger, rows
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_refetch(
+    emulator_factory: Any, html_storage: StorageFront, tmp_path: Path
+) -> None:
+    emulator = emulator_factory(public_base_url=html_storage.url)
+    html_storage.target = emulator.base_url
+    ledger, rows = started(emulator, tmp_path, ["a"])
+    videos = tmp_path / "videos"
+    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    row = ledger.row("a")
+    assert row is not None and row.status is VideoStatus.FETCH_FAILED
+    assert html_storage.bad_gets == 3  # bounded, not every tick until the deadline
+    assert row.error is not None and "not a video" in row.error and "refetch a" in row.error
+    assert row.request_id in emulator.jobs  # the paid id is kept
+    assert files_in(videos) == []  # nothing landed as .mp4, no staging file left
+    poll_once(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    assert html_storage.bad_gets == 3  # FETCH_FAILED is not polled again by itself
+
+    html_storage.bad = None  # the storage is fixed; a person asks again
+    assert ledger.refetch("a").status is VideoStatus.FETCHING
+    poll_until_settled(emulator.base_url, ledger, videos)
+    done = ledger.row("a")
+    assert done is not None and done.status is VideoStatus.COMPLETED
+    assert done.request_id == row.request_id and emulator.jobs_created == 1
+    assert files_in(videos) == [Path(str(done.video.local_path)).name]
+    with pytest.raises(ValueError, match="not FETCH_FAILED"):
+        ledger.refetch("a")
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on(
+    emulator_factory: Any, audio_storage: StorageFront, tmp_path: Path
+) -> None:
+    emulator = emulator_factory(public_base_url=audio_storage.url)
+    audio_storage.target = emulator.base_url
+    ledger, rows = started(emulator, tmp_path, ["bad", "good"])
+    bad = ledger.row("bad")
+    assert bad is not None and bad.request_id
+    audio_storage.bad_for = {bad.request_id}
+    videos = tmp_path / "videos"
+    reports = poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    assert statuses(ledger) == {"bad": "FETCH_FAILED", "good": "COMPLETED"}
+    failed = ledger.row("bad")
+    assert failed is not None and failed.error is not None and "not a video" in failed.error
+    assert any("bad" in e for r in reports for e in r.errors)
+    good = ledger.row("good")
+    assert good is not None and files_in(videos) == [Path(str(good.video.local_path)).name]
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_a_404_from_status_makes_a_job_lost_only_after_the_404s_lasted(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    ledger, rows = started(emulator, tmp_path, ["a"])
+    snapshot = dict(emulator.jobs)
+    emulator.forget_jobs()  # a deploy, or a store that does not know the job yet: 404
+    videos = tmp_path / "videos"
+    for _ in range(4):  # the default window (120 s) is far away: never LOST
+        poll_once(emulator.base_url, ledger, videos)
+    row = ledger.row("a")
+    assert row is not None and row.status is VideoStatus.SUBMITTED
+    assert row.error is not None and "404 (4 in a row" in row.error
+    [sub] = ledger.submissions()
+    assert sub.not_found_count == 4 and sub.not_found_since is not None
+
+    started_at = time.monotonic()
+    poll_until_settled(emulator.base_url, ledger, videos, lost_after_s=0.6, pause=0.2)
+    assert time.monotonic() - started_at < 30
+    lost = ledger.row("a")
+    assert lost is not None and lost.status is VideoStatus.LOST
+    assert lost.error is not None and "answers of 404 over" in lost.error
+    assert_accounted(snapshot, ledger, rows)
+
+
+def test_a_404_streak_that_ends_is_forgotten(emulator: KvidEmulator, tmp_path: Path) -> None:
+    ledger, rows = started(emulator, tmp_path, ["a"])
+    [sub] = ledger.submissions()
+    streak = JobChange(  # two 404s, as a poller recorded them; then the service answers again
+        sub.submission_id,
+        sub.version,
+        sub.status,
+        error="status answered 404",
+        extra={"not_found_count": 2, "not_found_since": datetime.now(UTC)},
+    )
+    [noted] = ledger.apply([streak])
+    assert noted.not_found_count == 2
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    [done] = ledger.submissions()
+    assert done.status is VideoStatus.COMPLETED and done.not_found_count == 0
+    assert done.not_found_since is None and done.error is None
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_the_tick_budget_is_a_hard_deadline_for_every_call(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    ledger, rows = started(emulator, tmp_path, ["a", "b"])
+    emulator.add_fault("status", "timeout", times=2, delay=8.0)  # answers after 8 s
+
+    async def tick() -> Any:
+        async with make_client(emulator.base_url, timeout=30.0) as client:
+            return await poll_pending(
+                client, ledger, PollConfig(download_dir=tmp_path / "videos", budget_s=1.0)
+            )
+
+    began = time.monotonic()
+    report = asyncio.run(tick())
+    elapsed = time.monotonic() - began
+    assert elapsed < 4.0, elapsed  # not 8 s, nor 30 s of client timeout
+    assert report.deferred == 2 and report.polled == 0
+    assert statuses(ledger) == {"a": "SUBMITTED", "b": "SUBMITTED"}  # carried over, unchanged
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert statuses(ledger) == {"a": "COMPLETED", "b": "COMPLETED"}
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_force_pays_once_per_forced_run_not_again_on_its_retries(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    ledger, rows = started(emulator, tmp_path, ["a"])
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    forced = ClaimRule(force=True, force_token="root-run-1")
+    submit(emulator.base_url, ledger, rows, rule=forced)
+    assert emulator.jobs_created == 2
+    submit(emulator.base_url, ledger, rows, rule=forced)  # the run retried by Dagster
+    assert emulator.jobs_created == 2
+    refused = ledger.claim(rows[0], ClaimOwner.current("retry"), cost_credits=1.0, rule=forced)
+    assert isinstance(refused, Refusal) and "force pays once per run" in refused.reason
+    submit(emulator.base_url, ledger, rows, rule=ClaimRule(force=True, force_token="root-run-2"))
+    assert emulator.jobs_created == 3  # a new forced run pays, as asked
+    poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
+    assert_accounted(emulator.jobs, ledger, rows, allowed_jobs={"a": 3})
+
+
+def test_a_realistic_server_gets_every_video_once(emulator_factory: Any, tmp_path: Path) -> None:
+    """The emulator's rough edges at once: resets when too many requests are in flight, 404s
+    just after generate, null and fractional progress, result URLs on a separate storage
+    origin that expire, Retry-After as a date, FAILED messages that echo the request."""
+    emulator = emulator_factory(realistic=True, job_duration=1.5)
+    keys = [f"k{i}" for i in range(12)]
+    ledger, rows = started(emulator, tmp_path, keys)
+    assert statuses(ledger) == dict.fromkeys(keys, "SUBMITTED")
+    videos = tmp_path / "videos"
+    reports = poll_until_settled(emulator.base_url, ledger, videos, pause=0.3)
+    assert statuses(ledger) == dict.fromkeys(keys, "COMPLETED")
+    assert emulator.jobs_created == len(keys)
+    assert emulator.stats.get("files_with_api_key", 0) == 0  # the key stays on the API origin
+    assert emulator.stats[("status", 404)] > 0  # just-created jobs answered 404, none LOST
+    assert not [e for r in reports for e in r.errors if "LOST" in e]
+    assert len(files_in(videos)) == len(keys)
+    assert_accounted(emulator.jobs, ledger, rows)
