@@ -40,6 +40,12 @@ class KvidResource(ConfigurableResource):
         "many rows can be UNCERTAIN. Status polling has its own, larger bound.",
     )
     poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
+    allowed_download_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts on private or loopback addresses videos may be downloaded from, "
+        "besides the API's own (a result URL or redirect to any other non-public address, the "
+        "cloud metadata service's say, is refused).",
+    )
 
     def _client_settings(self) -> dict[str, Any]:
         return {
@@ -48,6 +54,7 @@ class KvidResource(ConfigurableResource):
             "backoff_base": self.backoff_base_s,
             "backoff_max": self.backoff_max_s,
             "max_in_flight": self.max_in_flight,
+            "allowed_download_hosts": tuple(self.allowed_download_hosts),
         }
 
     def get_client(self) -> KvidClient:

@@ -235,3 +235,48 @@ def test_a_realistic_server_gets_every_video_once(emulator_factory: Any, tmp_pat
     assert not [e for r in reports for e in r.errors if "LOST" in e]
     assert len(files_in(videos)) == len(keys)
     assert_accounted(emulator.jobs, ledger, rows)
+
+
+@pytest.mark.parametrize(
+    ("storage_host", "allowed", "fetched"),
+    [
+        ("169.254.169.254", (), False),  # the cloud metadata service
+        ("localhost", (), False),  # loopback, but not the API's own host
+        ("localhost", ("localhost",), True),  # allowed by the setting
+    ],
+)
+def test_result_urls_to_private_addresses_are_refused_unless_trusted(
+    storage_host: str,
+    allowed: tuple[str, ...],
+    fetched: bool,
+    emulator_factory: Any,
+    tmp_path: Path,
+) -> None:
+    first = emulator_factory()  # only to find a free port for the one whose URLs name it
+    port = first.port
+    first.stop()
+    emulator = emulator_factory(port=port, public_base_url=f"http://{storage_host}:{port}")
+    ledger, rows = started(emulator, tmp_path, ["a"])
+    videos = tmp_path / "videos"
+
+    async def tick() -> Any:
+        async with make_client(
+            emulator.base_url, timeout=2.0, allowed_download_hosts=allowed
+        ) as client:
+            config = PollConfig(download_dir=videos, refetch_interval_s=0.0)
+            return await poll_pending(client, ledger, config)
+
+    for _ in range(60):
+        report = asyncio.run(tick())
+        if statuses(ledger)["a"] in {"COMPLETED", "FETCH_FAILED"}:
+            break
+        time.sleep(0.1)
+    row = ledger.row("a")
+    assert row is not None
+    if fetched:
+        assert row.status is VideoStatus.COMPLETED
+    else:
+        assert row.status is VideoStatus.FETCH_FAILED, report.errors
+        assert row.error is not None and "non-public address" in row.error
+        assert files_in(videos) == []
+    assert_accounted(emulator.jobs, ledger, rows)

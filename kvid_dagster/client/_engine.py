@@ -10,10 +10,12 @@ its own, so the two cannot drift apart.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 import math
+import socket
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, TypeVar
 
@@ -92,6 +94,37 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
+def _check_destination(url: httpx.URL, trusted_hosts: frozenset[str]) -> None:
+    """Refuse a request to a non-http(s) URL, or to a host on a loopback, link-local, private
+    or otherwise non-public address (a result URL or redirect aimed at the cloud metadata
+    service or the local network), unless the host is trusted."""
+    host = (url.host or "").lower()
+    if url.scheme not in ("http", "https"):
+        raise KvidProtocolError(f"refusing {url.scheme}:// ({host}): downloads are http(s) only")
+    if host in trusted_hosts:
+        return
+    for address in _addresses(host):
+        if not address.is_global:
+            raise KvidProtocolError(
+                f"refusing to fetch from {host} ({address}, a non-public address): only the "
+                "API's own host and allowed_download_hosts may be private"
+            )
+
+
+def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses ``host`` is (an IP literal) or resolves to (none if it does not: the
+    request then fails on its own)."""
+    try:
+        return {ipaddress.ip_address(host.strip("[]"))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+
+
 def _positive(name: str, value: Any, *, integer: bool = False) -> None:
     kind = int if integer else int | float
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
@@ -161,6 +194,7 @@ class ClientBase:
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         dialect: Dialect | None = None,
+        allowed_download_hosts: Sequence[str] = (),
     ) -> None:
         if not isinstance(api_key, str) or not api_key.strip():
             raise KvidValidationError("api_key", problem="is empty", allowed="a non-empty string")
@@ -185,6 +219,10 @@ class ClientBase:
         self._sleep = sleep if sleep is not None else type(self)._default_sleep
         self._clock = clock
         self._dialect = dialect if dialect is not None else DEFAULT_DIALECT
+        # private and loopback addresses are fetched only from the API's own host and these
+        self._trusted_hosts = frozenset(
+            h.lower() for h in (url.host, *allowed_download_hosts) if h
+        )
         # one connection per request in flight: the ramp's semaphores, not the pool, do the
         # queueing, and open new connections gradually (see _ramp.py)
         self._limits = httpx.Limits(
@@ -248,7 +286,9 @@ class ClientBase:
         return _origin(url) == _origin(self._base_url)
 
     def _strip_foreign_key(self, request: httpx.Request) -> None:
-        """Request hook: the api-key never goes to another origin, redirects included."""
+        """Request hook, on every request and redirect hop: the api-key never goes to another
+        origin, and nothing is fetched from a private address the API's host is not on."""
+        _check_destination(request.url, self._trusted_hosts)
         header = self._dialect.auth_header
         if header in request.headers and not self._is_own_origin(request.url):
             del request.headers[header]
