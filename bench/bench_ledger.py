@@ -93,9 +93,14 @@ def _insert_many(conn: Any, table: Any, records: list[dict[str, Any]]) -> None:
 
     if not records:
         return
-    if "revision" in table.c:  # what Ledger.write() stamps; a driver-level insert does not
-        revision = conn.get_execution_options()[REVISION_OPTION]
-        records = [{**r, "revision": revision} for r in records]
+    # what SQLAlchemy would fill in: the columns' scalar defaults, and the revision that
+    # Ledger.write() stamps (a driver-level insert does neither)
+    filled = {
+        c.key: c.default.arg for c in table.c if c.default is not None and c.default.is_scalar
+    }
+    if "revision" in table.c:
+        filled["revision"] = conn.get_execution_options()[REVISION_OPTION]
+    records = [{**filled, **r} for r in records]
     columns = list(records[0])
     compiled = insert(table).compile(dialect=conn.dialect, column_keys=columns)
     params: list[Any] = records  # pyformat (psycopg) takes the dicts
