@@ -220,9 +220,7 @@ class ClientBase:
         self._clock = clock
         self._dialect = dialect if dialect is not None else DEFAULT_DIALECT
         # private and loopback addresses are fetched only from the API's own host and these
-        self._trusted_hosts = frozenset(
-            h.lower() for h in (url.host, *allowed_download_hosts) if h
-        )
+        self._trusted_hosts = frozenset(h.lower() for h in (url.host, *allowed_download_hosts) if h)
         # one connection per request in flight: the ramp's semaphores, not the pool, do the
         # queueing, and open new connections gradually (see _ramp.py)
         self._limits = httpx.Limits(

@@ -40,7 +40,10 @@ class AsyncKvidClient(ClientBase):
         self._connects = asyncio.Semaphore(self._ramp.connect_permits)
 
         async def strip_foreign_key(request: httpx.Request) -> None:
-            self._strip_foreign_key(request)
+            if (request.url.host or "").lower() in self._trusted_hosts:
+                self._strip_foreign_key(request)  # no lookup needed: never blocks
+            else:  # a download elsewhere: resolving its host must not stall every other call
+                await asyncio.to_thread(self._strip_foreign_key, request)
 
         return httpx.AsyncClient(
             timeout=self._timeout,
