@@ -13,17 +13,18 @@ import inspect
 import ipaddress
 import logging
 import math
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, get_args
 
 import httpx
 
 from ._download import DEFAULT_MAX_BYTES, DownloadSink, target_path
 from ._ramp import Ramp
-from ._secrets import Secret, protect_logs, redact, spellings
+from ._secrets import REDACTED, Secret, protect_logs, redact, spellings
 from .errors import (
     KvidConnectionError,
     KvidError,
@@ -33,22 +34,16 @@ from .errors import (
     KvidUncertainSubmissionError,
     KvidValidationError,
 )
-from .protocol import DEFAULT_DIALECT, Dialect, HttpCall
-from .requests import (
-    ImageToVideoV1,
-    ImageToVideoV2,
-    JobKind,
-    KvidRequest,
-    TextToVideoV1,
-    TextToVideoV2,
-)
+from .generation_requests import CreditPool
+from .protocol import DEFAULT_DIALECT, Dialect, HttpCall, dialect_for
+from .requests import ApiDialect, JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
 from .retry import NOT_SENT, RetryPolicy, Verdict
 
 logger = logging.getLogger("kvid_dagster.client")
 
 DEFAULT_BASE_URL = "https://api.kvid.ai"
-_REQUEST_TYPES = (TextToVideoV1, ImageToVideoV1, TextToVideoV2, ImageToVideoV2)
+_REQUEST_TYPE_NAMES = ", ".join(cls.__name__ for cls in get_args(KvidRequest))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 T = TypeVar("T")
@@ -125,6 +120,30 @@ def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
 
 
+def _dialect(value: Dialect | ApiDialect | str | None) -> Dialect:
+    if value is None:
+        return DEFAULT_DIALECT
+    return value if isinstance(value, Dialect) else dialect_for(value)
+
+
+def _credit_pool(value: CreditPool | tuple[str, str] | None, dialect: Dialect) -> CreditPool | None:
+    if value is None:
+        return None
+    if dialect.api is not ApiDialect.GENERATION:
+        raise KvidValidationError(
+            "credit_pool",
+            problem=f"is a setting of the generation dialect; this client speaks {dialect.api}",
+        )
+    if isinstance(value, CreditPool):
+        return value
+    if isinstance(value, tuple) and len(value) == 2:
+        return CreditPool.of(*value)
+    # never echo it: the value part is a secret
+    raise KvidValidationError(
+        "credit_pool", problem="has the wrong type", allowed="a CreditPool or (field, value)"
+    )
+
+
 def _positive(name: str, value: Any, *, integer: bool = False) -> None:
     kind = int if integer else int | float
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
@@ -193,8 +212,9 @@ class ClientBase:
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        dialect: Dialect | None = None,
+        dialect: Dialect | ApiDialect | str | None = None,
         allowed_download_hosts: Sequence[str] = (),
+        credit_pool: CreditPool | tuple[str, str] | None = None,
     ) -> None:
         if not isinstance(api_key, str) or not api_key.strip():
             raise KvidValidationError("api_key", problem="is empty", allowed="a non-empty string")
@@ -218,7 +238,8 @@ class ClientBase:
         self._retry = RetryPolicy(max_retries, backoff_base, backoff_max)
         self._sleep = sleep if sleep is not None else type(self)._default_sleep
         self._clock = clock
-        self._dialect = dialect if dialect is not None else DEFAULT_DIALECT
+        self._dialect = _dialect(dialect)
+        self._credit_pool = _credit_pool(credit_pool, self._dialect)
         # private and loopback addresses are fetched only from the API's own host and these
         self._trusted_hosts = frozenset(h.lower() for h in (url.host, *allowed_download_hosts) if h)
         # one connection per request in flight: the ramp's semaphores, not the pool, do the
@@ -229,6 +250,8 @@ class ClientBase:
         self._ramp = Ramp(max_in_flight, idle=self._limits.keepalive_expiry)
         self._http = self._open_http(transport)
         protect_logs(api_key)  # once the client exists: a refused one sends nothing
+        if self._credit_pool is not None:
+            protect_logs(self._credit_pool.value.reveal())
 
     def _open_http(self, transport: Any) -> Any:
         raise NotImplementedError
@@ -248,15 +271,22 @@ class ClientBase:
         return self._dialect
 
     def __repr__(self) -> str:
+        pool = "" if self._credit_pool is None else f", credit_pool='{self._credit_pool.field}=***'"
         return (
             f"{type(self).__name__}(base_url={self.base_url!r}, api_key='***', "
-            f"max_in_flight={self._max_in_flight}, dialect={self._dialect.name!r})"
+            f"max_in_flight={self._max_in_flight}, dialect={self._dialect.name!r}{pool})"
         )
 
     # ---- secrets -----------------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        return redact(text, spellings(self._api_key.reveal()))
+        text = redact(text, spellings(self._api_key.reveal()))
+        if self._credit_pool is None:
+            return text
+        # a pool id may be as short as "7": only whole tokens, or "HTTP 429" would lose a digit
+        for secret in spellings(self._credit_pool.value.reveal()):
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", REDACTED, text)
+        return text
 
     def _redact_value(self, value: Any) -> Any:
         """A text, or a tuple of texts, without the key; anything else, and any text without
@@ -386,15 +416,21 @@ class ClientBase:
     # ---- the operations ----------------------------------------------------------------------
 
     def _generate_op(self, request: KvidRequest) -> Op[str]:
-        if not isinstance(request, _REQUEST_TYPES):
+        if not isinstance(request, KvidRequest):
             raise KvidValidationError(
-                "request",
-                request,
-                "TextToVideoV1, ImageToVideoV1, TextToVideoV2 or ImageToVideoV2",
-                problem="has the wrong type",
+                "request", request, _REQUEST_TYPE_NAMES, problem="has the wrong type"
             )
-        body = request.to_body()
-        call = self._dialect.generate_call(request.job_kind, body)
+        if request.dialect is not self._dialect.api:
+            raise KvidValidationError(
+                "dialect",
+                request.dialect.value,
+                self._dialect.api.value,
+                problem=f"of this {type(request).__name__} is not the client's: it would be "
+                f"sent to the {self._dialect.api} dialect's endpoints",
+            )
+        body = request.to_body()  # what errors show: the credit pool is added to the copy sent
+        sent = body if self._credit_pool is None else {**body, **self._credit_pool.body_fields()}
+        call = self._dialect.generate_call(request.job_kind, sent)
         what = call.describe()
         response = yield from self._exchange(
             lambda: Send(self._build(call)),
@@ -456,7 +492,7 @@ class ClientBase:
                     yield Await(outcome)
             if status.is_completed:
                 return status
-            if status.is_failed:
+            if status.ended_without_video:
                 raise KvidJobFailedError(
                     request_id,
                     status.reason or f"status {status.status}",

@@ -81,7 +81,15 @@ class KvidNotFoundError(KvidError):
 
 
 class KvidNotReadyError(KvidError):
-    """409: the result was asked for before the job COMPLETED (or the job FAILED)."""
+    """The result was asked for before the job completed: 409 (video dialect; also for a FAILED
+    job), or 400 ``JOB_NOT_COMPLETED`` (generation dialect)."""
+
+
+class KvidInsufficientCreditError(KvidError):
+    """402 ``INSUFFICIENT_CREDIT``: the account cannot pay for the job, which was NOT created.
+
+    Nothing is uncertain and waiting does not help: stop submitting until credits are bought.
+    """
 
 
 class KvidRateLimitedError(KvidError):
@@ -97,6 +105,12 @@ class KvidRateLimitedError(KvidError):
     ) -> None:
         super().__init__(message, status_code=status_code, server_message=server_message)
         self.retry_after = retry_after
+
+
+class KvidConcurrentLimitError(KvidRateLimitedError):
+    """429 ``CONCURRENT_LIMIT``: too many of the account's jobs are running; this one was NOT
+    created. A slot frees when a running job ends (minutes), so the client does not retry it:
+    the caller holds its queue and submits again later (``retry_after`` if the server said)."""
 
 
 class KvidServerError(KvidError):

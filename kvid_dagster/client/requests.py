@@ -1,36 +1,63 @@
-"""Typed requests for the four kvid job kinds, with every default and rule of the contract.
+"""Typed requests for the four job kinds of the video dialect, and ``build_request``: the loose
+front door for both dialects (the generation dialect's types are in ``generation_requests``).
 
 The dataclasses are strict (a bool is not an int, ``duration`` is the string "5" or "10") and
 validate in ``__post_init__``, so an invalid request never reaches the network (and never costs
 credits). ``build_request`` is the loose front door for tables and CLIs: it normalises cells
 (blank means "the API default", 81.0 means 81, "true" means True) and then builds the strict type.
-One table of field specs (``_Spec``) drives both, so the rules live in one place.
+One table of field specs per type (``_Spec``, see ``_fields``) drives both, so the rules live in
+one place.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
-import math
-import numbers
 import os
-import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass
-from enum import StrEnum
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
+from ._fields import (
+    _BOOL,
+    _IMAGE,
+    _PROMPT,
+    _SEED,
+    _TEXT,
+    MAX_IMAGE_BYTES,
+    MAX_PROMPT_CHARS,
+    ApiDialect,
+    JobKind,
+    _Spec,
+    _wrong_type,
+    canonical_json,
+    check_fields,
+    frame_size,
+    image_body,
+    is_blank,
+    job_image,
+    loose_kwargs,
+    parse_dialect,
+    resolve_job,
+)
 from .errors import KvidValidationError
+from .generation_requests import (
+    GENERATION_FIELDS,
+    GENERATION_MODELS,
+    GENERATION_TYPES,
+    CreditPoolField,
+    GenerationImageToVideo,
+    GenerationReferenceToVideo,
+    GenerationTextToVideo,
+    build_generation_request,
+)
 
 __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_PROMPT_CHARS",
     "V2_IMAGE_TO_VIDEO_MODEL",
     "V2_TEXT_TO_VIDEO_MODEL",
+    "ApiDialect",
     "ImageToVideoV1",
     "ImageToVideoV2",
     "JobKind",
@@ -41,268 +68,14 @@ __all__ = [
     "canonical_json",
 ]
 
-
-class JobKind(StrEnum):
-    TEXT_TO_VIDEO = "text-to-video"
-    IMAGE_TO_VIDEO = "image-to-video"
-
-
 V2_TEXT_TO_VIDEO_MODEL = "bytedance/seedance/v1/lite/text-to-video"
 V2_IMAGE_TO_VIDEO_MODEL = "bytedance/seedance/v1/lite/image-to-video"
-
-MAX_PROMPT_CHARS = 10_000
-# base64 grows an image by a third: 14 MiB of image is a body under 20 MiB, the request size
-# servers commonly accept (the emulator's limit too). Refusing here is free; a 413 is not.
-MAX_IMAGE_BYTES = 14 * 1024 * 1024
-MAX_URL_CHARS = 2048
 V2_FPS = 24
-_SEED_RANGE = (-(2**63), 2**63 - 1)
-
-# Magic numbers of the image formats an image-to-video model can take: catching a wrong file
-# here is free, catching it on the server costs a job.
-_IMAGE_MAGIC: tuple[tuple[int, bytes], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n"),
-    (0, b"\xff\xd8\xff"),
-    (0, b"GIF87a"),
-    (0, b"GIF89a"),
-    (8, b"WEBP"),
-    (0, b"BM"),
-)
-
-
-def canonical_json(value: Any) -> bytes:
-    """Canonical JSON: sorted keys, no whitespace, UTF-8 (the input of ``canonical_hash``)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-# --------------------------------------------------------------------------------------------
-# field specs: one rule per field, used strictly by the dataclasses and loosely by build_request
-# --------------------------------------------------------------------------------------------
-
-SpecKind = Literal["prompt", "text", "int", "seed", "choice", "bool", "image", "url"]
-
-
-@dataclass(frozen=True)
-class _Spec:
-    kind: SpecKind
-    lo: int | None = None
-    hi: int | None = None
-    choices: tuple[str, ...] = ()
-    optional: bool = False  # None allowed (seed, end_image)
-
-    def allowed(self) -> str:
-        if self.kind == "choice":
-            return ", ".join(self.choices)
-        if self.kind in ("int", "seed"):
-            if self.kind == "seed":
-                return "an integer or null"
-            if self.hi is None:
-                return f"an integer ≥ {self.lo}"
-            return f"{self.lo}–{self.hi}"
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "prompt":
-            return f"a non-empty string of at most {MAX_PROMPT_CHARS} characters"
-        if self.kind == "text":
-            return f"a string of at most {MAX_PROMPT_CHARS} characters"
-        if self.kind == "image":
-            return f"an http(s) URL or an existing image file of at most {MAX_IMAGE_BYTES} bytes"
-        return "an http(s) URL" + (" or null" if self.optional else "")
-
-    def check(self, field: str, value: Any) -> None:
-        """Strict check of a dataclass field (images are checked by ``_resolve_image``)."""
-        if value is None and (self.optional or self.kind == "seed"):
-            return
-        if self.kind in ("prompt", "text"):
-            _check_text(field, value, self, required=self.kind == "prompt")
-        elif self.kind in ("int", "seed"):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise _wrong_type(field, value, self)
-            lo, hi = _SEED_RANGE if self.kind == "seed" else (self.lo, self.hi)
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                raise KvidValidationError(field, value, self.allowed(), problem="is out of range")
-        elif self.kind == "choice":
-            if not isinstance(value, str):
-                raise _wrong_type(field, value, self)
-            if value not in self.choices:
-                raise KvidValidationError(field, value, self.allowed(), problem="is not allowed")
-        elif self.kind == "bool":
-            if not isinstance(value, bool):
-                raise _wrong_type(field, value, self)
-        elif self.kind == "url":
-            _check_url(field, value, self)
-
-    def coerce(self, field: str, value: Any) -> Any:
-        """Loose normalisation of a table cell to the strict type (blank cells never get here)."""
-        if self.kind in ("int", "seed"):
-            return _coerce_int(field, value, self)
-        if self.kind == "bool":
-            return _coerce_bool(field, value, self)
-        if self.kind == "choice":
-            if isinstance(value, str):
-                return value.strip()
-            if field == "duration" and not _is_boolish(value):
-                # duration is a string on the wire; a table may well hold the number 5
-                number = _coerce_int(field, value, self)
-                if str(number) in self.choices:
-                    return str(number)
-                raise KvidValidationError(field, value, self.allowed(), problem="is not allowed")
-            raise _wrong_type(field, value, self)
-        return value
-
-
-def _wrong_type(field: str, value: Any, spec: _Spec) -> KvidValidationError:
-    return KvidValidationError(
-        field, value, spec.allowed(), problem=f"has the wrong type ({type(value).__name__})"
-    )
-
-
-def _check_text(field: str, value: Any, spec: _Spec, *, required: bool) -> None:
-    if not isinstance(value, str):
-        raise _wrong_type(field, value, spec)
-    if required and not value.strip():
-        raise KvidValidationError(field, value, spec.allowed(), problem="is empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise KvidValidationError(
-            field, value, spec.allowed(), problem=f"is too long ({len(value)} characters)"
-        )
-    for index, char in enumerate(value):
-        if char not in "\n\t" and unicodedata.category(char) == "Cc":
-            raise KvidValidationError(
-                field,
-                value,
-                "printable text, newlines and tabs",
-                problem=f"contains the control character {char!r} at index {index}",
-            )
-
-
-def _is_boolish(value: Any) -> bool:
-    # numpy.bool_ is neither bool nor int, but is what a pandas bool column yields
-    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
-
-
-def _coerce_int(field: str, value: Any, spec: _Spec) -> int:
-    if _is_boolish(value):
-        raise _wrong_type(field, value, spec)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        # a numeric column with an empty cell turns into floats: 81.0 is 81, 81.5 is an error
-        number = float(value)
-        if math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise KvidValidationError(field, value, spec.allowed(), problem="is not a whole number")
-    if isinstance(value, str):
-        text = value.strip()
-        digits = text[1:] if text[:1] in "+-" else text
-        if digits.isascii() and digits.isdigit():
-            return int(text)
-    raise _wrong_type(field, value, spec)
-
-
-def _coerce_bool(field: str, value: Any, spec: _Spec) -> bool:
-    if _is_boolish(value):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise _wrong_type(field, value, spec)
-
-
-def _check_url(field: str, value: Any, spec: _Spec) -> str:
-    if not isinstance(value, str):
-        raise _wrong_type(field, value, spec)
-    if len(value) > MAX_URL_CHARS or any(c.isspace() or ord(c) < 32 for c in value):
-        raise KvidValidationError(field, value, spec.allowed(), problem="is not a usable URL")
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise KvidValidationError(field, value, spec.allowed(), problem="has a forbidden scheme")
-    if not parts.hostname:
-        raise KvidValidationError(field, value, spec.allowed(), problem="has no host")
-    return value
-
-
-def _looks_like_url(text: str) -> bool:
-    """True for anything with a scheme: 'https://…', but also 'file:…', 'javascript:…'."""
-    if "://" in text:
-        return True
-    scheme, sep, _ = text.partition(":")
-    return bool(sep) and scheme.lower() in (
-        "file",
-        "javascript",
-        "data",
-        "vbscript",
-        "ftp",
-        "about",
-    )
-
-
-def _resolve_image(field: str, value: Any, spec: _Spec, base_dir: Path | None = None) -> str | Path:
-    """An image is an http(s) URL (kept as str) or a local image file (made an absolute Path)."""
-    if isinstance(value, str) and _looks_like_url(value):
-        return _check_url(field, value, spec)
-    if not isinstance(value, str | os.PathLike):
-        raise _wrong_type(field, value, spec)
-    raw = os.fspath(value)
-    if not isinstance(raw, str) or not raw.strip():
-        raise _wrong_type(field, value, spec)
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = (base_dir if base_dir is not None else Path.cwd()) / path
-    path = Path(os.path.normpath(path.absolute()))  # "a/../b.png" and "b.png" are one image
-    if not path.exists():
-        raise KvidValidationError(field, str(path), spec.allowed(), problem="does not exist")
-    if not path.is_file():
-        raise KvidValidationError(field, str(path), spec.allowed(), problem="is not a file")
-    size = path.stat().st_size
-    if size == 0 or size > MAX_IMAGE_BYTES:
-        raise KvidValidationError(
-            field, str(path), spec.allowed(), problem=f"has an unusable size ({size} bytes)"
-        )
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if not any(head[offset : offset + len(magic)] == magic for offset, magic in _IMAGE_MAGIC):
-        raise KvidValidationError(
-            field, str(path), "PNG, JPEG, WebP, GIF or BMP", problem="is not a known image format"
-        )
-    return path
-
-
-def _read_image(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        data = handle.read(MAX_IMAGE_BYTES + 1)
-    if len(data) > MAX_IMAGE_BYTES:  # it grew since validation
-        raise KvidValidationError(
-            "image", str(path), f"at most {MAX_IMAGE_BYTES} bytes", problem="is too large"
-        )
-    return data
-
-
-def _aspect(ratio: str) -> Fraction:
-    width, _, height = ratio.partition(":")
-    return Fraction(int(width), int(height))
-
-
-def _round_even(value: Fraction) -> int:
-    """Nearest even integer, halves rounded up (the emulator's rule for the long side)."""
-    return 2 * math.floor(value / 2 + Fraction(1, 2))
-
-
-def _frame_size(resolution: str, ratio: Fraction) -> tuple[int, int]:
-    short = int(resolution.removesuffix("p"))
-    if ratio >= 1:
-        return _round_even(short * ratio), short
-    return short, _round_even(short / ratio)
-
 
 # --------------------------------------------------------------------------------------------
 # the four request types
 # --------------------------------------------------------------------------------------------
 
-_PROMPT = _Spec("prompt")
-_TEXT = _Spec("text")
-_BOOL = _Spec("bool")
-_SEED = _Spec("seed")
-_IMAGE = _Spec("image")
 _END_IMAGE = _Spec("url", optional=True)
 
 _V1_SPECS: dict[str, _Spec] = {
@@ -333,19 +106,14 @@ class _RequestBase:
 
     prompt: str
 
+    dialect: ClassVar[ApiDialect] = ApiDialect.VIDEO
     job_kind: ClassVar[JobKind]
     model: ClassVar[Literal["v1", "v2"]]
     model_id: ClassVar[str | None] = None  # the body's "model" (v2 only)
     _SPECS: ClassVar[Mapping[str, _Spec]]
 
     def __post_init__(self) -> None:
-        for name, spec in self._SPECS.items():
-            value = getattr(self, name)
-            if spec.kind == "image":
-                # normalise so a later chdir cannot change what the request means
-                object.__setattr__(self, name, _resolve_image(name, value, spec))
-            else:
-                spec.check(name, value)
+        check_fields(self, self._SPECS)
 
     @classmethod
     def describe(cls) -> str:
@@ -356,15 +124,8 @@ class _RequestBase:
         for name, spec in self._SPECS.items():
             value = getattr(self, name)
             if spec.kind == "image":
-                if isinstance(value, Path):
-                    data = _read_image(value)
-                    body["image_file"] = (
-                        "sha256:" + hashlib.sha256(data).hexdigest()
-                        if for_hash
-                        else base64.b64encode(data).decode("ascii")
-                    )
-                else:
-                    body["image_url"] = value
+                key, encoded = image_body(value, for_hash=for_hash)
+                body[key] = encoded
             elif name == "end_image":
                 body["end_image_url"] = value
             else:
@@ -393,17 +154,9 @@ class _RequestBase:
         """
         aspect_ratio: str = getattr(self, "aspect_ratio", "16:9")
         resolution: str = getattr(self, "resolution", "720p")
-        if aspect_ratio == "auto":
-            if image_size is None:
-                raise ValueError("aspect_ratio='auto' follows the input image: pass image_size")
-            width, height = image_size
-            if not (isinstance(width, int) and isinstance(height, int) and width > 0 < height):
-                raise ValueError(f"image_size must be two positive ints, got {image_size!r}")
-            ratio = Fraction(width, height)
-        else:
-            ratio = _aspect(aspect_ratio)
+        width, height = frame_size(resolution, aspect_ratio, image_size)
         fps, frames = self._timing()
-        return (*_frame_size(resolution, ratio), fps, frames)
+        return width, height, fps, frames
 
 
 @dataclass(frozen=True)
@@ -482,7 +235,15 @@ class ImageToVideoV2(TextToVideoV2):
     }
 
 
-KvidRequest = TextToVideoV1 | ImageToVideoV1 | TextToVideoV2 | ImageToVideoV2
+KvidRequest = (
+    TextToVideoV1
+    | ImageToVideoV1
+    | TextToVideoV2
+    | ImageToVideoV2
+    | GenerationTextToVideo
+    | GenerationImageToVideo
+    | GenerationReferenceToVideo
+)
 
 _CLASSES: dict[tuple[str, JobKind], type[KvidRequest]] = {
     ("v1", JobKind.TEXT_TO_VIDEO): TextToVideoV1,
@@ -500,30 +261,29 @@ _EXPLICIT = ("prompt", "image", "end_image")
 _ALIASES = {"image_url": "image", "end_image_url": "end_image"}
 
 
-def _is_blank(value: Any) -> bool:
-    """A table cell meaning "not given": None, '', whitespace, NaN, pandas NA."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, float):
-        return math.isnan(value)
-    return type(value).__name__ in ("NAType", "NaTType")
+def _owners(classes: Iterable[type[KvidRequest]]) -> dict[str, str]:
+    """field -> the request types that have it ("v1 image-to-video and v1 text-to-video")."""
+    found: dict[str, set[str]] = {}
+    for cls in classes:
+        for name in cls._SPECS:
+            found.setdefault(name, set()).add(cls.describe())
+    return {name: " and ".join(sorted(types)) for name, types in found.items()}
 
 
-def _resolve_job(job: Any, image: Any) -> JobKind:
-    if _is_blank(job):
-        return JobKind.TEXT_TO_VIDEO if image is None else JobKind.IMAGE_TO_VIDEO
-    text = job.strip() if isinstance(job, str) else job
-    try:
-        return JobKind(text)
-    except ValueError:
-        allowed = ", ".join(kind.value for kind in JobKind)
-        raise KvidValidationError("job", job, allowed, problem="is not a job kind") from None
+# where a field a request type lacks belongs: the same dialect's other types first, else the
+# other dialect (a row written for one dialect is reported as such under the other)
+_VIDEO_OWNERS = {
+    **{name: "the generation dialect" for name in GENERATION_FIELDS},
+    **_owners(_CLASSES.values()),
+}
+_GENERATION_OWNERS = {
+    **{name: f"the video dialect ({types})" for name, types in _owners(_CLASSES.values()).items()},
+    **_owners(GENERATION_TYPES.values()),
+}
 
 
 def _resolve_model(model: Any, job_kind: JobKind) -> str:
-    if _is_blank(model):
+    if is_blank(model):
         return "v1"
     text = model.strip() if isinstance(model, str) else model
     if text in ("v1", "v2"):
@@ -540,71 +300,79 @@ def _resolve_model(model: Any, job_kind: JobKind) -> str:
             )
         return "v2"
     allowed = f"v1, v2, {V2_TEXT_TO_VIDEO_MODEL}, {V2_IMAGE_TO_VIDEO_MODEL}"
-    raise KvidValidationError("model", model, allowed, problem="is not a model")
+    problem = "is not a model"
+    if text in GENERATION_MODELS:
+        problem += " of the video dialect (it is one of the generation dialect's)"
+    raise KvidValidationError("model", model, allowed, problem=problem)
 
 
 def build_request(
     prompt: Any,
     *,
+    dialect: ApiDialect | str = ApiDialect.VIDEO,
     job: JobKind | str | None = None,
-    model: str | None = "v1",
+    model: str | None = None,
     image: str | os.PathLike[str] | None = None,
     end_image: str | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    models: Iterable[str] = (),
     **params: Any,
 ) -> KvidRequest:
-    """Build a validated request from loose input (a table row, CLI flags).
+    """Build a validated request of ``dialect`` from loose input (a table row, CLI flags).
 
-    ``job`` None means image-to-video when an image is given, else text-to-video. ``model`` is
-    "v1", "v2" or a full v2 model id (which must match the job). Blank values mean the API
-    default; a parameter of the other model, or an unknown one, is an error naming it.
+    ``job`` None means reference-to-video when a reference list is given (generation dialect),
+    image-to-video when an image is, else text-to-video. Video dialect: ``model`` is "v1"
+    (the default), "v2" or a full v2 model id (which must match the job). Generation dialect:
+    ``model`` is passed through (blank: the server's default) if it is in ``GENERATION_MODELS``
+    or ``models``; ``image_urls``/``video_urls``/``audio_urls`` may be lists, JSON arrays or
+    ``a|b`` strings. Blank values mean the API default; a parameter of another model or of the
+    other dialect, or an unknown one, is an error naming it.
     """
+    api = parse_dialect(dialect)
+    for name in CreditPoolField:
+        if not is_blank(params.pop(name, None)):
+            # never echoed: the credit pool is held like the api-key
+            raise KvidValidationError(
+                name,
+                problem="is the client's credit_pool setting, not a request parameter",
+                allowed="no credit-pool field in a request",
+            )
     explicit: dict[str, Any] = {"image": image, "end_image": end_image}
     for alias, name in _ALIASES.items():
         if alias in params:
             value = params.pop(alias)
-            if not _is_blank(value):
-                if not _is_blank(explicit[name]):
+            if not is_blank(value):
+                if not is_blank(explicit[name]):
                     raise KvidValidationError(
                         alias, value, f"either {name} or {alias}", problem=f"conflicts with {name}"
                     )
                 explicit[name] = value
-    image = None if _is_blank(explicit["image"]) else explicit["image"]
-    end_image = None if _is_blank(explicit["end_image"]) else explicit["end_image"]
+    image = None if is_blank(explicit["image"]) else explicit["image"]
+    end_image = None if is_blank(explicit["end_image"]) else explicit["end_image"]
+    base = Path(base_dir).expanduser().absolute() if base_dir is not None else None
+    if api is ApiDialect.GENERATION:
+        return build_generation_request(
+            prompt,
+            job=job,
+            model=model,
+            image=image,
+            end_image=end_image,
+            base_dir=base,
+            models=models,
+            params=params,
+            owners=_GENERATION_OWNERS,
+        )
 
-    job_kind = _resolve_job(job, image)
+    job_kind = resolve_job(job, image=image is not None, references=False, dialect=api)
     cls = _CLASSES[_resolve_model(model, job_kind), job_kind]
-    specs = cls._SPECS
-    known_anywhere = {name for klass in _CLASSES.values() for name in klass._SPECS}
-
-    kwargs: dict[str, Any] = {}
-    for name, value in params.items():
-        if name in specs and name not in _EXPLICIT:
-            if not _is_blank(value):
-                kwargs[name] = specs[name].coerce(name, value)
-            continue
-        if name in known_anywhere and name not in _EXPLICIT and _is_blank(value):
-            continue  # another model's column, left empty in this row
-        owners = sorted({k.describe() for k in _CLASSES.values() if name in k._SPECS})
-        problem = f"is not a parameter of {cls.describe()}"
-        if owners:
-            problem += f" (it belongs to {' and '.join(owners)})"
-        allowed = ", ".join(n for n in specs if n not in _EXPLICIT)
-        raise KvidValidationError(name, value, allowed, problem=problem)
-
+    kwargs = loose_kwargs(
+        params, cls._SPECS, describe=cls.describe(), owners=_VIDEO_OWNERS, skip=_EXPLICIT
+    )
     if not isinstance(prompt, str):
         raise _wrong_type("prompt", prompt, _PROMPT)
-    if job_kind is JobKind.IMAGE_TO_VIDEO:
-        if image is None:
-            raise KvidValidationError(
-                "image", None, _IMAGE.allowed(), problem="is required for image-to-video"
-            )
-        base = Path(base_dir).expanduser().absolute() if base_dir is not None else None
-        kwargs["image"] = _resolve_image("image", image, _IMAGE, base)
-    elif image is not None:
-        raise KvidValidationError(
-            "image", image, "no image", problem="is not allowed for text-to-video"
-        )
+    resolved = job_image(job_kind, image, base)
+    if resolved is not None:
+        kwargs["image"] = resolved
     if end_image is not None:
         if cls is not ImageToVideoV2:
             raise KvidValidationError(

@@ -32,6 +32,7 @@ class JobState(StrEnum):
     RUNNING = "running"  # anything not terminal: PROCESSING, IN_QUEUE, PENDING, unknown words
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELED = "canceled"  # terminal without a video, like FAILED, but nobody's fault
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class JobStatus:
         return self.state is JobState.FAILED
 
     @property
+    def ended_without_video(self) -> bool:
+        """Terminal and no video will come: FAILED or CANCELED."""
+        return self.state in (JobState.FAILED, JobState.CANCELED)
+
+    @property
     def reason(self) -> str | None:
         """Why a job failed: the server's message, else the last log line."""
         if self.message and self.message.strip():
@@ -79,11 +85,20 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class JobResult:
-    """Where the finished video is. ``size_kb`` is in kilobytes, as the API reports it."""
+    """Where the finished video is, and what the server says of it (None: it said nothing).
+
+    ``size_kb`` is in kilobytes: the video dialect's own figure, the generation dialect's bytes
+    / 1024. ``size_bytes``, ``width``, ``height`` and ``used_credit`` (what the job really cost)
+    come from the generation dialect only.
+    """
 
     url: str
     name: str
     size_kb: float | None = None
+    width: int | None = None
+    height: int | None = None
+    size_bytes: int | None = None
+    used_credit: float | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from enum import Enum
 import httpx
 
 from .errors import (
+    KvidConcurrentLimitError,
     KvidConnectionError,
     KvidError,
     KvidRateLimitedError,
@@ -91,6 +92,8 @@ class RetryPolicy:
     @staticmethod
     def verdict(error: KvidError, *, idempotent: bool, sent: bool) -> Verdict:
         """What to do about ``error``; ``sent`` is False when the request surely never left."""
+        if isinstance(error, KvidConcurrentLimitError):
+            return Verdict.RAISE  # a slot frees in minutes, not seconds: the caller holds its queue
         transient = isinstance(error, TRANSIENT)
         if idempotent:
             return Verdict.RETRY if transient else Verdict.RAISE

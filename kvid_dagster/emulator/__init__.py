@@ -1,4 +1,4 @@
-"""The local kvid emulator: a real HTTP server implementing the kvid contract.
+"""The local kvid emulator: a real HTTP server implementing the kvid contract, both dialects.
 
 >>> with KvidEmulator(EmulatorConfig(job_duration=0.5)) as emu:  # doctest: +SKIP
 ...     emu.base_url
@@ -10,6 +10,17 @@ own, so the client and the emulator check each other.
 
 from kvid_dagster.emulator.config import EmulatorConfig
 from kvid_dagster.emulator.faults import FAULT_KINDS, Fault
+from kvid_dagster.emulator.generation import ErrorCode
 from kvid_dagster.emulator.server import FAIL_MARKER, JobInfo, KvidEmulator
+from kvid_dagster.emulator.validation import Dialect
 
-__all__ = ["FAIL_MARKER", "FAULT_KINDS", "EmulatorConfig", "Fault", "JobInfo", "KvidEmulator"]
+__all__ = [
+    "FAIL_MARKER",
+    "FAULT_KINDS",
+    "Dialect",
+    "EmulatorConfig",
+    "ErrorCode",
+    "Fault",
+    "JobInfo",
+    "KvidEmulator",
+]

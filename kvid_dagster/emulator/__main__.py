@@ -46,6 +46,23 @@ def build_parser(prog: str = "python -m kvid_dagster.emulator") -> argparse.Argu
         "progress, a separate storage origin with expiring URLs, Retry-After dates, FAILED "
         "messages echoing the request",
     )
+    parser.add_argument(
+        "--strict-fields",
+        action="store_true",
+        help="generation dialect: a body field the vendor's page does not list is a 400",
+    )
+    parser.add_argument(
+        "--credit-balance",
+        type=float,
+        default=None,
+        help="generation dialect: credits left (each job debits its price; then 402)",
+    )
+    parser.add_argument(
+        "--concurrent-limit",
+        type=int,
+        default=None,
+        help="generation dialect: jobs queued or processing at once (then 429 CONCURRENT_LIMIT)",
+    )
     parser.add_argument("--output-dir", default=None, help="where videos go (default: temp dir)")
     parser.add_argument("--public-base-url", default=None, help="base of result URLs")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -73,6 +90,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             public_base_url=args.public_base_url,
             backlog=args.backlog,
             realistic=args.realistic,
+            strict_fields=args.strict_fields,
+            credit_balance=args.credit_balance,
+            concurrent_limit=args.concurrent_limit,
         )
     except ValueError as exc:
         parser.error(str(exc))

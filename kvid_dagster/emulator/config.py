@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final
+
+from kvid_dagster.emulator.generation import (
+    GENERATION_MODELS,
+    GENERATION_PRICES,
+    RESOLUTIONS,
+    ModelFamily,
+    model_family,
+)
 
 MIB = 1024 * 1024
 
@@ -74,6 +83,24 @@ class EmulatorConfig:
     """Seed of the RNG behind the rates and of the seeds picked for ``seed: null`` jobs."""
     public_base_url: str | None = None
     """Base of the result URLs (default: the bound ``http://host:port``)."""
+
+    # the generation dialect (/ai/generation/...) and its money; the video dialect ignores these
+    strict_fields: bool = False
+    """A generation body field the vendor's page does not list for its endpoint is a 400
+    INVALID_PARAMETERS naming it, counted in ``stats["undocumented_field"]``; off, such fields
+    are ignored, as the gateway ignores fields a model does not take."""
+    generation_models: tuple[str, ...] = GENERATION_MODELS
+    """The accepted ``model`` names (both documented vocabularies and the page's model path)."""
+    generation_prices: Mapping[ModelFamily, Mapping[str, int]] = field(
+        default_factory=lambda: GENERATION_PRICES
+    )
+    """Credits per 5 s clip by model family and resolution: a job's ``used_credit``."""
+    credit_balance: float | None = None
+    """Credits left: each generation job created debits its price; one the balance cannot pay
+    is a 402 INSUFFICIENT_CREDIT and is not created (None: unlimited)."""
+    concurrent_limit: int | None = None
+    """Generation jobs queued or processing at once; one more is a 429 CONCURRENT_LIMIT and is
+    not created (None: no limit)."""
 
     # limits and internals; the defaults suit tests and demos
     max_body_bytes: int = 20 * MIB
@@ -147,6 +174,22 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {value}")
         if self.public_base_url is not None:
             self.public_base_url = self.public_base_url.rstrip("/")
+        if self.credit_balance is not None and self.credit_balance < 0:
+            raise ValueError(f"credit_balance must be >= 0 (or None), got {self.credit_balance}")
+        if self.concurrent_limit is not None and self.concurrent_limit < 1:
+            raise ValueError(
+                f"concurrent_limit must be >= 1 (or None), got {self.concurrent_limit}"
+            )
+        for model in self.generation_models:
+            family = model_family(model)
+            if family is None:
+                families = ", ".join(ModelFamily)
+                raise ValueError(f"generation model {model!r} names no family ({families})")
+            prices = self.generation_prices.get(family, {})
+            if any(prices.get(r, 0) <= 0 for r in RESOLUTIONS):
+                raise ValueError(
+                    f"generation_prices needs a price > 0 for {family} at {RESOLUTIONS}"
+                )
 
     @property
     def edges(self) -> RoughEdges:

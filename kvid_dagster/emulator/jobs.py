@@ -18,15 +18,21 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
+from kvid_dagster.emulator.validation import Dialect
+
 
 class JobState(StrEnum):
+    """A job's state; the values are the video dialect's words (the generation dialect has its
+    own, lowercase). CANCELED happens only to generation jobs (``KvidEmulator.cancel_job``)."""
+
     IN_QUEUE = "IN_QUEUE"
     PROCESSING = "PROCESSING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
+    CANCELED = "CANCELED"
 
 
-TERMINAL: Final = frozenset({JobState.COMPLETED, JobState.FAILED})
+TERMINAL: Final = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
 
 # the vendor's "1-5 minutes by resolution and length": seconds for a 5 s (120 frame) clip
 _BASE_SECONDS: Final = {480: 60.0, 580: 75.0, 720: 96.0, 1080: 150.0}
@@ -50,11 +56,12 @@ def vendor_duration(short_side: int, frames: int) -> float:
 class Job:
     """One emulated job. Times are ``time.monotonic()`` seconds; ``end``: completion or failure."""
 
-    request_id: str
+    request_id: str  # the video dialect's request_id, or the generation dialect's job_id
+    dialect: Dialect
     kind: str
-    model: str  # "v1" | "v2"
+    model: str  # video: "v1" | "v2"; generation: the model name as sent (or its default)
     body: dict[str, Any]  # as sent, image_file contents elided
-    params: dict[str, Any]  # validated, defaults filled
+    params: dict[str, Any]  # video: validated, defaults filled; generation: documented fields
     frames: int
     duration: float
     created: float
@@ -63,6 +70,8 @@ class Job:
     end: float
     slot: int
     fail_reason: str | None = None
+    canceled: bool = False
+    price: int | None = None  # generation: the credits debited (used_credit)
     video: Future[Path] | None = None  # the render; set right after creation
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +109,7 @@ class JobQueue:
         self,
         request_id: str,
         *,
+        dialect: Dialect,
         kind: str,
         model: str,
         body: dict[str, Any],
@@ -117,6 +127,7 @@ class JobQueue:
             end = start + duration * (fail_fraction if fail_reason else 1.0)
             job = Job(
                 request_id=request_id,
+                dialect=dialect,
                 kind=kind,
                 model=model,
                 body=body,
@@ -161,17 +172,30 @@ class JobQueue:
         """
         with self._lock:
             now = self._clock() if at is None else at
-            if job.fail_reason is not None:
+            if job.fail_reason is not None or job.canceled:
                 return
             if now >= job.end and not force:
                 raise ValueError(f"job {job.request_id} already completed")
             job.fail_reason = reason
             if now < job.end:
-                if now < job.start:  # never ran: it fails at once, from the queue
-                    job.start = now
-                job.end = max(now, job.start)
-                if self._last[job.slot] is job:
-                    self._free_at[job.slot] = max(job.end, job.extra["booked_from"])
+                self._end_now(job, now)
+
+    def cancel(self, job: Job) -> None:
+        """End ``job`` CANCELED now, freeing its slot. The caller checks that it is still
+        running as its status says (the clock may have ended a job whose render still runs)."""
+        with self._lock:
+            now = self._clock()
+            job.canceled = True
+            if now < job.end:
+                self._end_now(job, now)
+
+    def _end_now(self, job: Job, now: float) -> None:
+        """Move a job's end to ``now`` (a queued job ends from the queue); lock held."""
+        if now < job.start:
+            job.start = now
+        job.end = max(now, job.start)
+        if self._last[job.slot] is job:
+            self._free_at[job.slot] = max(job.end, job.extra["booked_from"])
 
     def status(self, job: Job, now: float | None = None) -> JobStatus:
         """The job's state, progress and logs at ``now``, from its two booked instants."""
@@ -185,6 +209,9 @@ class JobQueue:
         if now < job.end:
             message = _MESSAGES[JobState.PROCESSING]
             return JobStatus(JobState.PROCESSING, progress, exact, logs, message)
+        if job.canceled:
+            logs.append(f"{stamp(job.wall(job.end))} - Video generation canceled")
+            return JobStatus(JobState.CANCELED, progress, exact, logs, "Video generation canceled")
         if job.fail_reason is not None:
             logs.append(f"{stamp(job.wall(job.end))} - Video generation failed: {job.fail_reason}")
             message = f"Video generation failed: {job.fail_reason}"

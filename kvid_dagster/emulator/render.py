@@ -3,7 +3,8 @@
 Text-to-video draws a procedural scene (sky, hills, a sun, moving figures) whose colours, shapes
 and motion derive from sha256(seed, prompt): the same prompt and seed give the same pixels.
 Image-to-video moves a camera over the input image (a slow zoom and pan, "Ken Burns"), so the
-video visibly shows the input, and cross-fades to ``end_image_url`` when one is given.
+video visibly shows the input, and cross-fades to ``end_image_url`` when one is given;
+reference-to-video does the same over its first reference (an image, or a video's first frame).
 """
 
 from __future__ import annotations
@@ -79,12 +80,36 @@ def timing(model: str, params: Mapping[str, Any]) -> tuple[int, int]:
     return V2_FPS, V2_FPS * int(params["duration"])
 
 
-def geometry_for(
-    model: str, params: Mapping[str, Any], image_size: tuple[int, int] | None = None
-) -> Geometry:
-    width, height = frame_size(params["resolution"], params["aspect_ratio"], image_size)
-    fps, frames = timing(model, params)
-    return Geometry(width, height, fps, frames)
+@dataclass(frozen=True)
+class RenderPlan:
+    """What a job's video is made from and its size, whichever dialect asked for it."""
+
+    prompt: str
+    resolution: str
+    aspect_ratio: str  # "auto": the input image's ratio
+    fps: int
+    frames: int
+    camera_fixed: bool = False
+    image_bytes: bytes | None = None  # the input image, sent inline...
+    image_url: str | None = None  # ...or where it is (an image, or a video: its first frame)
+    end_image_url: str | None = None  # cross-faded to at the end
+
+    @property
+    def animates_image(self) -> bool:
+        """A camera move over an input image (else a procedural scene from the prompt)."""
+        return self.image_bytes is not None or self.image_url is not None
+
+    def geometry(self, image_size: tuple[int, int] | None = None) -> Geometry:
+        """The output per the contract's rule; ``image_size`` (w, h) decides ``auto``."""
+        width, height = frame_size(self.resolution, self.aspect_ratio, image_size)
+        return Geometry(width, height, self.fps, self.frames)
+
+
+def video_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video file, as a decoder reads it."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.width, stream.codec_context.height
 
 
 # --- input images ----------------------------------------------------------------------------

@@ -1,5 +1,17 @@
 """KvidEmulator: a real HTTP server speaking the kvid contract (shared/kvid-api.md).
 
+Both API dialects are served at once, on one job engine with the same faults and rough edges:
+the seed page's "video" dialect (``/ai/video/{kind}/generate|status|result?request_id=``) and
+the current English page's "generation" dialect (``/ai/generation/{kind}/generate-async``,
+shared ``/ai/generation/status|result?jobId=``; its rules in generation.py). Generation jobs
+also meet the money knobs: a credit balance (402), a concurrency limit (429 CONCURRENT_LIMIT)
+and cancellation. The page shows no error body, so generation errors are the envelope with the
+code beside it: ``{"success": false, "data": null, "message": "...", "code": "JOB_NOT_FOUND"}``
+(no code on a 403 for the api-key, as the page gives none). A generation job is ``completed``
+only once its video exists (a clock-completed job whose render is still running reads
+``processing``), and the result of a canceled job is a 400 JOB_NOT_COMPLETED, as a gateway that
+checks "failed, else not completed" answers.
+
 One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, Nagle off, daemon threads, listen backlog
 ``config.backlog``) runs in a background thread. Job states come from the clock (see jobs.py);
 videos are rendered by a small thread pool as soon as a job is created and served from the
@@ -48,12 +60,30 @@ import numpy as np
 from kvid_dagster.emulator import render
 from kvid_dagster.emulator.config import EmulatorConfig
 from kvid_dagster.emulator.faults import STATUS_KINDS, Fault, FaultInjector
-from kvid_dagster.emulator.jobs import Job, JobQueue, JobState, JobStatus, stamp, vendor_duration
+from kvid_dagster.emulator.generation import (
+    DOCUMENTED,
+    GENERATION_KINDS,
+    STATUS_WORDS,
+    ErrorCode,
+    GenerationInvalid,
+    iso_time,
+    new_job_id,
+    undocumented_fields,
+    validate_generation,
+)
+from kvid_dagster.emulator.jobs import (
+    TERMINAL,
+    Job,
+    JobQueue,
+    JobState,
+    JobStatus,
+    stamp,
+    vendor_duration,
+)
 from kvid_dagster.emulator.validation import (
-    IMAGE_TO_VIDEO,
     JOB_KINDS,
+    Dialect,
     RequestInvalid,
-    ValidRequest,
     validate_body,
 )
 
@@ -64,6 +94,8 @@ FAIL_MARKER: Final = "[[kvid:fail]]"
 FAIL_MARKER_REASON: Final = "Generation failed: the request was rejected ([[kvid:fail]] in prompt)"
 
 _API_PREFIX: Final = "/ai/video/"
+_GENERATION_PREFIX: Final = "/ai/generation/"
+_ID_PARAMETER: Final = {Dialect.VIDEO: "request_id", Dialect.GENERATION: "jobId"}
 _FILES_PREFIX: Final = "/files/"  # on the API origin
 _STORAGE_PREFIX: Final = "/videos/"  # on the separate storage origin
 _XML_ERROR: Final = (
@@ -86,12 +118,14 @@ _CHUNK: Final = 64 * 1024
 class JobInfo:
     """What ``KvidEmulator.jobs`` shows of one job (a snapshot)."""
 
-    request_id: str
-    kind: str  # "text-to-video" | "image-to-video"
-    model: str  # "v1" | "v2"
+    request_id: str  # the video dialect's request_id, or the generation dialect's job_id
+    kind: str  # "text-to-video" | "image-to-video" | "reference-to-video" (generation)
+    model: str  # video: "v1" | "v2"; generation: the model as sent (default "wan")
     body: Mapping[str, Any]  # as sent, image_file contents elided
-    state: str  # IN_QUEUE | PROCESSING | COMPLETED | FAILED
+    state: str  # as its dialect's status says it: IN_QUEUE ... FAILED, or queued ... canceled
     progress: int
+    dialect: Dialect
+    used_credit: int | None  # generation: the price debited; video: None
 
 
 @dataclass
@@ -106,14 +140,29 @@ class _Response:
     close: bool = False  # answer, then close the connection
 
 
-def _envelope(status: int, success: bool, data: Any, message: str, **headers: str) -> _Response:
-    payload = {"success": success, "data": data, "message": message}
+def _envelope(
+    status: int,
+    success: bool,
+    data: Any,
+    message: str,
+    *,
+    code: ErrorCode | None = None,
+    **headers: str,
+) -> _Response:
+    payload: dict[str, Any] = {"success": success, "data": data, "message": message}
+    if code is not None:
+        payload["code"] = code.value
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return _Response(status, body, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
 def _error(status: int, message: str, **headers: str) -> _Response:
     return _envelope(status, False, None, message, **headers)
+
+
+def _coded(status: int, code: ErrorCode | None, message: str) -> _Response:
+    """A generation-dialect error: the envelope, with the page's code beside it."""
+    return _envelope(status, False, None, message, code=code)
 
 
 def _html(status: int, title: str) -> _Response:
@@ -162,6 +211,10 @@ class KvidEmulator:
         self._url_tokens: dict[str, tuple[str, float]] = {}  # token -> (name, issued), in order
         self._shared: dict[tuple[int, int, int, int, str], Future[Path]] = {}
         self._fail_next: list[str] = []  # reasons for the next jobs created (fail_next_jobs)
+        # generation jobs are admitted one at a time: the balance and the concurrency limit are
+        # checked and the job created (or refused) as one step
+        self._admission = threading.Lock()
+        self._balance = self.config.credit_balance
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._storage: _Server | None = None  # separate_storage: the videos' origin
@@ -271,11 +324,15 @@ class KvidEmulator:
 
     @property
     def stats(self) -> Counter[str | tuple[str, int]]:
-        """Request counts: by endpoint name ("generate", "status", "result", "files", "other")
-        and by (endpoint, HTTP status) — status 0 when the connection was dropped unanswered;
-        "refused": connections reset unread under a burst (``burst_reset_above``);
-        "files_with_api_key": file requests that carried an api-key (a client must not send
-        its key to storage). A snapshot (a Counter: missing keys read as 0)."""
+        """Request counts: by endpoint name ("generate", "status", "result", "files", "other";
+        both dialects) and by (endpoint, HTTP status) — status 0 when the connection was
+        dropped unanswered; "refused": connections reset unread under a burst
+        (``burst_reset_above``); "files_with_api_key": file requests that carried an api-key (a
+        client must not send its key to storage). The generation dialect's money and rules:
+        "insufficient_credit" (402s), "concurrent_limit" (429 CONCURRENT_LIMIT), "canceled"
+        (``cancel_job``), "undocumented_field" (fields the page does not list, one per field,
+        whether strict mode refused them or the gateway ignored them). A snapshot (a Counter:
+        missing keys read as 0)."""
         with self._lock:
             snapshot = Counter(self._stats)
         for name in ("generate", "status", "result", "files"):
@@ -307,19 +364,48 @@ class KvidEmulator:
 
     @property
     def jobs(self) -> Mapping[str, JobInfo]:
-        """A read-only snapshot: request_id -> kind, model, body (no image_file data), state."""
+        """A read-only snapshot: id -> dialect, kind, model, body (no image_file data), state."""
         view: dict[str, JobInfo] = {}
         for job in self._queue.all():
             status = self._status(job)
             view[job.request_id] = JobInfo(
-                job.request_id,
-                job.kind,
-                job.model,
-                MappingProxyType(job.body),
-                status.state.value,
-                status.progress,
+                request_id=job.request_id,
+                kind=job.kind,
+                model=job.model,
+                body=MappingProxyType(job.body),
+                state=self._state_word(job, status.state),
+                progress=status.progress,
+                dialect=job.dialect,
+                used_credit=job.price,
             )
         return MappingProxyType(view)
+
+    @property
+    def credit_balance(self) -> float | None:
+        """Credits left for generation jobs (None: unlimited, ``config.credit_balance``)."""
+        with self._admission:
+            return self._balance
+
+    def add_credits(self, credits: float) -> None:
+        """Top the balance up (the user bought credits); only with a ``credit_balance``."""
+        with self._admission:
+            if self._balance is None:
+                raise ValueError("the balance is unlimited (config.credit_balance is None)")
+            self._balance += credits
+
+    def cancel_job(self, job_id: str) -> None:
+        """Make a generation job end ``canceled`` now: terminal, no video, its concurrency slot
+        free. KeyError if unknown; ValueError for a video-dialect job (that dialect has no
+        canceled state) or a job that already ended."""
+        job = self._queue.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.dialect is not Dialect.GENERATION:
+            raise ValueError(f"{job_id} is a video-dialect job, which cannot be canceled")
+        if self._status(job).state in TERMINAL:
+            raise ValueError(f"job {job_id} already ended")
+        self._queue.cancel(job)
+        self._count("canceled")
 
     def add_fault(
         self,
@@ -359,9 +445,9 @@ class KvidEmulator:
 
     # --- request handling (called by the handler threads) ---------------------------------------
 
-    def _count(self, key: str | tuple[str, int]) -> None:
+    def _count(self, key: str | tuple[str, int], n: int = 1) -> None:
         with self._lock:
-            self._stats[key] += 1
+            self._stats[key] += n
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -379,7 +465,8 @@ class KvidEmulator:
         """Answer one request (``storage``: to the storage origin); ``body`` is None when it was
         over the size cap."""
         url = urlsplit(target)
-        endpoint, kind, arg = _route(url.path, storage, self._edges.separate_storage)
+        route = _route(url.path, storage, self._edges.separate_storage)
+        endpoint = route.endpoint
         self._count(endpoint)
         key = _api_key(headers)
         if endpoint == "files" and key:
@@ -388,7 +475,7 @@ class KvidEmulator:
             if storage and endpoint == "other":
                 response = _xml_error(404, "NoSuchKey", "The specified key does not exist.")
             else:
-                response = self._handle(method, endpoint, kind, arg, url.query, headers, body)
+                response = self._handle(method, route, url.query, headers, body)
         except Exception:
             logger.exception("emulator error on %s %s", method, url.path)
             response = _error(500, "Internal emulator error")
@@ -417,15 +504,9 @@ class KvidEmulator:
             response.headers["X-Debug-Key"] = key
 
     def _handle(
-        self,
-        method: str,
-        endpoint: str,
-        kind: str | None,
-        arg: str,
-        query: str,
-        headers: Message,
-        body: bytes | None,
+        self, method: str, route: _Route, query: str, headers: Message, body: bytes | None
     ) -> _Response:
+        endpoint, arg = route.endpoint, route.arg
         self._sleep(self.config.latency)
         if endpoint == "other":
             return _error(404, f"No such endpoint: {arg}")
@@ -433,7 +514,7 @@ class KvidEmulator:
         if method not in allowed.split(", "):
             return _error(405, f"Method {method} not allowed; use {allowed}", Allow=allowed)
 
-        fault = self._faults.take(endpoint, lambda: _carried(endpoint, arg, query, body))
+        fault = self._faults.take(endpoint, lambda: _carried(route, query, body))
         if fault is not None and fault.kind == "echo_key":  # a careless server's error page
             sent = headers.get("api-key") or ""
             return _error(500, f"Internal error while serving api-key {sent!r}")
@@ -455,28 +536,41 @@ class KvidEmulator:
         code = self._faults.random_error()
         if code is not None:
             return self._status_fault(code, "json" if code in (500, 503) else "html", None)
-        denied = self._check_key(headers)
+        denied = self._check_key(headers, route.dialect)
         if denied is not None:
             return denied
-        assert kind is not None
+        generation = route.dialect is Dialect.GENERATION
         if endpoint == "generate":
-            response, created = self._generate(kind, body)
+            assert route.kind is not None
+            generate = self._generate_generation if generation else self._generate
+            response, created = generate(route.kind, body)
             if created and fault is not None:
                 return self._fault_after_create(fault, response)
             return response
-        request_id = parse_qs(query).get("request_id", [""])[0].strip()
-        if not request_id:
-            return _error(
-                422, "request_id: required query parameter (got nothing); allowed: a request id"
-            )
-        job = self._queue.get(request_id)
+        name = _ID_PARAMETER[route.dialect]
+        job_id = parse_qs(query).get(name, [""])[0].strip()
+        if not job_id:
+            problem = f"{name}: required query parameter (got nothing); allowed: a job id"
+            if generation:
+                return _coded(400, ErrorCode.MISSING_PARAMETERS, problem)
+            return _error(422, problem)
+        job = self._queue.get(job_id)
+        known = (  # each dialect knows only its own jobs, the video dialect by kind too
+            job is not None
+            and job.dialect is route.dialect
+            and (generation or job.kind == route.kind)
+        )
         fresh = job is not None and time.monotonic() - job.created < self._edges.fresh_404_s
-        if job is None or job.kind != kind or fresh:  # fresh: not in the read replica yet
-            return _error(404, f"request_id {request_id!r} not found for {kind}")
+        if job is None or not known or fresh:  # fresh: not in the read replica yet
+            if generation:
+                return _coded(404, ErrorCode.JOB_NOT_FOUND, f"jobId {job_id!r} not found")
+            return _error(404, f"request_id {job_id!r} not found for {route.kind}")
         key = _api_key(headers)
         if endpoint == "status":
+            if generation:
+                return self._generation_status_response(job, key)
             return self._status_response(job, key)
-        return self._result(job, key)
+        return self._generation_result(job, key) if generation else self._result(job, key)
 
     # --- faults --------------------------------------------------------------------------------
 
@@ -546,78 +640,186 @@ class KvidEmulator:
 
     # --- auth ----------------------------------------------------------------------------------
 
-    def _check_key(self, headers: Message) -> _Response | None:
+    def _check_key(self, headers: Message, dialect: Dialect) -> _Response | None:
+        """None if the api-key is good; else the video dialect's 401, the generation's 403."""
         key = _api_key(headers)  # never logged
-        if not key:
-            return _error(401, "Missing api-key header")
         expected = self.config.api_key
-        if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
-            return _error(401, "Invalid api-key")
-        return None
+        if key and (expected is None or hmac.compare_digest(key.encode(), expected.encode())):
+            return None
+        message = "Invalid api-key" if key else "Missing api-key header"
+        return _coded(403, None, message) if dialect is Dialect.GENERATION else _error(401, message)
 
     # --- generate ------------------------------------------------------------------------------
 
     def _generate(self, kind: str, raw: bytes) -> tuple[_Response, bool]:
-        try:
-            body = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(422, f"body: not valid JSON ({exc}); allowed: a JSON object"), False
-        if body is None:
-            return _error(422, "body: required (got nothing); allowed: a JSON object"), False
+        body, problem = _parse_json(raw)
+        if problem is not None:
+            return _error(422, problem), False
         try:
             request = validate_body(kind, body, max_image_bytes=self.config.max_image_bytes)
         except RequestInvalid as exc:
             return _error(422, str(exc)), False
-        job = self._create_job(request, body)
+        params = request.params
+        fps, frames = render.timing(request.model, params)
+        plan = render.RenderPlan(
+            prompt=params["prompt"],
+            resolution=params["resolution"],
+            aspect_ratio=params["aspect_ratio"],
+            fps=fps,
+            frames=frames,
+            camera_fixed=bool(params.get("camera_fixed")),
+            image_bytes=request.image_bytes,
+            image_url=params.get("image_url"),
+            end_image_url=params.get("end_image_url"),
+        )
+        job = self._create(
+            dialect=Dialect.VIDEO,
+            kind=kind,
+            model=request.model,
+            body=body,
+            params=params,
+            plan=plan,
+            seed=params["seed"],
+        )
         data = {"request_id": job.request_id}
         return _envelope(200, True, data, "Video generation request submitted successfully"), True
 
-    def _create_job(self, request: ValidRequest, body: dict[str, Any]) -> Job:
-        params = request.params
-        _, frames = render.timing(request.model, params)
-        short = render.RESOLUTION_SHORT_SIDE[params["resolution"]]
+    def _generate_generation(self, kind: str, raw: bytes) -> tuple[_Response, bool]:
+        body, problem = _parse_json(raw)
+        if problem is not None:
+            missing = problem == _NO_BODY
+            code = ErrorCode.MISSING_PARAMETERS if missing else ErrorCode.INVALID_PARAMETERS
+            return _coded(400, code, problem), False
+        if isinstance(body, dict) and (undocumented := undocumented_fields(kind, body)):
+            self._count("undocumented_field", len(undocumented))
+        try:
+            request = validate_generation(
+                kind,
+                body,
+                models=self.config.generation_models,
+                strict=self.config.strict_fields,
+                max_image_bytes=self.config.max_image_bytes,
+            )
+        except GenerationInvalid as exc:
+            return _coded(400, exc.code, str(exc)), False
+        price = request.price(self.config.generation_prices)
+        plan = render.RenderPlan(
+            prompt=request.prompt,
+            resolution=request.resolution,
+            aspect_ratio=request.aspect_ratio,
+            fps=request.fps,
+            frames=request.frames,
+            image_bytes=request.image_bytes,
+            image_url=request.source_url,
+        )
+        with self._admission:
+            refusal = self._refusal(price)
+            if refusal is not None:
+                return refusal, False
+            job = self._create(
+                dialect=Dialect.GENERATION,
+                kind=kind,
+                model=request.model,
+                body=body,
+                params={k: v for k, v in body.items() if k in DOCUMENTED[kind]},
+                plan=plan,
+                seed=request.seed,
+                price=price,
+            )
+            if self._balance is not None:
+                self._balance -= price
+        data = {
+            "job_id": job.request_id,
+            "status": STATUS_WORDS[JobState.IN_QUEUE],
+            "message": "Video generation job queued.",
+            "estimated_time": f"{max(1, math.ceil(job.duration))}s",
+            "video_type": kind,
+        }
+        return _envelope(200, True, data, "Video generation job queued."), True
+
+    def _refusal(self, price: int) -> _Response | None:
+        """402 if the balance cannot pay ``price``, 429 at the concurrency limit; None: admit.
+        Called under ``_admission``: nothing is created either way."""
+        if self._balance is not None and self._balance < price:
+            self._count("insufficient_credit")
+            message = f"Insufficient credit: the job costs {price} credits, {self._balance:g} left"
+            return _coded(402, ErrorCode.INSUFFICIENT_CREDIT, message)
+        limit = self.config.concurrent_limit
+        if limit is not None and self._running_generation_jobs() >= limit:
+            self._count("concurrent_limit")
+            message = (
+                f"Too many concurrent jobs: {limit} queued or processing; "
+                "submit again when one finishes"
+            )
+            return _coded(429, ErrorCode.CONCURRENT_LIMIT, message)
+        return None
+
+    def _running_generation_jobs(self) -> int:
+        return sum(
+            1
+            for job in self._queue.all()
+            if job.dialect is Dialect.GENERATION and self._status(job).state not in TERMINAL
+        )
+
+    def _create(
+        self,
+        *,
+        dialect: Dialect,
+        kind: str,
+        model: str,
+        body: dict[str, Any],
+        params: dict[str, Any],
+        plan: render.RenderPlan,
+        seed: int | None,
+        price: int | None = None,
+    ) -> Job:
+        """Create a job of either dialect: timing, scripted or random failure, its render."""
+        short = render.RESOLUTION_SHORT_SIDE[plan.resolution]
         if self.config.job_duration is not None:
             duration = self.config.job_duration
         else:
-            duration = vendor_duration(short, frames) * self.config.time_scale
+            duration = vendor_duration(short, plan.frames) * self.config.time_scale
         fail_reason, fail_fraction = None, 0.5
         with self._lock:
             scripted = self._fail_next.pop(0) if self._fail_next else None
         if scripted is not None:
             fail_reason = scripted
-        elif FAIL_MARKER in params["prompt"]:
+        elif FAIL_MARKER in plan.prompt:
             fail_reason = FAIL_MARKER_REASON
         elif (failure := self._faults.job_failure()) is not None:
             fail_reason, fail_fraction = failure
-        seed = params["seed"] if params["seed"] is not None else self._faults.pick_seed()
+        seed = seed if seed is not None else self._faults.pick_seed()
 
         shown = dict(body)
         if isinstance(shown.get("image_file"), str):
             shown["image_file"] = f"<{len(shown['image_file'])} base64 characters elided>"
-        request_id = "req_" + secrets.token_hex(8)
+        generation = dialect is Dialect.GENERATION
+        request_id = new_job_id() if generation else "req_" + secrets.token_hex(8)
         job = self._queue.create(
             request_id,
-            kind=request.kind,
-            model=request.model,
+            dialect=dialect,
+            kind=kind,
+            model=model,
             body=shown,
             params=params,
-            frames=frames,
+            frames=plan.frames,
             duration=duration,
             fail_reason=fail_reason,
             fail_fraction=fail_fraction,
         )
+        job.price = price
         job.extra["seed"] = seed
         with self._job_created:
             self._jobs_created += 1
             self._job_created.notify_all()
-        job.video = self._submit_render(job, request, seed)
+        job.video = self._submit_render(job, plan, seed)
         logger.info(
             "job %s created: %s %s %s, %d frames, %.2f s%s",
             request_id,
-            request.kind,
-            request.model,
-            params["resolution"],
-            frames,
+            kind,
+            model,
+            plan.resolution,
+            plan.frames,
             duration,
             " (will fail)" if fail_reason else "",
         )
@@ -625,20 +827,19 @@ class KvidEmulator:
 
     # --- rendering -----------------------------------------------------------------------------
 
-    def _submit_render(self, job: Job, request: ValidRequest, seed: int) -> Future[Path]:
+    def _submit_render(self, job: Job, plan: render.RenderPlan, seed: int) -> Future[Path]:
         assert self._pool is not None
-        if self.config.reuse_renders and job.params["aspect_ratio"] != "auto":
+        if self.config.reuse_renders and plan.aspect_ratio != "auto":
             # the geometry is known now: one task per geometry, its future shared by every job
-            geometry = render.geometry_for(job.model, job.params)
-            key = _shared_key(geometry, job.kind)
+            key = _shared_key(plan.geometry(), job.kind)
             with self._lock:
                 shared = self._shared.get(key)
                 if shared is None:
-                    shared = self._pool.submit(self._render_job, job, request, seed, key)
+                    shared = self._pool.submit(self._render_job, job, plan, seed, key)
                     self._shared[key] = shared
                     shared.add_done_callback(functools.partial(self._forget_failed, key))
             return shared
-        return self._pool.submit(self._render_job, job, request, seed, None)
+        return self._pool.submit(self._render_job, job, plan, seed, None)
 
     def _forget_failed(self, key: tuple[int, int, int, int, str], future: Future[Path]) -> None:
         """A failed shared render (say, a bad input image) must not fail every later job."""
@@ -650,7 +851,7 @@ class KvidEmulator:
     def _render_job(
         self,
         job: Job,
-        request: ValidRequest,
+        plan: render.RenderPlan,
         seed: int,
         shared_key: tuple[int, int, int, int, str] | None,
     ) -> Path:
@@ -660,21 +861,21 @@ class KvidEmulator:
         """
         try:
             image = end_image = None
-            if job.kind == IMAGE_TO_VIDEO:
-                image = render.decode_image(
-                    request.image_bytes or self._fetch(job.params["image_url"])
-                )
-                if job.params.get("end_image_url"):
-                    end_image = render.decode_image(self._fetch(job.params["end_image_url"]))
+            if plan.image_bytes is not None:
+                image = render.decode_image(plan.image_bytes)
+            elif plan.image_url is not None:
+                image = render.decode_image(self._fetch(plan.image_url))
+            if plan.end_image_url is not None:
+                end_image = render.decode_image(self._fetch(plan.end_image_url))
             size = (image.shape[1], image.shape[0]) if image is not None else None
-            geometry = render.geometry_for(job.model, job.params, size)
+            geometry = plan.geometry(size)
             if shared_key is not None:
                 path = self.output_dir / _shared_name(shared_key)
             elif self.config.reuse_renders:
-                return self._shared_render(job, geometry, image, end_image, seed)
+                return self._shared_render(job, plan, geometry, image, end_image, seed)
             else:
                 path = self.output_dir / f"{job.request_id}.mp4"
-            self._encode(path, job, geometry, image, end_image, seed)
+            self._encode(path, plan, geometry, image, end_image, seed)
             return path
         except render.RenderCancelled:
             raise
@@ -693,6 +894,7 @@ class KvidEmulator:
     def _shared_render(
         self,
         job: Job,
+        plan: render.RenderPlan,
         geometry: render.Geometry,
         image: np.ndarray | None,
         end_image: np.ndarray | None,
@@ -715,7 +917,7 @@ class KvidEmulator:
                         raise render.RenderCancelled from None
         path = self.output_dir / _shared_name(key)
         try:
-            self._encode(path, job, geometry, image, end_image, seed)
+            self._encode(path, plan, geometry, image, end_image, seed)
         except BaseException as exc:
             shared.set_exception(exc)
             with self._lock:
@@ -727,26 +929,23 @@ class KvidEmulator:
     def _encode(
         self,
         path: Path,
-        job: Job,
+        plan: render.RenderPlan,
         geometry: render.Geometry,
         image: np.ndarray | None,
         end_image: np.ndarray | None,
         seed: int,
     ) -> None:
-        params = job.params
         frames: Any
         if image is None:
-            frames = render.text_frames(
-                geometry, params["prompt"], seed, camera_fixed=bool(params.get("camera_fixed"))
-            )
+            frames = render.text_frames(geometry, plan.prompt, seed, camera_fixed=plan.camera_fixed)
         else:
             frames = render.image_frames(
                 geometry,
                 image,
                 end_image=end_image,
                 seed=seed,
-                prompt=params["prompt"],
-                camera_fixed=bool(params.get("camera_fixed")),
+                prompt=plan.prompt,
+                camera_fixed=plan.camera_fixed,
             )
         render.encode(path, geometry, frames, self._stopping)
 
@@ -762,7 +961,81 @@ class KvidEmulator:
     # --- status and result ---------------------------------------------------------------------
 
     def _status(self, job: Job) -> JobStatus:
-        return self._queue.status(job)
+        """The job's state as its dialect reports it. A generation job is completed only once
+        its video exists (a shared render that failed fails it); until then it is processing."""
+        status = self._queue.status(job)
+        if job.dialect is Dialect.VIDEO or status.state is not JobState.COMPLETED:
+            return status
+        video = job.video
+        if video is None or not video.done() or video.cancelled():
+            return replace(status, state=JobState.PROCESSING, progress=99)
+        if (exc := video.exception()) is not None:
+            self._fail_render(job, f"Rendering failed: {type(exc).__name__}: {exc}")
+            return self._queue.status(job)
+        return status
+
+    @staticmethod
+    def _state_word(job: Job, state: JobState) -> str:
+        """``state`` as the job's dialect says it."""
+        return STATUS_WORDS[state] if job.dialect is Dialect.GENERATION else state.value
+
+    def _publish(self, job: Job, path: Path) -> str:
+        """Serve the job's video under its own name (its URL outlives ``forget_jobs``)."""
+        name = f"{job.request_id}.mp4"
+        with self._lock:
+            self._files[name] = path
+        return name
+
+    def _generation_status_response(self, job: Job, key: str) -> _Response:
+        status = self._status(job)
+        url = error = None
+        if status.state is JobState.COMPLETED:
+            assert job.video is not None  # done: _status says so
+            url = self._file_url(self._publish(job, job.video.result()))
+        elif status.state is JobState.FAILED:
+            error = f"{job.fail_reason}{self._failure_echo(job, key)}"
+        data = {
+            "job_id": job.request_id,
+            "status": STATUS_WORDS[status.state],
+            "prompt": job.params["prompt"],
+            "result_url": url,
+            "error_message": error,
+            "video_type": job.kind,
+            "created_at": iso_time(job.created_wall),
+        }
+        return _envelope(200, True, data, "Job status retrieved successfully")
+
+    def _generation_result(self, job: Job, key: str) -> _Response:
+        status = self._status(job)
+        word = STATUS_WORDS[status.state]
+        if status.state is JobState.FAILED:
+            reason = f"{job.fail_reason}{self._failure_echo(job, key)}"
+            message = f"job {job.request_id} failed: {reason}; see error_message in its status"
+            return _coded(400, ErrorCode.JOB_FAILED, message)
+        if status.state is not JobState.COMPLETED:
+            message = f"job {job.request_id} is {word}, not completed"
+            if status.state not in TERMINAL:
+                message += "; poll status until completed"
+            return _coded(400, ErrorCode.JOB_NOT_COMPLETED, message)
+        assert job.video is not None  # done: _status says so
+        path = job.video.result()
+        name = self._publish(job, path)
+        width, height = render.video_size(path)
+        size = path.stat().st_size
+        data = {
+            "job_id": job.request_id,
+            "status": word,
+            "result_url": self._file_url(name),
+            "width": width,
+            "height": height,
+            "size": size,  # bytes, not the video dialect's kilobytes
+            "file_size": size,
+            "type": job.kind,
+            "used_credit": job.price,
+            "created_at": iso_time(job.created_wall),
+            "prompt": job.params["prompt"],
+        }
+        return _envelope(200, True, data, "Video result retrieved successfully")
 
     def _status_response(self, job: Job, key: str) -> _Response:
         status = self._queue.status(job)
@@ -817,9 +1090,7 @@ class KvidEmulator:
             self._fail_render(job, f"Rendering failed: {type(exc).__name__}: {exc}")
             reason = f"{job.fail_reason or 'rendering failed'}{self._failure_echo(job, key)}"
             return _error(409, f"{job.request_id} FAILED: {reason}; no video to return")
-        name = f"{job.request_id}.mp4"
-        with self._lock:
-            self._files[name] = path
+        name = self._publish(job, path)
         size = path.stat().st_size
         data = {"url": self._file_url(name), "name": name, "size": math.ceil(size / 1024)}
         return _envelope(200, True, data, "Video result retrieved successfully")
@@ -871,16 +1142,29 @@ def _shared_name(key: tuple[int, int, int, int, str]) -> str:
     return f"shared-{width}x{height}-{fps}fps-{frames}f-{kind}.mp4"
 
 
+_NO_BODY: Final = "body: required (got nothing); allowed: a JSON object"
+
+
+def _parse_json(raw: bytes) -> tuple[Any, str | None]:
+    """(the body's JSON, None), or (None, the problem): ``_NO_BODY`` when there is none."""
+    if not raw.strip():
+        return None, _NO_BODY
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"body: not valid JSON ({exc}); allowed: a JSON object"
+
+
 def _api_key(headers: Message) -> str:
     return (headers.get("api-key") or "").strip()
 
 
-def _carried(endpoint: str, arg: str, query: str, body: bytes | None) -> str | None:
+def _carried(route: _Route, query: str, body: bytes | None) -> str | None:
     """What a scripted fault's ``match`` is compared with: generate's prompt, else the id."""
-    if endpoint == "files":
-        return arg.removesuffix(".mp4")
-    if endpoint != "generate":
-        return parse_qs(query).get("request_id", [""])[0].strip()
+    if route.endpoint == "files":
+        return route.arg.removesuffix(".mp4")
+    if route.endpoint != "generate":
+        return parse_qs(query).get(_ID_PARAMETER[route.dialect], [""])[0].strip()
     try:
         prompt = json.loads(body or b"").get("prompt")
     except (ValueError, AttributeError):  # not JSON, or not an object
@@ -888,21 +1172,37 @@ def _carried(endpoint: str, arg: str, query: str, body: bytes | None) -> str | N
     return prompt if isinstance(prompt, str) else None
 
 
-def _route(path: str, storage: bool, separate_storage: bool) -> tuple[str, str | None, str]:
-    """(endpoint name, job kind, argument): the argument is a file name, or the path if unknown.
+@dataclass(frozen=True)
+class _Route:
+    """Where a request goes: endpoint name ("generate", "status", "result", "files" or
+    "other"), its dialect, the job kind in its path (generation status/result: None) and an
+    argument (a file name, or the path if unknown)."""
 
-    The storage origin serves only ``/videos/``; the API origin ``/files/`` unless separate.
-    """
+    endpoint: str
+    dialect: Dialect = Dialect.VIDEO
+    kind: str | None = None
+    arg: str = ""
+
+
+def _route(path: str, storage: bool, separate_storage: bool) -> _Route:
+    """The storage origin serves only ``/videos/``; the API origin ``/files/`` unless separate."""
     files_prefix = _STORAGE_PREFIX if storage else None if separate_storage else _FILES_PREFIX
     if files_prefix is not None and path.startswith(files_prefix):
-        return "files", None, path[len(files_prefix) :]
+        return _Route("files", arg=path[len(files_prefix) :])
     if storage:
-        return "other", None, path
+        return _Route("other", arg=path)
     if path.startswith(_API_PREFIX):
         kind, _, action = path[len(_API_PREFIX) :].partition("/")
         if kind in JOB_KINDS and action in ("generate", "status", "result"):
-            return action, kind, ""
-    return "other", None, path
+            return _Route(action, Dialect.VIDEO, kind)
+    if path.startswith(_GENERATION_PREFIX):
+        rest = path[len(_GENERATION_PREFIX) :]
+        if rest in ("status", "result"):
+            return _Route(rest, Dialect.GENERATION)
+        kind, _, action = rest.partition("/")
+        if kind in GENERATION_KINDS and action == "generate-async":
+            return _Route("generate", Dialect.GENERATION, kind)
+    return _Route("other", arg=path)
 
 
 class _Server(ThreadingHTTPServer):

@@ -12,11 +12,21 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+
+class Dialect(StrEnum):
+    """The two API dialects the emulator serves at once (their paths differ)."""
+
+    VIDEO = "video"  # the seed page: /ai/video/{kind}/generate, ?request_id=
+    GENERATION = "generation"  # the current English page: /ai/generation/..., ?jobId=
+
+
 TEXT_TO_VIDEO: Final = "text-to-video"
 IMAGE_TO_VIDEO: Final = "image-to-video"
+REFERENCE_TO_VIDEO: Final = "reference-to-video"  # the generation dialect only
 JOB_KINDS: Final = (TEXT_TO_VIDEO, IMAGE_TO_VIDEO)
 V2_MODELS: Final = {
     TEXT_TO_VIDEO: "bytedance/seedance/v1/lite/text-to-video",
@@ -32,7 +42,7 @@ class FieldSpec:
     """One parameter: JSON type, default (or required), and its allowed values or range."""
 
     name: str
-    type: str  # "str" | "int" | "bool" | "int|null" | "str|null"
+    type: str  # "str" | "int" | "number" | "bool" | "int|null" | "str|null"
     default: Any = _REQUIRED
     choices: tuple[str, ...] | None = None
     minimum: int | None = None
@@ -55,6 +65,8 @@ class FieldSpec:
                 text = f"an integer >= {self.minimum}"
             else:
                 text = "an integer"
+        elif self.type.startswith("number"):
+            text = "a number"
         elif self.type.startswith("bool"):
             text = "true or false"
         else:
@@ -129,7 +141,7 @@ class FieldError:
     allowed: str
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.problem} (got {_show(self.value)}); allowed: {self.allowed}"
+        return f"{self.field}: {self.problem} (got {show(self.value)}); allowed: {self.allowed}"
 
 
 class RequestInvalid(Exception):
@@ -150,11 +162,13 @@ class ValidRequest:
     image_bytes: bytes | None = None  # the decoded ``image_file``, if one was sent
 
 
-_MISSING: Final = object()
+MISSING: Final = object()
+"""A field the body does not carry (shown as "nothing" in messages)."""
 
 
-def _show(value: Any) -> str:
-    if value is _MISSING:
+def show(value: Any) -> str:
+    """A value as a message shows it: JSON, cut at 80 characters."""
+    if value is MISSING:
         return "nothing"
     try:
         text = json.dumps(value, ensure_ascii=False)
@@ -169,6 +183,8 @@ def _type_ok(spec: FieldSpec, value: Any) -> bool:
     base = spec.type.split("|")[0]
     if base == "int":
         return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+    if base == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
     if base == "bool":
         return isinstance(value, bool)
     return isinstance(value, str)
@@ -176,11 +192,14 @@ def _type_ok(spec: FieldSpec, value: Any) -> bool:
 
 def _type_words(spec: FieldSpec) -> str:
     base = spec.type.split("|")[0]
-    words = {"int": "an integer", "bool": "a boolean", "str": "a string"}[base]
+    words = {"int": "an integer", "number": "a number", "bool": "a boolean", "str": "a string"}[
+        base
+    ]
     return words + (" or null" if spec.type.endswith("|null") else "")
 
 
-def _check_field(spec: FieldSpec, value: Any) -> FieldError | None:
+def check_field(spec: FieldSpec, value: Any) -> FieldError | None:
+    """The first problem of a present ``value`` against its spec, or None."""
     if not _type_ok(spec, value):
         return FieldError(spec.name, value, f"must be {_type_words(spec)}", spec.allowed())
     if value is None:
@@ -212,19 +231,21 @@ def _misplaced(name: str, kind: str, model: str) -> str:
     return "unknown field"
 
 
-def _check_url(name: str, value: str) -> FieldError | None:
+def check_url(name: str, value: str, what: str = "image") -> FieldError | None:
+    """An http(s) URL the emulator can fetch (``what`` it should point at, for the message)."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or len(value) > MAX_URL_LENGTH:
         return FieldError(
             name,
             value,
-            "not a usable image URL",
+            f"not a usable {what} URL",
             f"an http:// or https:// URL (<= {MAX_URL_LENGTH})",
         )
     return None
 
 
-def _decode_image_file(value: str, max_bytes: int) -> tuple[bytes | None, FieldError | None]:
+def decode_image_file(value: str, max_bytes: int) -> tuple[bytes | None, FieldError | None]:
+    """An ``image_file`` (base64, or a data URL) decoded, or the problem naming the field."""
     text = value.strip()
     if text.startswith("data:") and "," in text:  # tolerate data URLs
         text = text.split(",", 1)[1]
@@ -263,13 +284,13 @@ def validate_body(kind: str, body: Any, *, max_image_bytes: int) -> ValidRequest
             allowed = f"the {kind} {model} fields: {', '.join(schema)}"
             errors.append(FieldError(name, value, _misplaced(name, kind, model), allowed))
     for name, spec in schema.items():
-        value = body.get(name, _MISSING)
-        if value is _MISSING:
+        value = body.get(name, MISSING)
+        if value is MISSING:
             if spec.required:
                 errors.append(FieldError(name, value, "required", spec.allowed()))
                 continue
             value = spec.default
-        elif (error := _check_field(spec, value)) is not None:
+        elif (error := check_field(spec, value)) is not None:
             errors.append(error)
             continue
         params[name] = value
@@ -280,7 +301,7 @@ def validate_body(kind: str, body: Any, *, max_image_bytes: int) -> ValidRequest
         url, file = body.get("image_url"), body.get("image_file")
         one_of = "exactly one of image_url (an http(s) URL) or image_file (base64)"
         if url is None and file is None and "image_url" not in {e.field for e in errors}:
-            errors.append(FieldError("image_url", _MISSING, "required", one_of))
+            errors.append(FieldError("image_url", MISSING, "required", one_of))
         elif url is not None and file is not None:
             errors.append(
                 FieldError(
@@ -290,14 +311,14 @@ def validate_body(kind: str, body: Any, *, max_image_bytes: int) -> ValidRequest
                     one_of,
                 )
             )
-        if isinstance(url, str) and (error := _check_url("image_url", url)) is not None:
+        if isinstance(url, str) and (error := check_url("image_url", url)) is not None:
             errors.append(error)
         if isinstance(file, str) and url is None:
-            image_bytes, error = _decode_image_file(file, max_image_bytes)
+            image_bytes, error = decode_image_file(file, max_image_bytes)
             if error is not None:
                 errors.append(error)
         end_url = body.get("end_image_url")
-        end_error = _check_url("end_image_url", end_url) if isinstance(end_url, str) else None
+        end_error = check_url("end_image_url", end_url) if isinstance(end_url, str) else None
         if model == "v2" and end_error is not None:
             errors.append(end_error)
 
