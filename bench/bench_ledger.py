@@ -68,6 +68,7 @@ class _Request:
     job_kind: str = "text-to-video"
     model: str = "v1"
     params_json: str = '{"resolution": "480p"}'
+    dialect: str = "video"
     user_columns_json: str | None = None
 
 

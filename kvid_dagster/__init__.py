@@ -21,6 +21,11 @@ _EXPORTS: dict[str, str] = {
     "ImageToVideoV1": "kvid_dagster.client",
     "TextToVideoV2": "kvid_dagster.client",
     "ImageToVideoV2": "kvid_dagster.client",
+    "ApiDialect": "kvid_dagster.client",
+    "GenerationTextToVideo": "kvid_dagster.client",
+    "GenerationImageToVideo": "kvid_dagster.client",
+    "GenerationReferenceToVideo": "kvid_dagster.client",
+    "CreditPool": "kvid_dagster.client",
     "KvidRequest": "kvid_dagster.client",
     "build_request": "kvid_dagster.client",
     "JobStatus": "kvid_dagster.client",
@@ -42,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "build_kvid_prompts_sensor": "kvid_dagster.sensors",
     "build_kvid_schedule": "kvid_dagster.schedules",
     "build_kvid_definitions": "kvid_dagster.definitions",
+    "CreditBudget": "kvid_dagster.budget",
+    "KvidVideosComponent": "kvid_dagster.component",
 }
 
 

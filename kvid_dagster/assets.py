@@ -9,8 +9,11 @@
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -35,22 +38,33 @@ from dagster import (
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
+from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.ledger import (
     VIDEO_SCHEMA,
     ClaimOwner,
     ClaimRule,
+    SpendWindow,
     VideoRow,
     VideoStatus,
 )
 from kvid_dagster.liveness import run_liveness
+from kvid_dagster.preview import PreviewError, contact_sheet
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTable, PromptTableError, load_prompt_table
+from kvid_dagster.prompts import PromptTable, PromptTableError
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, register_table, submit_rows
-from kvid_dagster.translator import KvidTranslator
+from kvid_dagster.submit import (
+    SpendReport,
+    SubmitAction,
+    SubmitOutcome,
+    latest_submissions,
+    register_table,
+    submit_rows,
+)
+from kvid_dagster.translator import PREVIEW_KEY, KvidTranslator
 
 PREVIEW_ROWS = 20
+CONTACT_SHEET_VIDEOS = 8  # the latest completed videos on kvid_catalog's contact sheet
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
 VIDEO_CHECK_NAME = "video_ok"
 
@@ -59,6 +73,12 @@ class KvidJobsConfig(Config):
     force: bool = Field(
         default=False,
         description="Submit again even when a job exists for the exact same request. Costs money.",
+    )
+    budget_credits: float | None = Field(
+        default=None,
+        ge=0,
+        description="Credits this run may spend (priced before anything is sent; the rows that "
+        "do not fit stay PENDING). The definitions' per-run budget still holds when lower.",
     )
 
 
@@ -99,7 +119,7 @@ def publish_catalog(project: KvidProject, log: Any) -> None:
 
 def load_table_or_fail(project: KvidProject) -> PromptTable:
     try:
-        return load_prompt_table(project.prompts_path)
+        return project.load_table()
     except PromptTableError as exc:
         raise Failure(description=str(exc)) from exc
 
@@ -110,8 +130,12 @@ def build_kvid_assets(
     translator: KvidTranslator | None = None,
     prices: Mapping[str, float] | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
+    budget_credits: CreditBudget | None = None,
 ) -> list[AssetsDefinition | AssetSpec]:
     """The four kvid assets (and the ``video_ok`` check) for one project.
+
+    ``budget_credits`` caps what submitting spends, per run and per UTC day (a run's config
+    ``budget_credits`` may lower its own); ``kvid_prompts`` reports what a backfill would cost.
 
     ``jobs_automation_condition`` (e.g. ``AutomationCondition.on_missing()``) lets declarative
     automation submit new partitions instead of, or beside, the prompt-table sensor.
@@ -135,8 +159,16 @@ def build_kvid_assets(
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
         table = load_table_or_fail(project)
         new_keys = add_new_partitions(context.instance, project, table.partition_keys)
-        if register_table(project.ledger(), table):
+        ledger = project.ledger()
+        if register_table(ledger, table):
             publish_catalog(project, context.log)
+        backfill = estimate_backfill(
+            table.rows,
+            latest_submissions(ledger, table.rows),
+            price_table,
+            ledger.spent_credits(SpendWindow.DAY),
+        )
+        context.log.info(f"a backfill would cost: {backfill.describe()}")
         for problem in table.invalid:
             context.log.warning(f"invalid row, not sent: {problem.message}")
         for warning in table.warnings:
@@ -168,6 +200,11 @@ def build_kvid_assets(
                 )
             ),
             "user_columns": MetadataValue.json(list(table.user_columns)),
+            # what submitting every partition without a job would cost
+            "backfill_partitions": backfill.rows,
+            "backfill_estimate_credits": backfill.credits,
+            "backfill_unpriced_partitions": backfill.unpriced,
+            "day_spent_credits": backfill.spent_today_credits,
         }
         if invalid:
             metadata["invalid"] = MetadataValue.md(
@@ -210,6 +247,12 @@ def build_kvid_assets(
         context: AssetExecutionContext, config: KvidJobsConfig, kvid: KvidResource
     ) -> MaterializeResult:
         keys = list(context.partition_keys)
+        if kvid.dialect is not project.dialect:  # its rows would be refused by the client
+            raise Failure(
+                description=f"the kvid resource speaks the {kvid.dialect} dialect and the "
+                f"project's table is read as {project.dialect} requests: set KVID_API_DIALECT "
+                "(or the resource's and the definitions' dialect) to one of them"
+            )
         table = load_table_or_fail(project)
         # a backfill started before kvid_prompts ran still gives every row its ledger row
         registered = register_table(project.ledger(), table)
@@ -218,10 +261,13 @@ def build_kvid_assets(
         rows = [by_key[k] for k in keys if k in by_key]
         missing = [k for k in keys if k not in by_key]
 
+        budget = (budget_credits or CreditBudget()).with_run_limit(config.budget_credits)
+        run_id = context.run.run_id
+
         def report(outcome: SubmitOutcome) -> None:
             # one event-log write each (~8 ms): the submitted ones go in the summary and in each
-            # partition's metadata instead
-            if outcome.is_problem:
+            # partition's metadata instead; the rows left for money are counted in the failure
+            if outcome.is_problem and not outcome.is_waiting:
                 context.log.error(f"{outcome.partition_key}: {outcome.action}: {outcome.message}")
 
         async def submit() -> list[SubmitOutcome]:
@@ -232,13 +278,15 @@ def build_kvid_assets(
                     rows,
                     rule=ClaimRule(
                         force=config.force,
-                        force_token=context.run.root_run_id or context.run_id,
+                        force_token=context.run.root_run_id or context.run.run_id,
                     ),
                     prices=price_table,
                     on_outcome=report,
                     generate_concurrency=kvid.generate_concurrency,
-                    owner=ClaimOwner.current(context.run.run_id),
+                    owner=ClaimOwner.current(run_id),
                     is_alive=run_liveness(context.instance),
+                    limit_wait_s=kvid.concurrent_limit_wait_s,
+                    budget=budget if budget.caps else None,
                 )
 
         outcomes = run_coroutine(submit()) if rows else []
@@ -249,6 +297,11 @@ def build_kvid_assets(
                     "status": outcome.status.value,
                     "request_id": outcome.request_id or "",
                     "note": outcome.message,
+                    **(
+                        {"estimated_credits": outcome.estimated_credits}
+                        if outcome.estimated_credits is not None
+                        else {}
+                    ),
                 },
                 partition_key=outcome.partition_key,
             )
@@ -265,17 +318,26 @@ def build_kvid_assets(
         )
         if registered or any(o.action is not SubmitAction.SKIPPED for o in outcomes):
             publish_catalog(project, context.log)
+        spend = SpendReport.of(project.ledger(), outcomes, run_id)
+        summary = {"partitions": len(keys), **counts, **spend.metadata()}
         if problems or missing:
+            waiting = [o for o in problems if o.action is SubmitAction.NO_CREDIT]
             lines = [f"{o.partition_key}: {o.action}: {o.message}" for o in problems]
             lines += [f"{k}: no valid row in the table" for k in missing]
-            raise Failure(
-                description=f"{len(lines)} of {len(keys)} partitions were not submitted cleanly "
-                "(every other one is recorded):\n" + "\n".join(lines[:50]),
-                metadata={"partitions": len(keys), **{a: n for a, n in counts.items()}},
+            credit = (
+                f"kvid credits ran out: {len(waiting)} rows wait, PENDING and not sent (nothing "
+                "was paid for them); add credits and run again.\n"
+                if waiting
+                else ""
             )
-        return MaterializeResult(
-            metadata={"partitions": len(keys), **{a: n for a, n in counts.items()}}
-        )
+            if spend.rows_left:
+                credit += spend.over_budget_message(budget) + "\n"
+            raise Failure(
+                description=f"{credit}{len(lines)} of {len(keys)} partitions were not submitted "
+                "cleanly (every other one is recorded):\n" + "\n".join(lines[:50]),
+                metadata=summary,
+            )
+        return MaterializeResult(metadata=summary)
 
     kvid_videos = AssetSpec(
         key=key["kvid_videos"],
@@ -316,6 +378,7 @@ def build_kvid_assets(
         counts = videos.column("status").value_counts().to_pylist()
         preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
         context.log.info(f"catalog published: {stats}")
+        sheet = catalog_contact_sheet(videos, context.log)
         return MaterializeResult(
             metadata={
                 # Dagster's standard keys: the UI shows the row count and the columns
@@ -340,10 +403,39 @@ def build_kvid_assets(
                         ],
                     )
                 ),
+                **sheet,
             }
         )
 
     return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, kvid_catalog]
+
+
+def catalog_contact_sheet(videos: pa.Table, log: Any) -> dict[str, MetadataValue]:
+    """``kvid_catalog``'s contact sheet: the first frames of the latest completed videos whose
+    files are here, newest first. One that cannot be made is a warning: the catalog is
+    published all the same."""
+    done = videos.filter(
+        pc.and_(
+            pc.equal(videos["status"], VideoStatus.COMPLETED.value),
+            pc.is_valid(videos["local_path"]),
+        )
+    ).select(["partition_key", "local_path", "completed_at"])
+    newest = done.sort_by([("completed_at", "descending")])
+    candidates = newest.slice(0, 4 * CONTACT_SHEET_VIDEOS).to_pylist()
+    latest = [r for r in candidates if Path(r["local_path"]).is_file()][:CONTACT_SHEET_VIDEOS]
+    if not latest:
+        return {}
+    try:
+        image = contact_sheet([r["local_path"] for r in latest])
+    except PreviewError as exc:
+        log.warning(f"no contact sheet: {exc}")
+        return {}
+    caption = ", ".join(f"`{r['partition_key']}`" for r in latest)
+    return {
+        "contact_sheet": MetadataValue.md(
+            f"{image.markdown('latest videos')}\n\nNewest first, row by row: {caption}"
+        )
+    }
 
 
 def catalog_column_schema() -> TableSchema:
@@ -360,9 +452,10 @@ def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> Asse
             check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no ledger row"}
         )
     if row.status is VideoStatus.COMPLETED:
-        return AssetCheckResult(
-            check_name=VIDEO_CHECK_NAME, passed=True, metadata=translator.get_video_metadata(row)
-        )
+        # the materialization beside it carries the preview: once in the event log is enough
+        metadata = translator.get_video_metadata(row)
+        metadata.pop(PREVIEW_KEY, None)
+        return AssetCheckResult(check_name=VIDEO_CHECK_NAME, passed=True, metadata=metadata)
     return AssetCheckResult(
         check_name=VIDEO_CHECK_NAME,
         passed=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -71,14 +72,17 @@ def _progress_printer(stream: Any = None) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvid_dagster.client import KvidClient, KvidError, build_request
+    from kvid_dagster.project import dialect_from_env
     from kvid_dagster.prompts import PARAM_COLUMNS
 
     params: dict[str, Any] = {
         name: value for name in PARAM_COLUMNS if (value := getattr(args, name)) is not None
     }
     try:
+        dialect = dialect_from_env()
         request = build_request(
             args.prompt,
+            dialect=dialect,
             job=args.job,
             model=args.model,
             image=args.image,
@@ -93,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with service_endpoint() as (base_url, api_key, embedded):
         where = "embedded emulator at " + base_url if embedded else base_url
         print(f"kvid: {request.job_kind} {request.model} via {where}", file=sys.stderr)
-        with KvidClient(api_key, base_url) as client:
+        with KvidClient(api_key, base_url, dialect=dialect) as client:
             try:
                 request_id = client.generate(request)
                 print(f"request_id: {request_id}", file=sys.stderr)
@@ -115,14 +119,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from kvid_dagster.budget import CreditBudget
+    from kvid_dagster.project import dialect_from_env
     from kvid_dagster.resource import KvidResource
     from kvid_dagster.runner import print_summary, run_pipeline
 
     data_dir = Path(args.data_dir).resolve()
+    budget = CreditBudget(per_run=args.budget_credits, per_day=args.daily_budget_credits)
     with service_endpoint() as (base_url, api_key, embedded):
         where = f"embedded emulator at {base_url}" if embedded else base_url
         print(f"kvid: {args.prompts} -> {data_dir} via {where}", file=sys.stderr)
-        resource = KvidResource(api_key=api_key, base_url=base_url)
+        resource = KvidResource(api_key=api_key, base_url=base_url, dialect=dialect_from_env())
         result = run_pipeline(
             args.prompts,
             data_dir,
@@ -130,10 +137,51 @@ def cmd_run(args: argparse.Namespace) -> int:
             poll_interval_s=args.poll_interval,
             deadline_s=args.deadline,
             download=not args.no_download,
+            budget_credits=budget,
             say=lambda line: print(line, file=sys.stderr),
         )
     print_summary(result, data_dir)
     return 0 if result.ok else 1
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """What submitting every row without a job would cost, and what today has spent; reads
+    the ledger (when there is one) and writes nothing."""
+    from kvid_dagster.budget import estimate_backfill
+    from kvid_dagster.ledger import Ledger, SpendWindow, Submission
+    from kvid_dagster.ledger.store import DATABASE_FILE
+    from kvid_dagster.project import DATABASE_URL_ENV, dialect_from_env
+    from kvid_dagster.prompts import PromptTableError, load_prompt_table
+
+    data_dir = Path(args.data_dir)
+    try:
+        table = load_prompt_table(args.prompts, dialect=dialect_from_env())
+    except PromptTableError as exc:
+        print(f"kvid-dagster estimate: {exc}", file=sys.stderr)
+        return 2
+    database_url = os.environ.get(DATABASE_URL_ENV) or None
+    latest: dict[str, Submission] = {}
+    spent_today = 0.0
+    if database_url or (data_dir / DATABASE_FILE).exists():  # no ledger yet: nothing has a job
+        with Ledger.for_data_dir(data_dir, database_url) as ledger:
+            latest = ledger.latest_submissions(row.request_hash for row in table.rows)
+            spent_today = ledger.spent_credits(SpendWindow.DAY)
+    estimate = estimate_backfill(table.rows, latest, None, spent_today)
+    print(f"{args.prompts}: {estimate.describe()}")
+    if table.invalid:
+        print(f"{len(table.invalid)} invalid rows, never sent (not priced)")
+    return 0
+
+
+def _credits(text: str) -> float:
+    """A command-line budget: a finite number of credits, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of credits >= 0")
+    return value
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -229,8 +277,12 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", help="image-to-video input: a local path or an http(s) URL")
     p.add_argument("--end-image", dest="end_image", help="v2 image-to-video: URL of the last frame")
-    p.add_argument("--job", choices=["text-to-video", "image-to-video"])
-    p.add_argument("--model", default="v1", help="v1, v2 or a full v2 model id (default v1)")
+    p.add_argument("--job", choices=["text-to-video", "image-to-video", "reference-to-video"])
+    p.add_argument(
+        "--model",
+        help="video dialect: v1 (default), v2 or a full v2 model id; generation dialect "
+        "(KVID_API_DIALECT=generation): v1/v2/v3, wan/seedance/veo3.1 or a model path",
+    )
     p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--num-frames", dest="num_frames", type=int)
     p.add_argument("--fps", "--frames-per-second", dest="frames_per_second", type=int)
@@ -244,8 +296,15 @@ def _add_generate(sub: Any) -> None:
     p.add_argument(
         "--prompt-expansion", dest="enable_prompt_expansion", action=argparse.BooleanOptionalAction
     )
-    p.add_argument("--duration", choices=["5", "10"])
+    p.add_argument("--duration", help="video v2: 5 or 10; generation: seconds (or auto)")
     p.add_argument("--camera-fixed", dest="camera_fixed", action=argparse.BooleanOptionalAction)
+    for name in ("image_urls", "video_urls", "audio_urls"):
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, help="reference-to-video: URLs as a|b or a JSON array")
+    p.add_argument("--generate-audio", dest="generate_audio", action=argparse.BooleanOptionalAction)
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--acceleration", choices=["regular", "high"])
     p.add_argument("--poll-interval", dest="poll_interval", type=float, default=1.0)
     p.add_argument("--deadline", type=float, default=900.0, help="overall seconds to wait")
     p.add_argument("--out", default="video.mp4")
@@ -269,7 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--deadline", type=float, default=3600.0, help="overall seconds to wait")
     run.add_argument("--no-download", action="store_true", help="record URLs, fetch no files")
+    run.add_argument(
+        "--budget-credits",
+        type=_credits,
+        help="credits this run may spend (priced before anything is sent; rows that do not "
+        "fit stay PENDING, and the run exits 1 naming them)",
+    )
+    run.add_argument(
+        "--daily-budget-credits",
+        type=_credits,
+        help="credits every submitter together may spend since UTC midnight",
+    )
     run.set_defaults(func=cmd_run)
+    estimate = sub.add_parser(
+        "estimate", help="what submitting every row without a job would cost (sends nothing)"
+    )
+    estimate.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="CSV or Parquet table")
+    estimate.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    estimate.set_defaults(func=cmd_estimate)
     resolve = sub.add_parser(
         "resolve",
         help="settle an UNCERTAIN row: the job you found on the kvid dashboard, or none",

@@ -18,8 +18,9 @@ from dagster import (
 )
 
 from kvid_dagster.assets import build_kvid_assets
-from kvid_dagster.client import DEFAULT_BASE_URL
-from kvid_dagster.project import KvidProject
+from kvid_dagster.budget import CreditBudget
+from kvid_dagster.client import DEFAULT_BASE_URL, ApiDialect
+from kvid_dagster.project import KvidProject, dialect_from_env
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.schedules import build_kvid_schedule
 from kvid_dagster.sensors import build_kvid_prompts_sensor, build_kvid_status_sensor
@@ -30,11 +31,13 @@ SUBMIT_JOB = "kvid_submit_job"
 CATALOG_JOB = "kvid_catalog_job"
 
 
-def resource_from_env() -> KvidResource:
-    """``KVID_API_KEY`` (a secret, never shown) and ``KVID_BASE_URL`` (default: the vendor's)."""
+def resource_from_env(dialect: ApiDialect | str | None = None) -> KvidResource:
+    """``KVID_API_KEY`` (a secret, never shown), ``KVID_BASE_URL`` (default: the vendor's) and
+    the dialect (``dialect``, else ``KVID_API_DIALECT``, else ``video``)."""
     return KvidResource(
         api_key=EnvVar("KVID_API_KEY"),
         base_url=os.environ.get("KVID_BASE_URL") or DEFAULT_BASE_URL,
+        dialect=dialect_from_env(dialect),
     )
 
 
@@ -59,6 +62,8 @@ def build_kvid_definitions(
     jobs_automation_condition: AutomationCondition | None = None,
     partitions_name: str = "kvid_prompts",
     database_url: str | None = None,
+    dialect: ApiDialect | str | None = None,
+    budget_credits: CreditBudget | None = None,
     executor: ExecutorDefinition | None = in_process_executor,
 ) -> Definitions:
     """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table.
@@ -76,9 +81,17 @@ def build_kvid_definitions(
 
     ``database_url`` is the ledger (default ``$KVID_DATABASE_URL``, else the SQLite file
     ``<data_dir>/kvid.db``); a ``postgresql+psycopg://`` URL needs the ``[postgres]`` extra.
+    ``dialect`` is the API dialect (default ``$KVID_API_DIALECT``, else ``video``): the table's
+    rows are read as its requests, and the default resource speaks it.
+    ``budget_credits`` (e.g. ``CreditBudget(per_run=500, per_day=2000)``) caps what the
+    submitting runs spend; rows that do not fit stay PENDING and the run fails saying so.
     """
     project = KvidProject(
-        prompts_path, data_dir, database_url=database_url, partitions_name=partitions_name
+        prompts_path,
+        data_dir,
+        database_url=database_url,
+        partitions_name=partitions_name,
+        dialect=dialect,
     )
     translator = translator or KvidTranslator()
     assets = build_kvid_assets(
@@ -86,6 +99,7 @@ def build_kvid_definitions(
         translator=translator,
         prices=prices,
         jobs_automation_condition=jobs_automation_condition,
+        budget_credits=budget_credits,
     )
     jobs = [
         define_asset_job(PROMPTS_JOB, selection=[translator.get_asset_key("kvid_prompts")]),
@@ -121,5 +135,5 @@ def build_kvid_definitions(
                 default_status=schedule_status,
             )
         ],
-        resources={"kvid": resource or resource_from_env()},
+        resources={"kvid": resource or resource_from_env(project.dialect)},
     )

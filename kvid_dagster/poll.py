@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +31,9 @@ from kvid_dagster.client import (
     build_request,
 )
 from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
+from kvid_dagster.preview import PreviewError, video_preview
 from kvid_dagster.probe import VideoProbe, probe_video
-from kvid_dagster.prompts import PROMPT_ID_PATTERN
+from kvid_dagster.prompts import PROMPT_ID_PATTERN, ROW_COLUMNS
 
 log = logging.getLogger("kvid_dagster.poll")
 
@@ -145,7 +147,8 @@ async def poll_pending(
     now = datetime.now(UTC)
     report = PollReport()
     report.settled = (await asyncio.to_thread(ledger.recover, is_alive)).settled
-    subs = _rotate(await asyncio.to_thread(ledger.jobs_to_poll), start_after)
+    dialect = client.dialect.api.value  # a job id means something only to its own dialect
+    subs = _rotate(await asyncio.to_thread(ledger.jobs_to_poll, dialect), start_after)
     report.pending = len(subs)
     gate = asyncio.Semaphore(max(1, config.concurrency))
     changes: dict[int, JobChange] = {}
@@ -270,12 +273,12 @@ async def _poll(
     if status.is_completed:
         return await _completed(client, config, sub, kind, late, now, report, found)
     progress = _percent(status.progress)
-    if status.is_failed:
-        reason = status.message or (status.logs[-1] if status.logs else "") or "no reason"
+    if status.ended_without_video:
+        reason = status.reason or ("canceled" if not status.is_failed else "no reason")
         return JobChange(
             sub.submission_id,
             sub.version,
-            VideoStatus.FAILED,
+            VideoStatus.FAILED if status.is_failed else VideoStatus.CANCELED,
             progress=progress,
             error=reason,
             completed=True,
@@ -305,7 +308,7 @@ async def _completed(
     if sub.fetch_failures and not late and waited < config.refetch_interval_s:
         return None  # the last fetch failed a moment ago: try again on a later tick
     try:
-        video = await _fetch(client, config, sub, kind, str(sub.request_id))
+        video, used_credit = await _fetch(client, config, sub, kind, str(sub.request_id))
     except Exception as exc:  # whatever the result, the download or the probe raised
         problem = f"fetching the video: {type(exc).__name__}: {exc}"
         report.errors.append(f"{sub.partition_key} ({sub.request_id}): {problem}")
@@ -328,6 +331,8 @@ async def _completed(
             completed=given_up,
             extra={**found, "fetch_failures": failures},
         )
+    # the service's own figure, where it reports one, is the job's cost (the estimate stays)
+    cost = {"cost_credits": used_credit} if used_credit is not None else {}
     return JobChange(
         sub.submission_id,
         sub.version,
@@ -335,21 +340,25 @@ async def _completed(
         progress=100,
         video=video,
         completed=True,
-        extra=found,
+        extra={**found, **cost},
     )
 
 
 async def _fetch(
     client: AsyncKvidClient, config: PollConfig, sub: Submission, kind: JobKind, request_id: str
-) -> VideoFile:
-    """The result, and its video downloaded to a hidden staging file, verified as a video of
-    the expected geometry, then renamed into place: what is not a video never lands as .mp4."""
+) -> tuple[VideoFile, float | None]:
+    """The result (and the credits the service says the job used), and its video downloaded
+    to a hidden staging file, verified as a video of the expected geometry, then renamed into
+    place: what is not a video never lands as .mp4."""
     result = await client.result(kind, request_id)
     if not config.download:
-        return VideoFile(url=result.url, name=result.name, size_kb=result.size_kb)
+        unfetched = VideoFile(url=result.url, name=result.name, size_kb=_whole_kb(result.size_kb))
+        return unfetched, result.used_credit
     config.download_dir.mkdir(parents=True, exist_ok=True)
     target = video_path(config.download_dir, sub)
-    staging = target.with_name(f".{target.stem}{_STAGING_SUFFIX}")
+    # a name of its own: two pollers (two runs, a run and a sensor) may fetch one job at once,
+    # and one renaming a shared staging file under the other failed the other's fetch
+    staging = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}{_STAGING_SUFFIX}")
     try:
         downloaded = await client.download(result, staging, max_bytes=config.max_download_bytes)
         probe = await asyncio.to_thread(_verified, downloaded.path, sub)
@@ -358,10 +367,14 @@ async def _fetch(
         with contextlib.suppress(OSError):
             staging.unlink()
         raise
+    # the UI's preview is made here, in a worker thread within the tick's budget, and cached
+    # beside the video: reporting the materialization then only reads it back
+    with contextlib.suppress(PreviewError):
+        await asyncio.to_thread(video_preview, target)
     return VideoFile(
         url=result.url,
         name=result.name,
-        size_kb=result.size_kb,
+        size_kb=_whole_kb(result.size_kb),
         local_path=str(target),
         sha256=downloaded.sha256,
         width=probe.width,
@@ -369,12 +382,17 @@ async def _fetch(
         fps=probe.fps,
         num_frames=probe.num_frames,
         duration_s=probe.duration_s,
-    )
+    ), result.used_credit
+
+
+def _whole_kb(size_kb: float | None) -> int | None:
+    """The catalog keeps whole kilobytes (the generation dialect reports bytes)."""
+    return None if size_kb is None else round(size_kb)
 
 
 def _verified(path: Path, sub: Submission) -> VideoProbe:
     """The file's probe, if it is a video with frames and the geometry the request asks for
-    (text-to-video: an image-to-video's geometry follows its input image); else ValueError."""
+    (see ``_ExpectedSize``); else ValueError."""
     try:
         probe = probe_video(path)
     except Exception as exc:  # PyAV raises its own zoo (and IndexError: no video stream)
@@ -383,28 +401,63 @@ def _verified(path: Path, sub: Submission) -> VideoProbe:
         raise ValueError(f"the download has no picture ({probe.width}x{probe.height}, "
                          f"{probe.num_frames} frames)")  # fmt: skip
     expected = _expected_size(sub)
-    if expected is not None and (
-        abs(probe.width - expected[0]) > _GEOMETRY_TOLERANCE_PX
-        or abs(probe.height - expected[1]) > _GEOMETRY_TOLERANCE_PX
-    ):
-        raise ValueError(
-            f"the download is {probe.width}x{probe.height}, the request asks for "
-            f"{expected[0]}x{expected[1]}"
-        )
+    problem = expected.mismatch(probe.width, probe.height) if expected else None
+    if problem is not None:
+        raise ValueError(f"the download is {probe.width}x{probe.height}, {problem}")
     return probe
 
 
-def _expected_size(sub: Submission) -> tuple[int, int] | None:
-    """(width, height) a text-to-video request yields; None when it cannot be known here."""
-    if sub.job_kind != JobKind.TEXT_TO_VIDEO:
+@dataclass(frozen=True)
+class _ExpectedSize:
+    """The picture a request yields. With aspect ratio ``auto`` the long side follows the input
+    image, which the poller does not have: only the short side (the resolution's number) is
+    known then, and ``width``/``height`` are None."""
+
+    short_side: int
+    width: int | None = None
+    height: int | None = None
+
+    def mismatch(self, width: int, height: int) -> str | None:
+        """What is wrong with a ``width`` x ``height`` picture, or None (within the tolerance)."""
+
+        def off(got: int, want: int) -> bool:
+            return abs(got - want) > _GEOMETRY_TOLERANCE_PX
+
+        if self.width is None or self.height is None:
+            if off(min(width, height), self.short_side):
+                return (
+                    f"the request asks for a short side of {self.short_side} px (its aspect "
+                    "ratio is auto: the long side follows the input image)"
+                )
+            return None
+        if off(width, self.width) or off(height, self.height):
+            return f"the request asks for {self.width}x{self.height}"
+        return None
+
+
+# what an image-to-video request is rebuilt with instead of its images: a local file may have
+# moved since, and the output's size depends on the image only through aspect ratio "auto"
+_IMAGE_STAND_IN = "https://image.invalid/stand-in.png"
+
+
+def _expected_size(sub: Submission) -> _ExpectedSize | None:
+    """The picture ``sub``'s request yields; None when it cannot be known here."""
+    if sub.job_kind not in (JobKind.TEXT_TO_VIDEO, JobKind.IMAGE_TO_VIDEO):
         return None
     try:
-        params = {k: v for k, v in json.loads(sub.params_json).items() if k not in ("job", "model")}
-        request = build_request(sub.prompt, job=sub.job_kind, model=sub.model, **params)
+        # the row's columns that are not API parameters: job, model and the images
+        params = {k: v for k, v in json.loads(sub.params_json).items() if k not in ROW_COLUMNS}
+        if sub.job_kind == JobKind.IMAGE_TO_VIDEO:
+            params["image"] = _IMAGE_STAND_IN
+        request = build_request(
+            sub.prompt, dialect=sub.dialect, job=sub.job_kind, model=sub.model or None, **params
+        )
+        if request.aspect_ratio == "auto":
+            return _ExpectedSize(int(request.resolution.removesuffix("p")))
         width, height, _fps, _frames = request.output_geometry()
     except (KvidError, TypeError, ValueError):
         return None
-    return width, height
+    return _ExpectedSize(min(width, height), width, height)
 
 
 def _clean_leftovers(download_dir: Path) -> None:

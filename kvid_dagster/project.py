@@ -7,9 +7,18 @@ from pathlib import Path
 
 from dagster import DynamicPartitionsDefinition
 
+from kvid_dagster.client import ApiDialect, dialect_for
 from kvid_dagster.ledger import Ledger, PublishStats, publish
+from kvid_dagster.prompts import PromptTable, load_prompt_table
 
 DATABASE_URL_ENV = "KVID_DATABASE_URL"
+DIALECT_ENV = "KVID_API_DIALECT"
+
+
+def dialect_from_env(dialect: ApiDialect | str | None = None) -> ApiDialect:
+    """``dialect``, else ``$KVID_API_DIALECT``, else the video dialect (an unknown name is a
+    ``KvidValidationError`` naming the allowed ones)."""
+    return dialect_for(dialect or os.environ.get(DIALECT_ENV, "").strip() or ApiDialect.VIDEO).api
 
 
 class KvidProject:
@@ -18,7 +27,8 @@ class KvidProject:
     The ledger is ``database_url`` (else ``$KVID_DATABASE_URL``, else the SQLite file
     ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
     it, ``<data_dir>/videos/`` the downloaded videos. The partitions definition is named after
-    ``partitions_name`` so two projects can share a Dagster instance.
+    ``partitions_name`` so two projects can share a Dagster instance. ``dialect`` (else
+    ``$KVID_API_DIALECT``, else ``video``) is the API dialect the table's rows are requests of.
     """
 
     def __init__(
@@ -29,11 +39,13 @@ class KvidProject:
         database_url: str | None = None,
         table_prefix: str = "kvid_",
         partitions_name: str = "kvid_prompts",
+        dialect: ApiDialect | str | None = None,
     ) -> None:
         self.prompts_path = Path(prompts_path).resolve()
         self.data_dir = Path(data_dir).resolve()
         self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
         self.table_prefix = table_prefix
+        self.dialect = dialect_from_env(dialect)
         self.partitions_def = DynamicPartitionsDefinition(name=partitions_name)
         self._ledger: tuple[int, Ledger] | None = None
 
@@ -58,6 +70,10 @@ class KvidProject:
             )
             self._ledger = (os.getpid(), ledger)
         return self._ledger[1]
+
+    def load_table(self) -> PromptTable:
+        """The prompt table, its rows read as requests of this project's dialect."""
+        return load_prompt_table(self.prompts_path, dialect=self.dialect)
 
     def publish(self) -> PublishStats:
         """Republish ``catalog/videos`` and ``catalog/submissions`` from the ledger."""

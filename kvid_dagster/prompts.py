@@ -14,14 +14,14 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from kvid_dagster.client import KvidError, KvidRequest, build_request
+from kvid_dagster.client import ApiDialect, KvidError, KvidRequest, build_request
 from kvid_dagster.prompt_cells import CellError, cell_text, integer_text, key_text
 
 # Columns that are not API parameters (``image_url``/``image_file``/``end_image_url``: the
@@ -47,6 +47,14 @@ PARAM_COLUMNS = (
     "enable_prompt_expansion",
     "duration",
     "camera_fixed",
+    # the generation dialect's (reference lists: JSON arrays or ``a|b`` text)
+    "image_urls",
+    "video_urls",
+    "audio_urls",
+    "generate_audio",
+    "guidance_scale",
+    "shift",
+    "acceleration",
 )
 INT_PARAMS = frozenset({"num_frames", "frames_per_second", "seed", "num_inference_steps"})
 # A partition key is also a file name and a Dagster partition key: keep it boring.
@@ -84,7 +92,11 @@ class PromptRow:
 
     @property
     def model(self) -> str:
-        return self.request.model
+        return self.request.model or ""  # "": the generation dialect's server default
+
+    @property
+    def dialect(self) -> str:
+        return self.request.dialect.value
 
     @property
     def params_json(self) -> str:
@@ -320,6 +332,7 @@ def _parse_record(
     record: Mapping[Any, Any],
     base_dir: Path | None,
     known_problem: tuple[str, str] | None,
+    dialect: ApiDialect,
 ) -> tuple[PromptRow, bool] | InvalidRow:
     """One record: its valid row (and whether its key was given), or why it is invalid."""
     texts, problem = _texts(record)
@@ -360,19 +373,25 @@ def _parse_record(
     job = texts.get("job")
     model = texts.get("model")
     image_column, image = images["image"]
-    try:
-        request = build_request(
+
+    def build(api: ApiDialect) -> KvidRequest:
+        return build_request(
             prompt_text,
+            dialect=api,
             job=None if job is None else job.strip(),
-            model="v1" if model is None else model.strip(),
+            model=None if model is None else model.strip(),
             image=image,
             end_image=images["end_image"][1],
             base_dir=base_dir,
             **params,
         )
+
+    try:
+        request = build(dialect)
     except KvidError as exc:
         field_name = getattr(exc, "field", None) or "row"
-        return invalid(image_column if field_name == "image" else field_name, str(exc))
+        reason = str(exc) + _other_dialect_note(build, dialect)
+        return invalid(image_column if field_name == "image" else field_name, reason)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:
         # never let one row stop the table: an unreadable image file ("~nobody/x.png", a name
         # too long for the file system) is that row's problem
@@ -391,10 +410,25 @@ def _parse_record(
     return row, key is not None
 
 
+def _other_dialect_note(build: Callable[[ApiDialect], KvidRequest], dialect: ApiDialect) -> str:
+    """Where a row is valid in the other dialect, say so: the fix is a setting, not the row."""
+    other = next(d for d in ApiDialect if d is not dialect)
+    try:
+        build(other)
+    except (KvidError, TypeError, ValueError, OSError, RuntimeError):
+        return ""
+    return (
+        f" (the row is valid in the {other} dialect; this project speaks {dialect}: "
+        f"set KVID_API_DIALECT={other} to send it)"
+    )
+
+
 def parse_rows(
     records: Sequence[Mapping[str, Any]],
     base_dir: Path | None,
     row_problems: Mapping[int, tuple[str, str]] | None = None,
+    *,
+    dialect: ApiDialect | str = ApiDialect.VIDEO,
 ) -> PromptTable:
     """Validate records (one mapping per row) into a :class:`PromptTable` (path left empty).
 
@@ -403,9 +437,10 @@ def parse_rows(
     """
     table = PromptTable(path=Path(base_dir or "."))
     row_problems = row_problems or {}
+    api = ApiDialect(dialect)
     candidates: list[tuple[PromptRow, bool]] = []  # (row, key was given explicitly)
     for index, record in enumerate(records, start=1):
-        parsed = _parse_record(index, record, base_dir, row_problems.get(index))
+        parsed = _parse_record(index, record, base_dir, row_problems.get(index), api)
         if isinstance(parsed, InvalidRow):
             table.invalid.append(parsed)
         else:
@@ -444,8 +479,11 @@ def parse_rows(
     return table
 
 
-def load_prompt_table(path: str | Path) -> PromptTable:
-    """Read and validate a prompt table; relative image paths resolve against its folder.
+def load_prompt_table(
+    path: str | Path, *, dialect: ApiDialect | str = ApiDialect.VIDEO
+) -> PromptTable:
+    """Read and validate a prompt table into requests of ``dialect``; relative image paths
+    resolve against its folder.
 
     Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable,
     still being written, or with a column that looks like a misspelt kvid field (its rows
@@ -455,7 +493,7 @@ def load_prompt_table(path: str | Path) -> PromptTable:
     data = _stable_bytes(path)
     columns, records, problems = _read_table(path, data)
     _check_spelling(path, columns)
-    table = parse_rows(records, base_dir=path.parent, row_problems=problems)
+    table = parse_rows(records, base_dir=path.parent, row_problems=problems, dialect=dialect)
     table.path = path
     table.fingerprint = hashlib.sha256(data).hexdigest()
     table.user_columns = tuple(c for c in columns if c and c not in _KVID_COLUMNS)

@@ -7,8 +7,15 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from kvid_dagster.client import DEFAULT_BASE_URL, AsyncKvidClient, KvidClient
-from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY
+from kvid_dagster.client import (
+    DEFAULT_BASE_URL,
+    ApiDialect,
+    AsyncKvidClient,
+    CreditPool,
+    CreditPoolField,
+    KvidClient,
+)
+from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY, DEFAULT_LIMIT_WAIT_S
 
 
 class KvidResource(ConfigurableResource):
@@ -23,6 +30,21 @@ class KvidResource(ConfigurableResource):
     # tracebacks print
     api_key: str = Field(repr=False, description="The kvid API key (use EnvVar('KVID_API_KEY')).")
     base_url: str = Field(default=DEFAULT_BASE_URL, description="The kvid API base URL.")
+    dialect: ApiDialect = Field(
+        default=ApiDialect.VIDEO,
+        description="The API dialect: 'video' (/ai/video/..., request_id) or 'generation' "
+        "(/ai/generation/..., jobId). It must be the project's (KVID_API_DIALECT).",
+    )
+    credit_pool_field: CreditPoolField | None = Field(
+        default=None,
+        description="Generation dialect: the body field naming the credit pool to charge "
+        "(product_id, product_code or email), sent only when set.",
+    )
+    credit_pool: str | None = Field(
+        default=None,
+        repr=False,
+        description="Its value (use an EnvVar); held like the key, never shown or logged.",
+    )
     request_timeout_s: float = Field(default=30.0, description="Timeout of one HTTP request.")
     max_retries: int = Field(default=5, description="Retries of a retryable request (bounded).")
     backoff_base_s: float = Field(
@@ -40,6 +62,13 @@ class KvidResource(ConfigurableResource):
         "many rows can be UNCERTAIN. Status polling has its own, larger bound.",
     )
     poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
+    concurrent_limit_wait_s: float = Field(
+        default=DEFAULT_LIMIT_WAIT_S,
+        gt=0,
+        description="After the service refuses a generate for its limit on running jobs "
+        "(CONCURRENT_LIMIT), how long new generates wait before going on (doubling while "
+        "refused, at most 60 s; a Retry-After wins).",
+    )
     allowed_download_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts on private or loopback addresses videos may be downloaded from, "
@@ -55,6 +84,12 @@ class KvidResource(ConfigurableResource):
             "backoff_max": self.backoff_max_s,
             "max_in_flight": self.max_in_flight,
             "allowed_download_hosts": tuple(self.allowed_download_hosts),
+            "dialect": self.dialect,
+            "credit_pool": (
+                CreditPool.of(self.credit_pool_field, self.credit_pool)
+                if self.credit_pool_field is not None and self.credit_pool
+                else None
+            ),
         }
 
     def get_client(self) -> KvidClient:

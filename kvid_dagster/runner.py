@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,17 @@ from typing import Any
 import pandas as pd
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 
+from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
-from kvid_dagster.ledger import VideoStatus, videos_frame
+from kvid_dagster.ledger import SpendWindow, VideoStatus, videos_frame
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, keys_needing_jobs, partition_ranges
+from kvid_dagster.translator import KvidTranslator
 
 # the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+_JOBS_OP = KvidTranslator().get_asset_key("kvid_video_jobs").to_python_identifier()
 
 
 def dagster_home_for(data_dir: Path) -> Path:
@@ -47,6 +50,8 @@ class PipelineResult:
     sensor_ticks: int = 0
     events_reported: int = 0
     elapsed_s: float = 0.0
+    spent_credits: float = 0.0  # by this pipeline's submitting runs
+    day_spent_credits: float = 0.0  # by every submitter since UTC midnight
 
     @property
     def ok(self) -> bool:
@@ -85,8 +90,12 @@ def run_pipeline(
     deadline_s: float = 3600.0,
     download: bool = True,
     database_url: str | None = None,
+    budget_credits: CreditBudget | None = None,
     say: Callable[[str], Any] = print,
 ) -> PipelineResult:
+    """``budget_credits``: its per-run credits are for the whole pipeline, shared by its
+    submitting runs (one per contiguous range of partitions); its per-day credits hold for
+    every submitter of the day."""
     started = time.monotonic()
     project = KvidProject(prompts_path, data_dir, database_url=database_url)
     defs = build_kvid_definitions(
@@ -95,16 +104,24 @@ def run_pipeline(
         resource=resource,
         download=download,
         database_url=project.database_url,
+        budget_credits=budget_credits,
     )
     if instance is None:
         os.environ["DAGSTER_HOME"] = str(dagster_home_for(project.data_dir))
         instance = DagsterInstance.get()
     result = PipelineResult(catalog=pd.DataFrame())
 
-    def execute(job_name: str, tags: dict[str, str] | None = None) -> bool:
+    def execute(
+        job_name: str,
+        tags: dict[str, str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> bool:
         job = defs.resolve_job_def(job_name)
         outcome = job.execute_in_process(
-            instance=instance, tags=tags, raise_on_error=False, run_config=QUIET_RUN_CONFIG
+            instance=instance,
+            tags=tags,
+            raise_on_error=False,
+            run_config={**QUIET_RUN_CONFIG, **(run_config or {})},
         )
         result.runs.append(outcome.run_id)
         if not outcome.success:
@@ -126,8 +143,19 @@ def run_pipeline(
     ordered, wanted = keys_needing_jobs(project, instance)
     ranges = partition_ranges(ordered, wanted)
     say(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
+    per_run = budget_credits.per_run if budget_credits is not None else None
+    if budget_credits is not None and budget_credits.caps:
+        say(f"credit budget: {budget_credits.describe()}")
+    spent = 0.0
+    submit_runs: list[str] = []
     for first, last in ranges:
-        execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last})
+        run_config: dict[str, Any] = {}
+        if per_run is not None:  # what the earlier runs of this pipeline left of it
+            room = max(0.0, per_run - spent)
+            run_config = {"ops": {_JOBS_OP: {"config": {"budget_credits": room}}}}
+        execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last}, run_config)
+        submit_runs.append(result.runs[-1])
+        spent += ledger.spent_credits(SpendWindow.RUN, run_id=submit_runs[-1])
 
     cursor: str | None = None
     last_line = ""
@@ -154,6 +182,11 @@ def run_pipeline(
         time.sleep(poll_interval_s)
     execute(CATALOG_JOB)
     result.catalog = videos_frame(ledger)
+    # read again: a job whose service reported its cost has that cost now, not the estimate
+    result.spent_credits = sum(
+        ledger.spent_credits(SpendWindow.RUN, run_id=run_id) for run_id in submit_runs
+    )
+    result.day_spent_credits = ledger.spent_credits(SpendWindow.DAY)
     result.elapsed_s = time.monotonic() - started
     return result
 
@@ -178,6 +211,11 @@ def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdo
         f"\n{len(frame)} rows; {result.sensor_ticks} status ticks; "
         f"{len(result.runs)} Dagster runs; "
         f"{result.elapsed_s:.1f} s",
+        file=out,
+    )
+    print(
+        f"credits: {result.spent_credits:g} spent by these runs, {result.day_spent_credits:g} "
+        "today (UTC)",
         file=out,
     )
     print(f"catalog: {project_dir / 'catalog' / 'videos'} (pandas.read_parquet)", file=out)

@@ -41,7 +41,6 @@ from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import (
     PromptTable,
     PromptTableError,
-    load_prompt_table,
     table_fingerprint,
 )
 from kvid_dagster.resource import KvidResource
@@ -111,7 +110,7 @@ def keys_needing_jobs(
     ``table`` and ``partition_keys`` spare a caller that already has them a second read.
     """
     if table is None:
-        table = load_prompt_table(project.prompts_path)
+        table = project.load_table()
     if partition_keys is None:
         partition_keys = instance.get_dynamic_partitions(project.partitions_name)
     ordered = [*partition_keys, *extra]
@@ -267,7 +266,7 @@ async def _retry_failed(
     if not failed:
         return [], None
     try:
-        table = load_prompt_table(project.prompts_path)
+        table = project.load_table()
     except PromptTableError as exc:
         return [], f"FAILED jobs not retried: {exc}"
     by_key = table.by_key
@@ -470,7 +469,7 @@ def build_kvid_prompts_sensor(
         if context.cursor == fingerprint:
             return SkipReason("the prompt table has not changed")
         try:
-            table = load_prompt_table(project.prompts_path)
+            table = project.load_table()
         except PromptTableError as exc:
             return SensorResult(skip_reason=SkipReason(str(exc)), cursor=fingerprint)
         fingerprint = table.fingerprint  # of exactly the bytes parsed (the file may have moved on)

@@ -12,6 +12,15 @@ For each row, at most ``generate_concurrency`` at a time:
 A process killed between 1 and 3 leaves at most ``generate_concurrency`` claims; the next run or
 status tick settles them at once (:meth:`Ledger.recover`). Knows neither Dagster nor HTTP: it
 drives an :class:`AsyncKvidClient` and a :class:`Ledger`.
+
+Two refusals create no job and say something about every row after them: out of credit (402)
+stops the submission, and the rows not yet sent stay PENDING (``NO_CREDIT``); the service's
+limit on running jobs (429 ``CONCURRENT_LIMIT``) holds the queue until a slot frees, then the
+same rows go on, each still paid once.
+
+A credit budget (:class:`CreditBudget`) is planned before anything is sent: the rows that fit go,
+in table order, the rest stay PENDING (``OVER_BUDGET``); each claim is checked against the same
+caps in its own transaction, so concurrent submitters share the room instead of each spending it.
 """
 
 from __future__ import annotations
@@ -20,13 +29,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from kvid_dagster.budget import CreditBudget, plan_within, room_left
 from kvid_dagster.client import (
     AsyncKvidClient,
     KvidAuthenticationError,
+    KvidConcurrentLimitError,
     KvidError,
+    KvidInsufficientCreditError,
     KvidUncertainSubmissionError,
     KvidValidationError,
 )
@@ -37,6 +49,7 @@ from kvid_dagster.ledger import (
     InvalidEntry,
     Ledger,
     Refusal,
+    SpendWindow,
     Submission,
     VideoStatus,
     refusal_for,
@@ -48,6 +61,11 @@ log = logging.getLogger("kvid_dagster.submit")
 
 #: generates in flight at once, per submitting process (status polling has its own bound)
 DEFAULT_GENERATE_CONCURRENCY = 4
+#: how long the queue waits after a CONCURRENT_LIMIT refusal without a Retry-After (doubling on
+#: each refusal in a row, up to 60 s), and how long it may stay held before its rows give up
+DEFAULT_LIMIT_WAIT_S = 10.0
+DEFAULT_LIMIT_HOLD_S = 1800.0
+_LIMIT_WAIT_MAX_S = 60.0
 _HEARTBEAT_SECONDS = 15.0
 
 
@@ -57,6 +75,8 @@ class SubmitAction(StrEnum):
     UNCERTAIN = "uncertain"  # the generate may have created a job: never re-sent by itself
     REJECTED = "rejected"  # the service said the request is invalid; nothing billed
     ERROR = "error"  # not sent, or refused: nothing billed, the row stays PENDING
+    NO_CREDIT = "no_credit"  # the account ran out of credit: not sent, the row stays PENDING
+    OVER_BUDGET = "over_budget"  # it does not fit the credit budget: not sent, stays PENDING
 
 
 @dataclass(frozen=True)
@@ -66,10 +86,67 @@ class SubmitOutcome:
     status: VideoStatus
     request_id: str | None = None
     message: str = ""
+    estimated_credits: float | None = None  # its priced cost, for a row this run tried to send
 
     @property
     def is_problem(self) -> bool:
-        return self.action in {SubmitAction.UNCERTAIN, SubmitAction.REJECTED, SubmitAction.ERROR}
+        return self.action in {
+            SubmitAction.UNCERTAIN, SubmitAction.REJECTED, SubmitAction.ERROR,
+            SubmitAction.NO_CREDIT, SubmitAction.OVER_BUDGET,
+        }  # fmt: skip
+
+    @property
+    def is_waiting(self) -> bool:
+        """Not sent for a reason about the money, not the row: the next run with room sends it."""
+        return self.action in {SubmitAction.NO_CREDIT, SubmitAction.OVER_BUDGET}
+
+
+@dataclass(frozen=True)
+class SpendReport:
+    """What one submitting run priced, sent and left, and the spend it leaves behind."""
+
+    estimate_credits: float  # every row it tried to send, priced
+    sent_credits: float  # the rows it sent, priced
+    rows_left: int  # rows over the budget: PENDING, not sent
+    left_credits: float
+    run_spent_credits: float  # this run's claims, from the ledger
+    day_spent_credits: float  # every claim since UTC midnight, from the ledger
+
+    @classmethod
+    def of(
+        cls, ledger: Ledger, outcomes: Sequence[SubmitOutcome], run_id: str | None
+    ) -> SpendReport:
+        priced = [o for o in outcomes if o.estimated_credits is not None]
+        left = [o for o in priced if o.action is SubmitAction.OVER_BUDGET]
+        sent = [o for o in priced if o.action is SubmitAction.SUBMITTED]
+        return cls(
+            estimate_credits=sum(o.estimated_credits or 0.0 for o in priced),
+            sent_credits=sum(o.estimated_credits or 0.0 for o in sent),
+            rows_left=len(left),
+            left_credits=sum(o.estimated_credits or 0.0 for o in left),
+            run_spent_credits=(
+                ledger.spent_credits(SpendWindow.RUN, run_id=run_id) if run_id else 0.0
+            ),
+            day_spent_credits=ledger.spent_credits(SpendWindow.DAY),
+        )
+
+    def metadata(self) -> dict[str, float]:
+        """For the run's metadata (the rows left are its ``over_budget`` count)."""
+        return {
+            "estimate_credits": self.estimate_credits,
+            "sent_estimate_credits": self.sent_credits,
+            "run_spent_credits": self.run_spent_credits,
+            "day_spent_credits": self.day_spent_credits,
+        }
+
+    def over_budget_message(self, budget: CreditBudget) -> str:
+        return (
+            f"kvid credit budget ({budget.describe()}): this run priced its rows at "
+            f"{self.estimate_credits:g} credits and sent {self.sent_credits:g} worth; "
+            f"{self.rows_left} rows left ({self.left_credits:g} credits), PENDING and not sent. "
+            f"Spent by this run {self.run_spent_credits:g}, today (UTC) "
+            f"{self.day_spent_credits:g}: raise the budget or run again when there is room."
+        )
 
 
 def latest_submissions(ledger: Ledger, rows: Iterable[PromptRow]) -> dict[str, Submission]:
@@ -80,6 +157,19 @@ def latest_submissions(ledger: Ledger, rows: Iterable[PromptRow]) -> dict[str, S
 def needs_job(row: PromptRow, latest: Mapping[str, Submission]) -> bool:
     """True when the row's exact request has no job at all (what schedules submit)."""
     return refusal_for(latest.get(row.request_hash), ClaimRule()) is None
+
+
+def _over_budget(row: PromptRow, cost: float, budget: CreditBudget) -> SubmitOutcome:
+    reason = (
+        f"{cost:g} credits do not fit what is left of the budget ({budget.describe()})"
+        if cost > 0
+        else f"no price for {row.model} at this resolution: a budget cannot cap it (add it to "
+        "the price table)"
+    )
+    return SubmitOutcome(
+        row.partition_key, SubmitAction.OVER_BUDGET, VideoStatus.PENDING, None,
+        f"not sent: {reason}", cost,
+    )  # fmt: skip
 
 
 def _skipped(row: PromptRow, refusal: Refusal) -> SubmitOutcome:
@@ -104,16 +194,27 @@ async def submit_rows(
     generate_concurrency: int = DEFAULT_GENERATE_CONCURRENCY,
     owner: ClaimOwner | None = None,
     is_alive: Callable[[Submission], bool | None] | None = None,
+    limit_wait_s: float = DEFAULT_LIMIT_WAIT_S,
+    limit_hold_s: float = DEFAULT_LIMIT_HOLD_S,
+    budget: CreditBudget | None = None,
 ) -> list[SubmitOutcome]:
     """Submit every row whose request has no job (or that ``rule`` allows to pay again);
     return one outcome per row, in the rows' order.
 
+    With a ``budget`` the rows are priced first and only those that fit are sent (the rest:
+    ``OVER_BUDGET``, PENDING); a per-run budget needs ``owner.run_id`` (ValueError otherwise,
+    before anything is sent).
+
     Claims of owners that are gone are settled first (``is_alive``: see
-    :meth:`Ledger.recover`), so a run after a crash starts clean.
+    :meth:`Ledger.recover`), so a run after a crash starts clean. A CONCURRENT_LIMIT refusal
+    holds every new generate for ``limit_wait_s`` (or the server's Retry-After), then they go
+    on; rows still held after ``limit_hold_s`` without any job created end as ERROR (PENDING).
     """
     if generate_concurrency < 1:
         raise ValueError(f"generate_concurrency must be >= 1, got {generate_concurrency}")
     owner = owner or ClaimOwner.current()
+    if budget is not None and budget.per_run is not None and owner.run_id is None:
+        raise ValueError("a per-run credit budget needs the submitting run's id (owner.run_id)")
     await asyncio.to_thread(ledger.recover, is_alive)
     latest = await asyncio.to_thread(latest_submissions, ledger, rows)
     outcomes: dict[str, SubmitOutcome] = {}
@@ -124,18 +225,44 @@ async def submit_rows(
             candidates.append(row)
         else:
             outcomes[row.partition_key] = _skipped(row, Refusal(reason, latest[row.request_hash]))
+    costs = {row.partition_key: estimate_cost_credits(row.request, prices) for row in candidates}
+    if budget is not None:
+        room = await asyncio.to_thread(room_left, ledger, budget, owner.run_id)
+        candidates, waiting = plan_within(((r, costs[r.partition_key]) for r in candidates), room)
+        for row in waiting:
+            outcomes[row.partition_key] = _over_budget(row, costs[row.partition_key], budget)
+        rule = replace(rule, caps=budget.caps)
     gate = asyncio.Semaphore(generate_concurrency)
     in_flight: set[int] = set()
+    service = _ServiceLimits(limit_wait_s, limit_hold_s)
 
     async def send(row: PromptRow) -> SubmitOutcome:
-        async with gate:
-            cost = estimate_cost_credits(row.request, prices)
-            claim = _Claim(ledger, row, owner, cost, rule)
-            try:
-                return await _generate(client, ledger, row, claim, in_flight)
-            finally:
-                if claim.submission is not None:
-                    in_flight.discard(claim.submission.submission_id)
+        while True:
+            await service.open.wait()
+            async with gate:
+                if service.out_of_credit:
+                    return service.no_credit(row)
+                cost = costs[row.partition_key]
+                claim = _Claim(ledger, row, owner, cost, rule)
+                try:
+                    outcome = await _generate(client, ledger, row, claim, in_flight)
+                except _Held as held:
+                    if not await service.hold(held.retry_after):
+                        return SubmitOutcome(
+                            row.partition_key, SubmitAction.ERROR, VideoStatus.PENDING, None,
+                            f"{held}; held {limit_hold_s:.0f} s without a free slot: not sent",
+                        )  # fmt: skip
+                    continue
+                finally:
+                    if claim.submission is not None:
+                        in_flight.discard(claim.submission.submission_id)
+            if outcome.action is SubmitAction.NO_CREDIT:
+                service.out_of_credit = True
+            elif outcome.action is SubmitAction.SUBMITTED:
+                service.released()
+            if outcome.action is SubmitAction.SKIPPED:
+                return outcome
+            return replace(outcome, estimated_credits=cost)
 
     async def send_and_report(row: PromptRow) -> None:
         outcome = await send(row)
@@ -176,6 +303,53 @@ class _Refused(Exception):
         self.refusal = refusal
 
 
+class _Held(Exception):
+    """The service refused a generate for its limit on running jobs: nothing was created."""
+
+    def __init__(self, error: KvidConcurrentLimitError) -> None:
+        super().__init__(str(error))
+        self.retry_after = error.retry_after
+
+
+class _ServiceLimits:
+    """What the service said about every row of one submission: out of credit, or hold."""
+
+    def __init__(self, wait_s: float, hold_s: float) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.out_of_credit = False
+        self._wait_s, self._hold_s = wait_s, hold_s
+        self._refusals = 0  # in a row, since a job was last created
+        self._held_since: float | None = None
+
+    async def hold(self, retry_after: float | None) -> bool:
+        """Hold the queue, then reopen it; False once it has been held too long."""
+        now = asyncio.get_running_loop().time()
+        if self._held_since is None:
+            self._held_since = now
+        if now - self._held_since >= self._hold_s:
+            return False
+        delay = retry_after or min(_LIMIT_WAIT_MAX_S, self._wait_s * 2**self._refusals)
+        self._refusals += 1
+        log.info("the service's limit on running jobs holds new generates for %.1f s", delay)
+        self.open.clear()
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.open.set()
+        return True
+
+    def released(self) -> None:
+        self._refusals, self._held_since = 0, None
+
+    @staticmethod
+    def no_credit(row: PromptRow) -> SubmitOutcome:
+        return SubmitOutcome(
+            row.partition_key, SubmitAction.NO_CREDIT, VideoStatus.PENDING, None,
+            "not sent: the kvid account ran out of credit",
+        )  # fmt: skip
+
+
 class _Claim:
     """The claim of one row, made by the client right before its generate is written."""
 
@@ -207,7 +381,22 @@ async def _generate(
     try:
         request_id = await client.generate(row.request, before_send=claim_then_send)
     except _Refused as refused:
+        if refused.refusal.over_budget is not None:  # another submitter spent the room first
+            return SubmitOutcome(
+                key, SubmitAction.OVER_BUDGET, VideoStatus.PENDING, None,
+                f"not sent: {refused.refusal.reason}",
+            )  # fmt: skip
         return _skipped(row, refused.refusal)
+    except (KvidInsufficientCreditError, KvidConcurrentLimitError) as exc:
+        # refused before any job was created: the claim goes back, nothing is uncertain
+        if claim.submission is not None:
+            message = f"{type(exc).__name__}: {exc}"
+            await asyncio.to_thread(ledger.release, claim.submission, message, invalid=False)
+        if isinstance(exc, KvidConcurrentLimitError):
+            raise _Held(exc) from None
+        return SubmitOutcome(
+            key, SubmitAction.NO_CREDIT, VideoStatus.PENDING, None, f"out of credit: {exc}"
+        )
     except KvidUncertainSubmissionError as exc:
         message = f"uncertain submission: {exc}"
         assert claim.submission is not None  # uncertain means it was sent, so it was claimed

@@ -11,8 +11,12 @@ from typing import Any
 from dagster import AssetKey, MetadataValue
 
 from kvid_dagster.ledger import VideoRow
+from kvid_dagster.preview import PreviewError, video_preview
 
 ASSET_NAMES = ("kvid_prompts", "kvid_video_jobs", "kvid_videos", "kvid_catalog")
+#: Dagster's standard key for where an asset is stored (``UriMetadataSet``)
+URI_KEY = "dagster/uri"
+PREVIEW_KEY = "preview"
 
 
 class KvidTranslator:
@@ -36,6 +40,7 @@ class KvidTranslator:
         }
         if video.url:
             meta["url"] = MetadataValue.url(video.url)
+            meta[URI_KEY] = MetadataValue.url(video.url)
         if video.name:
             meta["name"] = MetadataValue.text(video.name)
         if video.size_kb is not None:
@@ -46,6 +51,7 @@ class KvidTranslator:
             meta["elapsed_s"] = MetadataValue.float(round(elapsed, 3))
         if video.local_path:
             meta["local_path"] = MetadataValue.path(video.local_path)
+            meta[URI_KEY] = MetadataValue.path(video.local_path)  # outlives the result URL
             meta["sha256"] = MetadataValue.text(video.sha256 or "")
             for name in ("width", "height", "num_frames"):
                 if (value := getattr(video, name)) is not None:
@@ -53,11 +59,24 @@ class KvidTranslator:
             for name in ("fps", "duration_s"):
                 if (value := getattr(video, name)) is not None:
                     meta[name] = MetadataValue.float(float(value))
+            meta |= self.get_preview_metadata(row)
         if row.cost_credits is not None:
             meta["cost_credits"] = MetadataValue.float(float(row.cost_credits))
         if row.prompt:
             meta["prompt"] = MetadataValue.text(row.prompt[:500])
         return meta | self.get_user_column_metadata(row)
+
+    def get_preview_metadata(self, row: VideoRow) -> dict[str, Any]:
+        """An animated WebP of the downloaded clip, which the UI shows inline; override it to
+        return ``{}`` to keep previews out of the event log. A video that cannot be read
+        gets the reason instead: the materialization is reported all the same."""
+        if not row.video.local_path:
+            return {}
+        try:
+            image = video_preview(row.video.local_path)
+        except PreviewError as exc:
+            return {"preview_error": MetadataValue.text(str(exc))}
+        return {PREVIEW_KEY: MetadataValue.md(image.markdown(f"preview of {row.partition_key}"))}
 
     def get_user_column_metadata(self, row: VideoRow) -> dict[str, Any]:
         """The table's own columns of the row (campaign, owner, ...): shown, never sent."""

@@ -60,6 +60,7 @@ class Row:
     job_kind: str = "text-to-video"
     model: str = "v1"
     params_json: str = "{}"
+    dialect: str = "video"
     user_columns_json: str | None = None
 
 
@@ -562,8 +563,9 @@ def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
 def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
     database_url: str, tmp_path: Path
 ) -> None:
-    """A 0.2 database from before row revisions: opened by this version, it gains them (every
-    existing row at revision 0) and the first publication reads everything."""
+    """A 0.2 database from before row revisions and dialects: opened by this version, it gains
+    them (every existing row at revision 0, every job in the video dialect) and the first
+    publication reads everything."""
     catalog = tmp_path / "catalog"
     with Ledger(database_url) as ledger:
         ledger.register([Row("a", "h1")])
@@ -575,7 +577,10 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
                 conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
                 conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
             conn.execute(sa.text(f"ALTER TABLE {t.rows.name} DROP COLUMN user_columns_json"))
-            for column in ("not_found_count", "not_found_since", "fetch_failures", "forced_by"):
+            for column in (
+                "not_found_count", "not_found_since", "fetch_failures", "forced_by", "dialect",
+                "estimated_credits",
+            ):  # fmt: skip
                 conn.execute(sa.text(f"ALTER TABLE {t.jobs.name} DROP COLUMN {column}"))
             conn.execute(sa.delete(t.meta).where(t.meta.c.name == "ledger_id"))
             conn.execute(
@@ -587,6 +592,10 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         pq.write_table(pq.read_table(old_file).replace_schema_metadata(meta), old_file)
     with Ledger(database_url) as ledger:
         assert ledger.row("a") is not None and ledger.row("a").request_id == "r1"  # type: ignore[union-attr]
+        (old_job,) = ledger.submissions()
+        # every job before v3 went out in the video dialect, priced by the table only
+        assert old_job.dialect == "video" and old_job.estimated_credits == old_job.cost_credits
+        assert ledger.jobs_to_poll("generation") == [] and len(ledger.jobs_to_poll("video")) == 1
         stats = publish(ledger, catalog)
         assert not stats.incremental
         pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))

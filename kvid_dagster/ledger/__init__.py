@@ -34,6 +34,8 @@ from kvid_dagster.ledger.store import (
     Ledger,
     RecoveryReport,
     Refusal,
+    SpendCap,
+    SpendWindow,
     refusal_for,
 )
 
@@ -54,6 +56,8 @@ __all__ = [
     "RecoveryReport",
     "Refusal",
     "RequestRow",
+    "SpendCap",
+    "SpendWindow",
     "Submission",
     "SubmissionEvent",
     "VideoFile",

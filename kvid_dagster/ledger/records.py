@@ -30,6 +30,8 @@ class RequestRow(Protocol):
     @property
     def params_json(self) -> str: ...
     @property
+    def dialect(self) -> str: ...  # the API dialect its request is written in
+    @property
     def user_columns_json(self) -> str | None: ...  # the user's own columns, never sent
 
 
@@ -87,6 +89,8 @@ class Submission:
     not_found_since: datetime | None = None  # the first of them
     fetch_failures: int = 0  # failed fetches of the completed job's video
     forced_by: str | None = None  # the root run id of the force=True run that claimed it
+    dialect: str = "video"  # the API dialect the job was sent in (only it knows the id)
+    estimated_credits: float | None = None  # the price table's figure at the claim
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class VideoStatus(StrEnum):
     TIMED_OUT = "TIMED_OUT"  # past the job deadline; polling stopped, the request_id is kept
     LOST = "LOST"  # the service no longer knows the request_id (404s that lasted)
     FETCH_FAILED = "FETCH_FAILED"  # completed, but its video could not be fetched: refetch it
+    CANCELED = "CANCELED"  # the service says the job was canceled: no video, never retried
 
     @classmethod
     def from_service(cls, status: str) -> VideoStatus:
@@ -60,7 +61,9 @@ class VideoStatus(StrEnum):
 _POLLED = frozenset(
     {VideoStatus.SUBMITTED, VideoStatus.IN_QUEUE, VideoStatus.PROCESSING, VideoStatus.FETCHING}
 )
-_ENDED_WITHOUT_VIDEO = frozenset({VideoStatus.FAILED, VideoStatus.TIMED_OUT, VideoStatus.LOST})
+_ENDED_WITHOUT_VIDEO = frozenset(
+    {VideoStatus.FAILED, VideoStatus.TIMED_OUT, VideoStatus.LOST, VideoStatus.CANCELED}
+)
 # FETCH_FAILED holds a paid job: the video exists at the service, a new job would pay again
 _HOLDS_JOB = frozenset(
     {
@@ -93,6 +96,7 @@ class SubmissionEvent(StrEnum):
     TIMED_OUT = "TIMED_OUT"
     LOST = "LOST"
     FETCH_FAILED = "FETCH_FAILED"
+    CANCELED = "CANCELED"
     REFETCH = "REFETCH"  # a person asked for a FETCH_FAILED job's video again
 
     @classmethod

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ _REVISION = "revision"
 _LEDGER_ID = "ledger_id"
 _IN_CHUNK = 5_000  # values in one IN (...): under every backend's parameter limit
 _VERSION = "schema_version"
+_CREDIT_SLACK = 1e-9  # float sums of whole-credit prices must not refuse an exact fit
 
 
 def utcnow() -> datetime:
@@ -130,14 +132,32 @@ def create_ledger_engine(url: str) -> Engine:
     return engine
 
 
+class SpendWindow(StrEnum):
+    """Which claims a credit cap counts."""
+
+    RUN = "run"  # the claims of the claiming owner's Dagster run
+    DAY = "day"  # the claims since the UTC midnight before the claim, whoever made them
+
+
+@dataclass(frozen=True)
+class SpendCap:
+    """At most ``credits`` over the claims of ``window``: checked in the claim's transaction,
+    so two submitters cannot both spend the same remaining room."""
+
+    window: SpendWindow
+    credits: float
+
+
 @dataclass(frozen=True)
 class ClaimRule:
-    """When a request that was sent before may be sent again (each time is paid)."""
+    """When a request that was sent before may be sent again (each time is paid), and what
+    the claim may spend."""
 
     force: bool = False  # pay for a new attempt whatever became of the last one
     # the forced run's root run id: its retries and re-executions do not pay a second time
     force_token: str | None = None
     retry_failed_below: int | None = None  # the retry policy: a FAILED request with fewer attempts
+    caps: tuple[SpendCap, ...] = ()  # the credit budget the claim's cost must fit in
 
 
 #: send a request only if it was never sent (or its last claim was released)
@@ -150,12 +170,18 @@ class Refusal:
 
     reason: str
     submission: Submission | None = None
+    over_budget: SpendCap | None = None  # the cap the claim's cost did not fit in
 
 
 @dataclass(frozen=True)
 class RecoveryReport:
     replayed: list[Submission]  # request_ids recorded from the journal
     settled: list[Submission]  # claims of owners that are gone, now UNCERTAIN
+
+
+def _day_start(moment: datetime) -> datetime:
+    """The UTC midnight at or before ``moment``: where a day's spend starts."""
+    return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def refusal_for(latest: Submission | None, rule: ClaimRule) -> str | None:
@@ -209,6 +235,7 @@ class Ledger:
         self.engine = create_ledger_engine(self.url)
         self.journal = Journal(journal_path) if journal_path is not None else None
         self.claim_lease_seconds = claim_lease_seconds
+        self._ledger_id: str | None = None
         self._migrate()
 
     @classmethod
@@ -307,10 +334,14 @@ class Ledger:
                 )
 
     def ledger_id(self) -> str:
-        """This database's identity: a catalog published from another ledger is not ours."""
-        meta = self.tables.meta
-        with self._read() as conn:
-            return str(conn.scalar(select(meta.c.text_value).where(meta.c.name == _LEDGER_ID)))
+        """This database's identity: a catalog published from another ledger is not ours.
+        Written once when the database is created, so it is read once per ``Ledger``."""
+        if self._ledger_id is None:
+            meta = self.tables.meta
+            with self._read() as conn:
+                found = conn.scalar(select(meta.c.text_value).where(meta.c.name == _LEDGER_ID))
+            self._ledger_id = str(found)
+        return self._ledger_id
 
     def revision(self) -> int:
         """A number that grows with every committed change (what a publication is of)."""
@@ -549,11 +580,16 @@ class Ledger:
         with self._read() as conn:
             return [_submission(r._mapping) for r in conn.execute(query)]
 
-    def jobs_to_poll(self) -> list[Submission]:
+    def jobs_to_poll(self, dialect: str | None = None) -> list[Submission]:
         """Submissions the service knows by request_id and has not finished, old and current
-        requests alike (an edited row's earlier job still gets its video)."""
+        requests alike (an edited row's earlier job still gets its video); given ``dialect``,
+        only the jobs sent in it (an id means nothing to the other dialect's endpoints)."""
         polled = [s for s in VideoStatus if s.needs_polling]
-        return [s for s in self.submissions(polled) if s.request_id]
+        return [
+            s
+            for s in self.submissions(polled)
+            if s.request_id and (dialect is None or s.dialect == dialect)
+        ]
 
     def claim(
         self,
@@ -576,6 +612,15 @@ class Ledger:
                 reason = refusal_for(latest, rule)
                 if reason is not None:
                     return Refusal(reason, latest)
+                for cap in rule.caps:
+                    spent = self._spent(conn, cap.window, owner.run_id, now)
+                    if spent + cost_credits > cap.credits + _CREDIT_SLACK:
+                        return Refusal(
+                            f"over the per-{cap.window} budget of {cap.credits:g} credits "
+                            f"({spent:g} spent, this request {cost_credits:g})",
+                            latest,
+                            over_budget=cap,
+                        )
                 attempt = latest.attempt + 1 if latest is not None else 1
                 values = {
                     "request_hash": row.request_hash,
@@ -588,6 +633,8 @@ class Ledger:
                     "status": VideoStatus.SUBMITTING.value,
                     "progress": 0,
                     "cost_credits": cost_credits,
+                    "estimated_credits": cost_credits,
+                    "dialect": row.dialect,
                     "owner_host": owner.host,
                     "owner_pid": owner.pid,
                     "owner_started": owner.started,
@@ -614,6 +661,26 @@ class Ledger:
         claimed = self.submission(int(submission_id))
         assert claimed is not None
         return claimed
+
+    def spent_credits(self, window: SpendWindow, *, run_id: str | None = None) -> float:
+        """The credits of the claims ``window`` counts now (of run ``run_id`` for RUN): each
+        job's cost, the service's figure where it reported one, else the estimate. A released
+        claim sent nothing and counts nothing; an UNCERTAIN one may be billed and counts."""
+        with self._read() as conn:
+            return self._spent(conn, window, run_id, utcnow())
+
+    def _spent(
+        self, conn: Connection, window: SpendWindow, run_id: str | None, now: datetime
+    ) -> float:
+        jobs = self.tables.jobs
+        if window is SpendWindow.DAY:
+            where = jobs.c.claimed_at >= _day_start(now)
+        elif run_id is None:
+            raise ValueError("a per-run credit budget needs the claim owner's run id")
+        else:
+            where = jobs.c.owner_run_id == run_id
+        total = conn.scalar(select(func.coalesce(func.sum(jobs.c.cost_credits), 0.0)).where(where))
+        return float(total or 0.0)
 
     def record_submitted(self, submission: Submission, request_id: str) -> None:
         """Record the request_id a generate returned: retried, then journalled; raises only if
@@ -1101,6 +1168,8 @@ def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
         not_found_since=get("not_found_since"),
         fetch_failures=int(get("fetch_failures") or 0),
         forced_by=get("forced_by"),
+        dialect=get("dialect") or "video",
+        estimated_credits=get("estimated_credits"),
     )
 
 

@@ -33,7 +33,9 @@ from sqlalchemy import (
 )
 
 #: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# the dialect of every job sent before the ledger knew dialects (ApiDialect.VIDEO's value)
+_VIDEO_DIALECT = "video"
 #: The execution option a write transaction carries its revision in (see ``_stamp``).
 REVISION_OPTION = "kvid_revision"
 TABLE_PREFIX_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,30}")
@@ -151,7 +153,10 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("progress", Integer),
         *_video_columns(),
         Column("error", Text),
+        # what the job cost: the service's figure when it reports one, else the estimate
         Column("cost_credits", Float),
+        Column("estimated_credits", Float),
+        Column("dialect", String(16), nullable=False, server_default=_VIDEO_DIALECT),
         Column("owner_host", String(255)),
         Column("owner_pid", Integer),
         Column("owner_started", String(128)),
@@ -219,6 +224,21 @@ def _add_revisions(conn: Connection, tables: LedgerTables) -> None:
                 index.create(conn)
 
 
+def _add_dialects(conn: Connection, tables: LedgerTables) -> None:
+    """v3: the API dialect of each job (every job before v3 was sent in the video dialect)
+    and the estimate beside the cost the service reports."""
+    jobs = tables.jobs.name
+    conn.execute(
+        text(f"ALTER TABLE {jobs} ADD COLUMN dialect VARCHAR(16) NOT NULL "
+             f"DEFAULT '{_VIDEO_DIALECT}'")
+    )  # fmt: skip
+    conn.execute(text(f"ALTER TABLE {jobs} ADD COLUMN estimated_credits FLOAT"))
+    conn.execute(text(f"UPDATE {jobs} SET estimated_credits = cost_credits"))
+
+
 #: version -> the step that brings a database from version - 1 to it (version 1: created)
-MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {2: _add_revisions}
+MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {
+    2: _add_revisions,
+    3: _add_dialects,
+}
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -1,0 +1,178 @@
+"""``KvidVideosComponent``: a prompt table and its kvid definitions, declared in a ``defs.yaml``.
+
+``dg scaffold defs kvid_dagster.KvidVideosComponent videos`` writes the ``defs.yaml`` and a
+sample ``prompts.csv`` beside it; the component's ``build_defs`` is ``build_kvid_definitions``.
+"""
+
+# no `from __future__ import annotations`: Dagster derives the YAML schema from the fields'
+# annotations at run time, and cannot from strings
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import dagster as dg
+from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
+
+from kvid_dagster.budget import CreditBudget
+from kvid_dagster.client import DEFAULT_BASE_URL
+from kvid_dagster.definitions import build_kvid_definitions
+from kvid_dagster.project import dialect_from_env
+from kvid_dagster.resource import KvidResource
+from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
+
+# the whole value is one environment variable: kept as an EnvVar, so the key's value is never
+# part of the resource's configuration (which the UI shows)
+_ENV_TEMPLATE = re.compile(r"""^\{\{\s*env(?:\.(\w+)|\(\s*['"](\w+)['"]\s*\))\s*\}\}$""")
+
+SAMPLE_PROMPTS = """\
+prompt_id,prompt,resolution,seed
+fox,"A red fox trotting through fresh snow at dawn, cinematic",480p,7
+harbour,"Fishing boats rocking in a quiet harbour, golden hour",480p,11
+"""
+
+
+def _resolve_secret(context: dg.ResolutionContext, raw: str | None) -> str | None:
+    """``"{{ env.KVID_API_KEY }}"`` becomes ``EnvVar("KVID_API_KEY")``; anything else is
+    resolved as usual."""
+    if raw is None:
+        return None
+    match = _ENV_TEMPLATE.match(raw.strip())
+    if match:
+        return dg.EnvVar(match.group(1) or match.group(2))
+    return context.resolve_value(raw, as_type=str)
+
+
+class KvidBudgetModel(dg.Model):
+    """``budget_credits`` in YAML: credits per submitting run and per UTC day (None: no cap)."""
+
+    per_run: float | None = None
+    per_day: float | None = None
+
+
+def _resolve_budget(
+    context: dg.ResolutionContext, model: KvidBudgetModel | None
+) -> CreditBudget | None:
+    return None if model is None else CreditBudget(per_run=model.per_run, per_day=model.per_day)
+
+
+class _TranslatedKeys(KvidTranslator):
+    """Asset keys from the component's ``translation``: the sensors, jobs and checks refer to
+    assets by key, so a translated key must be every module's key, not only the spec's. The
+    key is translated from the default key and group, before the asset exists."""
+
+    def __init__(self, translation: TranslationFn[str]) -> None:
+        self._translation = translation
+        self._default = KvidTranslator()
+
+    def get_asset_key(self, name: str) -> dg.AssetKey:
+        base = dg.AssetSpec(
+            key=self._default.get_asset_key(name), group_name=self._default.get_group_name()
+        )
+        return self._translation(base, name).key
+
+
+class KvidVideosScaffolder(dg.Scaffolder):
+    """Writes a ``defs.yaml`` that loads as written and a sample ``prompts.csv`` beside it."""
+
+    def scaffold(self, request: dg.ScaffoldRequest) -> None:
+        dg.scaffold_component(
+            request,
+            {
+                "prompts_path": "prompts.csv",
+                "data_dir": "data",
+                "api_key": "{{ env.KVID_API_KEY }}",
+                "base_url": "{{ env.KVID_BASE_URL }}",
+            },
+        )
+        prompts = request.target_path / "prompts.csv"
+        if not prompts.exists():  # never overwrite a table someone already wrote
+            prompts.write_text(SAMPLE_PROMPTS, encoding="utf-8")
+
+
+@dg.scaffold_with(KvidVideosScaffolder)
+@dataclass
+class KvidVideosComponent(dg.Component, dg.Resolvable):
+    """The kvid assets, checks, sensors, schedule and resource for one prompt table.
+
+    Relative ``prompts_path`` and ``data_dir`` are relative to the component's folder.
+    ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (never
+    its value) in the resource; unset, it is ``KVID_API_KEY``. ``base_url`` unset or empty is
+    the vendor's. Unset ``dialect``, ``database_url`` and ``schedule_cron`` keep
+    ``build_kvid_definitions``' defaults (``$KVID_API_DIALECT``, ``$KVID_DATABASE_URL``).
+    ``translation`` is Dagster's standard one (key, group_name, owners, tags, kinds, ...),
+    applied to each of the four assets with ``name`` (``kvid_prompts``, ...) in its scope.
+    """
+
+    prompts_path: str = "prompts.csv"
+    data_dir: str = "data"
+    api_key: Annotated[
+        str | None,
+        dg.Resolver(
+            _resolve_secret,
+            model_field_type=str | None,
+            inject_before_resolve=False,
+            description='The kvid API key; "{{ env.KVID_API_KEY }}" keeps it a secret.',
+        ),
+    ] = None
+    base_url: str | None = None
+    dialect: Literal["video", "generation"] | None = None
+    database_url: str | None = None
+    budget_credits: Annotated[
+        CreditBudget | None,
+        dg.Resolver(_resolve_budget, model_field_type=KvidBudgetModel | None),
+    ] = None
+    schedule_cron: str | None = None
+    translation: Annotated[
+        TranslationFn[str] | None,
+        TranslationFnResolver[str](lambda name: {"name": name}),
+    ] = None
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        folder = Path(context.path)
+        translator = (
+            KvidTranslator() if self.translation is None else _TranslatedKeys(self.translation)
+        )
+        # unset, schedule_cron keeps build_kvid_definitions' default (defined there once)
+        schedule = {} if self.schedule_cron is None else {"schedule_cron": self.schedule_cron}
+        defs = build_kvid_definitions(
+            folder / self.prompts_path,  # an absolute path stays itself
+            folder / self.data_dir,
+            resource=KvidResource(
+                api_key=self.api_key or dg.EnvVar("KVID_API_KEY"),
+                base_url=self.base_url or DEFAULT_BASE_URL,
+                dialect=dialect_from_env(self.dialect),  # the project's, as it reads it
+            ),
+            translator=translator,
+            database_url=self.database_url,
+            dialect=self.dialect,
+            budget_credits=self.budget_credits,
+            **schedule,
+        )
+        if self.translation is None:
+            return defs
+        return _translate_specs(defs, self.translation, translator)
+
+
+def _translate_specs(
+    defs: dg.Definitions, translation: TranslationFn[str], translator: KvidTranslator
+) -> dg.Definitions:
+    """Everything but the key (already the translator's) from ``translation``, onto the specs."""
+    default = KvidTranslator()
+    names: Mapping[dg.AssetKey, str] = {translator.get_asset_key(n): n for n in ASSET_NAMES}
+
+    def translate(spec: dg.AssetSpec) -> dg.AssetSpec:
+        name = names[spec.key]
+        translated = translation(spec.replace_attributes(key=default.get_asset_key(name)), name)
+        if translated.partitions_def != spec.partitions_def:
+            raise dg.DagsterInvalidDefinitionError(
+                f"translation of {name}: partitions_def cannot change; kvid's partitions are "
+                "the prompt table's rows"
+            )
+        return translated.replace_attributes(key=spec.key)
+
+    with warnings.catch_warnings():  # map_asset_specs is a preview API in Dagster 1.13
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return defs.map_asset_specs(func=translate)

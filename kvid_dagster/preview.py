@@ -1,0 +1,199 @@
+"""Small previews of videos for the Dagster UI: an animated WebP of a clip, a contact sheet of
+several clips' first frames.
+
+Metadata lives in Dagster's event log, so every image is shrunk, rung by rung of a ladder,
+until its base64 ``data:`` URI leaves room for the Markdown around it within
+:data:`MAX_MARKDOWN_BYTES`. Dagster-free: PyAV (whose wheel ships libwebp) and numpy only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from io import BytesIO
+from pathlib import Path
+from typing import Final
+
+import av
+import numpy as np
+
+from kvid_dagster.probe import probe_video
+
+#: what one preview's Markdown may take in the event log
+MAX_MARKDOWN_BYTES: Final = 64 * 1024
+#: the image itself: base64 makes it 4/3 larger, leaving ~1 KiB for the alt text and caption
+MAX_IMAGE_BYTES: Final = 47 * 1024
+#: in the cache file's name, so a change of the ladders below encodes every preview again
+CACHE_VERSION: Final = 1
+_MS: Final = Fraction(1, 1000)  # WebP frame durations are whole milliseconds
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One size to try: ``frames`` at most, the long side at most ``size`` px, libwebp quality."""
+
+    frames: int
+    size: int
+    quality: int
+
+
+#: best first; the last is one small poster frame, which fits whatever the clip shows
+CLIP_LADDER: Final = (
+    Rung(24, 320, 60),
+    Rung(16, 256, 50),
+    Rung(10, 200, 40),
+    Rung(6, 160, 30),
+    Rung(1, 160, 30),
+)
+#: contact sheets: one frame per clip, ``size`` is a cell's long side
+SHEET_LADDER: Final = (Rung(1, 200, 60), Rung(1, 160, 45), Rung(1, 120, 35), Rung(1, 80, 25))
+SHEET_ASPECT: Final = Fraction(16, 9)  # cells are landscape; other clips are letterboxed
+
+
+class PreviewError(Exception):
+    """A video could not be read, or not even the smallest rung fits the budget."""
+
+
+@dataclass(frozen=True)
+class WebpImage:
+    """An encoded WebP (animated when it holds several frames)."""
+
+    data: bytes
+
+    def data_uri(self) -> str:
+        return "data:image/webp;base64," + base64.b64encode(self.data).decode("ascii")
+
+    def markdown(self, alt: str) -> str:
+        """A Markdown image: Dagster's UI renders ``data:`` images (and plays animated ones)."""
+        return f"![{alt}]({self.data_uri()})"
+
+
+def video_preview(path: str | Path) -> WebpImage:
+    """An animated WebP of frames spread over the clip, playing at the clip's pace.
+
+    Cached beside the video as a hidden ``.<name>.preview-v<N>.webp``: a re-report reads it
+    back instead of decoding and encoding again. A video replaced since (a refetch) is newer
+    than its cache, and is encoded again.
+    """
+    video = Path(path)
+    cache = cache_path(video)
+    try:
+        if cache.stat().st_mtime_ns >= video.stat().st_mtime_ns:
+            return WebpImage(cache.read_bytes())
+    except FileNotFoundError:
+        pass
+    frames, duration_s = _sample_frames(video, CLIP_LADDER[0].frames)
+    image = _fit_ladder(CLIP_LADDER, lambda rung: _clip_webp(frames, duration_s, rung))
+    _write_cache(cache, image.data)
+    return image
+
+
+def cache_path(video: Path) -> Path:
+    """Where ``video_preview`` keeps ``video``'s preview: hidden, beside it."""
+    return video.with_name(f".{video.name}.preview-v{CACHE_VERSION}.webp")
+
+
+def contact_sheet(paths: Sequence[str | Path], *, columns: int = 4) -> WebpImage:
+    """One still WebP: each video's first frame in a grid cell, row by row in ``paths`` order."""
+    if not paths:
+        raise PreviewError("no videos for a contact sheet")
+    firsts = [_sample_frames(Path(p), 1)[0][0] for p in paths]
+    return _fit_ladder(SHEET_LADDER, lambda rung: _sheet_webp(firsts, columns, rung))
+
+
+def _fit_ladder(ladder: Sequence[Rung], encode: Callable[[Rung], bytes]) -> WebpImage:
+    size = 0
+    for rung in ladder:
+        data = encode(rung)
+        if len(data) <= MAX_IMAGE_BYTES:
+            return WebpImage(data)
+        size = len(data)
+    raise PreviewError(f"no preview fits {MAX_IMAGE_BYTES} bytes (the smallest: {size})")
+
+
+def _sample_frames(path: Path, count: int) -> tuple[list[av.VideoFrame], float]:
+    """Up to ``count`` frames evenly spread from the first to the last (decoding stops after
+    the last one wanted), at most the largest rung's size; and the clip's duration."""
+    try:
+        probe = probe_video(path)
+        wanted = set(np.linspace(0, max(probe.num_frames - 1, 0), count).round().astype(int))
+        width, height = _scaled(probe.width, probe.height, CLIP_LADDER[0].size)
+        frames: list[av.VideoFrame] = []
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    frames.append(frame.reformat(width=width, height=height, format="yuv420p"))
+                if index >= max(wanted):
+                    break
+    except (av.FFmpegError, OSError, IndexError) as exc:  # IndexError: no video stream
+        raise PreviewError(f"{path.name}: {type(exc).__name__}: {exc}") from exc
+    if not frames:
+        raise PreviewError(f"{path.name}: no frame decoded")
+    return frames, probe.duration_s
+
+
+def _scaled(width: int, height: int, size: int) -> tuple[int, int]:
+    """Even dimensions (yuv420p) with the long side at most ``size``, never enlarged."""
+    scale = min(1.0, size / max(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def _clip_webp(frames: Sequence[av.VideoFrame], duration_s: float, rung: Rung) -> bytes:
+    picks = np.linspace(0, len(frames) - 1, min(rung.frames, len(frames))).round().astype(int)
+    width, height = _scaled(frames[0].width, frames[0].height, rung.size)
+    chosen = [frames[i].reformat(width=width, height=height) for i in picks]
+    frame_ms = max(20, round(1000 * duration_s / len(chosen)))  # browsers slow < 20 ms down
+    return _encode_webp(chosen, frame_ms, rung.quality)
+
+
+def _sheet_webp(firsts: Sequence[av.VideoFrame], columns: int, rung: Rung) -> bytes:
+    cell_w, cell_h = rung.size, round(rung.size / SHEET_ASPECT / 2) * 2
+    cols = min(columns, len(firsts))
+    rows = math.ceil(len(firsts) / cols)
+    sheet = np.zeros((rows * cell_h, cols * cell_w, 3), dtype=np.uint8)
+    for i, frame in enumerate(firsts):
+        scale = min(cell_w / frame.width, cell_h / frame.height)
+        w, h = max(1, round(frame.width * scale)), max(1, round(frame.height * scale))
+        pixels = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+        top = (i // cols) * cell_h + (cell_h - h) // 2
+        left = (i % cols) * cell_w + (cell_w - w) // 2
+        sheet[top : top + h, left : left + w] = pixels
+    return _encode_webp([av.VideoFrame.from_ndarray(sheet, format="rgb24")], 0, rung.quality)
+
+
+def _encode_webp(frames: Sequence[av.VideoFrame], frame_ms: int, quality: int) -> bytes:
+    """libwebp_anim (looping forever) for several frames, libwebp for one."""
+    buffer = BytesIO()
+    codec = "libwebp_anim" if len(frames) > 1 else "libwebp"
+    with av.open(buffer, "w", format="webp", options={"loop": "0"}) as container:
+        stream = container.add_stream(codec, rate=Fraction(1000, max(frame_ms, 1)))
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.codec_context.time_base = _MS
+        stream.options = {"quality": str(quality)}
+        for index, frame in enumerate(frames):
+            out = frame.reformat(format="yuv420p")
+            out.pts, out.time_base = index * frame_ms, _MS
+            container.mux(stream.encode(out))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def _write_cache(cache: Path, data: bytes) -> None:
+    """Atomically (a reader never sees half a file). Best effort: a folder that cannot be
+    written costs only the encoding again; the ``.part`` suffix lets the poller's sweep of
+    leftovers remove a temp file a killed process left."""
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f"{cache.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(tmp, cache)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

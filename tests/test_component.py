@@ -1,0 +1,260 @@
+"""``KvidVideosComponent``: scaffolded and loaded in Dagster's defs-folder sandbox, run against the
+emulator on a real instance, Dagster's own translation cases, and the ``dg`` CLI itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import TEST_API_KEY
+from dagster import (
+    AssetKey,
+    AssetSpec,
+    DagsterInstance,
+    Definitions,
+    EnvVar,
+)
+from dagster.components.testing import create_defs_folder_sandbox
+from dagster.components.testing.test_cases import TestTranslation, test_cases
+from faultkit import dagster_home, open_instance, run_prompts, run_submit, tick_until_settled
+
+from kvid_dagster import KvidVideosComponent
+from kvid_dagster.client import ApiDialect
+from kvid_dagster.definitions import SUBMIT_JOB
+from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import Ledger, VideoStatus
+from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.translator import ASSET_NAMES
+
+SAMPLE_KEYS = ["fox", "harbour"]  # the scaffolded prompts.csv's rows
+
+
+@pytest.fixture(autouse=True)
+def kvid_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings the component reads from the environment, unset unless a test sets them."""
+    for name in ("KVID_API_KEY", "KVID_BASE_URL", "KVID_API_DIALECT", "KVID_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+    with open_instance(dagster_home(tmp_path / "dagster_home")) as instance:
+        yield instance
+
+
+@contextlib.contextmanager
+def load_scaffolded(
+    attributes: dict[str, Any] | None = None,
+) -> Iterator[tuple[Path, KvidVideosComponent, Definitions]]:
+    """Scaffold ``videos`` in a sandbox (``attributes`` replace the scaffolded ones) and load it."""
+    with create_defs_folder_sandbox() as sandbox:
+        contents = None
+        if attributes is not None:
+            contents = {"type": "kvid_dagster.KvidVideosComponent", "attributes": attributes}
+        path = sandbox.scaffold_component(
+            KvidVideosComponent, defs_path="videos", defs_yaml_contents=contents
+        )
+        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
+            assert isinstance(component, KvidVideosComponent)
+            yield path, component, defs
+
+
+def submit_all(defs: Definitions, instance: DagsterInstance) -> bool:
+    """kvid_prompts, then one submitting run over the sample's partitions."""
+    assert run_prompts(defs, instance)
+    return run_submit(defs, instance, SAMPLE_KEYS[0], SAMPLE_KEYS[-1])
+
+
+def test_the_scaffolded_component_loads_as_written_and_submits_to_the_service(
+    emulator: KvidEmulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVID_API_KEY", TEST_API_KEY)
+    monkeypatch.setenv("KVID_BASE_URL", emulator.base_url)
+    with load_scaffolded() as (path, _, defs):
+        written = yaml.safe_load((path / "defs.yaml").read_text(encoding="utf-8"))
+        assert written["type"].endswith(".KvidVideosComponent")  # the dg test: the public name
+        assert written["attributes"]["api_key"] == "{{ env.KVID_API_KEY }}"
+        assert (path / "prompts.csv").is_file()
+        resource = defs.resources["kvid"]
+        # the key stays the environment variable's name: its value is not in the config
+        assert isinstance(resource.api_key, EnvVar) and resource.api_key == "KVID_API_KEY"
+        assert resource.base_url == emulator.base_url
+        assert submit_all(defs, instance)
+        assert emulator.jobs_created == len(SAMPLE_KEYS)
+        # data_dir "data" is the component folder's
+        rows = Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}").rows_by_key()
+        assert sorted(rows) == SAMPLE_KEYS
+        assert all(rows[key].status is VideoStatus.SUBMITTED for key in SAMPLE_KEYS)
+
+
+def test_attributes_reach_the_definitions(
+    emulator: KvidEmulator, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """dialect, schedule_cron, database_url and absolute paths; a zero per-run budget sends
+    nothing and fails naming it."""
+    table = tmp_path / "table.csv"
+    table.write_text("prompt_id,prompt\nfox,A red fox\nharbour,A harbour\n", encoding="utf-8")
+    database = tmp_path / "ledger.db"
+    attributes = {
+        "prompts_path": str(table),
+        "data_dir": str(tmp_path / "kvid_data"),
+        "api_key": TEST_API_KEY,
+        "base_url": emulator.base_url,
+        "dialect": "generation",
+        "database_url": f"sqlite:///{database}",
+        "budget_credits": {"per_run": 0},
+        "schedule_cron": "*/30 * * * *",
+    }
+    with load_scaffolded(attributes) as (_, _, defs):
+        assert defs.resources["kvid"].dialect is ApiDialect.GENERATION
+        assert defs.resolve_schedule_def("kvid_daily_schedule").cron_schedule == "*/30 * * * *"
+        assert run_prompts(defs, instance)
+        result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
+            instance=instance,
+            tags={RANGE_START_TAG: SAMPLE_KEYS[0], RANGE_END_TAG: SAMPLE_KEYS[-1]},
+            raise_on_error=False,
+        )
+        assert not result.success
+        failures = [
+            e.step_failure_data.error.message for e in result.all_events if e.is_step_failure
+        ]
+        assert any("per-run 0 credits" in message for message in failures), failures
+        assert emulator.jobs_created == 0
+        assert database.is_file() and not (tmp_path / "kvid_data" / "kvid.db").exists()
+        rows = Ledger(f"sqlite:///{database}").rows_by_key()
+        assert all(rows[key].status is VideoStatus.PENDING for key in SAMPLE_KEYS)
+
+
+def error_chain(exc: BaseException) -> str:
+    """The messages of an error and its causes: Dagster wraps a component's own error."""
+    messages = []
+    while exc is not None:
+        messages.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(messages)
+
+
+def test_a_misspelt_attribute_is_refused_naming_it() -> None:
+    with pytest.raises(Exception) as raised, load_scaffolded({"prompt_path": "prompts.csv"}):
+        pass
+    assert "prompt_path" in error_chain(raised.value)
+
+
+def test_a_translated_key_is_the_key_of_every_definition(
+    emulator: KvidEmulator, instance: DagsterInstance
+) -> None:
+    """The status sensor materializes the videos under the translated key, where the UI
+    looks for them."""
+    attributes = {
+        "api_key": TEST_API_KEY,
+        "base_url": emulator.base_url,
+        "translation": {"key_prefix": "marketing", "group_name": "{{ 'kvid_' + name }}"},
+    }
+    with load_scaffolded(attributes) as (path, _, defs):
+        specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+        assert specs[AssetKey(["marketing", "kvid_videos"])].group_name == "kvid_kvid_videos"
+        assert submit_all(defs, instance)
+        tick_until_settled(defs, instance, Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}"))
+        videos = AssetKey(["marketing", "kvid_videos"])
+        assert instance.get_materialized_partitions(videos) == set(SAMPLE_KEYS)
+
+
+def test_translation_cannot_change_the_partitions() -> None:
+    attributes = {"translation": {"partitions_def": {"type": "static", "partition_keys": ["a"]}}}
+    with pytest.raises(Exception) as raised, load_scaffolded(attributes):
+        pass
+    assert "partitions_def cannot change" in error_chain(raised.value)
+
+
+class TestKvidTranslation(TestTranslation):
+    """Dagster's standard translation cases, on each of the four assets."""
+
+    # kvid's partitions are the prompt table's rows: that case is refused (test above)
+    @pytest.fixture(
+        params=[case for case in test_cases if case.name != "partitions_defs"],
+        ids=[case.name for case in test_cases if case.name != "partitions_defs"],
+    )
+    def translation_test_case(self, request: pytest.FixtureRequest) -> Any:
+        return request.param
+
+    def test_translation(
+        self,
+        attributes: dict[str, Any],
+        assertion: Callable[[AssetSpec], bool],
+        key_modifier: Callable[[AssetKey], AssetKey] | None,
+    ) -> None:
+        with load_scaffolded({"translation": attributes}) as (_, _, defs):
+            specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+            expected = [AssetKey(name) for name in ASSET_NAMES]
+            if key_modifier is not None:
+                expected = [key_modifier(key) for key in expected]
+            assert set(expected) <= set(specs)  # with a `deps` case, the dep's spec too
+            assert all(assertion(specs[key]) for key in expected)
+
+
+def dg(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``dg`` CLI of this environment, in ``project``."""
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(bin_dir.parent),
+        "DAGSTER_HOME": str(project / "dagster_home"),
+        "PYTHONPATH": str(project / "src"),  # the project is not installed
+    }
+    return subprocess.run(
+        [str(bin_dir / "dg"), *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_dg_scaffolds_checks_and_lists_the_component(tmp_path: Path) -> None:
+    """A minimal dg project, as ``create-dagster project`` lays it out."""
+    project = tmp_path / "videos_project"
+    defs_dir = project / "src" / "videos_project" / "defs"
+    defs_dir.mkdir(parents=True)
+    dagster_home(project / "dagster_home")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "videos_project"\nversion = "0.1.0"\n\n'
+        '[tool.dg]\ndirectory_type = "project"\n\n'
+        '[tool.dg.project]\nroot_module = "videos_project"\n'
+    )
+    (defs_dir.parent / "__init__.py").write_text("")
+    (defs_dir / "__init__.py").write_text("")
+    (defs_dir.parent / "definitions.py").write_text(
+        "from pathlib import Path\n\nimport dagster as dg\n\n\n@dg.definitions\n"
+        "def defs() -> dg.Definitions:\n"
+        "    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)\n"
+    )
+
+    scaffold = dg(project, "scaffold", "defs", "kvid_dagster.KvidVideosComponent", "videos")
+    assert scaffold.returncode == 0, scaffold.stderr
+    assert (defs_dir / "videos" / "prompts.csv").is_file()
+    check = dg(project, "check", "yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = dg(project, "list", "defs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)
+    assert sorted(asset["asset_key"] for asset in found["assets"]) == sorted(ASSET_NAMES)
+    assert {sensor["name"] for sensor in found["sensors"]} == {
+        "kvid_status_sensor",
+        "kvid_prompts_sensor",
+    }
+
+    defs_yaml = defs_dir / "videos" / "defs.yaml"
+    defs_yaml.write_text(defs_yaml.read_text().replace("prompts_path:", "prompt_path:"))
+    misspelt = dg(project, "check", "yaml")
+    assert misspelt.returncode != 0
+    assert "prompt_path" in misspelt.stdout + misspelt.stderr
