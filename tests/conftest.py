@@ -33,15 +33,28 @@ def fast_config(**overrides: Any) -> EmulatorConfig:
 
 EmulatorFactory = Callable[..., KvidEmulator]
 
+REALISTIC_MARK = "realistic_emulator"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{REALISTIC_MARK}: the test's emulators default to realistic mode (real servers' rough "
+        "edges, see EmulatorConfig.realistic); a test turns one edge off by passing that field",
+    )
+
 
 @pytest.fixture
-def emulator_factory() -> Iterator[EmulatorFactory]:
+def emulator_factory(request: pytest.FixtureRequest) -> Iterator[EmulatorFactory]:
     """``make(config=None, **kw)``: a started emulator (``fast_config()`` unless a config is
-    given; ``kw`` overrides config fields or sets host/port/output_dir). All stop at teardown."""
+    given; ``kw`` overrides config fields or sets host/port/output_dir). All stop at teardown.
+    Under the ``realistic_emulator`` mark (the fault-test files) ``fast_config`` is realistic:
+    the fault tests face real servers' rough edges, at the same fast job timing."""
     made: list[KvidEmulator] = []
+    realistic = request.node.get_closest_marker(REALISTIC_MARK) is not None
 
     def make(config: EmulatorConfig | None = None, **kwargs: Any) -> KvidEmulator:
-        emulator = KvidEmulator(config or fast_config(), **kwargs)
+        emulator = KvidEmulator(config or fast_config(realistic=realistic), **kwargs)
         made.append(emulator)
         return emulator.start()
 

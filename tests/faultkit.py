@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
 import pandas as pd
 from conftest import REPO_ROOT, TEST_API_KEY
 
@@ -261,6 +264,33 @@ def run_submit(defs: Any, instance: Any, first: str, last: str, **kwargs: Any) -
         **kwargs,
     )
     return bool(result.success)
+
+
+def submit_job(base_url: str, prompts: str, data_dir: str) -> Any:
+    """``make_defs``' submitting job, rebuilt from plain strings: what
+    ``build_reconstructable_job`` calls, so ``execute_submit`` can re-execute a run."""
+    from kvid_dagster.definitions import SUBMIT_JOB
+
+    return make_defs(base_url, Path(prompts), Path(data_dir)).resolve_job_def(SUBMIT_JOB)
+
+
+def execute_submit(
+    instance: Any, base_url: str, prompts: Path, data_dir: Path, first: str, last: str,
+    **kwargs: Any,
+) -> Any:  # fmt: skip
+    """A run of ``kvid_video_jobs`` for ``first..last`` through ``dagster.execute_job`` (in the
+    definitions' in-process executor), which unlike ``execute_in_process`` can re-execute a
+    run (``reexecution_options``) the way Dagster's run retries do: same root run, same tags.
+    Returns the ``JobExecutionResult``."""
+    from dagster import build_reconstructable_job, execute_job
+
+    from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+
+    job = build_reconstructable_job(
+        "faultkit", "submit_job", reconstructable_args=(base_url, str(prompts), str(data_dir))
+    )
+    tags = {RANGE_START_TAG: first, RANGE_END_TAG: last}
+    return execute_job(job, instance, tags=tags, **kwargs)
 
 
 def run_prompts(defs: Any, instance: Any) -> bool:
@@ -556,6 +586,19 @@ def child_run_submit_at(
         ok = run_submit(defs, instance, first, last)
     _hang(f"{marker}.done")
     sys.exit(0 if ok else 3)
+
+
+def mp4_video(width: int, height: int, frames: int, fps: int = 16) -> bytes:
+    """A real H.264 MP4 of ``frames`` flat frames: what a storage may serve in a job's place."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.full((height, width, 3), i * 3 % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
 
 
 class StorageFront:

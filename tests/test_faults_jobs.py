@@ -1,7 +1,7 @@
 """Jobs that end badly, through the Dagster layer: FAILED (with and without the retry policy),
-TIMED_OUT, LOST after the service forgot its jobs or restarted. Each outcome is in the ledger
-and in the catalog the status sensor publishes, visible in Dagster (an observation and a failed
-``video_ok``), and never paid for twice."""
+TIMED_OUT, LOST after the service forgot its jobs or restarted, a forced run that failed and is
+re-executed. Each outcome is in the ledger and in the catalog the status sensor publishes,
+visible in Dagster (an observation and a failed ``video_ok``), and never paid for twice."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 import pandas as pd
 import pytest
 from conftest import EmulatorFactory
-from dagster import AssetKey
+from dagster import AssetKey, ReexecutionOptions
 from faultkit import (
     assert_accounted,
     check_verdicts,
     dagster_home,
+    execute_submit,
     make_defs,
     materialization_counts,
     open_instance,
@@ -33,6 +34,9 @@ from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.runner import evaluate_status_sensor
 from kvid_dagster.sensors import keys_needing_jobs
+
+# real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
+pytestmark = pytest.mark.realistic_emulator
 
 VIDEOS = AssetKey("kvid_videos")
 FORCE = {"ops": {"kvid_video_jobs": {"config": {"force": True}}}}
@@ -103,6 +107,66 @@ def test_a_failed_job_keeps_its_reason_and_only_force_pays_again(
         again = row_of(ledger, "bad")
         assert again.attempts == 2 and again.request_id != bad.request_id
     assert_accounted(emulator.jobs, ledger, table_rows(prompts), allowed_jobs={"bad": 2})
+
+
+def test_a_forced_run_re_executed_from_failure_pays_only_for_what_it_had_not_sent(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """``force: true`` is one-shot: a forced run that fails after sending, re-executed from
+    failure as Dagster's run retries do (same root run), pays only for the row it never sent;
+    a new forced run pays for every row again."""
+    keys = ["k0", "k1", "k2", "k3"]
+    prompts = write_table(tmp_path / "prompts.csv", keys)
+    project = KvidProject(prompts, tmp_path / "data")
+    ledger = project.ledger()
+    defs = make_defs(emulator.base_url, prompts, project.data_dir)
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+
+        def execute(**kwargs: Any) -> Any:
+            """A run of k0..k3 that ``reexecution_options`` can make a re-execution."""
+            return execute_submit(
+                instance, emulator.base_url, prompts, project.data_dir, "k0", "k3", **kwargs
+            )
+
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "k0", "k3")
+        assert emulator.jobs_created == 4
+        first_k2 = row_of(ledger, "k2").request_id
+        # the forced run: k1's generate creates its job, then answers 500 (UNCERTAIN: paid, its
+        # request_id unknown); k2's is refused by 429s beyond the client's retries (nothing
+        # created); k0 and k3 are paid. The run fails.
+        emulator.add_fault("generate", "500", match="number k1", after_create=True)
+        emulator.add_fault("generate", "429", times=50, match="number k2", retry_after=0)
+        forced = execute(run_config=FORCE)
+        assert not forced.success
+        assert emulator.jobs_created == 4 + 3
+        assert row_of(ledger, "k1").status is VideoStatus.UNCERTAIN
+        assert row_of(ledger, "k2").request_id == first_k2  # its forced job was never made
+        emulator.clear_faults()
+        sent = emulator.stats["generate"]
+
+        retried = execute(
+            reexecution_options=ReexecutionOptions.from_failure(forced.run_id, instance)
+        )
+        assert retried.success
+        assert retried.dagster_run.root_run_id == forced.run_id
+        assert retried.dagster_run.run_config == forced.dagster_run.run_config  # forced too
+        assert emulator.stats["generate"] == sent + 1 and emulator.jobs_created == 4 + 4  # k2
+        by_forced = {s.partition_key for s in ledger.submissions() if s.forced_by == forced.run_id}
+        assert by_forced == set(keys)
+        # re-executed whole, once more: the same root run, nothing left to pay for
+        again = execute(reexecution_options=ReexecutionOptions(parent_run_id=retried.run_id))
+        assert again.success and again.dagster_run.root_run_id == forced.run_id
+        assert emulator.stats["generate"] == sent + 1
+
+        # a new forced run is a new choice to pay, the UNCERTAIN row's included
+        assert run_submit(defs, instance, "k0", "k3", run_config=FORCE)
+        assert emulator.jobs_created == 4 + 4 + 4
+        tick_until_settled(defs, instance, ledger)
+        assert statuses(ledger) == dict.fromkeys(keys, "COMPLETED")
+    assert_accounted(
+        emulator.jobs, ledger, table_rows(prompts), allowed_jobs=dict.fromkeys(keys, 3)
+    )
 
 
 def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
@@ -187,7 +251,9 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
     prompts = write_table(tmp_path / "prompts.csv", ["a", "b", "c"])
     project = KvidProject(prompts, tmp_path / "data")
     ledger = project.ledger()
-    defs = make_defs(first.base_url, prompts, project.data_dir, lost_after_s=0.5)
+    # LOST after 1.5 s of 404s: longer than the realistic 404s just after generate (1 s), which
+    # the new job c meets and must survive
+    defs = make_defs(first.base_url, prompts, project.data_dir, lost_after_s=1.5)
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "a", "b")

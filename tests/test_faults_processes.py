@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EmulatorFactory
+from conftest import TEST_API_KEY, EmulatorFactory
 from dagster import AssetKey, DagsterRunStatus, RunsFilter
 from faultkit import (
     assert_accounted,
@@ -47,7 +47,7 @@ from faultkit import (
     write_table,
 )
 
-from kvid_dagster.client import AsyncKvidClient
+from kvid_dagster.client import AsyncKvidClient, JobKind, KvidClient, KvidNotFoundError
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
 from kvid_dagster.emulator import KvidEmulator
@@ -59,16 +59,32 @@ from kvid_dagster.runner import evaluate_status_sensor
 from kvid_dagster.sensors import StatusCursor, keys_needing_jobs
 from kvid_dagster.submit import register_table
 
+# real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
+pytestmark = pytest.mark.realistic_emulator
+
 VIDEOS = AssetKey("kvid_videos")
 
 
 def wait_until_all_completed(emulator: KvidEmulator, count: int, timeout: float = 60) -> None:
+    """Wait until the emulator has ``count`` jobs and its status endpoint answers COMPLETED for
+    each: their state inside is not enough, a realistic one answers 404 for a moment after
+    generate."""
+
+    def answers_completed(client: KvidClient, request_id: str, kind: str) -> bool:
+        try:
+            return client.status(JobKind(kind), request_id).is_completed
+        except KvidNotFoundError:
+            return False
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = emulator.jobs
-        if len(jobs) == count and all(j.state == "COMPLETED" for j in jobs.values()):
-            return
-        time.sleep(0.05)
+    with KvidClient(TEST_API_KEY, emulator.base_url) as client:
+        while time.monotonic() < deadline:
+            jobs = emulator.jobs
+            if len(jobs) == count and all(
+                answers_completed(client, request_id, job.kind) for request_id, job in jobs.items()
+            ):
+                return
+            time.sleep(0.05)
     raise AssertionError("the emulator's jobs did not complete")
 
 

@@ -5,7 +5,6 @@ echoes it back."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import threading
@@ -16,14 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-import av
 import httpx
-import numpy as np
 import pytest
-from conftest import EmulatorFactory, fast_config
+from conftest import EmulatorFactory
 from faultkit import (
     dagster_home,
     make_defs,
+    mp4_video,
     open_instance,
     run_prompts,
     run_submit,
@@ -48,6 +46,9 @@ from kvid_dagster.ledger import VideoStatus
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 
+# real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
+pytestmark = pytest.mark.realistic_emulator
+
 SECRET = "kvid-SECRET-7f3a9c1e-do-not-log"
 ECHO_HEADER = "X-Echo-Api-Key"
 T2V = JobKind.TEXT_TO_VIDEO
@@ -60,15 +61,7 @@ def files_containing(folder: Path, needle: bytes) -> list[Path]:
 def small_video() -> bytes:
     """A real H.264 clip shaped as the test table's rows ask (480p 16:9, 81 frames at 16 fps),
     so that the pipeline's checks accept it."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=16)
-        stream.width, stream.height, stream.pix_fmt = 854, 480, "yuv420p"
-        for i in range(81):
-            image = np.full((480, 854, 3), i * 3, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
+    return mp4_video(854, 480, 81)
 
 
 class EchoServer:
@@ -211,7 +204,7 @@ def test_a_full_run_with_faults_never_shows_the_api_key(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
-    emulator = emulator_factory(fast_config(api_key=SECRET))
+    emulator = emulator_factory(api_key=SECRET)
     keys = ["echoed", "fine", "bad", "throttled"]
     prompts = write_table(
         tmp_path / "prompts.csv",

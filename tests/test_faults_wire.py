@@ -1,8 +1,9 @@
 """What a real network and a hostile storage answer do to polling, and what the ledger keeps.
 
-- a download that is not a video (an HTML page, an MP4 without a video stream) never lands as
-  ``.mp4``; it is fetched a bounded number of times, then FETCH_FAILED with its reason and its
-  paid request_id, and ``Ledger.refetch`` (``kvid-dagster refetch KEY``) tries again;
+- a download that is not a video (an HTML page, an MP4 without a video stream, an image-to-video
+  of the wrong size) never lands as ``.mp4``; it is fetched a bounded number of times, then
+  FETCH_FAILED with its reason and its paid request_id, and ``Ledger.refetch``
+  (``kvid-dagster refetch KEY``) tries again;
 - one bad job never stops the others: its problem is recorded on it and the tick goes on;
 - a 404 from status is not proof of loss: LOST only after 404s that lasted;
 - the tick budget is a hard deadline: a status call that hangs is carried over;
@@ -25,6 +26,7 @@ from faultkit import (
     StorageFront,
     assert_accounted,
     make_client,
+    mp4_video,
     poll_once,
     poll_until_settled,
     statuses,
@@ -34,9 +36,21 @@ from faultkit import (
 )
 
 from kvid_dagster.emulator import KvidEmulator
-from kvid_dagster.ledger import ClaimOwner, ClaimRule, JobChange, Ledger, Refusal, VideoStatus
+from kvid_dagster.ledger import (
+    ClaimOwner,
+    ClaimRule,
+    JobChange,
+    Ledger,
+    Refusal,
+    VideoRow,
+    VideoStatus,
+)
 from kvid_dagster.poll import PollConfig, poll_pending
+from kvid_dagster.preview import cache_path
 from kvid_dagster.prompts import PromptRow
+
+# real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
+pytestmark = pytest.mark.realistic_emulator
 
 HTML = b"<html><body>Access denied</body></html>"
 
@@ -81,14 +95,23 @@ def started(
     return ledger, rows
 
 
+def row_of(ledger: Ledger, key: str) -> VideoRow:
+    row = ledger.row(key)
+    assert row is not None, key
+    return row
+
+
 def files_in(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    """What landed in ``folder``, but the videos' own previews (made after a video lands)."""
+    names = {p.name for p in folder.iterdir()} if folder.exists() else set()
+    return sorted(names - {cache_path(folder / name).name for name in names})
 
 
 def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_refetch(
     emulator_factory: Any, html_storage: StorageFront, tmp_path: Path
 ) -> None:
-    emulator = emulator_factory(public_base_url=html_storage.url)
+    # separate_storage off: its own storage origin would replace the result URLs under test
+    emulator = emulator_factory(public_base_url=html_storage.url, separate_storage=False)
     html_storage.target = emulator.base_url
     ledger, rows = started(emulator, tmp_path, ["a"])
     videos = tmp_path / "videos"
@@ -117,7 +140,8 @@ def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_ref
 def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on(
     emulator_factory: Any, audio_storage: StorageFront, tmp_path: Path
 ) -> None:
-    emulator = emulator_factory(public_base_url=audio_storage.url)
+    # separate_storage off: its own storage origin would replace the result URLs under test
+    emulator = emulator_factory(public_base_url=audio_storage.url, separate_storage=False)
     audio_storage.target = emulator.base_url
     ledger, rows = started(emulator, tmp_path, ["bad", "good"])
     bad = ledger.row("bad")
@@ -131,6 +155,56 @@ def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on
     assert any("bad" in e for r in reports for e in r.errors)
     good = ledger.row("good")
     assert good is not None and files_in(videos) == [Path(str(good.video.local_path)).name]
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_an_image_to_video_download_of_the_wrong_size_never_lands(
+    emulator_factory: Any, image_server: str, tmp_path: Path
+) -> None:
+    """Image-to-video downloads are verified too: with an explicit aspect ratio, the whole
+    geometry; with ``auto`` (the long side follows the input image, which the poller does
+    not have), the short side. Two storage fronts in a row each spoil one job's file."""
+    square = StorageFront(bad=mp4_video(480, 480, 8), content_type="video/mp4")  # 1:1 at 480p
+    wide = StorageFront(bad=mp4_video(1280, 720, 8), content_type="video/mp4")  # 720p
+    # separate_storage off: its own storage origin would replace the result URLs under test
+    emulator = emulator_factory(public_base_url=square.url, separate_storage=False)
+    square.target, wide.target = wide.url, emulator.base_url
+    tiger = f"{image_server}/tiger.jpg"  # 480x600: auto at 480p is 480x600
+    table = tmp_path / "prompts.csv"
+    table.write_text(
+        "prompt_id,prompt,image,model,resolution,aspect_ratio,num_frames\n"
+        f"fixed,The tiger blinks,{tiger},v1,480p,16:9,81\n"  # gets 480x480: not 854x480
+        f"auto,The tiger yawns,{tiger},v1,480p,auto,81\n"  # gets 1280x720: short side 720
+        f"auto-fine,The tiger stares,{tiger},v1,480p,auto,81\n"
+        f"fixed-fine,The tiger turns,{tiger},v2,480p,,\n",  # v2: 16:9 by default, 854x480
+        encoding="utf-8",
+    )
+    rows = table_rows(table)
+    assert {r.job_kind for r in rows} == {"image-to-video"}
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    ledger.register(rows)
+    submit(emulator.base_url, ledger, rows)
+    square.bad_for = {str(row_of(ledger, "fixed").request_id)}
+    wide.bad_for = {str(row_of(ledger, "auto").request_id)}
+    videos = tmp_path / "videos"
+    try:
+        poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    finally:
+        square.close()
+        wide.close()
+    assert statuses(ledger) == {
+        "fixed": "FETCH_FAILED", "auto": "FETCH_FAILED",
+        "auto-fine": "COMPLETED", "fixed-fine": "COMPLETED",
+    }  # fmt: skip
+    assert (square.bad_gets, wide.bad_gets) == (3, 3)  # each spoilt file fetched 3 times
+    fixed, auto = row_of(ledger, "fixed"), row_of(ledger, "auto")
+    assert fixed.error is not None and "480x480, the request asks for 854x480" in fixed.error
+    assert auto.error is not None and "1280x720" in auto.error
+    assert "short side of 480 px" in auto.error
+    assert fixed.request_id in emulator.jobs and auto.request_id in emulator.jobs  # kept
+    fine = [row_of(ledger, k).video for k in ("auto-fine", "fixed-fine")]
+    assert [(v.width, v.height) for v in fine] == [(480, 600), (854, 480)]
+    assert files_in(videos) == sorted(Path(str(v.local_path)).name for v in fine)
     assert_accounted(emulator.jobs, ledger, rows)
 
 
@@ -255,7 +329,10 @@ def test_result_urls_to_private_addresses_are_refused_unless_trusted(
     first = emulator_factory()  # only to find a free port for the one whose URLs name it
     port = first.port
     first.stop()
-    emulator = emulator_factory(port=port, public_base_url=f"http://{storage_host}:{port}")
+    # separate_storage off: its own storage origin would replace the result URLs under test
+    emulator = emulator_factory(
+        port=port, public_base_url=f"http://{storage_host}:{port}", separate_storage=False
+    )
     ledger, rows = started(emulator, tmp_path, ["a"])
     videos = tmp_path / "videos"
 
