@@ -7,7 +7,7 @@ the client and the emulator are useful on their own, and importing Dagster costs
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     # the Dagster layer
     "KvidResource": "kvid_dagster.resource",
     "KvidTranslator": "kvid_dagster.translator",
+    "KvidAsset": "kvid_dagster.translator",
+    "KvidAssetProps": "kvid_dagster.translator",
     "KvidProject": "kvid_dagster.project",
     "build_kvid_assets": "kvid_dagster.assets",
     "build_kvid_status_sensor": "kvid_dagster.sensors",
@@ -50,6 +52,67 @@ _EXPORTS: dict[str, str] = {
     "CreditBudget": "kvid_dagster.budget",
     "KvidVideosComponent": "kvid_dagster.component",
 }
+
+# what editors and type checkers resolve; at run time __getattr__ imports each on first use
+if TYPE_CHECKING:
+    from kvid_dagster.assets import (
+        build_kvid_assets,
+    )
+    from kvid_dagster.budget import (
+        CreditBudget,
+    )
+    from kvid_dagster.client import (
+        ApiDialect,
+        AsyncKvidClient,
+        CreditPool,
+        DownloadedFile,
+        GenerationImageToVideo,
+        GenerationReferenceToVideo,
+        GenerationTextToVideo,
+        ImageToVideoV1,
+        ImageToVideoV2,
+        JobKind,
+        JobResult,
+        JobStatus,
+        KvidClient,
+        KvidError,
+        KvidRequest,
+        TextToVideoV1,
+        TextToVideoV2,
+        build_request,
+    )
+    from kvid_dagster.component import (
+        KvidVideosComponent,
+    )
+    from kvid_dagster.definitions import (
+        build_kvid_definitions,
+    )
+    from kvid_dagster.emulator import (
+        EmulatorConfig,
+        KvidEmulator,
+    )
+    from kvid_dagster.ledger import (
+        Ledger,
+        VideoStatus,
+    )
+    from kvid_dagster.project import (
+        KvidProject,
+    )
+    from kvid_dagster.resource import (
+        KvidResource,
+    )
+    from kvid_dagster.schedules import (
+        build_kvid_schedule,
+    )
+    from kvid_dagster.sensors import (
+        build_kvid_prompts_sensor,
+        build_kvid_status_sensor,
+    )
+    from kvid_dagster.translator import (
+        KvidAsset,
+        KvidAssetProps,
+        KvidTranslator,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@
 
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -38,13 +38,13 @@ from dagster import (
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
+from kvid_dagster._dagster_common import publish_catalog, video_check_result
 from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.ledger import (
     VIDEO_SCHEMA,
     ClaimOwner,
     ClaimRule,
     SpendWindow,
-    VideoRow,
     VideoStatus,
 )
 from kvid_dagster.liveness import run_liveness
@@ -52,7 +52,9 @@ from kvid_dagster.preview import PreviewError, contact_sheet
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError
+from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.storage import exists as stored
 from kvid_dagster.submit import (
     SpendReport,
     SubmitAction,
@@ -61,12 +63,11 @@ from kvid_dagster.submit import (
     register_table,
     submit_rows,
 )
-from kvid_dagster.translator import PREVIEW_KEY, KvidTranslator
+from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PREVIEW_ROWS = 20
 CONTACT_SHEET_VIDEOS = 8  # the latest completed videos on kvid_catalog's contact sheet
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
-VIDEO_CHECK_NAME = "video_ok"
 
 
 class KvidJobsConfig(Config):
@@ -103,25 +104,263 @@ def add_new_partitions(
     return new
 
 
-def publish_catalog(project: KvidProject, log: Any) -> None:
-    """Republish the Parquet catalogs after a change. Never fails the caller: the ledger holds
-    everything, and the next publication (any tick, run or ``kvid_catalog``) catches up."""
-    try:
-        stats = project.publish()
-    except Exception as exc:  # a full disk must not cost a tick or a run
-        log.warning(f"catalog not published: {type(exc).__name__}: {exc}")
-        return
-    log.info(
-        f"catalog published: {stats.videos} rows, {stats.submissions} events "
-        f"(ledger revision {stats.revision}) in {stats.seconds:.2f} s"
-    )
-
-
 def load_table_or_fail(project: KvidProject) -> PromptTable:
     try:
         return project.load_table()
     except PromptTableError as exc:
         raise Failure(description=str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class KvidAssetSettings:
+    """What the asset bodies need, fixed when the assets are built."""
+
+    project: KvidProject
+    translator: KvidTranslator
+    prices: Mapping[str, float]
+    budget: CreditBudget
+
+
+def materialize_prompts(
+    context: AssetExecutionContext, settings: KvidAssetSettings
+) -> MaterializeResult:
+    """``kvid_prompts``: validate the table, add its partitions and ledger rows, and report the
+    invalid rows and what a backfill would cost."""
+    project = settings.project
+    table = load_table_or_fail(project)
+    new_keys = add_new_partitions(context.instance, project, table.partition_keys)
+    ledger = project.ledger()
+    if register_table(ledger, table):
+        publish_catalog(project, context.log)
+    backfill = estimate_backfill(
+        table.rows,
+        latest_submissions(ledger, table.rows),
+        settings.prices,
+        ledger.spent_credits(SpendWindow.DAY),
+    )
+    context.log.info(f"a backfill would cost: {backfill.describe()}")
+    for problem in table.invalid:
+        context.log.warning(f"invalid row, not sent: {problem.message}")
+    for warning in table.warnings:
+        context.log.warning(warning)
+    shown_user_columns = list(table.user_columns[:PREVIEW_USER_COLUMNS])
+    preview = [
+        {
+            "partition_key": r.partition_key,
+            "job": r.job_kind,
+            "model": r.model,
+            "prompt": r.prompt,
+            **{c: r.user_columns.get(c, "") for c in shown_user_columns},
+        }
+        for r in table.rows[:PREVIEW_ROWS]
+    ]
+    invalid = [
+        {"row": p.row_number, "key": p.partition_key, "field": p.field, "reason": p.reason}
+        for p in table.invalid[:PREVIEW_ROWS]
+    ]
+    metadata: dict[str, Any] = {
+        "path": MetadataValue.path(str(project.prompts_path)),
+        "rows": len(table.rows) + len(table.invalid),
+        "valid_rows": len(table.rows),
+        "invalid_rows": len(table.invalid),
+        "new_partitions": len(new_keys),
+        "preview": MetadataValue.md(
+            _markdown_table(
+                preview, ["partition_key", "job", "model", "prompt", *shown_user_columns]
+            )
+        ),
+        "user_columns": MetadataValue.json(list(table.user_columns)),
+        # what submitting every partition without a job would cost
+        "backfill_partitions": backfill.rows,
+        "backfill_estimate_credits": backfill.credits,
+        "backfill_unpriced_partitions": backfill.unpriced,
+        "day_spent_credits": backfill.spent_today_credits,
+    }
+    if invalid:
+        metadata["invalid"] = MetadataValue.md(
+            _markdown_table(invalid, ["row", "key", "field", "reason"])
+        )
+    return MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            AssetCheckResult(
+                check_name="all_rows_valid",
+                passed=not table.invalid,
+                severity=AssetCheckSeverity.WARN,
+                metadata={
+                    "invalid_rows": len(table.invalid),
+                    "first_problems": MetadataValue.md(
+                        "\n".join(f"- {p.message}" for p in table.invalid[:PREVIEW_ROWS]) or "none"
+                    ),
+                },
+            )
+        ],
+    )
+
+
+def submit_video_jobs(
+    context: AssetExecutionContext,
+    config: KvidJobsConfig,
+    kvid: KvidResource,
+    settings: KvidAssetSettings,
+) -> MaterializeResult:
+    """``kvid_video_jobs``: submit each partition's row once per exact request, within the
+    budget; fails naming every partition not submitted cleanly (the others are recorded)."""
+    project = settings.project
+    keys = list(context.partition_keys)
+    if kvid.dialect is not project.dialect:  # its rows would be refused by the client
+        raise Failure(
+            description=f"the kvid resource speaks the {kvid.dialect} dialect and the "
+            f"project's table is read as {project.dialect} requests: set KVID_API_DIALECT "
+            "(or the resource's and the definitions' dialect) to one of them"
+        )
+    table = load_table_or_fail(project)
+    # a backfill started before kvid_prompts ran still gives every row its ledger row
+    registered = register_table(project.ledger(), table)
+    by_key = table.by_key
+    invalid_by_key = {p.partition_key: p for p in table.invalid if p.partition_key}
+    rows = [by_key[k] for k in keys if k in by_key]
+    missing = [k for k in keys if k not in by_key]
+
+    budget = settings.budget.with_run_limit(config.budget_credits)
+    run_id = context.run.run_id
+
+    def report(outcome: SubmitOutcome) -> None:
+        # one event-log write each (~8 ms): the submitted ones go in the summary and in each
+        # partition's metadata instead; the rows left for money are counted in the failure
+        if outcome.is_problem and not outcome.is_waiting:
+            context.log.error(f"{outcome.partition_key}: {outcome.action}: {outcome.message}")
+
+    async def submit() -> list[SubmitOutcome]:
+        async with kvid.get_async_client() as client:
+            return await submit_rows(
+                client,
+                project.ledger(),
+                rows,
+                rule=ClaimRule(
+                    force=config.force,
+                    force_token=context.run.root_run_id or context.run.run_id,
+                ),
+                prices=settings.prices,
+                on_outcome=report,
+                generate_concurrency=kvid.generate_concurrency,
+                owner=ClaimOwner.current(run_id),
+                is_alive=run_liveness(context.instance),
+                limit_wait_s=kvid.concurrent_limit_wait_s,
+                budget=budget if budget.caps else None,
+            )
+
+    outcomes = run_coroutine(submit()) if rows else []
+    for outcome in outcomes:
+        context.add_asset_metadata(
+            {
+                "action": outcome.action.value,
+                "status": outcome.status.value,
+                "request_id": outcome.request_id or "",
+                "note": outcome.message,
+                **(
+                    {"estimated_credits": outcome.estimated_credits}
+                    if outcome.estimated_credits is not None
+                    else {}
+                ),
+            },
+            partition_key=outcome.partition_key,
+        )
+    problems = [o for o in outcomes if o.is_problem]
+    for k in missing:
+        reason = invalid_by_key[k].message if k in invalid_by_key else "not in the table"
+        context.log.error(f"{k}: no valid row: {reason}")
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.action.value] = counts.get(outcome.action.value, 0) + 1
+    context.log.info(
+        f"{len(keys)} partitions: "
+        + ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
+    )
+    if registered or any(o.action is not SubmitAction.SKIPPED for o in outcomes):
+        publish_catalog(project, context.log)
+    spend = SpendReport.of(project.ledger(), outcomes, run_id)
+    summary = {"partitions": len(keys), **counts, **spend.metadata()}
+    if problems or missing:
+        waiting = [o for o in problems if o.action is SubmitAction.NO_CREDIT]
+        lines = [f"{o.partition_key}: {o.action}: {o.message}" for o in problems]
+        lines += [f"{k}: no valid row in the table" for k in missing]
+        credit = (
+            f"kvid credits ran out: {len(waiting)} rows wait, PENDING and not sent (nothing "
+            "was paid for them); add credits and run again.\n"
+            if waiting
+            else ""
+        )
+        if spend.rows_left:
+            credit += spend.over_budget_message(budget) + "\n"
+        raise Failure(
+            description=f"{credit}{len(lines)} of {len(keys)} partitions were not submitted "
+            "cleanly (every other one is recorded):\n" + "\n".join(lines[:50]),
+            metadata=summary,
+        )
+    return MaterializeResult(metadata=summary)
+
+
+def check_video(
+    context: AssetCheckExecutionContext, settings: KvidAssetSettings
+) -> AssetCheckResult:
+    """``video_ok`` in a run: the ledger's latest verdict on the partition."""
+    partition_key = context.partition_key if context.has_partition_key else None
+    row = settings.project.ledger().row(partition_key) if partition_key else None
+    return video_check_result(settings.translator, row)
+
+
+def materialize_catalog(context: AssetExecutionContext, project: KvidProject) -> MaterializeResult:
+    """``kvid_catalog``: republish the Parquet catalogs, with their row count, columns, a
+    preview and a contact sheet of the latest videos."""
+    stats = project.publish()
+    videos = stats.videos_table
+    counts = videos.column("status").value_counts().to_pylist()
+    preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
+    context.log.info(f"catalog published: {stats}")
+    sheet = catalog_contact_sheet(videos, context.log)
+    return MaterializeResult(
+        metadata={
+            # Dagster's standard keys: the UI shows the row count and the columns
+            "dagster/row_count": MetadataValue.int(stats.videos),
+            "dagster/column_schema": MetadataValue.table_schema(catalog_column_schema()),
+            "videos_path": MetadataValue.path(str(project.catalog_dir / "videos")),
+            "submissions_path": MetadataValue.path(str(project.catalog_dir / "submissions")),
+            "submission_events": stats.submissions,
+            "ledger_revision": stats.revision,
+            **{f"status_{c['values'].lower()}": c["counts"] for c in counts},
+            "preview": MetadataValue.md(
+                _markdown_table(
+                    preview,
+                    [
+                        "partition_key",
+                        "status",
+                        "request_id",
+                        "width",
+                        "height",
+                        "num_frames",
+                        "error",
+                    ],
+                )
+            ),
+            **sheet,
+        }
+    )
+
+
+def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
+    """The translator's share of an ``@asset``: all of its spec but the kvid-owned parts."""
+    return {
+        "key": spec.key,
+        "group_name": spec.group_name,
+        "kinds": spec.kinds,
+        "description": spec.description,
+        "metadata": spec.metadata,
+        "tags": spec.tags,
+        "owners": spec.owners,
+        "code_version": spec.code_version,
+        "automation_condition": spec.automation_condition,
+    }
 
 
 def build_kvid_assets(
@@ -132,7 +371,8 @@ def build_kvid_assets(
     jobs_automation_condition: AutomationCondition | None = None,
     budget_credits: CreditBudget | None = None,
 ) -> list[AssetsDefinition | AssetSpec]:
-    """The four kvid assets (and the ``video_ok`` check) for one project.
+    """The four kvid assets (and the ``video_ok`` check) for one project, from the
+    translator's specs.
 
     ``budget_credits`` caps what submitting spends, per run and per UTC day (a run's config
     ``budget_credits`` may lower its own); ``kvid_prompts`` reports what a backfill would cost.
@@ -141,212 +381,41 @@ def build_kvid_assets(
     automation submit new partitions instead of, or beside, the prompt-table sensor.
     """
     translator = translator or KvidTranslator()
-    key = {
-        name: translator.get_asset_key(name)
-        for name in ("kvid_prompts", "kvid_video_jobs", "kvid_videos", "kvid_catalog")
-    }
-    group = translator.get_group_name()
-    price_table = dict(prices or DEFAULT_PRICES)
+    specs = asset_specs(translator, project)
+    key = {asset: spec.key for asset, spec in specs.items()}
+    settings = KvidAssetSettings(
+        project, translator, dict(prices or DEFAULT_PRICES), budget_credits or CreditBudget()
+    )
+    if jobs_automation_condition is not None:
+        specs[KvidAsset.VIDEO_JOBS] = specs[KvidAsset.VIDEO_JOBS].replace_attributes(
+            automation_condition=jobs_automation_condition
+        )
 
     @asset(
-        key=key["kvid_prompts"],
-        group_name=group,
-        kinds={"kvid", "csv"},
-        description=f"The prompt table {project.prompts_path.name}: validated rows become "
-        "partitions; invalid rows are reported, never sent.",
-        check_specs=[AssetCheckSpec("all_rows_valid", asset=key["kvid_prompts"])],
+        **_asset_kwargs(specs[KvidAsset.PROMPTS]),
+        check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
-        table = load_table_or_fail(project)
-        new_keys = add_new_partitions(context.instance, project, table.partition_keys)
-        ledger = project.ledger()
-        if register_table(ledger, table):
-            publish_catalog(project, context.log)
-        backfill = estimate_backfill(
-            table.rows,
-            latest_submissions(ledger, table.rows),
-            price_table,
-            ledger.spent_credits(SpendWindow.DAY),
+        return materialize_prompts(context, settings)
+
+    with warnings.catch_warnings():
+        # `backfill_policy` is beta in Dagster 1.13; the single-run backfill is the point here
+        warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
+
+        @asset(
+            **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS]),
+            deps=[key[KvidAsset.PROMPTS]],
+            partitions_def=project.partitions_def,
+            backfill_policy=BackfillPolicy.single_run(),
+            pool="kvid",
         )
-        context.log.info(f"a backfill would cost: {backfill.describe()}")
-        for problem in table.invalid:
-            context.log.warning(f"invalid row, not sent: {problem.message}")
-        for warning in table.warnings:
-            context.log.warning(warning)
-        shown_user_columns = list(table.user_columns[:PREVIEW_USER_COLUMNS])
-        preview = [
-            {
-                "partition_key": r.partition_key,
-                "job": r.job_kind,
-                "model": r.model,
-                "prompt": r.prompt,
-                **{c: r.user_columns.get(c, "") for c in shown_user_columns},
-            }
-            for r in table.rows[:PREVIEW_ROWS]
-        ]
-        invalid = [
-            {"row": p.row_number, "key": p.partition_key, "field": p.field, "reason": p.reason}
-            for p in table.invalid[:PREVIEW_ROWS]
-        ]
-        metadata: dict[str, Any] = {
-            "path": MetadataValue.path(str(project.prompts_path)),
-            "rows": len(table.rows) + len(table.invalid),
-            "valid_rows": len(table.rows),
-            "invalid_rows": len(table.invalid),
-            "new_partitions": len(new_keys),
-            "preview": MetadataValue.md(
-                _markdown_table(
-                    preview, ["partition_key", "job", "model", "prompt", *shown_user_columns]
-                )
-            ),
-            "user_columns": MetadataValue.json(list(table.user_columns)),
-            # what submitting every partition without a job would cost
-            "backfill_partitions": backfill.rows,
-            "backfill_estimate_credits": backfill.credits,
-            "backfill_unpriced_partitions": backfill.unpriced,
-            "day_spent_credits": backfill.spent_today_credits,
-        }
-        if invalid:
-            metadata["invalid"] = MetadataValue.md(
-                _markdown_table(invalid, ["row", "key", "field", "reason"])
-            )
-        return MaterializeResult(
-            metadata=metadata,
-            check_results=[
-                AssetCheckResult(
-                    check_name="all_rows_valid",
-                    passed=not table.invalid,
-                    severity=AssetCheckSeverity.WARN,
-                    metadata={
-                        "invalid_rows": len(table.invalid),
-                        "first_problems": MetadataValue.md(
-                            "\n".join(f"- {p.message}" for p in table.invalid[:PREVIEW_ROWS])
-                            or "none"
-                        ),
-                    },
-                )
-            ],
-        )
+        def kvid_video_jobs(
+            context: AssetExecutionContext, config: KvidJobsConfig, kvid: KvidResource
+        ) -> MaterializeResult:
+            return submit_video_jobs(context, config, kvid, settings)
 
-    # `backfill_policy` is beta in Dagster 1.13; the single-run backfill is the point here
-    warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
-
-    @asset(
-        key=key["kvid_video_jobs"],
-        deps=[key["kvid_prompts"]],
-        partitions_def=project.partitions_def,
-        backfill_policy=BackfillPolicy.single_run(),
-        pool="kvid",
-        group_name=group,
-        kinds={"kvid"},
-        automation_condition=jobs_automation_condition,
-        description="One kvid job per prompt row, submitted once per exact request and recorded "
-        "in the catalog before the run returns. A backfill of any size is one run.",
-    )
-    def kvid_video_jobs(
-        context: AssetExecutionContext, config: KvidJobsConfig, kvid: KvidResource
-    ) -> MaterializeResult:
-        keys = list(context.partition_keys)
-        if kvid.dialect is not project.dialect:  # its rows would be refused by the client
-            raise Failure(
-                description=f"the kvid resource speaks the {kvid.dialect} dialect and the "
-                f"project's table is read as {project.dialect} requests: set KVID_API_DIALECT "
-                "(or the resource's and the definitions' dialect) to one of them"
-            )
-        table = load_table_or_fail(project)
-        # a backfill started before kvid_prompts ran still gives every row its ledger row
-        registered = register_table(project.ledger(), table)
-        by_key = table.by_key
-        invalid_by_key = {p.partition_key: p for p in table.invalid if p.partition_key}
-        rows = [by_key[k] for k in keys if k in by_key]
-        missing = [k for k in keys if k not in by_key]
-
-        budget = (budget_credits or CreditBudget()).with_run_limit(config.budget_credits)
-        run_id = context.run.run_id
-
-        def report(outcome: SubmitOutcome) -> None:
-            # one event-log write each (~8 ms): the submitted ones go in the summary and in each
-            # partition's metadata instead; the rows left for money are counted in the failure
-            if outcome.is_problem and not outcome.is_waiting:
-                context.log.error(f"{outcome.partition_key}: {outcome.action}: {outcome.message}")
-
-        async def submit() -> list[SubmitOutcome]:
-            async with kvid.get_async_client() as client:
-                return await submit_rows(
-                    client,
-                    project.ledger(),
-                    rows,
-                    rule=ClaimRule(
-                        force=config.force,
-                        force_token=context.run.root_run_id or context.run.run_id,
-                    ),
-                    prices=price_table,
-                    on_outcome=report,
-                    generate_concurrency=kvid.generate_concurrency,
-                    owner=ClaimOwner.current(run_id),
-                    is_alive=run_liveness(context.instance),
-                    limit_wait_s=kvid.concurrent_limit_wait_s,
-                    budget=budget if budget.caps else None,
-                )
-
-        outcomes = run_coroutine(submit()) if rows else []
-        for outcome in outcomes:
-            context.add_asset_metadata(
-                {
-                    "action": outcome.action.value,
-                    "status": outcome.status.value,
-                    "request_id": outcome.request_id or "",
-                    "note": outcome.message,
-                    **(
-                        {"estimated_credits": outcome.estimated_credits}
-                        if outcome.estimated_credits is not None
-                        else {}
-                    ),
-                },
-                partition_key=outcome.partition_key,
-            )
-        problems = [o for o in outcomes if o.is_problem]
-        for k in missing:
-            reason = invalid_by_key[k].message if k in invalid_by_key else "not in the table"
-            context.log.error(f"{k}: no valid row: {reason}")
-        counts: dict[str, int] = {}
-        for outcome in outcomes:
-            counts[outcome.action.value] = counts.get(outcome.action.value, 0) + 1
-        context.log.info(
-            f"{len(keys)} partitions: "
-            + ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
-        )
-        if registered or any(o.action is not SubmitAction.SKIPPED for o in outcomes):
-            publish_catalog(project, context.log)
-        spend = SpendReport.of(project.ledger(), outcomes, run_id)
-        summary = {"partitions": len(keys), **counts, **spend.metadata()}
-        if problems or missing:
-            waiting = [o for o in problems if o.action is SubmitAction.NO_CREDIT]
-            lines = [f"{o.partition_key}: {o.action}: {o.message}" for o in problems]
-            lines += [f"{k}: no valid row in the table" for k in missing]
-            credit = (
-                f"kvid credits ran out: {len(waiting)} rows wait, PENDING and not sent (nothing "
-                "was paid for them); add credits and run again.\n"
-                if waiting
-                else ""
-            )
-            if spend.rows_left:
-                credit += spend.over_budget_message(budget) + "\n"
-            raise Failure(
-                description=f"{credit}{len(lines)} of {len(keys)} partitions were not submitted "
-                "cleanly (every other one is recorded):\n" + "\n".join(lines[:50]),
-                metadata=summary,
-            )
-        return MaterializeResult(metadata=summary)
-
-    kvid_videos = AssetSpec(
-        key=key["kvid_videos"],
-        deps=[key["kvid_video_jobs"]],
-        partitions_def=project.partitions_def,
-        group_name=group,
-        kinds={"kvid", "mp4"},
-        description="The finished videos: materialized by the kvid status sensor when a job "
-        "completes (runless events), with the file's own width, height, fps and frames.",
+    kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
+        deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=project.partitions_def
     )
 
     with warnings.catch_warnings():
@@ -354,58 +423,17 @@ def build_kvid_assets(
         warnings.simplefilter("ignore")
 
         @asset_check(
-            asset=key["kvid_videos"],
+            asset=key[KvidAsset.VIDEOS],
             name=VIDEO_CHECK_NAME,
             partitions_def=project.partitions_def,
             description="The partition's job completed and its video was downloaded and verified.",
         )
         def video_ok(context: AssetCheckExecutionContext) -> AssetCheckResult:
-            partition_key = context.partition_key if context.has_partition_key else None
-            row = project.ledger().row(partition_key) if partition_key else None
-            return video_check_result(translator, row)
+            return check_video(context, settings)
 
-    @asset(
-        key=key["kvid_catalog"],
-        deps=[key["kvid_videos"]],
-        group_name=group,
-        kinds={"parquet"},
-        description="Republishes <data_dir>/catalog/videos and /submissions from the ledger as "
-        "Parquet (pandas, DuckDB and Spark read them directly).",
-    )
+    @asset(**_asset_kwargs(specs[KvidAsset.CATALOG]), deps=[key[KvidAsset.VIDEOS]])
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
-        stats = project.publish()
-        videos = stats.videos_table
-        counts = videos.column("status").value_counts().to_pylist()
-        preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
-        context.log.info(f"catalog published: {stats}")
-        sheet = catalog_contact_sheet(videos, context.log)
-        return MaterializeResult(
-            metadata={
-                # Dagster's standard keys: the UI shows the row count and the columns
-                "dagster/row_count": MetadataValue.int(stats.videos),
-                "dagster/column_schema": MetadataValue.table_schema(catalog_column_schema()),
-                "videos_path": MetadataValue.path(str(project.catalog_dir / "videos")),
-                "submissions_path": MetadataValue.path(str(project.catalog_dir / "submissions")),
-                "submission_events": stats.submissions,
-                "ledger_revision": stats.revision,
-                **{f"status_{c['values'].lower()}": c["counts"] for c in counts},
-                "preview": MetadataValue.md(
-                    _markdown_table(
-                        preview,
-                        [
-                            "partition_key",
-                            "status",
-                            "request_id",
-                            "width",
-                            "height",
-                            "num_frames",
-                            "error",
-                        ],
-                    )
-                ),
-                **sheet,
-            }
-        )
+        return materialize_catalog(context, project)
 
     return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, kvid_catalog]
 
@@ -422,7 +450,7 @@ def catalog_contact_sheet(videos: pa.Table, log: Any) -> dict[str, MetadataValue
     ).select(["partition_key", "local_path", "completed_at"])
     newest = done.sort_by([("completed_at", "descending")])
     candidates = newest.slice(0, 4 * CONTACT_SHEET_VIDEOS).to_pylist()
-    latest = [r for r in candidates if Path(r["local_path"]).is_file()][:CONTACT_SHEET_VIDEOS]
+    latest = [r for r in candidates if stored(r["local_path"])][:CONTACT_SHEET_VIDEOS]
     if not latest:
         return {}
     try:
@@ -442,23 +470,4 @@ def catalog_column_schema() -> TableSchema:
     """``dagster/column_schema`` of the published videos table."""
     return TableSchema(
         columns=[TableColumn(f.name, str(f.type), constraints=None) for f in VIDEO_SCHEMA]
-    )
-
-
-def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> AssetCheckResult:
-    """The ``video_ok`` verdict for one ledger row (shared by the check and the sensor)."""
-    if row is None:
-        return AssetCheckResult(
-            check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no ledger row"}
-        )
-    if row.status is VideoStatus.COMPLETED:
-        # the materialization beside it carries the preview: once in the event log is enough
-        metadata = translator.get_video_metadata(row)
-        metadata.pop(PREVIEW_KEY, None)
-        return AssetCheckResult(check_name=VIDEO_CHECK_NAME, passed=True, metadata=metadata)
-    return AssetCheckResult(
-        check_name=VIDEO_CHECK_NAME,
-        passed=False,
-        severity=AssetCheckSeverity.ERROR,
-        metadata=translator.get_failure_metadata(row),
     )

@@ -52,6 +52,8 @@ def _progress_printer(stream: Any = None) -> Any:
 
     ``stream`` defaults to the ``sys.stderr`` of the moment, like the other messages (bound at
     import, it would miss a redirected or captured stderr)."""
+    from kvid_dagster.progress import is_terminal
+
     stream = sys.stderr if stream is None else stream
     state = {"last": ""}
 
@@ -61,7 +63,7 @@ def _progress_printer(stream: Any = None) -> Any:
         if line == state["last"]:
             return
         state["last"] = line
-        if stream.isatty():
+        if is_terminal(stream):
             stream.write("\r\x1b[2K" + line[:120])
         else:
             stream.write(line + "\n")
@@ -120,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kvid_dagster.budget import CreditBudget
+    from kvid_dagster.progress import display_for
     from kvid_dagster.project import dialect_from_env
     from kvid_dagster.resource import KvidResource
     from kvid_dagster.runner import print_summary, run_pipeline
@@ -138,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             deadline_s=args.deadline,
             download=not args.no_download,
             budget_credits=budget,
-            say=lambda line: print(line, file=sys.stderr),
+            # beside the other messages, on stderr: stdout is the summary, fit for a file
+            display=display_for(sys.stderr, plain=args.plain),
         )
     print_summary(result, data_dir)
     return 0 if result.ok else 1
@@ -237,6 +241,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def _change_row(args: argparse.Namespace, command: str, change: Callable[..., VideoRow]) -> int:
     """Apply a person's change to one row of the data folder's ledger, then republish."""
     from kvid_dagster.ledger import Ledger, publish
+    from kvid_dagster.storage import Storage
 
     data_dir = Path(args.data_dir)
     ledger = Ledger.for_data_dir(data_dir, os.environ.get("KVID_DATABASE_URL") or None)
@@ -245,7 +250,7 @@ def _change_row(args: argparse.Namespace, command: str, change: Callable[..., Vi
     except ValueError as exc:
         print(f"kvid-dagster {command}: {exc}", file=sys.stderr)
         return 2
-    publish(ledger, data_dir / "catalog")
+    publish(ledger, Storage.from_setting(None, data_dir).catalog_dir)  # $KVID_STORAGE_URL's
     print(f"{args.partition_key}: {row.status} {row.request_id or ''}".rstrip())
     return 0
 
@@ -328,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--deadline", type=float, default=3600.0, help="overall seconds to wait")
     run.add_argument("--no-download", action="store_true", help="record URLs, fetch no files")
+    run.add_argument(
+        "--plain",
+        action="store_true",
+        help="progress as plain lines, one per change (the default when stderr is no terminal)",
+    )
     run.add_argument(
         "--budget-credits",
         type=_credits,

@@ -102,8 +102,11 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     its value) in the resource; unset, it is ``KVID_API_KEY``. ``base_url`` unset or empty is
     the vendor's. Unset ``dialect``, ``database_url`` and ``schedule_cron`` keep
     ``build_kvid_definitions``' defaults (``$KVID_API_DIALECT``, ``$KVID_DATABASE_URL``).
-    ``translation`` is Dagster's standard one (key, group_name, owners, tags, kinds, ...),
-    applied to each of the four assets with ``name`` (``kvid_prompts``, ...) in its scope.
+    ``storage_url`` (unset: ``$KVID_STORAGE_URL``, else ``data_dir``) is where videos,
+    previews and catalogs go: a path or an fsspec URL. ``param_defaults`` fill each row's
+    empty kvid cells (a name that is no kvid parameter is refused, naming it). ``translation``
+    is Dagster's standard one (key, group_name, owners, tags, kinds, ...), applied to each of
+    the four assets with ``name`` (``kvid_prompts``, ...) in its scope.
     """
 
     prompts_path: str = "prompts.csv"
@@ -120,11 +123,18 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     base_url: str | None = None
     dialect: Literal["video", "generation"] | None = None
     database_url: str | None = None
+    storage_url: str | None = None
     budget_credits: Annotated[
         CreditBudget | None,
         dg.Resolver(_resolve_budget, model_field_type=KvidBudgetModel | None),
     ] = None
     schedule_cron: str | None = None
+    param_defaults: Annotated[
+        dict[str, str | int | float | bool] | None,
+        dg.Resolver.default(
+            description="Values for the rows' empty kvid cells (model, resolution, seed, ...)."
+        ),
+    ] = None
     translation: Annotated[
         TranslationFn[str] | None,
         TranslationFnResolver[str](lambda name: {"name": name}),
@@ -147,8 +157,10 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
             ),
             translator=translator,
             database_url=self.database_url,
+            storage_url=self.storage_url,
             dialect=self.dialect,
             budget_credits=self.budget_credits,
+            param_defaults=self.param_defaults,
             **schedule,
         )
         if self.translation is None:

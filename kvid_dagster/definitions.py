@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dagster import (
     AutomationCondition,
@@ -24,7 +25,7 @@ from kvid_dagster.project import KvidProject, dialect_from_env
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.schedules import build_kvid_schedule
 from kvid_dagster.sensors import build_kvid_prompts_sensor, build_kvid_status_sensor
-from kvid_dagster.translator import KvidTranslator
+from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PROMPTS_JOB = "kvid_prompts_job"
 SUBMIT_JOB = "kvid_submit_job"
@@ -64,6 +65,8 @@ def build_kvid_definitions(
     database_url: str | None = None,
     dialect: ApiDialect | str | None = None,
     budget_credits: CreditBudget | None = None,
+    param_defaults: Mapping[str, Any] | None = None,
+    storage_url: str | None = None,
     executor: ExecutorDefinition | None = in_process_executor,
 ) -> Definitions:
     """Assets, checks, jobs, sensors, the schedule and the ``kvid`` resource for one table.
@@ -85,6 +88,10 @@ def build_kvid_definitions(
     rows are read as its requests, and the default resource speaks it.
     ``budget_credits`` (e.g. ``CreditBudget(per_run=500, per_day=2000)``) caps what the
     submitting runs spend; rows that do not fit stay PENDING and the run fails saying so.
+    ``param_defaults`` (e.g. ``{"model": "v2", "resolution": "720p"}``) fill each row's empty
+    kvid cells; a name that is no kvid parameter is refused here. ``storage_url`` is where
+    videos, previews and the catalogs go (default ``$KVID_STORAGE_URL``, else ``data_dir``):
+    a path or any fsspec URL (``s3://bucket/prefix`` with the ``[s3]`` extra).
     """
     project = KvidProject(
         prompts_path,
@@ -92,6 +99,8 @@ def build_kvid_definitions(
         database_url=database_url,
         partitions_name=partitions_name,
         dialect=dialect,
+        param_defaults=param_defaults,
+        storage_url=storage_url,
     )
     translator = translator or KvidTranslator()
     assets = build_kvid_assets(
@@ -101,10 +110,11 @@ def build_kvid_definitions(
         jobs_automation_condition=jobs_automation_condition,
         budget_credits=budget_credits,
     )
+    key = {asset: spec.key for asset, spec in asset_specs(translator, project).items()}
     jobs = [
-        define_asset_job(PROMPTS_JOB, selection=[translator.get_asset_key("kvid_prompts")]),
-        define_asset_job(SUBMIT_JOB, selection=[translator.get_asset_key("kvid_video_jobs")]),
-        define_asset_job(CATALOG_JOB, selection=[translator.get_asset_key("kvid_catalog")]),
+        define_asset_job(PROMPTS_JOB, selection=[key[KvidAsset.PROMPTS]]),
+        define_asset_job(SUBMIT_JOB, selection=[key[KvidAsset.VIDEO_JOBS]]),
+        define_asset_job(CATALOG_JOB, selection=[key[KvidAsset.CATALOG]]),
     ]
     return Definitions(
         assets=assets,
@@ -124,6 +134,7 @@ def build_kvid_definitions(
                 lost_after_s=lost_after_s,
                 fetch_attempts=fetch_attempts,
                 default_status=sensor_status,
+                budget_credits=budget_credits,
             ),
             build_kvid_prompts_sensor(project, translator=translator, default_status=sensor_status),
         ],

@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -26,14 +28,16 @@ from pathlib import Path
 from kvid_dagster.client import (
     AsyncKvidClient,
     JobKind,
+    JobResult,
     KvidError,
     KvidNotFoundError,
     build_request,
 )
 from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
-from kvid_dagster.preview import PreviewError, video_preview
+from kvid_dagster.preview import PreviewError, cache_path, video_preview
 from kvid_dagster.probe import VideoProbe, probe_video
 from kvid_dagster.prompts import PROMPT_ID_PATTERN, ROW_COLUMNS
+from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes, put_file
 
 log = logging.getLogger("kvid_dagster.poll")
 
@@ -42,6 +46,8 @@ DEFAULT_POLL_CONCURRENCY = 32
 # a download's hidden staging file, and the client's partial one: older than this, a leftover
 _LEFTOVER_AGE_S = 3600.0
 _STAGING_SUFFIX = ".unverified.mp4"
+# a download bound for remote storage is staged in the system temp dir, in a folder named so
+_REMOTE_STAGING_PREFIX = "kvid-fetch-"
 # an encoder may round each side to a multiple of 16
 _GEOMETRY_TOLERANCE_PX = 16
 
@@ -51,9 +57,10 @@ class PollConfig:
     """One tick's rules. ``lost_after_s``: a job is LOST only after status has answered 404
     for this long (and ``lost_after_404s`` times in a row): a 404 right after generate, or
     during a deploy, is not proof of loss. ``fetch_attempts``: a completed job's video is
-    fetched at most this many times, ``refetch_interval_s`` apart, before FETCH_FAILED."""
+    fetched at most this many times, ``refetch_interval_s`` apart, before FETCH_FAILED.
+    ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.storage`)."""
 
-    download_dir: Path
+    download_dir: StoragePath
     download: bool = True
     budget_s: float = 40.0
     job_deadline_s: float = DEFAULT_JOB_DEADLINE_S
@@ -99,7 +106,7 @@ class PollReport:
         return [e for e in self.events if e.is_final]
 
 
-def video_path(download_dir: Path, submission: Submission) -> Path:
+def video_path(download_dir: StoragePath, submission: Submission) -> StoragePath:
     """Where a submission's video goes: always inside ``download_dir``, one file per job (a
     row edited back and forth keeps each job's video), named after the row when it is safe."""
     key = submission.partition_key
@@ -110,6 +117,9 @@ def video_path(download_dir: Path, submission: Submission) -> Path:
     name += f"-{submission.request_hash[:10]}"
     if submission.attempt > 1:
         name += f"-{submission.attempt}"
+    if is_remote(download_dir):
+        return download_dir / f"{name}.mp4"  # one key segment: the name has no "/"
+    assert isinstance(download_dir, Path)
     path = (download_dir / f"{name}.mp4").resolve()
     if path.parent != download_dir.resolve():
         raise ValueError(f"video path for {key!r} escapes {download_dir}")
@@ -354,8 +364,11 @@ async def _fetch(
     if not config.download:
         unfetched = VideoFile(url=result.url, name=result.name, size_kb=_whole_kb(result.size_kb))
         return unfetched, result.used_credit
-    config.download_dir.mkdir(parents=True, exist_ok=True)
     target = video_path(config.download_dir, sub)
+    if is_remote(target):
+        return await _fetch_to_storage(client, config, sub, result, target)
+    assert isinstance(config.download_dir, Path) and isinstance(target, Path)
+    config.download_dir.mkdir(parents=True, exist_ok=True)
     # a name of its own: two pollers (two runs, a run and a sensor) may fetch one job at once,
     # and one renaming a shared staging file under the other failed the other's fetch
     staging = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}{_STAGING_SUFFIX}")
@@ -371,18 +384,48 @@ async def _fetch(
     # beside the video: reporting the materialization then only reads it back
     with contextlib.suppress(PreviewError):
         await asyncio.to_thread(video_preview, target)
+    return _video_file(result, str(target), downloaded.sha256, probe), result.used_credit
+
+
+async def _fetch_to_storage(
+    client: AsyncKvidClient,
+    config: PollConfig,
+    sub: Submission,
+    result: JobResult,
+    target: StoragePath,
+) -> tuple[VideoFile, float | None]:
+    """``_fetch`` for remote storage: downloaded to the system temp dir (never the data dir),
+    verified as a local download is, then streamed to its final key, which is what the ledger
+    records. A failed upload raises :class:`StorageError`: the job's fetch failed, and is
+    retried as any failed fetch is."""
+    staging = tempfile.mkdtemp(prefix=_REMOTE_STAGING_PREFIX)
+    try:
+        local = Path(staging) / target.name
+        downloaded = await client.download(result, local, max_bytes=config.max_download_bytes)
+        probe = await asyncio.to_thread(_verified, downloaded.path, sub)
+        stored = await asyncio.to_thread(put_file, local, target)
+        # the preview beside it, after it (so it is never older than the video)
+        with contextlib.suppress(PreviewError, StorageError):
+            image = await asyncio.to_thread(video_preview, local)
+            await asyncio.to_thread(put_bytes, image.data, cache_path(target))
+    finally:  # at once, not in a thread: a cancelled tick must not leave it behind
+        shutil.rmtree(staging, ignore_errors=True)
+    return _video_file(result, stored, downloaded.sha256, probe), result.used_credit
+
+
+def _video_file(result: JobResult, stored: str, sha256: str, probe: VideoProbe) -> VideoFile:
     return VideoFile(
         url=result.url,
         name=result.name,
         size_kb=_whole_kb(result.size_kb),
-        local_path=str(target),
-        sha256=downloaded.sha256,
+        local_path=stored,
+        sha256=sha256,
         width=probe.width,
         height=probe.height,
         fps=probe.fps,
         num_frames=probe.num_frames,
         duration_s=probe.duration_s,
-    ), result.used_credit
+    )
 
 
 def _whole_kb(size_kb: float | None) -> int | None:
@@ -460,12 +503,19 @@ def _expected_size(sub: Submission) -> _ExpectedSize | None:
     return _ExpectedSize(min(width, height), width, height)
 
 
-def _clean_leftovers(download_dir: Path) -> None:
+def _clean_leftovers(download_dir: StoragePath) -> None:
     """Remove staging and partial files a killed poller left (never a fresh one: another
     poller may be writing it)."""
+    old = time.time() - _LEFTOVER_AGE_S
+    if is_remote(download_dir):
+        for path in Path(tempfile.gettempdir()).glob(f"{_REMOTE_STAGING_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and path.stat().st_mtime < old:
+                    shutil.rmtree(path)
+        return
+    assert isinstance(download_dir, Path)
     if not download_dir.is_dir():
         return
-    old = time.time() - _LEFTOVER_AGE_S
     for path in download_dir.glob(".*"):
         if not path.name.endswith((_STAGING_SUFFIX, ".part")):
             continue

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import av
 import numpy as np
 
 from kvid_dagster.probe import probe_video
+from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes, storage_path
 
 #: what one preview's Markdown may take in the event log
 MAX_MARKDOWN_BYTES: Final = 64 * 1024
@@ -79,8 +81,11 @@ def video_preview(path: str | Path) -> WebpImage:
 
     Cached beside the video as a hidden ``.<name>.preview-v<N>.webp``: a re-report reads it
     back instead of decoding and encoding again. A video replaced since (a refetch) is newer
-    than its cache, and is encoded again.
+    than its cache, and is encoded again. ``path`` may be a remote URI (``s3://...``, see
+    :mod:`kvid_dagster.storage`): its cache is an object beside it.
     """
+    if is_remote(path):
+        return _remote_preview(storage_path(path))
     video = Path(path)
     cache = cache_path(video)
     try:
@@ -94,17 +99,52 @@ def video_preview(path: str | Path) -> WebpImage:
     return image
 
 
-def cache_path(video: Path) -> Path:
+def _remote_preview(video: StoragePath) -> WebpImage:
+    """``video_preview`` of a stored object: the cached preview object when it is not older
+    than the video (the poller writes it right after the video), else made from a copy of
+    the video in the system temp dir and cached (best effort)."""
+    cache = cache_path(video)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if cache.stat().st_mtime >= video.stat().st_mtime:
+                return WebpImage(cache.read_bytes())
+    except OSError as exc:  # storage unreachable
+        raise PreviewError(f"{video}: {type(exc).__name__}: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="kvid-preview-") as scratch:
+        image = video_preview(_local_copy(video, Path(scratch)))
+    with contextlib.suppress(StorageError):
+        put_bytes(image.data, cache)
+    return image
+
+
+def cache_path(video: StoragePath) -> StoragePath:
     """Where ``video_preview`` keeps ``video``'s preview: hidden, beside it."""
     return video.with_name(f".{video.name}.preview-v{CACHE_VERSION}.webp")
 
 
 def contact_sheet(paths: Sequence[str | Path], *, columns: int = 4) -> WebpImage:
-    """One still WebP: each video's first frame in a grid cell, row by row in ``paths`` order."""
+    """One still WebP: each video's first frame in a grid cell, row by row in ``paths`` order
+    (local paths or stored URIs)."""
     if not paths:
         raise PreviewError("no videos for a contact sheet")
-    firsts = [_sample_frames(Path(p), 1)[0][0] for p in paths]
+    with tempfile.TemporaryDirectory(prefix="kvid-preview-") as scratch:
+        firsts = [_sample_frames(_local_copy(p, Path(scratch)), 1)[0][0] for p in paths]
     return _fit_ladder(SHEET_LADDER, lambda rung: _sheet_webp(firsts, columns, rung))
+
+
+def _local_copy(video: str | StoragePath, folder: Path) -> Path:
+    """``video`` itself when it is a local file, else a copy of the stored object in
+    ``folder`` (decoding reads all of it)."""
+    if not is_remote(video):
+        return Path(video)
+    stored = storage_path(video)
+    local = folder / f"{len(list(folder.iterdir()))}-{stored.name}"
+    try:
+        with stored.open("rb") as source, local.open("wb") as copy:
+            shutil.copyfileobj(source, copy, 1024 * 1024)
+    except OSError as exc:  # storage unreachable, the object gone
+        raise PreviewError(f"{stored}: {type(exc).__name__}: {exc}") from exc
+    return local
 
 
 def _fit_ladder(ladder: Sequence[Rung], encode: Callable[[Rung], bytes]) -> WebpImage:

@@ -327,15 +327,42 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: the columns a project may give a default for (a row's own non-empty cell wins)
+DEFAULTABLE_COLUMNS = ("model", *PARAM_COLUMNS)
+
+
+def checked_param_defaults(values: Mapping[str, Any]) -> dict[str, str]:
+    """``values`` (from Python or YAML) as the exact texts a cell would hold, each checked to
+    be a kvid parameter: a misspelt default would otherwise be sent to no one, silently."""
+    defaults: dict[str, str] = {}
+    for name, value in values.items():
+        if name not in DEFAULTABLE_COLUMNS:
+            near = find_misspelling([name])
+            hint = f" (did you mean {near[1]!r}?)" if near else ""
+            raise ValueError(
+                f"param_defaults: {name!r} is not a kvid parameter{hint}; allowed: "
+                + ", ".join(DEFAULTABLE_COLUMNS)
+            )
+        try:
+            text = cell_text(value)
+        except CellError as exc:
+            raise ValueError(f"param_defaults: {name}: {exc}") from None
+        if text is not None:
+            defaults[name] = text
+    return defaults
+
+
 def _parse_record(
     index: int,
     record: Mapping[Any, Any],
     base_dir: Path | None,
     known_problem: tuple[str, str] | None,
     dialect: ApiDialect,
+    defaults: Mapping[str, str],
 ) -> tuple[PromptRow, bool] | InvalidRow:
     """One record: its valid row (and whether its key was given), or why it is invalid."""
     texts, problem = _texts(record)
+    texts = {**defaults, **texts}  # a default fills an empty or missing cell only
     prompt_text = texts.get("prompt", "")
     key: str | None = None
 
@@ -429,18 +456,21 @@ def parse_rows(
     row_problems: Mapping[int, tuple[str, str]] | None = None,
     *,
     dialect: ApiDialect | str = ApiDialect.VIDEO,
+    defaults: Mapping[str, Any] | None = None,
 ) -> PromptTable:
     """Validate records (one mapping per row) into a :class:`PromptTable` (path left empty).
 
     ``row_problems`` (row number -> (field, reason)): rows the reader already found broken.
-    Every record becomes exactly one valid or one invalid row, whatever its cells hold.
+    ``defaults``: see :func:`checked_param_defaults`; each is validated in every row it fills,
+    as if the row held it. Every record becomes exactly one valid or one invalid row.
     """
+    filled = checked_param_defaults(defaults or {})
     table = PromptTable(path=Path(base_dir or "."))
     row_problems = row_problems or {}
     api = ApiDialect(dialect)
     candidates: list[tuple[PromptRow, bool]] = []  # (row, key was given explicitly)
     for index, record in enumerate(records, start=1):
-        parsed = _parse_record(index, record, base_dir, row_problems.get(index), api)
+        parsed = _parse_record(index, record, base_dir, row_problems.get(index), api, filled)
         if isinstance(parsed, InvalidRow):
             table.invalid.append(parsed)
         else:
@@ -480,10 +510,13 @@ def parse_rows(
 
 
 def load_prompt_table(
-    path: str | Path, *, dialect: ApiDialect | str = ApiDialect.VIDEO
+    path: str | Path,
+    *,
+    dialect: ApiDialect | str = ApiDialect.VIDEO,
+    defaults: Mapping[str, Any] | None = None,
 ) -> PromptTable:
     """Read and validate a prompt table into requests of ``dialect``; relative image paths
-    resolve against its folder.
+    resolve against its folder; ``defaults`` fill the rows' empty kvid cells.
 
     Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable,
     still being written, or with a column that looks like a misspelt kvid field (its rows
@@ -493,7 +526,9 @@ def load_prompt_table(
     data = _stable_bytes(path)
     columns, records, problems = _read_table(path, data)
     _check_spelling(path, columns)
-    table = parse_rows(records, base_dir=path.parent, row_problems=problems, dialect=dialect)
+    table = parse_rows(
+        records, base_dir=path.parent, row_problems=problems, dialect=dialect, defaults=defaults
+    )
     table.path = path
     table.fingerprint = hashlib.sha256(data).hexdigest()
     table.user_columns = tuple(c for c in columns if c and c not in _KVID_COLUMNS)

@@ -9,6 +9,9 @@ from pydantic import Field
 
 from kvid_dagster.client import (
     DEFAULT_BASE_URL,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT_S,
     ApiDialect,
     AsyncKvidClient,
     CreditPool,
@@ -45,15 +48,24 @@ class KvidResource(ConfigurableResource):
         repr=False,
         description="Its value (use an EnvVar); held like the key, never shown or logged.",
     )
-    request_timeout_s: float = Field(default=30.0, description="Timeout of one HTTP request.")
-    max_retries: int = Field(default=5, description="Retries of a retryable request (bounded).")
+    # the client's defaults, defined there once
+    request_timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S, description="Timeout of one HTTP request."
+    )
+    max_retries: int = Field(
+        default=DEFAULT_RETRY.max_retries, description="Retries of a retryable request (bounded)."
+    )
     backoff_base_s: float = Field(
-        default=0.5, description="First retry delay (exponential with jitter) without Retry-After."
+        default=DEFAULT_RETRY.backoff_base,
+        description="First retry delay (exponential with jitter) without Retry-After.",
     )
     backoff_max_s: float = Field(
-        default=30.0, description="Longest wait between retries; caps a server's Retry-After."
+        default=DEFAULT_RETRY.backoff_max,
+        description="Longest wait between retries; caps a server's Retry-After.",
     )
-    max_in_flight: int = Field(default=32, description="Requests in flight at once, per client.")
+    max_in_flight: int = Field(
+        default=DEFAULT_MAX_IN_FLIGHT, description="Requests in flight at once, per client."
+    )
     generate_concurrency: int = Field(
         default=DEFAULT_GENERATE_CONCURRENCY,
         ge=1,

@@ -8,10 +8,11 @@ evaluate the status sensor and store its events exactly as the sensor daemon doe
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from typing import Any
 import pandas as pd
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 
+from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import SpendWindow, VideoStatus, videos_frame
+from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG, partition_ranges
+from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, keys_needing_jobs, partition_ranges
 from kvid_dagster.translator import KvidTranslator
 
 # the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
@@ -60,9 +63,15 @@ class PipelineResult:
 
 
 def evaluate_status_sensor(
-    defs: Definitions, instance: DagsterInstance, cursor: str | None, sensor_name: str
+    defs: Definitions,
+    instance: DagsterInstance,
+    cursor: str | None,
+    sensor_name: str,
+    *,
+    log_level: int = logging.INFO,
 ) -> tuple[int, str | None]:
-    """One status-sensor tick, its events stored the way the sensor daemon stores them."""
+    """One status-sensor tick, its events stored the way the sensor daemon stores them;
+    ``log_level`` is that tick's own logger's (no other logger is touched)."""
     sensor_def = defs.resolve_sensor_def(sensor_name)
     resources = defs.resources or {}
     with build_sensor_context(
@@ -72,6 +81,7 @@ def evaluate_status_sensor(
         sensor_name=sensor_name,
         resources=resources,
     ) as context:
+        context.log.setLevel(log_level)
         result = sensor_def(context)
     if not isinstance(result, SensorResult):
         return 0, cursor
@@ -91,11 +101,12 @@ def run_pipeline(
     download: bool = True,
     database_url: str | None = None,
     budget_credits: CreditBudget | None = None,
-    say: Callable[[str], Any] = print,
+    display: ProgressDisplay | None = None,
 ) -> PipelineResult:
     """``budget_credits``: its per-run credits are for the whole pipeline, shared by its
     submitting runs (one per contiguous range of partitions); its per-day credits hold for
-    every submitter of the day."""
+    every submitter of the day. ``display`` shows the progress (default: plain lines on
+    stdout, one per change)."""
     started = time.monotonic()
     project = KvidProject(prompts_path, data_dir, database_url=database_url)
     defs = build_kvid_definitions(
@@ -107,9 +118,20 @@ def run_pipeline(
         budget_credits=budget_credits,
     )
     if instance is None:
-        os.environ["DAGSTER_HOME"] = str(dagster_home_for(project.data_dir))
-        instance = DagsterInstance.get()
+        # this home's instance, without setting $DAGSTER_HOME for the rest of the process
+        instance = DagsterInstance.from_config(str(dagster_home_for(project.data_dir)))
     result = PipelineResult(catalog=pd.DataFrame())
+    display = display if display is not None else PlainDisplay(sys.stdout)
+    tracker = ProgressTracker()
+    submit_runs: list[str] = []
+    revision = 0  # the ledger revision read up to: a tick reads only the rows that moved
+
+    def show(phase: Phase, detail: str = "") -> None:
+        nonlocal revision
+        changed, revision = ledger.rows_changed_since(revision)
+        tracker.see_rows(changed)
+        spent = sum(ledger.spent_credits(SpendWindow.RUN, run_id=r) for r in submit_runs)
+        display.update(tracker.progress(phase, ledger.counts_by_status(), spent, detail))
 
     def execute(
         job_name: str,
@@ -132,61 +154,65 @@ def run_pipeline(
                         event.step_failure_data.user_failure_data or event.step_failure_data.error
                     )
                     text = getattr(error, "description", None) or getattr(error, "message", error)
-                    say(f"  run {outcome.run_id[:8]} failed: {text}")
+                    display.note(f"  run {outcome.run_id[:8]} failed: {text}")
         return outcome.success
 
-    say(f"validating {project.prompts_path}")
-    ledger = project.ledger()
-    if not execute(PROMPTS_JOB):
-        result.catalog = videos_frame(ledger)
-        return result
-    ordered, wanted = keys_needing_jobs(project, instance)
-    ranges = partition_ranges(ordered, wanted)
-    say(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
-    per_run = budget_credits.per_run if budget_credits is not None else None
-    if budget_credits is not None and budget_credits.caps:
-        say(f"credit budget: {budget_credits.describe()}")
-    spent = 0.0
-    submit_runs: list[str] = []
-    for first, last in ranges:
-        run_config: dict[str, Any] = {}
-        if per_run is not None:  # what the earlier runs of this pipeline left of it
-            room = max(0.0, per_run - spent)
-            run_config = {"ops": {_JOBS_OP: {"config": {"budget_credits": room}}}}
-        execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last}, run_config)
-        submit_runs.append(result.runs[-1])
-        spent += ledger.spent_credits(SpendWindow.RUN, run_id=submit_runs[-1])
+    with display:
+        display.note(f"validating {project.prompts_path}")
+        ledger = project.ledger()
+        show(Phase.VALIDATING)
+        if not execute(PROMPTS_JOB):
+            show(Phase.DONE)
+            result.catalog = videos_frame(ledger)
+            return result
+        ordered, wanted = keys_needing_jobs(project, instance)
+        ranges = partition_ranges(ordered, wanted)
+        display.note(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
+        per_run = budget_credits.per_run if budget_credits is not None else None
+        if budget_credits is not None and budget_credits.caps:
+            display.note(f"credit budget: {budget_credits.describe()}")
+        spent = 0.0
+        for number, (first, last) in enumerate(ranges, 1):
+            show(Phase.SUBMITTING, f"run {number}/{len(ranges)}")
+            run_config: dict[str, Any] = {}
+            if per_run is not None:  # what the earlier runs of this pipeline left of it
+                room = max(0.0, per_run - spent)
+                run_config = {"ops": {_JOBS_OP: {"config": {"budget_credits": room}}}}
+            execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last}, run_config)
+            submit_runs.append(result.runs[-1])
+            spent += ledger.spent_credits(SpendWindow.RUN, run_id=submit_runs[-1])
 
-    cursor: str | None = None
-    last_line = ""
-    while True:
-        reported, cursor = evaluate_status_sensor(defs, instance, cursor, "kvid_status_sensor")
-        result.sensor_ticks += 1
-        result.events_reported += reported
-        counts = ledger.counts_by_status()
-        # jobs to poll, and claims another live process is still sending (the ticks settle
-        # them if that process dies)
-        waiting = ledger.jobs_to_poll() + ledger.submissions([VideoStatus.SUBMITTING])
-        line = "  " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items()))
-        if line != last_line:
-            say(line)
-            last_line = line
-        if not waiting:
-            break
-        if time.monotonic() - started > deadline_s:
-            say(
-                f"giving up after {deadline_s:.0f} s with {len(waiting)} job(s) still running; "
-                "their request_ids are in the catalog and the status sensor will pick them up"
+        cursor: str | None = None
+        while True:
+            # the sensor logs a line at INFO each tick: the display says it once per change
+            reported, cursor = evaluate_status_sensor(
+                defs, instance, cursor, "kvid_status_sensor", log_level=logging.WARNING
             )
-            break
-        time.sleep(poll_interval_s)
-    execute(CATALOG_JOB)
-    result.catalog = videos_frame(ledger)
-    # read again: a job whose service reported its cost has that cost now, not the estimate
-    result.spent_credits = sum(
-        ledger.spent_credits(SpendWindow.RUN, run_id=run_id) for run_id in submit_runs
-    )
-    result.day_spent_credits = ledger.spent_credits(SpendWindow.DAY)
+            result.sensor_ticks += 1
+            result.events_reported += reported
+            show(Phase.POLLING)
+            # jobs to poll, and claims another live process is still sending (the ticks settle
+            # them if that process dies)
+            waiting = ledger.jobs_to_poll() + ledger.submissions([VideoStatus.SUBMITTING])
+            if not waiting:
+                break
+            if time.monotonic() - started > deadline_s:
+                display.note(
+                    f"giving up after {deadline_s:.0f} s with {len(waiting)} job(s) still "
+                    "running; their request_ids are in the catalog and the status sensor will "
+                    "pick them up"
+                )
+                break
+            time.sleep(poll_interval_s)
+        show(Phase.PUBLISHING)
+        execute(CATALOG_JOB)
+        result.catalog = videos_frame(ledger)
+        # read again: a job whose service reported its cost has that cost now, not the estimate
+        result.spent_credits = sum(
+            ledger.spent_credits(SpendWindow.RUN, run_id=run_id) for run_id in submit_runs
+        )
+        result.day_spent_credits = ledger.spent_credits(SpendWindow.DAY)
+        show(Phase.DONE)
     result.elapsed_s = time.monotonic() - started
     return result
 

@@ -1,17 +1,48 @@
 """The scheduled content pipeline: submit every partition that has no job yet."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from dagster import (
+    AssetKey,
     DefaultScheduleStatus,
+    RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
     SkipReason,
     schedule,
 )
 
+from kvid_dagster._dagster_common import keys_needing_jobs, range_run_requests
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTableError
-from kvid_dagster.sensors import keys_needing_jobs, range_run_requests
-from kvid_dagster.translator import KvidTranslator
+from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What the schedule's evaluation needs, fixed when it is built."""
+
+    project: KvidProject
+    jobs_key: AssetKey
+
+
+def submit_partitions_without_jobs(
+    context: ScheduleEvaluationContext, settings: ScheduleSettings
+) -> list[RunRequest] | SkipReason:
+    """One run per contiguous range of known partitions whose row's request has no job."""
+    try:
+        ordered, wanted = keys_needing_jobs(settings.project, context.instance)
+    except PromptTableError as exc:
+        return SkipReason(str(exc))
+    known = set(ordered)
+    wanted = [k for k in wanted if k in known]  # unregistered rows: kvid_prompts adds them
+    if not wanted:
+        return SkipReason("every partition already has a job")
+    when = context.scheduled_execution_time
+    stamp = when.isoformat() if when else None
+    return range_run_requests(ordered, wanted, jobs_key=settings.jobs_key, run_key_prefix=stamp)
 
 
 def build_kvid_schedule(
@@ -25,8 +56,8 @@ def build_kvid_schedule(
 ) -> ScheduleDefinition:
     """Daily by default: one run per contiguous range of partitions whose row has no job for its
     exact request (failed jobs are not paid for again: re-materialize those by hand)."""
-    translator = translator or KvidTranslator()
-    jobs_key = translator.get_asset_key("kvid_video_jobs")
+    jobs_key = asset_specs(translator or KvidTranslator(), project)[KvidAsset.VIDEO_JOBS].key
+    settings = ScheduleSettings(project, jobs_key)
 
     @schedule(
         name=name,
@@ -36,17 +67,7 @@ def build_kvid_schedule(
         target=[jobs_key],
         description="Submits every kvid partition without a job (the scheduled content pipeline).",
     )
-    def kvid_schedule(context: ScheduleEvaluationContext):
-        try:
-            ordered, wanted = keys_needing_jobs(project, context.instance)
-        except PromptTableError as exc:
-            return SkipReason(str(exc))
-        known = set(ordered)
-        wanted = [k for k in wanted if k in known]  # unregistered rows: kvid_prompts adds them
-        if not wanted:
-            return SkipReason("every partition already has a job")
-        when = context.scheduled_execution_time
-        stamp = when.isoformat() if when else None
-        return range_run_requests(ordered, wanted, jobs_key=jobs_key, run_key_prefix=stamp)
+    def kvid_schedule(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
+        return submit_partitions_without_jobs(context, settings)
 
     return kvid_schedule

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetCheckEvaluation,
     AssetCheckKey,
+    AssetKey,
     AssetMaterialization,
     AssetObservation,
     AssetRecordsFilter,
@@ -26,9 +27,15 @@ from dagster import (
 )
 
 from kvid_dagster._aio import run_coroutine
-from kvid_dagster.assets import VIDEO_CHECK_NAME, publish_catalog, video_check_result
+from kvid_dagster._dagster_common import (
+    keys_needing_jobs,
+    publish_catalog,
+    range_run_requests,
+    video_check_result,
+)
+from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import AsyncKvidClient
-from kvid_dagster.ledger import VideoStatus
+from kvid_dagster.ledger import Submission, VideoStatus
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.poll import (
     DEFAULT_JOB_DEADLINE_S,
@@ -38,227 +45,121 @@ from kvid_dagster.poll import (
     poll_pending,
 )
 from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import (
-    PromptTable,
-    PromptTableError,
-    table_fingerprint,
+from kvid_dagster.prompts import PromptTableError, table_fingerprint
+from kvid_dagster.reporting import (
+    VIDEO_CHECK_NAME,
+    ReportKind,
+    ShownOutcome,
+    rows_to_recheck,
+    unreported,
+    video_reports,
 )
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import (
-    SubmitAction,
-    SubmitOutcome,
-    latest_submissions,
-    needs_job,
-    resubmit_failed,
-)
-from kvid_dagster.translator import KvidTranslator
+from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed
+from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 # Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before.
 DEFAULT_TICK_BUDGET_S = 40.0
-# how far back a tick looks for failures Dagster never heard of (a tick killed mid-report)
-REREPORT_WINDOW_S = 24 * 3600.0
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
-
-
-def partition_ranges(ordered_keys: Sequence[str], wanted: Iterable[str]) -> list[tuple[str, str]]:
-    """Contiguous runs of ``wanted`` within ``ordered_keys`` (the partitions' insertion order).
-
-    A single-run backfill of a dynamic partitions definition covers a contiguous range, so each
-    range becomes one run: hundreds of partitions cost one run, not one process each.
-    """
-    wanted_set = set(wanted)
-    ranges: list[tuple[str, str]] = []
-    start: str | None = None
-    previous: str | None = None
-    for key in ordered_keys:
-        if key in wanted_set:
-            if start is None:
-                start = key
-            previous = key
-        elif start is not None:
-            assert previous is not None
-            ranges.append((start, previous))
-            start = None
-    if start is not None and previous is not None:
-        ranges.append((start, previous))
-    return ranges
-
-
-def range_run_requests(
-    ordered_keys: Sequence[str], wanted: Iterable[str], *, jobs_key: Any, run_key_prefix: str | None
-) -> list[RunRequest]:
-    """One run request per contiguous range of ``wanted``, targeting the jobs asset."""
-    requests = []
-    for first, last in partition_ranges(ordered_keys, wanted):
-        tags = {RANGE_START_TAG: first, RANGE_END_TAG: last}
-        run_key = f"{run_key_prefix}:{first}:{last}" if run_key_prefix else None
-        requests.append(RunRequest(run_key=run_key, asset_selection=[jobs_key], tags=tags))
-    return requests
-
-
-def keys_needing_jobs(
-    project: KvidProject,
-    instance: DagsterInstance,
-    *,
-    table: PromptTable | None = None,
-    partition_keys: Sequence[str] | None = None,
-    extra: Sequence[str] = (),
-) -> tuple[list[str], list[str]]:
-    """(partition keys in insertion order, the keys whose row's exact request has no job).
-
-    ``table`` and ``partition_keys`` spare a caller that already has them a second read.
-    """
-    if table is None:
-        table = project.load_table()
-    if partition_keys is None:
-        partition_keys = instance.get_dynamic_partitions(project.partitions_name)
-    ordered = [*partition_keys, *extra]
-    latest = latest_submissions(project.ledger(), table.rows)
-    wanted = [row.partition_key for row in table.rows if needs_job(row, latest)]
-    return ordered, wanted
 
 
 def video_events(
-    events: Sequence[VideoEvent], translator: KvidTranslator, *, checked: Collection[str] = ()
+    events: Sequence[VideoEvent],
+    translator: KvidTranslator,
+    videos_key: AssetKey,
+    *,
+    checked: Collection[str] = (),
 ) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
-    """The runless events that rows whose job ended turn into.
-
-    ``checked``: partitions that already have a ``video_ok`` result. Dagster 1.13 stores one
-    runless check result per (check, partition) and fails the whole tick on a second one (a
-    UNIQUE constraint of its storage), so those get their materialization or observation only;
-    the check's own execution (``video_ok`` in a run) reads the ledger for the latest verdict.
-    """
-    videos_key = translator.get_asset_key("kvid_videos")
-    check_key = AssetCheckKey(videos_key, VIDEO_CHECK_NAME)
-    done = set(checked)
+    """The runless events that rows whose job ended turn into (``reporting.video_reports``);
+    ``checked``: partitions that already have a ``video_ok`` result, which get none (the
+    check's own execution, ``video_ok`` in a run, reads the ledger for the latest verdict)."""
     out: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
-    for event in events:
-        if not event.is_final:
-            continue
-        verdict = video_check_result(translator, event.row)
-        if event.status is VideoStatus.COMPLETED:
-            out.append(
-                AssetMaterialization(
-                    asset_key=videos_key,
-                    partition=event.partition_key,
-                    metadata=translator.get_video_metadata(event.row),
-                )
-            )
+    for report in video_reports(events, checked=checked):
+        if report.kind is ReportKind.MATERIALIZATION:
+            event, metadata = AssetMaterialization, translator.get_video_metadata(report.row)
         else:
+            event, metadata = AssetObservation, translator.get_failure_metadata(report.row)
+        out.append(event(asset_key=videos_key, partition=report.partition_key, metadata=metadata))
+        if report.verdict is not None:
+            result = video_check_result(translator, report.row)
             out.append(
-                AssetObservation(
+                AssetCheckEvaluation(
                     asset_key=videos_key,
-                    partition=event.partition_key,
-                    metadata=translator.get_failure_metadata(event.row),
+                    check_name=VIDEO_CHECK_NAME,
+                    passed=result.passed,
+                    metadata=result.metadata,
+                    severity=result.severity,
+                    partition=report.partition_key,
                 )
             )
-        if event.partition_key in done:
-            continue
-        done.add(event.partition_key)
-        out.append(
-            AssetCheckEvaluation(
-                asset_key=videos_key,
-                check_name=check_key.name,
-                passed=verdict.passed,
-                metadata=verdict.metadata,
-                severity=verdict.severity,
-                partition=event.partition_key,
-            )
-        )
     return out
 
 
 def _partitions_with_check_results(
-    instance: DagsterInstance, translator: KvidTranslator, keys: Collection[str]
+    instance: DagsterInstance, videos_key: AssetKey, keys: Collection[str]
 ) -> set[str]:
     """Which of ``keys`` already have a ``video_ok`` result stored (one query)."""
     if not keys:
         return set()
-    check_key = AssetCheckKey(translator.get_asset_key("kvid_videos"), VIDEO_CHECK_NAME)
     infos = instance.event_log_storage.get_asset_check_partition_info(
-        [check_key], partition_keys=sorted(keys)
+        [AssetCheckKey(videos_key, VIDEO_CHECK_NAME)], partition_keys=sorted(keys)
     )
     return {str(info.partition_key) for info in infos}
 
 
 def _observed_outcomes(
-    instance: DagsterInstance, translator: KvidTranslator, keys: Sequence[str]
-) -> dict[str, tuple[str | None, str | None]]:
-    """The (status, request_id) the latest observation of each partition reported."""
+    instance: DagsterInstance, videos_key: AssetKey, keys: Sequence[str]
+) -> dict[str, ShownOutcome]:
+    """What the latest observation of each partition shows."""
     records = instance.fetch_observations(
-        AssetRecordsFilter(
-            asset_key=translator.get_asset_key("kvid_videos"), asset_partitions=list(keys)
-        ),
+        AssetRecordsFilter(asset_key=videos_key, asset_partitions=list(keys)),
         limit=max(100, 5 * len(keys)),
     ).records
-    latest: dict[str, tuple[str | None, str | None]] = {}
+    latest: dict[str, ShownOutcome] = {}
     for record in records:  # newest first
         observation = record.event_log_entry.asset_observation
         if observation is None or observation.partition is None:
             continue
         if observation.partition not in latest:
             meta = observation.metadata
-            shown = tuple(
+            status, request_id = (
                 str(meta[name].value) if name in meta else None for name in ("status", "request_id")
             )
-            latest[observation.partition] = (shown[0], shown[1])
+            latest[observation.partition] = ShownOutcome(status, request_id)
     return latest
 
 
 def unreported_events(
     project: KvidProject,
     instance: DagsterInstance,
-    translator: KvidTranslator,
+    videos_key: AssetKey,
     skip: set[str],
     checked: int | None = None,
 ) -> tuple[list[VideoEvent], int]:
     """Rows whose outcome never reached Dagster (a tick that died after the ledger write, an
-    UNCERTAIN submission of a run): reported again, so Dagster and the ledger converge. A
-    COMPLETED row needs a materialization of its partition; a row that ended without a video in
-    the last day an observation showing its status and request_id.
+    UNCERTAIN submission of a run): reported again, so Dagster and the ledger converge
+    (``reporting.rows_to_recheck`` and ``reporting.unreported`` decide; this reads Dagster).
 
     Only rows changed after ledger revision ``checked`` are looked at (every row when None);
     returns the events and the revision now checked. The cursor that carries it is stored with
     the tick's events, so a tick that dies before they are stored is checked again.
     """
     changed, revision = project.ledger().rows_changed_since(-1 if checked is None else checked)
-    rows = [r for r in changed if r.partition_key not in skip]
-    since = datetime.now(UTC) - timedelta(seconds=REREPORT_WINDOW_S)
-    done = [r for r in rows if r.status is VideoStatus.COMPLETED]
-    ended = [
-        r
-        for r in rows
-        if r.status.is_terminal
-        and r.status not in {VideoStatus.COMPLETED, VideoStatus.INVALID}
-        and (r.updated_at is None or r.updated_at >= since)
-    ]
-    events: list[VideoEvent] = []
-    if done:
-        materialized = instance.get_materialized_partitions(translator.get_asset_key("kvid_videos"))
-        events += [
-            VideoEvent(r.partition_key, r) for r in done if r.partition_key not in materialized
-        ]
-    if ended:
-        observed = _observed_outcomes(instance, translator, [r.partition_key for r in ended])
-        for row in ended:
-            shown = observed.get(row.partition_key)
-            now = (row.status.value, row.request_id or "")
-            stale = shown is None or any(
-                seen is not None and seen != actual for seen, actual in zip(shown, now, strict=True)
-            )
-            if stale:
-                events.append(VideoEvent(row.partition_key, row))
-    return events, revision
+    recheck = rows_to_recheck(changed, skip=skip, now=datetime.now(UTC))
+    materialized = instance.get_materialized_partitions(videos_key) if recheck.completed else set()
+    observed = (
+        _observed_outcomes(instance, videos_key, [r.partition_key for r in recheck.ended])
+        if recheck.ended
+        else {}
+    )
+    return unreported(recheck, materialized, observed), revision
 
 
 async def _retry_failed(
-    client: AsyncKvidClient,
-    project: KvidProject,
-    max_attempts: int,
-    prices: Mapping[str, float] | None,
+    client: AsyncKvidClient, settings: StatusSensorSettings
 ) -> tuple[list[SubmitOutcome], str | None]:
-    """The retry policy's share of a tick: FAILED jobs with attempts left are sent again."""
+    """The retry policy's share of a tick: FAILED jobs with attempts left are sent again,
+    within the budget's per-day credits."""
+    project, max_attempts = settings.project, settings.failed_job_max_attempts
     ledger = project.ledger()
     failed = [
         r for r in ledger.rows_with_job_status(VideoStatus.FAILED) if r.attempts < max_attempts
@@ -271,34 +172,54 @@ async def _retry_failed(
         return [], f"FAILED jobs not retried: {exc}"
     by_key = table.by_key
     rows = [by_key[r.partition_key] for r in failed if r.partition_key in by_key]
-    outcomes = await resubmit_failed(client, ledger, rows, max_attempts=max_attempts, prices=prices)
+    outcomes = await resubmit_failed(
+        client, ledger, rows, max_attempts=max_attempts, prices=settings.prices,
+        budget=settings.budget,
+    )  # fmt: skip
     return outcomes, None
+
+
+_CURSOR_FIELDS: dict[str, type] = {"after": int, "ledger_id": str, "checked": int}
+
+
+def _is_cursor_field(name: str, value: object) -> bool:
+    """A field of this version's cursor, holding its type or null (a bool is no int)."""
+    kind = _CURSOR_FIELDS.get(name)
+    return kind is not None and (
+        value is None or (isinstance(value, kind) and not isinstance(value, bool))
+    )
 
 
 @dataclass(frozen=True)
 class StatusCursor:
     """Where the status sensor is: the submission id its next tick polls after (round robin
     when a tick's budget does not cover every job) and the ledger (id, revision) whose changes
-    it has checked for outcomes Dagster never got. An unreadable cursor starts over."""
+    it has checked for outcomes Dagster never got.
+
+    An unreadable cursor (not JSON, garbage, an earlier version's shape) starts over: a fresh
+    cursor polls from the first job and re-checks the whole ledger, which costs a slower tick
+    and loses nothing."""
 
     after: int | None = None
     ledger_id: str | None = None
     checked: int | None = None
 
     @classmethod
-    def parse(cls, cursor: str | None) -> StatusCursor:
-        try:
-            raw = json.loads(cursor or "{}")
-            values = {n: raw.get(n) for n in ("after", "ledger_id", "checked")}
-        except (ValueError, AttributeError):
+    def parse(
+        cls, cursor: str | None, *, warn: Callable[[str], object] | None = None
+    ) -> StatusCursor:
+        """The cursor ``cursor`` holds, else a fresh one (and ``warn`` is told why)."""
+        if not cursor:
             return cls()
-        ints = {
-            n: v if isinstance(v, int) and not isinstance(v, bool) else None
-            for n, v in values.items()
-            if n != "ledger_id"
-        }
-        ledger_id = values["ledger_id"] if isinstance(values["ledger_id"], str) else None
-        return cls(ints["after"], ledger_id, ints["checked"])
+        try:
+            raw = json.loads(cursor)
+        except ValueError:
+            raw = None
+        if isinstance(raw, dict) and all(_is_cursor_field(n, v) for n, v in raw.items()):
+            return cls(raw.get("after"), raw.get("ledger_id"), raw.get("checked"))
+        if warn is not None:
+            warn(f"unreadable status sensor cursor {cursor[:200]!r}: starting over")
+        return cls()
 
     def checked_in(self, ledger_id: str) -> int | None:
         """The revision checked, if it is of this ledger (a new database is checked whole)."""
@@ -308,6 +229,100 @@ class StatusCursor:
         return json.dumps(
             {"after": self.after, "ledger_id": self.ledger_id, "checked": self.checked}
         )
+
+
+@dataclass(frozen=True)
+class StatusSensorSettings:
+    """What a status sensor tick needs, fixed when the sensor is built."""
+
+    project: KvidProject
+    translator: KvidTranslator
+    videos_key: AssetKey
+    poll_config: PollConfig
+    failed_job_max_attempts: int
+    prices: Mapping[str, float] | None
+    budget: CreditBudget | None  # its per-day credits hold the retries (they are in no run)
+
+
+async def _poll_and_retry(
+    kvid: KvidResource,
+    settings: StatusSensorSettings,
+    cursor: StatusCursor,
+    is_alive: Callable[[Submission], bool | None],
+) -> tuple[PollReport, list[SubmitOutcome], str | None]:
+    """One budgeted poll of every pending job, then the retry policy's re-submissions."""
+    async with kvid.get_async_client() as client:
+        report = await poll_pending(
+            client,
+            settings.project.ledger(),
+            settings.poll_config,
+            start_after=cursor.after,
+            is_alive=is_alive,
+        )
+        if settings.failed_job_max_attempts <= 1:
+            return report, [], None
+        return report, *await _retry_failed(client, settings)
+
+
+def _log_tick(
+    log: Any, report: PollReport, retried: Sequence[SubmitOutcome], max_attempts: int
+) -> None:
+    for event in report.events:
+        line = event.log_lines[-1] if event.log_lines else ""
+        row = event.row
+        if not event.is_final:
+            log.info(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
+        elif row.status is VideoStatus.COMPLETED:
+            log.info(f"{event.partition_key}: COMPLETED {row.video.local_path or row.video.url}")
+        else:
+            log.warning(f"{event.partition_key}: {row.status}: {row.error}")
+    for error in report.errors:
+        log.warning(error)
+    for outcome in retried:
+        if outcome.action is SubmitAction.SUBMITTED:
+            log.info(
+                f"{outcome.partition_key}: its FAILED job was re-submitted as "
+                f"{outcome.request_id} (retry policy: at most {max_attempts})"
+            )
+        elif outcome.action is not SubmitAction.SKIPPED:
+            log.warning(f"{outcome.partition_key}: retry {outcome.action}: {outcome.message}")
+
+
+def status_sensor_tick(
+    context: SensorEvaluationContext, kvid: KvidResource, settings: StatusSensorSettings
+) -> SensorResult:
+    """Poll, retry, report what ended (and what Dagster never heard of), publish if anything
+    changed; the cursor is stored with the events, so a tick that dies is re-done whole."""
+    project, translator, videos_key = settings.project, settings.translator, settings.videos_key
+    cursor = StatusCursor.parse(context.cursor, warn=context.log.warning)
+    report, retried, retry_problem = run_coroutine(
+        _poll_and_retry(kvid, settings, cursor, run_liveness(context.instance))
+    )
+    _log_tick(context.log, report, retried, settings.failed_job_max_attempts)
+    if retry_problem:
+        context.log.warning(retry_problem)
+    final = report.final
+    reported = {e.partition_key for e in final}
+    ledger_id = project.ledger().ledger_id()
+    late, checked_revision = unreported_events(
+        project, context.instance, videos_key, reported, cursor.checked_in(ledger_id)
+    )
+    checked = _partitions_with_check_results(
+        context.instance, videos_key, reported | {e.partition_key for e in late}
+    )
+    events = video_events(final, translator, videos_key, checked=checked)
+    events += video_events(late, translator, videos_key, checked=checked | reported)
+    context.log.info(
+        f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
+        f" ({report.deferred} left for the next tick); {len(final)} finished"
+    )
+    if report.changed or report.settled or retried:
+        publish_catalog(project, context.log)
+    after = report.last_submission_id if report.deferred else None
+    return SensorResult(
+        asset_events=events,
+        cursor=StatusCursor(after, ledger_id, checked_revision).dump(),
+    )
 
 
 def build_kvid_status_sensor(
@@ -325,6 +340,7 @@ def build_kvid_status_sensor(
     lost_after_s: float | None = None,
     fetch_attempts: int | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
+    budget_credits: CreditBudget | None = None,
 ) -> SensorDefinition:
     """Polls every pending job (within ``tick_budget_s``; the rest on the next tick, round robin
     by the cursor), records finished videos as runless materializations of ``kvid_videos``, and
@@ -338,12 +354,14 @@ def build_kvid_status_sensor(
     - ``lost_after_s`` (default 120 s): a job is LOST only after status has answered 404 this
       long (a 404 right after generate or during a deploy is not proof of loss);
     - ``fetch_attempts`` (default 3, 20 s apart): then a completed job whose video cannot be
-      fetched or is not a video is FETCH_FAILED, its request_id kept (``kvid-dagster refetch``).
+      fetched or is not a video is FETCH_FAILED, its request_id kept (``kvid-dagster refetch``);
+    - ``budget_credits``: its per-day credits hold the retries too (a retry over them is not
+      sent and its row stays FAILED); its per-run credits do not, a retry being in no run.
 
     Every tick first settles claims whose submitter is gone (``UNCERTAIN`` at once).
     """
     translator = translator or KvidTranslator()
-    videos_key = translator.get_asset_key("kvid_videos")
+    videos_key = asset_specs(translator, project)[KvidAsset.VIDEOS].key
     deadline = DEFAULT_JOB_DEADLINE_S if job_deadline_s is None else job_deadline_s
     if deadline <= 0:
         raise ValueError(f"need job_deadline_s > 0, got {deadline}")
@@ -358,6 +376,10 @@ def build_kvid_status_sensor(
         **({"lost_after_s": lost_after_s} if lost_after_s is not None else {}),
         **({"fetch_attempts": fetch_attempts} if fetch_attempts is not None else {}),
     )
+    settings = StatusSensorSettings(
+        project, translator, videos_key, poll_config, failed_job_max_attempts, prices,
+        budget_credits,
+    )  # fmt: skip
 
     @sensor(
         name=name,
@@ -369,74 +391,57 @@ def build_kvid_status_sensor(
         "published to the Parquet catalogs.",
     )
     def kvid_status_sensor(context: SensorEvaluationContext, kvid: KvidResource) -> SensorResult:
-        is_alive = run_liveness(context.instance)
-        cursor = StatusCursor.parse(context.cursor)
-
-        async def tick() -> tuple[PollReport, list[SubmitOutcome], str | None]:
-            async with kvid.get_async_client() as client:
-                report = await poll_pending(
-                    client,
-                    project.ledger(),
-                    poll_config,
-                    start_after=cursor.after,
-                    is_alive=is_alive,
-                )
-                if failed_job_max_attempts <= 1:
-                    return report, [], None
-                return report, *await _retry_failed(
-                    client, project, failed_job_max_attempts, prices
-                )
-
-        report, retried, retry_problem = run_coroutine(tick())
-        for event in report.events:
-            line = event.log_lines[-1] if event.log_lines else ""
-            row = event.row
-            if not event.is_final:
-                context.log.info(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
-            elif row.status is VideoStatus.COMPLETED:
-                context.log.info(
-                    f"{event.partition_key}: COMPLETED {row.video.local_path or row.video.url}"
-                )
-            else:
-                context.log.warning(f"{event.partition_key}: {row.status}: {row.error}")
-        for error in report.errors:
-            context.log.warning(error)
-        if retry_problem:
-            context.log.warning(retry_problem)
-        for outcome in retried:
-            if outcome.action is SubmitAction.SUBMITTED:
-                context.log.info(
-                    f"{outcome.partition_key}: its FAILED job was re-submitted as "
-                    f"{outcome.request_id} (retry policy: at most {failed_job_max_attempts})"
-                )
-            elif outcome.action is not SubmitAction.SKIPPED:
-                context.log.warning(
-                    f"{outcome.partition_key}: retry {outcome.action}: {outcome.message}"
-                )
-        final = report.final
-        reported = {e.partition_key for e in final}
-        ledger_id = project.ledger().ledger_id()
-        late, checked_revision = unreported_events(
-            project, context.instance, translator, reported, cursor.checked_in(ledger_id)
-        )
-        checked = _partitions_with_check_results(
-            context.instance, translator, reported | {e.partition_key for e in late}
-        )
-        events = video_events(final, translator, checked=checked)
-        events += video_events(late, translator, checked=checked | reported)
-        context.log.info(
-            f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
-            f" ({report.deferred} left for the next tick); {len(final)} finished"
-        )
-        if report.changed or report.settled or retried:
-            publish_catalog(project, context.log)
-        after = report.last_submission_id if report.deferred else None
-        return SensorResult(
-            asset_events=events,
-            cursor=StatusCursor(after, ledger_id, checked_revision).dump(),
-        )
+        return status_sensor_tick(context, kvid, settings)
 
     return kvid_status_sensor
+
+
+@dataclass(frozen=True)
+class PromptsSensorSettings:
+    """What a prompt-table sensor tick needs, fixed when the sensor is built."""
+
+    project: KvidProject
+    prompts_key: AssetKey
+    jobs_key: AssetKey
+
+
+def prompts_sensor_tick(
+    context: SensorEvaluationContext, settings: PromptsSensorSettings
+) -> SensorResult | SkipReason:
+    """A changed table: its new partitions, a refresh of ``kvid_prompts``, and one submitting
+    run per contiguous range of rows whose request has no job."""
+    project = settings.project
+    try:
+        fingerprint = table_fingerprint(project.prompts_path)
+    except OSError as exc:
+        return SkipReason(f"cannot read {project.prompts_path}: {exc}")
+    if context.cursor == fingerprint:
+        return SkipReason("the prompt table has not changed")
+    try:
+        table = project.load_table()
+    except PromptTableError as exc:
+        return SensorResult(skip_reason=SkipReason(str(exc)), cursor=fingerprint)
+    fingerprint = table.fingerprint  # of exactly the bytes parsed (the file may have moved on)
+    existing = context.instance.get_dynamic_partitions(project.partitions_name)
+    known = set(existing)
+    new_keys = [k for k in table.partition_keys if k not in known]
+    ordered, wanted = keys_needing_jobs(
+        project, context.instance, table=table, partition_keys=existing, extra=new_keys
+    )
+    run_requests = [
+        # refresh the table's own asset: its metadata lists the rows and the invalid ones
+        RunRequest(run_key=f"{fingerprint[:16]}:prompts", asset_selection=[settings.prompts_key]),
+        *range_run_requests(
+            ordered, wanted, jobs_key=settings.jobs_key, run_key_prefix=fingerprint[:16]
+        ),
+    ]
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=(
+            [AddDynamicPartitionsRequest(project.partitions_name, new_keys)] if new_keys else []
+        ),
+        cursor=fingerprint,
+    )
 
 
 def build_kvid_prompts_sensor(
@@ -449,49 +454,20 @@ def build_kvid_prompts_sensor(
 ) -> SensorDefinition:
     """Watches the prompt table: new or changed rows get their partitions and a submitting run
     (one run per contiguous range of partitions, so a large edit is one run, not hundreds)."""
-    translator = translator or KvidTranslator()
-    prompts_key = translator.get_asset_key("kvid_prompts")
-    jobs_key = translator.get_asset_key("kvid_video_jobs")
+    specs = asset_specs(translator or KvidTranslator(), project)
+    settings = PromptsSensorSettings(
+        project, specs[KvidAsset.PROMPTS].key, specs[KvidAsset.VIDEO_JOBS].key
+    )
 
     @sensor(
         name=name,
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
-        asset_selection=[prompts_key, jobs_key],
+        asset_selection=[settings.prompts_key, settings.jobs_key],
         description=f"Watches {project.prompts_path.name}: new or changed rows become partitions "
         "and are submitted.",
     )
     def kvid_prompts_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-        try:
-            fingerprint = table_fingerprint(project.prompts_path)
-        except OSError as exc:
-            return SkipReason(f"cannot read {project.prompts_path}: {exc}")
-        if context.cursor == fingerprint:
-            return SkipReason("the prompt table has not changed")
-        try:
-            table = project.load_table()
-        except PromptTableError as exc:
-            return SensorResult(skip_reason=SkipReason(str(exc)), cursor=fingerprint)
-        fingerprint = table.fingerprint  # of exactly the bytes parsed (the file may have moved on)
-        existing = context.instance.get_dynamic_partitions(project.partitions_name)
-        known = set(existing)
-        new_keys = [k for k in table.partition_keys if k not in known]
-        ordered, wanted = keys_needing_jobs(
-            project, context.instance, table=table, partition_keys=existing, extra=new_keys
-        )
-        run_requests = [
-            # refresh the table's own asset: its metadata lists the rows and the invalid ones
-            RunRequest(run_key=f"{fingerprint[:16]}:prompts", asset_selection=[prompts_key]),
-            *range_run_requests(
-                ordered, wanted, jobs_key=jobs_key, run_key_prefix=fingerprint[:16]
-            ),
-        ]
-        return SensorResult(
-            run_requests=run_requests,
-            dynamic_partitions_requests=(
-                [AddDynamicPartitionsRequest(project.partitions_name, new_keys)] if new_keys else []
-            ),
-            cursor=fingerprint,
-        )
+        return prompts_sensor_tick(context, settings)
 
     return kvid_prompts_sensor

@@ -387,28 +387,25 @@ async def _generate(
                 f"not sent: {refused.refusal.reason}",
             )  # fmt: skip
         return _skipped(row, refused.refusal)
-    except (KvidInsufficientCreditError, KvidConcurrentLimitError) as exc:
-        # refused before any job was created: the claim goes back, nothing is uncertain
-        if claim.submission is not None:
-            message = f"{type(exc).__name__}: {exc}"
-            await asyncio.to_thread(ledger.release, claim.submission, message, invalid=False)
-        if isinstance(exc, KvidConcurrentLimitError):
-            raise _Held(exc) from None
-        return SubmitOutcome(
-            key, SubmitAction.NO_CREDIT, VideoStatus.PENDING, None, f"out of credit: {exc}"
-        )
     except KvidUncertainSubmissionError as exc:
         message = f"uncertain submission: {exc}"
         assert claim.submission is not None  # uncertain means it was sent, so it was claimed
         await asyncio.to_thread(ledger.mark_uncertain, claim.submission, message)
         return SubmitOutcome(key, SubmitAction.UNCERTAIN, VideoStatus.UNCERTAIN, None, message)
     except (KvidError, OSError, ValueError, TypeError) as exc:
-        # the service said no, was never reached, or the body could not even be built (an
-        # unreadable image): no job exists, nothing was billed
+        # the service said no (out of credit and the running-jobs limit included), was never
+        # reached, or the body could not even be built (an unreadable image): no job exists,
+        # nothing was billed, so the claim goes back and nothing is uncertain
         invalid = isinstance(exc, KvidValidationError)
         message = f"{type(exc).__name__}: {exc}"
         if claim.submission is not None:
             await asyncio.to_thread(ledger.release, claim.submission, message, invalid=invalid)
+        if isinstance(exc, KvidConcurrentLimitError):
+            raise _Held(exc) from None
+        if isinstance(exc, KvidInsufficientCreditError):
+            return SubmitOutcome(
+                key, SubmitAction.NO_CREDIT, VideoStatus.PENDING, None, f"out of credit: {exc}"
+            )
         action = SubmitAction.REJECTED if invalid else SubmitAction.ERROR
         if isinstance(exc, KvidAuthenticationError):
             action = SubmitAction.ERROR
@@ -437,12 +434,15 @@ async def resubmit_failed(
     prices: Mapping[str, float] | None = None,
     on_outcome: Callable[[SubmitOutcome], None] | None = None,
     generate_concurrency: int = DEFAULT_GENERATE_CONCURRENCY,
+    budget: CreditBudget | None = None,
 ) -> list[SubmitOutcome]:
     """The retry policy for FAILED jobs: each of ``rows`` whose request's latest job FAILED is
     sent again, as a new paid job, while the request has had fewer than ``max_attempts``.
 
     Only FAILED: TIMED_OUT and LOST jobs may still exist (and bill). The rule is checked again
-    in the claim's transaction, so two ticks racing still send one retry.
+    in the claim's transaction, so two ticks racing still send one retry. A retry belongs to no
+    run, so of a ``budget`` only its per-day credits hold it (retries over them stay FAILED
+    until the next day's room).
     """
     if max_attempts <= 1 or not rows:
         return []
@@ -464,6 +464,7 @@ async def resubmit_failed(
         prices=prices,
         on_outcome=on_outcome,
         generate_concurrency=generate_concurrency,
+        budget=None if budget is None else CreditBudget(per_day=budget.per_day),
     )
 
 

@@ -1,26 +1,90 @@
 """``KvidTranslator``: the seam for customising how kvid things appear in Dagster.
 
 Subclass it and pass the instance to ``build_kvid_definitions`` (or the ``build_*`` factories) to
-change asset keys, the group, or the metadata recorded for each video.
+change the assets' specs (``get_asset_spec``, as ``DagsterFivetranTranslator`` does: key, group,
+kinds, description, metadata, tags) or the metadata recorded for each video.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from dagster import AssetKey, MetadataValue
+from dagster import AssetKey, AssetSpec, MetadataValue
 
 from kvid_dagster.ledger import VideoRow
 from kvid_dagster.preview import PreviewError, video_preview
+from kvid_dagster.project import KvidProject
 
-ASSET_NAMES = ("kvid_prompts", "kvid_video_jobs", "kvid_videos", "kvid_catalog")
 #: Dagster's standard key for where an asset is stored (``UriMetadataSet``)
 URI_KEY = "dagster/uri"
 PREVIEW_KEY = "preview"
 
 
+class KvidAsset(StrEnum):
+    """The kvid assets of a project; the value is the default asset key."""
+
+    PROMPTS = "kvid_prompts"
+    VIDEO_JOBS = "kvid_video_jobs"
+    VIDEOS = "kvid_videos"
+    CATALOG = "kvid_catalog"
+
+
+ASSET_NAMES = tuple(asset.value for asset in KvidAsset)
+
+_KINDS: dict[KvidAsset, frozenset[str]] = {
+    KvidAsset.PROMPTS: frozenset({"kvid", "csv"}),
+    KvidAsset.VIDEO_JOBS: frozenset({"kvid"}),
+    KvidAsset.VIDEOS: frozenset({"kvid", "mp4"}),
+    KvidAsset.CATALOG: frozenset({"parquet"}),
+}
+
+
+@dataclass(frozen=True)
+class KvidAssetProps:
+    """What a spec is translated from: which kvid asset, of which project."""
+
+    asset: KvidAsset
+    project: KvidProject
+
+
 class KvidTranslator:
-    """Maps kvid ledger rows onto Dagster asset keys and metadata."""
+    """Maps the kvid assets onto Dagster asset specs, and ledger rows onto metadata."""
+
+    def get_asset_spec(self, props: KvidAssetProps) -> AssetSpec:
+        """The spec the builders take key, group, kinds, description, metadata and tags from
+        (the partitioning and the dependencies are kvid's own). The default key and group are
+        ``get_asset_key`` and ``get_group_name``."""
+        project = props.project
+        descriptions = {
+            KvidAsset.PROMPTS: f"The prompt table {project.prompts_path.name}: validated rows "
+            "become partitions; invalid rows are reported, never sent.",
+            KvidAsset.VIDEO_JOBS: "One kvid job per prompt row, submitted once per exact request "
+            "and recorded in the catalog before the run returns. A backfill of any size is one "
+            "run.",
+            KvidAsset.VIDEOS: "The finished videos: materialized by the kvid status sensor when "
+            "a job completes (runless events), with the file's own width, height, fps and "
+            "frames.",
+            KvidAsset.CATALOG: "Republishes <data_dir>/catalog/videos and /submissions from the "
+            "ledger as Parquet (pandas, DuckDB and Spark read them directly).",
+        }
+        where = {
+            KvidAsset.PROMPTS: project.prompts_path,
+            KvidAsset.VIDEOS: project.videos_dir,
+            KvidAsset.CATALOG: project.catalog_dir,
+        }
+        return AssetSpec(
+            key=self.get_asset_key(props.asset.value),
+            group_name=self.get_group_name(),
+            kinds=set(_KINDS[props.asset]),
+            description=descriptions[props.asset],
+            metadata=(
+                {URI_KEY: MetadataValue.path(str(where[props.asset]))}
+                if props.asset in where
+                else {}
+            ),
+        )
 
     def get_asset_key(self, name: str) -> AssetKey:
         """``name`` is one of :data:`ASSET_NAMES`."""
@@ -93,3 +157,9 @@ class KvidTranslator:
         if row.prompt:
             meta["prompt"] = MetadataValue.text(row.prompt[:500])
         return meta | self.get_user_column_metadata(row)
+
+
+def asset_specs(translator: KvidTranslator, project: KvidProject) -> dict[KvidAsset, AssetSpec]:
+    """Every kvid asset's spec: the assets, the sensors, the jobs and the schedule all read keys
+    from here, so an overridden ``get_asset_spec`` changes them together."""
+    return {asset: translator.get_asset_spec(KvidAssetProps(asset, project)) for asset in KvidAsset}

@@ -255,7 +255,7 @@ def make_defs(
 
 def run_submit(defs: Any, instance: Any, first: str, last: str, **kwargs: Any) -> bool:
     from kvid_dagster.definitions import SUBMIT_JOB
-    from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
     result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
         instance=instance,
@@ -284,7 +284,7 @@ def execute_submit(
     Returns the ``JobExecutionResult``."""
     from dagster import build_reconstructable_job, execute_job
 
-    from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
     job = build_reconstructable_job(
         "faultkit", "submit_job", reconstructable_args=(base_url, str(prompts), str(data_dir))

@@ -39,6 +39,7 @@ from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     ClaimOwner,
     ClaimRule,
+    JobChange,
     Ledger,
     Refusal,
     SpendCap,
@@ -46,10 +47,10 @@ from kvid_dagster.ledger import (
     Submission,
     VideoStatus,
 )
+from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptRow
-from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, submit_rows
+from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed, submit_rows
 
 PRICE = 60  # v1 480p, one clip
 KEYS = [f"b{i}" for i in range(8)]
@@ -316,6 +317,41 @@ def test_under_a_budget_a_row_without_a_price_is_not_sent(
     assert all("no price for v1" in o.message for o in outcomes), outcomes
     assert emulator.jobs_created == 0
     assert set(statuses(ledger).values()) == {VideoStatus.PENDING}
+
+
+def test_the_retry_policy_spends_only_what_the_days_budget_leaves(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """Retries of FAILED jobs belong to no run: the per-day credits hold them, the per-run
+    ones cannot, and a retry over the day's room is not sent (its row stays FAILED)."""
+    rows = table_rows(write_table(tmp_path / "p.csv", KEYS[:3]))
+    with Ledger(f"sqlite:///{tmp_path / 'kvid.db'}") as ledger:
+        ledger.register(rows)
+        assert {o.action for o in submit_now(emulator.base_url, ledger, rows)} == {
+            SubmitAction.SUBMITTED
+        }
+        for row in ledger.rows():
+            sub = row.submission
+            assert sub is not None
+            ledger.apply([JobChange(sub.submission_id, sub.version, VideoStatus.FAILED)])
+
+        async def retry() -> list[SubmitOutcome]:
+            async with make_client(emulator.base_url) as client:
+                return await resubmit_failed(
+                    client, ledger, rows, max_attempts=3,
+                    budget=CreditBudget(per_run=0, per_day=4 * PRICE),
+                )  # fmt: skip
+
+        outcomes = asyncio.run(retry())
+        assert [o.action for o in outcomes] == [
+            SubmitAction.SUBMITTED, SubmitAction.OVER_BUDGET, SubmitAction.OVER_BUDGET
+        ]  # fmt: skip
+        assert emulator.jobs_created == 4
+        assert statuses(ledger) == {
+            KEYS[0]: VideoStatus.SUBMITTED, KEYS[1]: VideoStatus.FAILED,
+            KEYS[2]: VideoStatus.FAILED,
+        }  # fmt: skip
+        assert ledger.spent_credits(SpendWindow.DAY) == 4 * PRICE
 
 
 def test_kvid_prompts_reports_what_a_backfill_would_cost(

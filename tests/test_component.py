@@ -31,7 +31,7 @@ from kvid_dagster.client import ApiDialect
 from kvid_dagster.definitions import SUBMIT_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.translator import ASSET_NAMES
 
 SAMPLE_KEYS = ["fox", "harbour"]  # the scaffolded prompts.csv's rows
@@ -146,6 +146,26 @@ def test_a_misspelt_attribute_is_refused_naming_it() -> None:
     with pytest.raises(Exception) as raised, load_scaffolded({"prompt_path": "prompts.csv"}):
         pass
     assert "prompt_path" in error_chain(raised.value)
+
+
+def test_param_defaults_fill_the_rows_empty_cells_and_a_misspelt_one_is_refused(
+    emulator: KvidEmulator, instance: DagsterInstance
+) -> None:
+    attributes = {
+        "api_key": TEST_API_KEY,
+        "base_url": emulator.base_url,
+        "param_defaults": {"seed": 99, "enable_prompt_expansion": False},
+    }
+    with load_scaffolded(attributes) as (path, _, defs):
+        assert run_prompts(defs, instance)
+        rows = Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}").rows_by_key()
+        params = {key: json.loads(rows[key].params_json or "{}") for key in SAMPLE_KEYS}
+        # the sample table's own seeds win; its empty cells take the defaults
+        assert {key: p["seed"] for key, p in params.items()} == {"fox": 7, "harbour": 11}
+        assert all(p["enable_prompt_expansion"] == "false" for p in params.values()), params
+    with pytest.raises(Exception) as raised, load_scaffolded({"param_defaults": {"sede": 1}}):
+        pass
+    assert "'sede' is not a kvid parameter" in error_chain(raised.value)
 
 
 def test_a_translated_key_is_the_key_of_every_definition(

@@ -40,12 +40,12 @@ from kvid_dagster.ledger import (
     submissions_frame,
     videos_frame,
 )
+from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.probe import probe_video
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import load_prompt_table
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.runner import evaluate_status_sensor
-from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
 
 VIDEOS = AssetKey("kvid_videos")
 NOON = datetime(2026, 11, 26, 12, tzinfo=UTC)

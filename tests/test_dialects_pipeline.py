@@ -288,7 +288,7 @@ def _price_of_one(emulator: KvidEmulator, prompts: Path) -> float:
 
 def _submit(defs: Any, instance: Any, first: str, last: str) -> Any:
     from kvid_dagster.definitions import SUBMIT_JOB
-    from kvid_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG
+    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
     return defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
         instance=instance,

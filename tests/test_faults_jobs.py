@@ -28,12 +28,13 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster._dagster_common import keys_needing_jobs
+from kvid_dagster.budget import CreditBudget
 from kvid_dagster.emulator import KvidEmulator
-from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus, submissions_frame
+from kvid_dagster.ledger import Ledger, SpendWindow, VideoRow, VideoStatus, submissions_frame
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.runner import evaluate_status_sensor
-from kvid_dagster.sensors import keys_needing_jobs
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator
@@ -208,6 +209,29 @@ def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
     assert_accounted(
         emulator.jobs, ledger, table_rows(prompts), allowed_jobs={"bad": 3, "flaky": 2}
     )
+
+
+def test_the_retry_policy_spends_within_the_days_budget(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """A retry is a paid job in no run: the day's credits cap it, the run's do not."""
+    prompts = write_table(tmp_path / "prompts.csv", ["bad"], prompt)
+    project = KvidProject(prompts, tmp_path / "data")
+    ledger = project.ledger()
+    budget = CreditBudget(per_run=60.0, per_day=120.0)  # the first job, then one retry
+    defs = make_defs(
+        emulator.base_url, prompts, project.data_dir, failed_job_max_attempts=3,
+        budget_credits=budget,
+    )  # fmt: skip
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance)
+        assert run_submit(defs, instance, "bad", "bad")
+        tick_until_settled(defs, instance, ledger)
+        for _ in range(2):  # later ticks find no room either
+            evaluate_status_sensor(defs, instance, None, "kvid_status_sensor")
+    assert emulator.jobs_created == 2
+    assert statuses(ledger) == {"bad": "FAILED"} and row_of(ledger, "bad").attempts == 2
+    assert ledger.spent_credits(SpendWindow.DAY) == 120.0
 
 
 def test_timed_out_and_lost_jobs_are_visible_in_dagster_and_polling_stops(

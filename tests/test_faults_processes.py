@@ -47,6 +47,7 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.client import AsyncKvidClient, JobKind, KvidClient, KvidNotFoundError
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
@@ -56,7 +57,7 @@ from kvid_dagster.poll import PollConfig, poll_pending
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptRow, load_prompt_table
 from kvid_dagster.runner import evaluate_status_sensor
-from kvid_dagster.sensors import StatusCursor, keys_needing_jobs
+from kvid_dagster.sensors import StatusCursor
 from kvid_dagster.submit import register_table
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)

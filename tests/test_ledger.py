@@ -45,7 +45,7 @@ from kvid_dagster.ledger import (
 )
 from kvid_dagster.ledger.journal import Journal
 from kvid_dagster.ledger.legacy import import_legacy_catalog
-from kvid_dagster.ledger.publish import published_revision
+from kvid_dagster.ledger.publish import published_revision, read_tables
 from kvid_dagster.ledger.store import redact_url
 from kvid_dagster.ledger.tables import SCHEMA_VERSION
 
@@ -416,6 +416,25 @@ def test_terminal_changes_are_in_the_history_and_stop_polling(ledger: Ledger) ->
 # -- schema --------------------------------------------------------------------------------------
 
 
+def test_a_budgeted_claims_spend_sums_read_an_index_not_every_job(database_url: str) -> None:
+    """Each claim under a budget sums its day's and its run's spend in its own transaction:
+    on a ledger of a year of jobs a table scan there would serialise every claim behind it."""
+    with Ledger(database_url) as ledger:
+        jobs = ledger.tables.jobs
+        indexed = {
+            tuple(i["column_names"]) for i in sa.inspect(ledger.engine).get_indexes(jobs.name)
+        }
+        assert {("claimed_at", "cost_credits"), ("owner_run_id", "cost_credits")} <= indexed
+        if ledger.engine.dialect.name == "sqlite":
+            with ledger.engine.connect() as conn:
+                for where in ("claimed_at >= '2026-12-01'", "owner_run_id = 'r'"):
+                    plan = conn.exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN SELECT sum(cost_credits) FROM {jobs.name} "
+                        f"WHERE {where}"
+                    ).all()
+                    assert "USING COVERING INDEX" in str(plan), plan
+
+
 def test_the_schema_is_versioned_and_a_newer_one_is_refused(database_url: str) -> None:
     with Ledger(database_url) as ledger:
         meta = ledger.tables.meta
@@ -542,6 +561,60 @@ def test_each_publication_after_the_first_reads_only_what_changed_and_equals_a_f
     assert shown.loc["twin", "status"] == shown.loc["a", "status"] == "COMPLETED"
 
 
+# every text a cell can hold, and what CSV makes hard: quotes, separators, line ends, the
+# strings NULL and \\N, an empty string (not null), a lone backslash, non-ASCII
+_AWKWARD_TEXTS = [
+    "", "NULL", "\\N", "\\", '"quoted", comma', "line\nbreak\r\nand CRLF", "tab\there",
+    "視頻 🎬 é", " padded ", "'single'",
+]  # fmt: skip
+
+
+def test_a_publication_gives_every_awkward_text_null_float_and_time_as_the_ledger_holds_it(
+    ledger: Ledger,
+) -> None:
+    """What the catalogs hold, value for value, against the ledger's own typed reads: on
+    PostgreSQL the publication reads through COPY as CSV, where quotes, line ends, the string
+    NULL and an empty string are easy to get wrong."""
+    video = VideoFile(size_kb=12, width=854, height=480, fps=16.0, local_path='/v/"a",.mp4')
+    rows = [
+        Row(f"k{i}", f"h{i}", prompt=text, user_columns_json=text or None)
+        for i, text in enumerate(_AWKWARD_TEXTS)
+    ]
+    ledger.register(rows, [InvalidEntry("bad", 'a "bad"\nrow', "seed: ''")])
+    for i, (row, text) in enumerate(zip(rows, _AWKWARD_TEXTS, strict=True)):
+        sub = ledger.claim(row, ME, cost_credits=0.1 * i + 1e-7)
+        assert isinstance(sub, Submission), sub
+        if i % 3 == 0:
+            ledger.release(sub, text)
+            continue
+        ledger.record_submitted(sub, f"req,{text}")
+        found = ledger.submission(sub.submission_id)
+        assert found is not None
+        if i % 3 == 1:
+            finish(ledger, found, VideoStatus.COMPLETED, video=video)
+        else:
+            finish(ledger, found, VideoStatus.FAILED, error=text)
+    videos, history, _revision = read_tables(ledger)
+
+    assert history.to_pylist() == [
+        {n: event[n] for n in SUBMISSION_COLUMNS} for event in ledger.events()
+    ]
+    shown = videos.to_pylist()
+    assert [
+        (v["partition_key"], v["prompt"], v["user_columns_json"], v["status"], v["error"],
+         v["request_id"], v["cost_credits"], v["local_path"], v["updated_at"])
+        for v in shown
+    ] == [
+        (r.partition_key, r.prompt, r.user_columns_json, r.status.value, r.error, r.request_id,
+         r.submission.cost_credits if r.submission else None, r.video.local_path, r.updated_at)
+        for r in ledger.rows()
+    ]  # fmt: skip
+    assert {v["prompt"] for v in shown} >= set(_AWKWARD_TEXTS)  # "" is not null
+    assert [v["error"] for v in shown if v["status"] == "FAILED"] == [
+        t for i, t in enumerate(_AWKWARD_TEXTS) if i % 3 == 2
+    ]
+
+
 def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -563,9 +636,9 @@ def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
 def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
     database_url: str, tmp_path: Path
 ) -> None:
-    """A 0.2 database from before row revisions and dialects: opened by this version, it gains
-    them (every existing row at revision 0, every job in the video dialect) and the first
-    publication reads everything."""
+    """A 0.2 database from before row revisions, dialects and spend indexes: opened by this
+    version, it gains them (every existing row at revision 0, every job in the video dialect)
+    and the first publication reads everything."""
     catalog = tmp_path / "catalog"
     with Ledger(database_url) as ledger:
         ledger.register([Row("a", "h1")])
@@ -573,6 +646,8 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         publish(ledger, catalog)
         t = ledger.tables
         with ledger.write() as conn:  # back to version 1: no revision columns, no identity
+            for index in ("claimed_at_cost", "run_cost"):  # nor the spend indexes of v4
+                conn.execute(sa.text(f"DROP INDEX ix_{t.jobs.name}_{index}"))
             for table in (t.rows, t.jobs, t.events):
                 conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
                 conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
@@ -596,6 +671,8 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         # every job before v3 went out in the video dialect, priced by the table only
         assert old_job.dialect == "video" and old_job.estimated_credits == old_job.cost_credits
         assert ledger.jobs_to_poll("generation") == [] and len(ledger.jobs_to_poll("video")) == 1
+        indexes = {i["name"] for i in sa.inspect(ledger.engine).get_indexes(t.jobs.name)}
+        assert {f"ix_{t.jobs.name}_claimed_at_cost", f"ix_{t.jobs.name}_run_cost"} <= indexes
         stats = publish(ledger, catalog)
         assert not stats.incremental
         pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))

@@ -310,3 +310,35 @@ def test_a_table_without_a_final_newline_that_does_not_change_is_read(tmp_path: 
     table = load_prompt_table(path)
     assert [r.prompt for r in table.rows] == ["A fox"]
     assert table.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_defaults_fill_empty_cells_only_and_are_validated_in_each_row(tmp_path: Path) -> None:
+    """A project's defaults are what an empty cell would have held: a row's own value wins,
+    and a default a row cannot take makes that row (not the table) invalid, naming the field."""
+    path = write_csv(
+        tmp_path,
+        "prompt_id,prompt,model,resolution,seed\n"
+        "plain,A calm lake,,,\n"
+        "own,A dog,v1,480p,3\n"
+        "v2,A cat,v2,,\n",
+    )
+    table = load_prompt_table(path, defaults={"resolution": "580p", "seed": 7})
+    rows = {r.partition_key: r for r in table.rows}
+    assert (rows["plain"].request.resolution, rows["plain"].request.seed) == ("580p", 7)
+    assert (rows["own"].request.resolution, rows["own"].request.seed) == ("480p", 3)
+    # v2 has no 580p: that row is invalid and says why; the others go on
+    assert [(p.partition_key, p.field) for p in table.invalid] == [("v2", "resolution")]
+    # a default is part of the request: changing it is a new request, never the old one's video
+    again = load_prompt_table(path, defaults={"resolution": "720p", "seed": 7})
+    changed = {r.partition_key: r.request_hash for r in again.rows}
+    assert changed["plain"] != rows["plain"].request_hash
+    assert changed["own"] == rows["own"].request_hash
+    assert load_prompt_table(path).by_key["plain"].request.seed is None
+
+
+def test_a_default_that_is_no_kvid_parameter_is_refused_naming_it(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "prompt\nA calm lake\n")
+    with pytest.raises(ValueError, match=r"'seeds' is not a kvid parameter \(did you mean 'seed'"):
+        load_prompt_table(path, defaults={"seeds": 1})
+    with pytest.raises(ValueError, match="'prompt' is not a kvid parameter"):
+        load_prompt_table(path, defaults={"prompt": "every row the same"})

@@ -7,7 +7,7 @@ imported by processes (the emulator, the CLI) that should not pay for Dagster.
 from __future__ import annotations
 
 from ._download import DEFAULT_MAX_BYTES
-from ._engine import DEFAULT_BASE_URL
+from ._engine import DEFAULT_BASE_URL, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUT_S
 from .aio import AsyncKvidClient
 from .errors import (
     KvidAuthenticationError,
@@ -68,6 +68,9 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_DIALECT",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_RETRY",
+    "DEFAULT_TIMEOUT_S",
     "GENERATION_DIALECT",
     "GENERATION_MODELS",
     "KVID_DIALECT",

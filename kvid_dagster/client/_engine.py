@@ -43,6 +43,11 @@ from .retry import NOT_SENT, RetryPolicy, Verdict
 logger = logging.getLogger("kvid_dagster.client")
 
 DEFAULT_BASE_URL = "https://api.kvid.ai"
+DEFAULT_TIMEOUT_S = 30.0
+# the ramp reaches it gradually (see ``_ramp.py``), so a small backlog is safe; a status tick
+# over thousands of jobs needs this many to keep the round trips overlapped
+DEFAULT_MAX_IN_FLIGHT = 32
+DEFAULT_RETRY = RetryPolicy()
 _REQUEST_TYPE_NAMES = ", ".join(cls.__name__ for cls in get_args(KvidRequest))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -204,11 +209,11 @@ class ClientBase:
         api_key: str,
         base_url: str = DEFAULT_BASE_URL,
         *,
-        timeout: float = 30.0,
-        max_retries: int = 5,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
-        max_in_flight: int = 16,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_RETRY.max_retries,
+        backoff_base: float = DEFAULT_RETRY.backoff_base,
+        backoff_max: float = DEFAULT_RETRY.backoff_max,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,

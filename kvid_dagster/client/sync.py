@@ -29,7 +29,7 @@ class KvidClient(ClientBase):
     """Blocking kvid client on ``httpx.Client``; safe to share between threads.
 
     ``KvidClient(api_key, base_url="https://api.kvid.ai", *, timeout=30.0, max_retries=5,
-    backoff_base=0.5, backoff_max=30.0, max_in_flight=16, transport=None, sleep=None,
+    backoff_base=0.5, backoff_max=30.0, max_in_flight=32, transport=None, sleep=None,
     clock=time.monotonic, dialect=None)``
 
     - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only; it never shows

@@ -7,12 +7,18 @@ place: a reader sees the previous file or the new one, never half of one. Each f
 ledger revision it shows. The renames happen under the ledger's ``publication`` lock and only
 over older (or unreadable) files, so publishers racing on any number of hosts never put an older
 state back; one that finds the ledger moved on meanwhile publishes again.
+
+On object storage (``catalog_dir`` an ``s3://...`` URL, see :mod:`kvid_dagster.storage`) there
+is no rename, but one object's PUT is atomic: the files are written to a local temp dir, and
+uploaded straight to their final keys under the same lock and the same revision rule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,6 +33,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Connection, or_, select
 
 from kvid_dagster.ledger.store import Ledger
+from kvid_dagster.storage import StoragePath, arrow_location, is_remote, put_file, storage_path
 
 REVISION_KEY = b"kvid.revision"
 LEDGER_ID_KEY = b"kvid.ledger_id"
@@ -242,11 +249,14 @@ class _Published:
     revision: int
 
 
-def _previous(paths: dict[str, Path], ledger_id: str) -> _Published | None:
+def _previous(paths: dict[str, StoragePath], ledger_id: str) -> _Published | None:
     """Both published files, if they are whole, of this ledger, at one revision, and of this
     schema; else None (and the next publication reads everything)."""
     try:
-        tables = {name: pq.read_table(path) for name, path in paths.items()}
+        tables = {}
+        for name, path in paths.items():
+            where, filesystem = arrow_location(path)
+            tables[name] = pq.read_table(where, filesystem=filesystem)
     except (OSError, pa.ArrowInvalid):
         return None
     metas = [t.schema.metadata or {} for t in tables.values()]
@@ -287,12 +297,17 @@ def submissions_frame(ledger: Ledger) -> pd.DataFrame:
     return read_tables(ledger)[1].to_pandas()
 
 
-def published_revision(path: Path) -> int | None:
+def _metadata(path: StoragePath) -> dict[bytes, bytes] | None:
+    """A published file's key-value metadata; None when it is missing or unreadable."""
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        where, filesystem = arrow_location(path)
+        return pq.read_metadata(where, filesystem=filesystem).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return None
-    value = meta.get(REVISION_KEY)
+
+
+def published_revision(path: StoragePath) -> int | None:
+    value = (_metadata(path) or {}).get(REVISION_KEY)
     return int(value) if value is not None else None
 
 
@@ -332,13 +347,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _current(paths: dict[str, Path], revision: int, ledger_id: str) -> bool:
+def _current(paths: dict[str, StoragePath], revision: int, ledger_id: str) -> bool:
     """Both published files are readable, of this ledger, and show ``revision`` or a later one
     (another ledger's files are replaced whatever revision they show)."""
     for path in paths.values():
-        try:
-            meta = pq.read_metadata(path).metadata or {}
-        except (OSError, pa.ArrowInvalid):
+        meta = _metadata(path)
+        if meta is None:
             return False
         shown = meta.get(REVISION_KEY)
         if meta.get(LEDGER_ID_KEY) != ledger_id.encode() or shown is None:
@@ -348,10 +362,20 @@ def _current(paths: dict[str, Path], revision: int, ledger_id: str) -> bool:
     return True
 
 
+def _place(tmp: Path, path: StoragePath) -> None:
+    """A finished temp file to its published name: renamed locally, uploaded to a store."""
+    if is_remote(path):
+        put_file(tmp, path)
+    else:
+        os.replace(tmp, path)
+
+
 def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats:
-    """Write both catalogs from the ledger; see the module docstring for the guarantees."""
+    """Write both catalogs from the ledger (``catalog_dir`` a folder or a storage URL); see
+    the module docstring for the guarantees."""
     started = time.monotonic()
-    root = Path(catalog_dir)
+    remote = is_remote(catalog_dir)
+    root = storage_path(catalog_dir) if remote else Path(catalog_dir)
     paths = {t: root / t / DATA_FILE for t in TABLES}
     ledger_id = ledger.ledger_id()
     videos = submissions = pa.table({})
@@ -365,21 +389,27 @@ def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats
         videos, submissions, revision = read_tables(ledger, previous)
         if previous is not None and previous.revision >= revision:
             break  # this state (or a later one) is published already, both files whole
-        written = {
-            "submissions": _write_hidden(submissions, paths["submissions"], revision, ledger_id),
-            "videos": _write_hidden(videos, paths["videos"], revision, ledger_id),
-        }
+        # beside the published files, or (remote) in a local temp dir, uploaded from there
+        stage = Path(tempfile.mkdtemp(prefix="kvid-publish-")) if remote else None
+        local = {t: stage / t / DATA_FILE if stage else paths[t] for t in TABLES}
+        written: dict[str, Path] = {}
         try:
+            written["submissions"] = _write_hidden(
+                submissions, local["submissions"], revision, ledger_id
+            )
+            written["videos"] = _write_hidden(videos, local["videos"], revision, ledger_id)
             with ledger.exclusive("publication"):
                 if not _current(paths, revision, ledger_id):  # never over a newer publication
                     for table, tmp in written.items():
-                        os.replace(tmp, paths[table])
+                        _place(tmp, paths[table])
         finally:
             for tmp in written.values():
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-        for path in paths.values():
-            _fsync_dir(path.parent)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+        for path in [] if remote else paths.values():
+            _fsync_dir(Path(path.parent))
         if ledger.revision() == revision:
             break
     return PublishStats(

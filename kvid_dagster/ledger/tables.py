@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 
 #: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # the dialect of every job sent before the ledger knew dialects (ApiDialect.VIDEO's value)
 _VIDEO_DIALECT = "video"
 #: The execution option a write transaction carries its revision in (see ``_stamp``).
@@ -109,6 +109,16 @@ def _video_columns() -> list[Column[Any]]:
     ]
 
 
+_SPEND_INDEX_SUFFIXES = ("_claimed_at_cost", "_run_cost")
+
+
+def _spend_indexes(prefix: str) -> list[Index]:
+    return [
+        Index(f"ix_{prefix}jobs_claimed_at_cost", "claimed_at", "cost_credits"),
+        Index(f"ix_{prefix}jobs_run_cost", "owner_run_id", "cost_credits"),
+    ]
+
+
 def define_tables(prefix: str) -> LedgerTables:
     if not TABLE_PREFIX_PATTERN.fullmatch(prefix):
         raise ValueError(f"table prefix {prefix!r}: lowercase letters, digits and _, at most 31")
@@ -174,6 +184,9 @@ def define_tables(prefix: str) -> LedgerTables:
         Index(f"ix_{prefix}jobs_status", "status"),
         Index(f"ix_{prefix}jobs_request_id", "request_id"),
         Index(f"ix_{prefix}jobs_revision", "revision"),
+        # a budgeted claim sums the spend of its day and of its run in its own transaction:
+        # covering indexes keep that from scanning every job the ledger ever had
+        *_spend_indexes(prefix),
     )
     events = Table(
         f"{prefix}events",
@@ -236,9 +249,17 @@ def _add_dialects(conn: Connection, tables: LedgerTables) -> None:
     conn.execute(text(f"UPDATE {jobs} SET estimated_credits = cost_credits"))
 
 
+def _add_spend_indexes(conn: Connection, tables: LedgerTables) -> None:
+    """v4: the indexes a budgeted claim's spend sums use."""
+    for index in tables.jobs.indexes:
+        if index.name and index.name.endswith(_SPEND_INDEX_SUFFIXES):
+            index.create(conn)
+
+
 #: version -> the step that brings a database from version - 1 to it (version 1: created)
 MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {
     2: _add_revisions,
     3: _add_dialects,
+    4: _add_spend_indexes,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

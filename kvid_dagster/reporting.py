@@ -1,0 +1,127 @@
+"""What Dagster must hear about rows whose job ended, decided without Dagster.
+
+The status sensor reports each outcome once as it happens, and again when Dagster never got it
+(a tick that died after the ledger write). Which rows, as which event, with which ``video_ok``
+verdict: typed records here; ``_dagster_common`` and the sensor turn them into Dagster events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from kvid_dagster.ledger import VideoRow, VideoStatus
+from kvid_dagster.poll import VideoEvent
+
+VIDEO_CHECK_NAME = "video_ok"
+# how far back a tick looks for failures Dagster never heard of (a tick killed mid-report)
+REREPORT_WINDOW_S = 24 * 3600.0
+
+
+class ReportKind(StrEnum):
+    """How ``kvid_videos`` hears of a partition's ended job."""
+
+    MATERIALIZATION = "materialization"  # the video exists, downloaded and verified
+    OBSERVATION = "observation"  # ended without a video: its status and request_id are shown
+
+
+class Verdict(StrEnum):
+    """The ``video_ok`` check's verdict on a partition."""
+
+    PASSED = "passed"  # completed, downloaded and verified
+    NO_VIDEO = "no_video"  # the job ended (or is pending) without a video
+    NO_ROW = "no_row"  # the ledger has no row for the partition
+
+    @property
+    def passed(self) -> bool:
+        return self is Verdict.PASSED
+
+
+def verdict_for(row: VideoRow | None) -> Verdict:
+    if row is None:
+        return Verdict.NO_ROW
+    return Verdict.PASSED if row.status is VideoStatus.COMPLETED else Verdict.NO_VIDEO
+
+
+@dataclass(frozen=True)
+class VideoReport:
+    """One partition's ended job, to be reported: the event, and the check verdict unless the
+    partition already has a check result (Dagster 1.13 stores one runless result per check and
+    partition, and fails the whole tick on a second one)."""
+
+    partition_key: str
+    row: VideoRow
+    kind: ReportKind
+    verdict: Verdict | None
+
+
+def video_reports(events: Iterable[VideoEvent], *, checked: Collection[str]) -> list[VideoReport]:
+    """The reports of the events whose job ended; ``checked``: partitions with a check result."""
+    done = set(checked)
+    reports = []
+    for event in events:
+        if not event.is_final:
+            continue
+        kind = (
+            ReportKind.MATERIALIZATION
+            if event.status is VideoStatus.COMPLETED
+            else ReportKind.OBSERVATION
+        )
+        verdict = None if event.partition_key in done else verdict_for(event.row)
+        done.add(event.partition_key)
+        reports.append(VideoReport(event.partition_key, event.row, kind, verdict))
+    return reports
+
+
+@dataclass(frozen=True)
+class ShownOutcome:
+    """What the latest observation of a partition shows (None: not in its metadata)."""
+
+    status: str | None
+    request_id: str | None
+
+    def is_stale_for(self, row: VideoRow) -> bool:
+        """It shows another status or request than the row's."""
+        actual = (row.status.value, row.request_id or "")
+        shown = (self.status, self.request_id)
+        return any(s is not None and s != a for s, a in zip(shown, actual, strict=True))
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """Changed rows whose outcome Dagster may have missed."""
+
+    completed: list[VideoRow]  # need a materialization of their partition
+    ended: list[VideoRow]  # ended without a video lately: need an observation showing it
+
+
+def rows_to_recheck(rows: Iterable[VideoRow], *, skip: Collection[str], now: datetime) -> Recheck:
+    """``rows`` but ``skip`` (reported this tick); failures older than the window are let be."""
+    since = now - timedelta(seconds=REREPORT_WINDOW_S)
+    candidates = [r for r in rows if r.partition_key not in skip]
+    return Recheck(
+        completed=[r for r in candidates if r.status is VideoStatus.COMPLETED],
+        ended=[
+            r
+            for r in candidates
+            if r.status.is_terminal
+            and r.status not in {VideoStatus.COMPLETED, VideoStatus.INVALID}
+            and (r.updated_at is None or r.updated_at >= since)
+        ],
+    )
+
+
+def unreported(
+    recheck: Recheck, materialized: Collection[str], observed: Mapping[str, ShownOutcome]
+) -> list[VideoEvent]:
+    """The rows of ``recheck`` Dagster does not show: a completed row whose partition is not
+    materialized, an ended one with no observation or one showing another outcome."""
+    events = [VideoEvent(r.partition_key, r) for r in recheck.completed]
+    events = [e for e in events if e.partition_key not in materialized]
+    for row in recheck.ended:
+        shown = observed.get(row.partition_key)
+        if shown is None or shown.is_stale_for(row):
+            events.append(VideoEvent(row.partition_key, row))
+    return events
