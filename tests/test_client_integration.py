@@ -347,7 +347,7 @@ READ_FAULTS: list[tuple[str, dict[str, Any]]] = [
     ("504", {}),
     ("429", {"retry_after": 0}),
     ("reset", {}),
-    ("timeout", {"delay": 1.0}),
+    ("timeout", {"delay": 3.0}),  # well past the faulted call's 1 s timeout
 ]
 
 
@@ -362,11 +362,14 @@ def test_reads_are_retried_through_transient_faults(
     kind: str,
     options: dict[str, Any],
 ) -> None:
+    # the set-up (the job and its first result, rendered then) has no fault and any time it
+    # needs: a loaded machine must not fail it before the faults are even added
+    with KvidClient(api_key, emulator.base_url, sleep=sleeps) as patient:
+        job_kind, request_id = finished_job(patient)
+        result = patient.result(job_kind, request_id)
     with KvidClient(
-        api_key, emulator.base_url, sleep=sleeps, timeout=0.4, backoff_base=0.01, max_retries=3
+        api_key, emulator.base_url, sleep=sleeps, timeout=1.0, backoff_base=0.01, max_retries=3
     ) as fast:
-        job_kind, request_id = finished_job(fast)
-        result = fast.result(job_kind, request_id)
         before = emulator.stats[endpoint]
         emulator.add_fault(endpoint, kind, times=2, **options)
         sleeps.clear()
