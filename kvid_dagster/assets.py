@@ -10,6 +10,7 @@
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import pyarrow as pa
@@ -450,7 +451,8 @@ def catalog_contact_sheet(videos: pa.Table, log: Any) -> dict[str, MetadataValue
     ).select(["partition_key", "local_path", "completed_at"])
     newest = done.sort_by([("completed_at", "descending")])
     candidates = newest.slice(0, 4 * CONTACT_SHEET_VIDEOS).to_pylist()
-    latest = [r for r in candidates if stored(r["local_path"])][:CONTACT_SHEET_VIDEOS]
+    # stop at the first few that are there: on object storage each look is a request
+    latest = list(islice((r for r in candidates if stored(r["local_path"])), CONTACT_SHEET_VIDEOS))
     if not latest:
         return {}
     try:

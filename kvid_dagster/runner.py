@@ -24,7 +24,7 @@ from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import SpendWindow, VideoStatus, videos_frame
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG, partition_ranges
+from kvid_dagster.planning import partition_ranges
 from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
@@ -126,12 +126,15 @@ def run_pipeline(
     submit_runs: list[str] = []
     revision = 0  # the ledger revision read up to: a tick reads only the rows that moved
 
+    def run_spend() -> float:
+        """What this pipeline's submitting runs have spent so far (an index read per run)."""
+        return sum(ledger.spent_credits(SpendWindow.RUN, run_id=r) for r in submit_runs)
+
     def show(phase: Phase, detail: str = "") -> None:
         nonlocal revision
         changed, revision = ledger.rows_changed_since(revision)
         tracker.see_rows(changed)
-        spent = sum(ledger.spent_credits(SpendWindow.RUN, run_id=r) for r in submit_runs)
-        display.update(tracker.progress(phase, ledger.counts_by_status(), spent, detail))
+        display.update(tracker.progress(phase, ledger.counts_by_status(), run_spend(), detail))
 
     def execute(
         job_name: str,
@@ -171,16 +174,14 @@ def run_pipeline(
         per_run = budget_credits.per_run if budget_credits is not None else None
         if budget_credits is not None and budget_credits.caps:
             display.note(f"credit budget: {budget_credits.describe()}")
-        spent = 0.0
-        for number, (first, last) in enumerate(ranges, 1):
+        for number, partition_range in enumerate(ranges, 1):
             show(Phase.SUBMITTING, f"run {number}/{len(ranges)}")
             run_config: dict[str, Any] = {}
             if per_run is not None:  # what the earlier runs of this pipeline left of it
-                room = max(0.0, per_run - spent)
+                room = max(0.0, per_run - run_spend())
                 run_config = {"ops": {_JOBS_OP: {"config": {"budget_credits": room}}}}
-            execute(SUBMIT_JOB, {RANGE_START_TAG: first, RANGE_END_TAG: last}, run_config)
+            execute(SUBMIT_JOB, partition_range.run_tags(), run_config)
             submit_runs.append(result.runs[-1])
-            spent += ledger.spent_credits(SpendWindow.RUN, run_id=submit_runs[-1])
 
         cursor: str | None = None
         while True:
@@ -208,9 +209,7 @@ def run_pipeline(
         execute(CATALOG_JOB)
         result.catalog = videos_frame(ledger)
         # read again: a job whose service reported its cost has that cost now, not the estimate
-        result.spent_credits = sum(
-            ledger.spent_credits(SpendWindow.RUN, run_id=run_id) for run_id in submit_runs
-        )
+        result.spent_credits = run_spend()
         result.day_spent_credits = ledger.spent_credits(SpendWindow.DAY)
         show(Phase.DONE)
     result.elapsed_s = time.monotonic() - started

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -216,7 +216,7 @@ class StatusCursor:
         except ValueError:
             raw = None
         if isinstance(raw, dict) and all(_is_cursor_field(n, v) for n, v in raw.items()):
-            return cls(raw.get("after"), raw.get("ledger_id"), raw.get("checked"))
+            return cls(**raw)
         if warn is not None:
             warn(f"unreadable status sensor cursor {cursor[:200]!r}: starting over")
         return cls()
@@ -226,9 +226,7 @@ class StatusCursor:
         return self.checked if self.ledger_id == ledger_id else None
 
     def dump(self) -> str:
-        return json.dumps(
-            {"after": self.after, "ledger_id": self.ledger_id, "checked": self.checked}
-        )
+        return json.dumps(asdict(self))
 
 
 @dataclass(frozen=True)

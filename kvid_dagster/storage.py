@@ -163,6 +163,3 @@ class Storage:
     @property
     def catalog_dir(self) -> StoragePath:
         return self.root / "catalog"
-
-    def __str__(self) -> str:
-        return uri(self.root)

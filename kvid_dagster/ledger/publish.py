@@ -408,8 +408,9 @@ def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats
                     tmp.unlink()
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
-        for path in [] if remote else paths.values():
-            _fsync_dir(Path(path.parent))
+        if not remote:  # an object store has no directory entries to make durable
+            for path in paths.values():
+                _fsync_dir(Path(path.parent))
         if ledger.revision() == revision:
             break
     return PublishStats(
