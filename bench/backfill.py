@@ -3,9 +3,11 @@
 The emulator (its own process) runs each job in exactly L seconds on C workers, and serves one
 shared render (``reuse_renders``) so that its encoder is not what is measured. The ledger is a
 fresh database (``--backend``: the SQLite file ``<data_dir>/kvid.db``, or a PostgreSQL database
-created for the run and dropped after it). The clock starts when the backfill is added to the
-instance (what the UI's "Launch backfill" does) and stops when every video is downloaded,
-recorded COMPLETED in the ledger and materialized in the instance:
+created for the run and dropped after it; ``deployed``: that PostgreSQL database holds the Dagster
+instance too, and videos and catalogs go to S3, moto's server in its own process). The clock
+starts when the backfill is added to the instance (what the UI's "Launch backfill" does) and
+stops when every video is downloaded, recorded COMPLETED in the ledger and materialized in the
+instance:
 
 1. the backfill daemon's iteration (``execute_backfill_iteration``, in-process, synchronous run
    launcher) turns the N partitions into ONE run (single-run backfill policy), which submits
@@ -28,26 +30,30 @@ import logging
 import math
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from upath import UPath
 
 from bench.common import (
     API_KEY,
+    DEPLOYED,
     LEDGER_WATCHES,
     ROOT,
     DatabaseUnavailable,
     DescendantPeaks,
     Emulator,
     Stopwatch,
+    dagster_postgres_storage,
     ledger_database,
     phase_args,
     proc_status_mb,
     quiet_dagster,
     redacted,
     reset_peak_rss,
+    s3_storage,
     scratch,
     wrap_async,
     wrap_ledger,
@@ -127,9 +133,11 @@ def run(args: argparse.Namespace) -> int:
     in_ticks = {name: 0.0 for name in LEDGER_WATCHES}
     in_ticks_count = {name: 0 for name in LEDGER_WATCHES}
 
+    deployed = args.backend == DEPLOYED
     with (
         scratch(args.workdir, "kvid-bench-backfill-") as tmp,
         ledger_database(args.backend, tmp / "data") as database_url,
+        s3_storage() if deployed else nullcontext() as storage_url,
         Emulator(
             workers=args.workers, job_duration=args.job_duration, output_dir=tmp / "emulator"
         ) as emulator,
@@ -146,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                 "KVID_API_KEY": API_KEY,
                 # the code location (definitions.py) and the run read the ledger's URL here
                 "KVID_DATABASE_URL": database_url,
+                **({"KVID_STORAGE_URL": storage_url} if storage_url else {}),
             }
         )
         project = KvidProject(prompts, data_dir, database_url=database_url)
@@ -170,9 +179,11 @@ def run(args: argparse.Namespace) -> int:
             "job_duration_s": args.job_duration,
             "interval_s": args.interval,
             "generate_concurrency": resource.generate_concurrency,
+            "storage": storage_url or "the data dir",
         }
         with (
             instance_for_test(
+                overrides={"storage": dagster_postgres_storage(database_url)} if deployed else None,
                 temp_dir=str(tmp / "home"),
                 synchronous_run_coordinator=True,
                 synchronous_run_launcher=True,
@@ -285,10 +296,10 @@ def run(args: argparse.Namespace) -> int:
             ledger = project.ledger()
             counts = ledger.counts_by_status()
             assert counts == {VideoStatus.COMPLETED: n}, f"ledger: {counts}"
-            latest = pd.read_parquet(project.catalog_dir / "videos")
+            latest = pd.read_parquet(str(project.catalog_dir / "videos"))
             assert len(latest) == n and (latest["status"] == "COMPLETED").all()
             for record in latest.to_dict(orient="records"):
-                data = Path(record["local_path"]).read_bytes()
+                data = UPath(record["local_path"]).read_bytes()  # a path, or an s3:// URI
                 assert hashlib.sha256(data).hexdigest() == record["sha256"]
             stats = emulator.stats()
             assert stats["jobs_created"] == n, stats

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
 #: the ledger backends a phase can run on (``--backend``)
 BACKENDS = ("sqlite", "postgresql")
+#: the backfill's deployment column: the ledger and the Dagster instance on PostgreSQL (one
+#: fresh database), videos and catalogs on S3 (moto's server on loopback, in the phase)
+DEPLOYED = "deployed"
 #: the PostgreSQL server (an admin URL) a benchmark creates its fresh database in; what CI
 #: starts (``.ci/run``) and the tests use (``tests/conftest.py``)
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -419,11 +423,62 @@ def ledger_database(backend: str, folder: Path) -> Iterator[str]:
         if path.exists():
             raise RuntimeError(f"{path} exists: not a fresh database")
         yield f"sqlite:///{path}"
-    elif backend == "postgresql":
+    elif backend in ("postgresql", DEPLOYED):
         with fresh_postgres_database() as url:
             yield url
     else:
-        raise ValueError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
+        raise ValueError(f"backend {backend!r}: one of {', '.join((*BACKENDS, DEPLOYED))}")
+
+
+@contextmanager
+def s3_storage() -> Iterator[str]:
+    """``KVID_STORAGE_URL`` on a fresh bucket of moto's S3 server, in its own process on
+    loopback as the emulator is (its CPU is not the benchmarked process's), with the ``AWS_*``
+    environment s3fs reads pointed at it; yields the URL."""
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
+        bucket = f"kvid-bench-{secrets.token_hex(4)}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=bucket)
+                break
+            except EndpointConnectionError:  # not listening yet
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield f"s3://{bucket}/kvid"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def dagster_postgres_storage(database_url: str) -> dict[str, Any]:
+    """The Dagster instance's ``storage`` config on the ledger's database (as
+    deploy/dagster.yaml: dagster-postgres on psycopg2)."""
+    import sqlalchemy as sa
+
+    url = sa.make_url(database_url).set(drivername="postgresql+psycopg2")
+    return {"postgres": {"postgres_url": url.render_as_string(hide_password=False)}}
 
 
 def redacted(url: str) -> str:
@@ -442,7 +497,10 @@ def phase_args(
     parser.add_argument("--quick", action="store_true", help="the CI smoke-test sizes")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: temp)")
     parser.add_argument(
-        "--backend", choices=BACKENDS, default="sqlite", help="the ledger's database (fresh)"
+        "--backend",
+        choices=(*BACKENDS, DEPLOYED),
+        default="sqlite",
+        help=f"the ledger's database (fresh); {DEPLOYED}: see DEPLOYED",
     )
     if add is not None:
         add(parser)

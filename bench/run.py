@@ -8,8 +8,11 @@
 The ledger, backfill and sensor phases run once per ledger backend, each on a fresh database:
 a SQLite file in the phase's scratch folder, and a PostgreSQL database created on the server at
 ``KVID_TEST_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``, what CI
-starts) and dropped afterwards. When PostgreSQL is unreachable those phases say so and the table
-shows its column as skipped: the run still goes end to end.
+starts) and dropped afterwards. The backfill has a third column, ``deployed``: the ledger and
+the Dagster instance in one fresh PostgreSQL database, videos and catalogs on S3 (moto's server
+in its own process), beside the all-local SQLite figure of the same run. When PostgreSQL is
+unreachable those phases say so and the table shows its column as skipped: the run still goes
+end to end.
 
 Each phase runs in its own process (``python -m bench.<module>``), so that its peak memory is its
 own: the phase reports its ``VmHWM``, and this process, which imports nothing heavy, records the
@@ -49,9 +52,13 @@ PHASES: dict[str, tuple[list[str], str, bool]] = {
     "sensor": (["-m", "bench.sensor_tick"], "one status-sensor tick over many pending jobs", True),
 }
 BACKENDS = ("sqlite", "postgresql")
-SHORT = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+#: the backfill's deployment column (bench/common.py's DEPLOYED): the ledger and the Dagster
+#: instance on PostgreSQL, videos and catalogs on S3; run wherever PostgreSQL is
+DEPLOYED = "deployed"
+SHORT = {"sqlite": "SQLite", "postgresql": "PostgreSQL", DEPLOYED: "PostgreSQL+S3"}
 #: phases that --quick runs on SQLite only: at N=32 a backfill is Dagster's fixed costs (~15 s
-#: of CPU a run), the ledger's share of it is what the full run shows on both backends
+#: of CPU a run), the ledger's share of it is what the full run shows on both backends (the
+#: deployment column still runs, so that CI runs its code end to end)
 QUICK_SQLITE_ONLY = frozenset({"backfill"})
 MEMORY_TARGET_MB = 500.0
 #: the catalog engine's second 5,000-job tick (docs/BENCHMARKS.md, 2026-11-26), for the text
@@ -147,7 +154,11 @@ class Side:
     (a backend that was skipped shows as such, a crashed one as FAILED)."""
 
     def __init__(self, runs: dict[str, PhaseRun], phase: str) -> None:
-        self.pairs = [(b, runs[run_name(phase, b)]) for b in BACKENDS if run_name(phase, b) in runs]
+        self.pairs = [
+            (b, runs[run_name(phase, b)])
+            for b in (*BACKENDS, DEPLOYED)
+            if run_name(phase, b) in runs
+        ]
         self.figures = {b: r.figures for b, r in self.pairs if r.measured}
 
     def __bool__(self) -> bool:
@@ -213,6 +224,18 @@ def yardstick_rows(runs: dict[str, PhaseRun], quick: bool) -> list[Row]:
                 f"bare asyncio client, no Dagster/ledger (N={f['n']})",
                 _s(f["elapsed_s"], 1),
                 f"{f['ratio_to_limit']:.3f}x limit, {f['throughput_jobs_per_s']:.2f} jobs/s",
+            )
+        )
+    if DEPLOYED in side.figures and "sqlite" in side.figures:
+        local, deployed = side.figures["sqlite"], side.figures[DEPLOYED]
+        rows.append(
+            Row(
+                sec,
+                "deployed (Dagster and the ledger on PostgreSQL, videos and catalogs on S3) "
+                "vs all-local (SQLite, the data dir)",
+                f"{deployed['elapsed_s'] / local['elapsed_s']:.2f}x",
+                f"{deployed['elapsed_s']:.1f} vs {local['elapsed_s']:.1f} s, same run; S3 is "
+                "moto's server on loopback",
             )
         )
     vendor = runs.get("vendor")
@@ -299,6 +322,18 @@ def backfill_rows(runs: dict[str, PhaseRun]) -> list[Row]:
             side.met(lambda f: f["ratio_to_limit"] <= 1.25),
         ),
     ]
+    if DEPLOYED in side.figures and "sqlite" in side.figures:
+        local, deployed = side.figures["sqlite"], side.figures[DEPLOYED]
+        rows.append(
+            Row(
+                sec,
+                "deployed (Dagster and the ledger on PostgreSQL, videos and catalogs on S3) "
+                "vs all-local (SQLite, the data dir)",
+                f"{deployed['elapsed_s'] / local['elapsed_s']:.2f}x",
+                f"{deployed['elapsed_s']:.1f} vs {local['elapsed_s']:.1f} s, same run; S3 is "
+                "moto's server on loopback",
+            )
+        )
     vendor = runs.get("vendor")
     if vendor and vendor.ok:
         per_s = vendor.figures["throughput_jobs_per_s"]
@@ -753,9 +788,12 @@ def main(argv: list[str] | None = None) -> int:
     def backends_of(phase: str) -> list[str | None]:
         if not PHASES[phase][2]:
             return [None]
+        chosen: list[str | None] = list(backends)
         if args.quick and args.backends is None and phase in QUICK_SQLITE_ONLY:
-            return ["sqlite"]
-        return list(backends)
+            chosen = ["sqlite"]
+        if phase == "backfill" and (args.backends is None or "postgresql" in backends):
+            chosen.append(DEPLOYED)
+        return chosen
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvid-bench-run-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Shared fixtures: real kvid emulators on loopback, a tiny server for the sample images, and
-fresh databases (SQLite, PostgreSQL) for the job ledger."""
+fresh databases (SQLite, PostgreSQL) for the job ledger, and an S3 API (moto) on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from moto.server import ThreadedMotoServer
 
 from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
 
@@ -151,3 +153,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'kvid.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, for the whole session."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

@@ -17,10 +17,8 @@ import hashlib
 import importlib
 import os
 import secrets
-import socket
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,6 @@ from faultkit import (
     tick_until_settled,
     write_table,
 )
-from moto.server import ThreadedMotoServer
 from upath import UPath
 
 from kvid_dagster.definitions import CATALOG_JOB
@@ -61,20 +58,6 @@ from kvid_dagster.storage import (
     is_remote,
     put_file,
 )
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, for the whole session."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
