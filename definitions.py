@@ -10,10 +10,13 @@ import os
 from pathlib import Path
 
 from kvid_dagster.definitions import build_kvid_definitions
+from kvid_dagster.project import KvidProject
 
 ROOT = Path(__file__).resolve().parent
 
 defs = build_kvid_definitions(
-    prompts_path=os.environ.get("KVID_PROMPTS") or ROOT / "data" / "prompts.csv",
-    data_dir=os.environ.get("KVID_DATA_DIR") or ROOT / "data",
+    KvidProject(
+        prompts_path=os.environ.get("KVID_PROMPTS") or ROOT / "data" / "prompts.csv",
+        data_dir=os.environ.get("KVID_DATA_DIR") or ROOT / "data",
+    )
 )

@@ -159,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
         )
         project = KvidProject(prompts, data_dir, database_url=database_url)
         resource = KvidResource(api_key=API_KEY, base_url=emulator.base_url)
-        defs = build_kvid_definitions(
-            prompts, data_dir, resource=resource, database_url=database_url
-        )
+        defs = build_kvid_definitions(project, resource=resource)
         target = PythonFileTarget(
             python_file=str(ROOT / "definitions.py"),
             attribute="defs",

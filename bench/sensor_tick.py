@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         import kvid_dagster.sensors as sensors_module
         from kvid_dagster.client import AsyncKvidClient
         from kvid_dagster.definitions import build_kvid_definitions
+        from kvid_dagster.options import StatusSensorOptions
+        from kvid_dagster.poll import DEFAULT_TICK_BUDGET_S
         from kvid_dagster.project import KvidProject
         from kvid_dagster.resource import KvidResource
         from kvid_dagster.runner import evaluate_status_sensor
@@ -170,13 +172,11 @@ def run(args: argparse.Namespace) -> int:
         instance.add_dynamic_partitions(project.partitions_name, keys)
         resource = KvidResource(api_key=API_KEY, base_url=emulator.base_url)
 
-        def tick(budget_s: float, cursor: str | None) -> dict[str, Any]:
+        def tick(budget_seconds: float, cursor: str | None) -> dict[str, Any]:
             defs = build_kvid_definitions(
-                prompts,
-                project.data_dir,
+                project,
                 resource=resource,
-                tick_budget_s=budget_s,
-                database_url=database_url,
+                status_sensor=StatusSensorOptions(tick_budget_seconds=budget_seconds),
             )
             before = emulator.stats()["requests"]["status"]
             for watch in watches.values():
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             http_s = watches["status"].span_s  # first status request sent → last answered
             report = reports[-1]
             return {
-                "budget_s": budget_s,
+                "budget_s": budget_seconds,
                 "pending": report.pending,
                 "polled": report.polled,
                 "deferred": report.deferred,
@@ -219,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
                 "peak_rss_mb": proc_status_mb("VmHWM"),
             }
 
-        first = tick(40.0, None)
-        second = tick(40.0, None)
+        first = tick(DEFAULT_TICK_BUDGET_S, None)
+        second = tick(DEFAULT_TICK_BUDGET_S, None)
         # a budget that fits about a third of the jobs: the cursor carries the rest
         short_budget = max(0.2, round(second["poll_s"] / 3, 1))
         carried = [tick(short_budget, None)]

@@ -44,6 +44,9 @@ _EXPORTS: dict[str, str] = {
     "KvidAsset": "kvid_dagster.translator",
     "KvidAssetProps": "kvid_dagster.translator",
     "KvidProject": "kvid_dagster.project",
+    "StatusSensorOptions": "kvid_dagster.options",
+    "PromptsSensorOptions": "kvid_dagster.options",
+    "ScheduleOptions": "kvid_dagster.options",
     "build_kvid_assets": "kvid_dagster.assets",
     "build_kvid_status_sensor": "kvid_dagster.sensors",
     "build_kvid_prompts_sensor": "kvid_dagster.sensors",
@@ -94,6 +97,11 @@ if TYPE_CHECKING:
     from kvid_dagster.ledger import (
         Ledger,
         VideoStatus,
+    )
+    from kvid_dagster.options import (
+        PromptsSensorOptions,
+        ScheduleOptions,
+        StatusSensorOptions,
     )
     from kvid_dagster.project import (
         KvidProject,

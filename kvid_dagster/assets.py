@@ -247,7 +247,7 @@ def submit_video_jobs(
                 generate_concurrency=kvid.generate_concurrency,
                 owner=ClaimOwner.current(run_id),
                 is_alive=run_liveness(context.instance),
-                limit_wait_s=kvid.concurrent_limit_wait_s,
+                limit_wait_s=kvid.concurrent_limit_wait_seconds,
                 budget=budget if budget.caps else None,
             )
 

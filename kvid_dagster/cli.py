@@ -123,22 +123,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kvid_dagster.budget import CreditBudget
     from kvid_dagster.progress import display_for
-    from kvid_dagster.project import dialect_from_env
+    from kvid_dagster.project import KvidProject
     from kvid_dagster.resource import KvidResource
     from kvid_dagster.runner import print_summary, run_pipeline
 
     data_dir = Path(args.data_dir).resolve()
+    project = KvidProject(args.prompts, data_dir)
     budget = CreditBudget(per_run=args.budget_credits, per_day=args.daily_budget_credits)
     with service_endpoint() as (base_url, api_key, embedded):
         where = f"embedded emulator at {base_url}" if embedded else base_url
         print(f"kvid: {args.prompts} -> {data_dir} via {where}", file=sys.stderr)
-        resource = KvidResource(api_key=api_key, base_url=base_url, dialect=dialect_from_env())
+        resource = KvidResource(api_key=api_key, base_url=base_url, dialect=project.dialect)
         result = run_pipeline(
-            args.prompts,
-            data_dir,
+            project,
             resource,
-            poll_interval_s=args.poll_interval,
-            deadline_s=args.deadline,
+            poll_interval_seconds=args.poll_interval,
+            deadline_seconds=args.deadline,
             download=not args.no_download,
             budget_credits=budget,
             # beside the other messages, on stderr: stdout is the summary, fit for a file

@@ -19,7 +19,8 @@ from dagster.components.utils.translation import TranslationFn, TranslationFnRes
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL
 from kvid_dagster.definitions import build_kvid_definitions
-from kvid_dagster.project import dialect_from_env
+from kvid_dagster.options import ScheduleOptions
+from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
 
@@ -100,8 +101,9 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     Relative ``prompts_path`` and ``data_dir`` are relative to the component's folder.
     ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (never
     its value) in the resource; unset, it is ``KVID_API_KEY``. ``base_url`` unset or empty is
-    the vendor's. Unset ``dialect``, ``database_url`` and ``schedule_cron`` keep
-    ``build_kvid_definitions``' defaults (``$KVID_API_DIALECT``, ``$KVID_DATABASE_URL``).
+    the vendor's. Unset ``dialect``, ``database_url`` and ``cron_schedule`` keep
+    the defaults of ``KvidProject`` (``$KVID_API_DIALECT``, ``$KVID_DATABASE_URL``) and
+    ``ScheduleOptions``.
     ``storage_url`` (unset: ``$KVID_STORAGE_URL``, else ``data_dir``) is where videos,
     previews and catalogs go: a path or an fsspec URL. ``param_defaults`` fill each row's
     empty kvid cells (a name that is no kvid parameter is refused, naming it). ``translation``
@@ -128,7 +130,7 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
         CreditBudget | None,
         dg.Resolver(_resolve_budget, model_field_type=KvidBudgetModel | None),
     ] = None
-    schedule_cron: str | None = None
+    cron_schedule: str | None = None
     param_defaults: Annotated[
         dict[str, str | int | float | bool] | None,
         dg.Resolver.default(
@@ -145,23 +147,29 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
         translator = (
             KvidTranslator() if self.translation is None else _TranslatedKeys(self.translation)
         )
-        # unset, schedule_cron keeps build_kvid_definitions' default (defined there once)
-        schedule = {} if self.schedule_cron is None else {"schedule_cron": self.schedule_cron}
-        defs = build_kvid_definitions(
+        project = KvidProject(
             folder / self.prompts_path,  # an absolute path stays itself
             folder / self.data_dir,
+            database_url=self.database_url,
+            dialect=self.dialect,
+            param_defaults=self.param_defaults,
+            storage_url=self.storage_url,
+        )
+        schedule = (
+            ScheduleOptions()
+            if self.cron_schedule is None
+            else ScheduleOptions(cron_schedule=self.cron_schedule)
+        )
+        defs = build_kvid_definitions(
+            project,
             resource=KvidResource(
                 api_key=self.api_key or dg.EnvVar("KVID_API_KEY"),
                 base_url=self.base_url or DEFAULT_BASE_URL,
-                dialect=dialect_from_env(self.dialect),  # the project's, as it reads it
+                dialect=project.dialect,
             ),
             translator=translator,
-            database_url=self.database_url,
-            storage_url=self.storage_url,
-            dialect=self.dialect,
             budget_credits=self.budget_credits,
-            param_defaults=self.param_defaults,
-            **schedule,
+            schedule=schedule,
         )
         if self.translation is None:
             return defs

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kvid_dagster.client import (
+    DEFAULT_MAX_BYTES,
     AsyncKvidClient,
     JobKind,
     JobResult,
@@ -42,6 +43,10 @@ from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes
 log = logging.getLogger("kvid_dagster.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
+# Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before
+DEFAULT_TICK_BUDGET_S = 40.0
+DEFAULT_LOST_AFTER_S = 120.0  # of 404s before a job is LOST
+DEFAULT_FETCH_ATTEMPTS = 3
 DEFAULT_POLL_CONCURRENCY = 32
 # a download's hidden staging file, and the client's partial one: older than this, a leftover
 _LEFTOVER_AGE_S = 3600.0
@@ -54,22 +59,22 @@ _GEOMETRY_TOLERANCE_PX = 16
 
 @dataclass(frozen=True)
 class PollConfig:
-    """One tick's rules. ``lost_after_s``: a job is LOST only after status has answered 404
+    """One tick's rules. ``lost_after_seconds``: a job is LOST only after status has answered 404
     for this long (and ``lost_after_404s`` times in a row): a 404 right after generate, or
     during a deploy, is not proof of loss. ``fetch_attempts``: a completed job's video is
-    fetched at most this many times, ``refetch_interval_s`` apart, before FETCH_FAILED.
+    fetched at most this many times, ``refetch_interval_seconds`` apart, before FETCH_FAILED.
     ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.storage`)."""
 
     download_dir: StoragePath
     download: bool = True
-    budget_s: float = 40.0
-    job_deadline_s: float = DEFAULT_JOB_DEADLINE_S
-    max_download_bytes: int = 512 * 1024 * 1024
+    tick_budget_seconds: float = DEFAULT_TICK_BUDGET_S
+    job_deadline_seconds: float = DEFAULT_JOB_DEADLINE_S
+    max_download_bytes: int = DEFAULT_MAX_BYTES
     concurrency: int = DEFAULT_POLL_CONCURRENCY
-    lost_after_s: float = 120.0
+    lost_after_seconds: float = DEFAULT_LOST_AFTER_S
     lost_after_404s: int = 3
-    fetch_attempts: int = 3
-    refetch_interval_s: float = 20.0
+    fetch_attempts: int = DEFAULT_FETCH_ATTEMPTS
+    refetch_interval_seconds: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def _timed_out(sub: Submission, config: PollConfig, what: str) -> JobChange:
         sub.submission_id,
         sub.version,
         VideoStatus.TIMED_OUT,
-        error=f"{what} after the {config.job_deadline_s:.0f} s job deadline; polling stopped "
+        error=f"{what} after the {config.job_deadline_seconds:.0f} s job deadline; polling stopped "
         "(the request_id is kept: the job may still finish)",
         completed=True,
     )
@@ -166,11 +171,11 @@ async def poll_pending(
 
     def past_deadline(sub: Submission) -> bool:
         since = sub.submitted_at or sub.claimed_at
-        return since is not None and (now - since).total_seconds() > config.job_deadline_s
+        return since is not None and (now - since).total_seconds() > config.job_deadline_seconds
 
     async def poll_one(sub: Submission) -> None:
         async with gate:
-            left = config.budget_s - (time.monotonic() - started)
+            left = config.tick_budget_seconds - (time.monotonic() - started)
             if left <= 0:
                 report.deferred += 1
                 return
@@ -236,7 +241,7 @@ def _not_found(
     since = sub.not_found_since or now
     count = sub.not_found_count + 1
     lasted = (now - since).total_seconds()
-    if late or (count >= config.lost_after_404s and lasted >= config.lost_after_s):
+    if late or (count >= config.lost_after_404s and lasted >= config.lost_after_seconds):
         return JobChange(
             sub.submission_id,
             sub.version,
@@ -250,7 +255,7 @@ def _not_found(
         sub.version,
         sub.status,
         error=f"status answered 404 ({count} in a row since {since:%H:%M:%S} UTC: {why}); "
-        f"LOST only after {config.lost_after_s:.0f} s of them",
+        f"LOST only after {config.lost_after_seconds:.0f} s of them",
         extra={"not_found_count": count, "not_found_since": since},
     )
 
@@ -313,9 +318,13 @@ async def _completed(
     found: dict[str, object],
 ) -> JobChange | None:
     """The service says done: fetch, verify and keep the video, at most ``fetch_attempts``
-    times ``refetch_interval_s`` apart; then FETCH_FAILED (the paid request_id kept)."""
-    waited = (now - sub.updated_at).total_seconds() if sub.updated_at else config.refetch_interval_s
-    if sub.fetch_failures and not late and waited < config.refetch_interval_s:
+    times ``refetch_interval_seconds`` apart; then FETCH_FAILED (the paid request_id kept)."""
+    waited = (
+        (now - sub.updated_at).total_seconds()
+        if sub.updated_at
+        else config.refetch_interval_seconds
+    )
+    if sub.fetch_failures and not late and waited < config.refetch_interval_seconds:
         return None  # the last fetch failed a moment ago: try again on a later tick
     try:
         video, used_credit = await _fetch(client, config, sub, kind, str(sub.request_id))

@@ -49,17 +49,17 @@ class KvidResource(ConfigurableResource):
         description="Its value (use an EnvVar); held like the key, never shown or logged.",
     )
     # the client's defaults, defined there once
-    request_timeout_s: float = Field(
+    request_timeout_seconds: float = Field(
         default=DEFAULT_TIMEOUT_S, description="Timeout of one HTTP request."
     )
     max_retries: int = Field(
         default=DEFAULT_RETRY.max_retries, description="Retries of a retryable request (bounded)."
     )
-    backoff_base_s: float = Field(
+    backoff_base_seconds: float = Field(
         default=DEFAULT_RETRY.backoff_base,
         description="First retry delay (exponential with jitter) without Retry-After.",
     )
-    backoff_max_s: float = Field(
+    backoff_max_seconds: float = Field(
         default=DEFAULT_RETRY.backoff_max,
         description="Longest wait between retries; caps a server's Retry-After.",
     )
@@ -73,8 +73,7 @@ class KvidResource(ConfigurableResource):
         "ledger just before it leaves): gentle on the service, and after a crash at most this "
         "many rows can be UNCERTAIN. Status polling has its own, larger bound.",
     )
-    poll_interval_s: float = Field(default=5.0, description="Status poll interval of wait().")
-    concurrent_limit_wait_s: float = Field(
+    concurrent_limit_wait_seconds: float = Field(
         default=DEFAULT_LIMIT_WAIT_S,
         gt=0,
         description="After the service refuses a generate for its limit on running jobs "
@@ -90,10 +89,10 @@ class KvidResource(ConfigurableResource):
 
     def _client_settings(self) -> dict[str, Any]:
         return {
-            "timeout": self.request_timeout_s,
+            "timeout": self.request_timeout_seconds,
             "max_retries": self.max_retries,
-            "backoff_base": self.backoff_base_s,
-            "backoff_max": self.backoff_max_s,
+            "backoff_base": self.backoff_base_seconds,
+            "backoff_max": self.backoff_max_seconds,
             "max_in_flight": self.max_in_flight,
             "allowed_download_hosts": tuple(self.allowed_download_hosts),
             "dialect": self.dialect,

@@ -24,15 +24,15 @@ from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import SpendWindow, VideoStatus, videos_frame
+from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.planning import partition_ranges
 from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.translator import KvidTranslator
+from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 # the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
 QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-_JOBS_OP = KvidTranslator().get_asset_key("kvid_video_jobs").to_python_identifier()
 
 
 def dagster_home_for(data_dir: Path) -> Path:
@@ -52,7 +52,7 @@ class PipelineResult:
     failed_runs: list[str] = field(default_factory=list)
     sensor_ticks: int = 0
     events_reported: int = 0
-    elapsed_s: float = 0.0
+    elapsed_seconds: float = 0.0
     spent_credits: float = 0.0  # by this pipeline's submitting runs
     day_spent_credits: float = 0.0  # by every submitter since UTC midnight
 
@@ -91,32 +91,34 @@ def evaluate_status_sensor(
 
 
 def run_pipeline(
-    prompts_path: str | Path,
-    data_dir: str | Path,
+    project: KvidProject,
     resource: KvidResource,
     *,
+    translator: KvidTranslator | None = None,
     instance: DagsterInstance | None = None,
-    poll_interval_s: float = 1.0,
-    deadline_s: float = 3600.0,
+    poll_interval_seconds: float = 1.0,
+    deadline_seconds: float = 3600.0,
     download: bool = True,
-    database_url: str | None = None,
     budget_credits: CreditBudget | None = None,
     display: ProgressDisplay | None = None,
 ) -> PipelineResult:
     """``budget_credits``: its per-run credits are for the whole pipeline, shared by its
     submitting runs (one per contiguous range of partitions); its per-day credits hold for
-    every submitter of the day. ``display`` shows the progress (default: plain lines on
-    stdout, one per change)."""
+    every submitter of the day. ``translator``: the definitions' (their keys and op names
+    follow it). ``display`` shows the progress (default: plain lines on stdout, one per
+    change)."""
     started = time.monotonic()
-    project = KvidProject(prompts_path, data_dir, database_url=database_url)
+    translator = translator or KvidTranslator()
     defs = build_kvid_definitions(
-        project.prompts_path,
-        project.data_dir,
+        project,
         resource=resource,
-        download=download,
-        database_url=project.database_url,
+        translator=translator,
         budget_credits=budget_credits,
+        status_sensor=StatusSensorOptions(download=download),
     )
+    # the per-run room goes to the submitting asset's op, named after its key
+    jobs_key = asset_specs(translator, project)[KvidAsset.VIDEO_JOBS].key
+    jobs_op = defs.resolve_assets_def(jobs_key).op.name
     if instance is None:
         # this home's instance, without setting $DAGSTER_HOME for the rest of the process
         instance = DagsterInstance.from_config(str(dagster_home_for(project.data_dir)))
@@ -179,7 +181,7 @@ def run_pipeline(
             run_config: dict[str, Any] = {}
             if per_run is not None:  # what the earlier runs of this pipeline left of it
                 room = max(0.0, per_run - run_spend())
-                run_config = {"ops": {_JOBS_OP: {"config": {"budget_credits": room}}}}
+                run_config = {"ops": {jobs_op: {"config": {"budget_credits": room}}}}
             execute(SUBMIT_JOB, partition_range.run_tags(), run_config)
             submit_runs.append(result.runs[-1])
 
@@ -197,14 +199,14 @@ def run_pipeline(
             waiting = ledger.jobs_to_poll() + ledger.submissions([VideoStatus.SUBMITTING])
             if not waiting:
                 break
-            if time.monotonic() - started > deadline_s:
+            if time.monotonic() - started > deadline_seconds:
                 display.note(
-                    f"giving up after {deadline_s:.0f} s with {len(waiting)} job(s) still "
+                    f"giving up after {deadline_seconds:.0f} s with {len(waiting)} job(s) still "
                     "running; their request_ids are in the catalog and the status sensor will "
                     "pick them up"
                 )
                 break
-            time.sleep(poll_interval_s)
+            time.sleep(poll_interval_seconds)
         show(Phase.PUBLISHING)
         execute(CATALOG_JOB)
         result.catalog = videos_frame(ledger)
@@ -212,7 +214,7 @@ def run_pipeline(
         result.spent_credits = run_spend()
         result.day_spent_credits = ledger.spent_credits(SpendWindow.DAY)
         show(Phase.DONE)
-    result.elapsed_s = time.monotonic() - started
+    result.elapsed_seconds = time.monotonic() - started
     return result
 
 
@@ -235,7 +237,7 @@ def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdo
     print(
         f"\n{len(frame)} rows; {result.sensor_ticks} status ticks; "
         f"{len(result.runs)} Dagster runs; "
-        f"{result.elapsed_s:.1f} s",
+        f"{result.elapsed_seconds:.1f} s",
         file=out,
     )
     print(

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from dagster import (
     AssetKey,
-    DefaultScheduleStatus,
     RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
@@ -15,6 +14,7 @@ from dagster import (
 )
 
 from kvid_dagster._dagster_common import keys_needing_jobs, range_run_requests
+from kvid_dagster.options import ScheduleOptions
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTableError
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
@@ -47,23 +47,22 @@ def submit_partitions_without_jobs(
 
 def build_kvid_schedule(
     project: KvidProject,
+    options: ScheduleOptions = ScheduleOptions(),
     *,
     translator: KvidTranslator | None = None,
-    cron_schedule: str = "0 6 * * *",
-    execution_timezone: str = "UTC",
     name: str = "kvid_daily_schedule",
-    default_status: DefaultScheduleStatus = DefaultScheduleStatus.STOPPED,
 ) -> ScheduleDefinition:
-    """Daily by default: one run per contiguous range of partitions whose row has no job for its
-    exact request (failed jobs are not paid for again: re-materialize those by hand)."""
+    """Daily by default (``ScheduleOptions``): one run per contiguous range of partitions whose
+    row has no job for its exact request (failed jobs are not paid for again: re-materialize
+    those by hand)."""
     jobs_key = asset_specs(translator or KvidTranslator(), project)[KvidAsset.VIDEO_JOBS].key
     settings = ScheduleSettings(project, jobs_key)
 
     @schedule(
         name=name,
-        cron_schedule=cron_schedule,
-        execution_timezone=execution_timezone,
-        default_status=default_status,
+        cron_schedule=options.cron_schedule,
+        execution_timezone=options.execution_timezone,
+        default_status=options.default_status,
         target=[jobs_key],
         description="Submits every kvid partition without a job (the scheduled content pipeline).",
     )

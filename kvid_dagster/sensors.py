@@ -17,7 +17,6 @@ from dagster import (
     AssetObservation,
     AssetRecordsFilter,
     DagsterInstance,
-    DefaultSensorStatus,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
@@ -37,13 +36,8 @@ from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.ledger import Submission, VideoStatus
 from kvid_dagster.liveness import run_liveness
-from kvid_dagster.poll import (
-    DEFAULT_JOB_DEADLINE_S,
-    PollConfig,
-    PollReport,
-    VideoEvent,
-    poll_pending,
-)
+from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
+from kvid_dagster.poll import PollConfig, PollReport, VideoEvent, poll_pending
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTableError, table_fingerprint
 from kvid_dagster.reporting import (
@@ -57,9 +51,6 @@ from kvid_dagster.reporting import (
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
-
-# Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before.
-DEFAULT_TICK_BUDGET_S = 40.0
 
 
 def video_events(
@@ -325,64 +316,33 @@ def status_sensor_tick(
 
 def build_kvid_status_sensor(
     project: KvidProject,
+    options: StatusSensorOptions = StatusSensorOptions(),
     *,
     translator: KvidTranslator | None = None,
-    name: str = "kvid_status_sensor",
-    minimum_interval_seconds: int = 15,
-    tick_budget_s: float = DEFAULT_TICK_BUDGET_S,
-    download: bool = True,
-    job_deadline_s: float | None = None,
-    failed_job_max_attempts: int = 1,
     prices: Mapping[str, float] | None = None,
-    max_download_bytes: int | None = None,
-    lost_after_s: float | None = None,
-    fetch_attempts: int | None = None,
-    default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
     budget_credits: CreditBudget | None = None,
+    name: str = "kvid_status_sensor",
 ) -> SensorDefinition:
-    """Polls every pending job (within ``tick_budget_s``; the rest on the next tick, round robin
-    by the cursor), records finished videos as runless materializations of ``kvid_videos``, and
-    republishes the Parquet catalogs when anything changed.
+    """Polls every pending job (within ``options.tick_budget_seconds``; the rest on the next
+    tick, round robin by the cursor), records finished videos as runless materializations of
+    ``kvid_videos``, and republishes the Parquet catalogs when anything changed.
 
-    - ``job_deadline_s`` (default 900 s, three times the vendor's 5 minutes): a job not finished
-      this long after its submission is marked ``TIMED_OUT`` and no longer polled;
-    - ``failed_job_max_attempts`` (default 1: off): a job that ends ``FAILED`` is re-submitted
-      as a new job until its request has had this many submissions (each one is paid for);
-    - ``max_download_bytes`` (default 512 MiB): a bigger video is refused, nothing is kept;
-    - ``lost_after_s`` (default 120 s): a job is LOST only after status has answered 404 this
-      long (a 404 right after generate or during a deploy is not proof of loss);
-    - ``fetch_attempts`` (default 3, 20 s apart): then a completed job whose video cannot be
-      fetched or is not a video is FETCH_FAILED, its request_id kept (``kvid-dagster refetch``);
-    - ``budget_credits``: its per-day credits hold the retries too (a retry over them is not
-      sent and its row stays FAILED); its per-run credits do not, a retry being in no run.
-
-    Every tick first settles claims whose submitter is gone (``UNCERTAIN`` at once).
+    ``options`` holds the reliability rules (see ``StatusSensorOptions``). ``budget_credits``:
+    its per-day credits hold the retries too (a retry over them is not sent and its row stays
+    FAILED); its per-run credits do not, a retry being in no run. Every tick first settles
+    claims whose submitter is gone (``UNCERTAIN`` at once).
     """
     translator = translator or KvidTranslator()
     videos_key = asset_specs(translator, project)[KvidAsset.VIDEOS].key
-    deadline = DEFAULT_JOB_DEADLINE_S if job_deadline_s is None else job_deadline_s
-    if deadline <= 0:
-        raise ValueError(f"need job_deadline_s > 0, got {deadline}")
-    if isinstance(failed_job_max_attempts, bool) or failed_job_max_attempts < 1:
-        raise ValueError(f"failed_job_max_attempts must be >= 1, got {failed_job_max_attempts}")
-    poll_config = PollConfig(
-        download_dir=project.videos_dir,
-        download=download,
-        budget_s=tick_budget_s,
-        job_deadline_s=deadline,
-        **({"max_download_bytes": max_download_bytes} if max_download_bytes else {}),
-        **({"lost_after_s": lost_after_s} if lost_after_s is not None else {}),
-        **({"fetch_attempts": fetch_attempts} if fetch_attempts is not None else {}),
-    )
     settings = StatusSensorSettings(
-        project, translator, videos_key, poll_config, failed_job_max_attempts, prices,
-        budget_credits,
+        project, translator, videos_key, options.poll_config(project.videos_dir),
+        options.failed_job_max_attempts, prices, budget_credits,
     )  # fmt: skip
 
     @sensor(
         name=name,
-        minimum_interval_seconds=minimum_interval_seconds,
-        default_status=default_status,
+        minimum_interval_seconds=options.minimum_interval_seconds,
+        default_status=options.default_status,
         asset_selection=[videos_key],
         description="Polls kvid for every pending job; finished videos become materializations of "
         "kvid_videos (failed ones a failed video_ok check), all recorded in the ledger and "
@@ -444,11 +404,10 @@ def prompts_sensor_tick(
 
 def build_kvid_prompts_sensor(
     project: KvidProject,
+    options: PromptsSensorOptions = PromptsSensorOptions(),
     *,
     translator: KvidTranslator | None = None,
     name: str = "kvid_prompts_sensor",
-    minimum_interval_seconds: int = 30,
-    default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
 ) -> SensorDefinition:
     """Watches the prompt table: new or changed rows get their partitions and a submitting run
     (one run per contiguous range of partitions, so a large edit is one run, not hundreds)."""
@@ -459,8 +418,8 @@ def build_kvid_prompts_sensor(
 
     @sensor(
         name=name,
-        minimum_interval_seconds=minimum_interval_seconds,
-        default_status=default_status,
+        minimum_interval_seconds=options.minimum_interval_seconds,
+        default_status=options.default_status,
         asset_selection=[settings.prompts_key, settings.jobs_key],
         description=f"Watches {project.prompts_path.name}: new or changed rows become partitions "
         "and are submitted.",

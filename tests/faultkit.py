@@ -237,20 +237,31 @@ def open_instance(home: Path) -> Iterator[Any]:
 
 
 def make_defs(
-    base_url: str, prompts: Path, data_dir: Path, *, api_key: str = TEST_API_KEY, **kwargs: Any
+    base_url: str,
+    prompts: Path,
+    data_dir: Path,
+    *,
+    api_key: str = TEST_API_KEY,
+    request_timeout_seconds: float = 10.0,
+    database_url: str | None = None,
+    storage_url: str | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """The project's definitions against an emulator; retries wait at most 1 s."""
+    """The project's definitions against an emulator; retries wait at most 1 s. ``kwargs``
+    go to ``build_kvid_definitions`` (``status_sensor=StatusSensorOptions(...)``, ...)."""
     from kvid_dagster.definitions import build_kvid_definitions
+    from kvid_dagster.project import KvidProject
     from kvid_dagster.resource import KvidResource
 
+    project = KvidProject(prompts, data_dir, database_url=database_url, storage_url=storage_url)
     resource = KvidResource(
         api_key=api_key,
         base_url=base_url,
-        request_timeout_s=kwargs.pop("request_timeout_s", 10.0),
-        backoff_base_s=0.01,
-        backoff_max_s=1.0,
+        request_timeout_seconds=request_timeout_seconds,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=1.0,
     )
-    return build_kvid_definitions(prompts, data_dir, resource=resource, **kwargs)
+    return build_kvid_definitions(project, resource=resource, **kwargs)
 
 
 def run_submit(defs: Any, instance: Any, first: str, last: str, **kwargs: Any) -> bool:
@@ -574,13 +585,16 @@ def child_submit_killable(
 
 def child_run_submit_at(
     home: str, prompts: str, data_dir: str, base_url: str, first: str, last: str, point: str,
-    marker: str, request_timeout_s: str = "10",
+    marker: str, request_timeout_seconds: str = "10",
 ) -> None:  # fmt: skip
     """``child_run_submit`` (a Dagster run of ``kvid_video_jobs`` for ``first..last``) that
     stops at ``point`` (see ``_install_kill_point``; "none": nowhere) to be killed there."""
     _install_kill_point(point, marker)
     defs = make_defs(
-        base_url, Path(prompts), Path(data_dir), request_timeout_s=float(request_timeout_s)
+        base_url,
+        Path(prompts),
+        Path(data_dir),
+        request_timeout_seconds=float(request_timeout_seconds),
     )
     with open_instance(Path(home)) as instance:
         ok = run_submit(defs, instance, first, last)

@@ -98,7 +98,7 @@ def test_the_scaffolded_component_loads_as_written_and_submits_to_the_service(
 def test_attributes_reach_the_definitions(
     emulator: KvidEmulator, instance: DagsterInstance, tmp_path: Path
 ) -> None:
-    """dialect, schedule_cron, database_url and absolute paths; a zero per-run budget sends
+    """dialect, cron_schedule, database_url and absolute paths; a zero per-run budget sends
     nothing and fails naming it."""
     table = tmp_path / "table.csv"
     table.write_text("prompt_id,prompt\nfox,A red fox\nharbour,A harbour\n", encoding="utf-8")
@@ -111,7 +111,7 @@ def test_attributes_reach_the_definitions(
         "dialect": "generation",
         "database_url": f"sqlite:///{database}",
         "budget_credits": {"per_run": 0},
-        "schedule_cron": "*/30 * * * *",
+        "cron_schedule": "*/30 * * * *",
     }
     with load_scaffolded(attributes) as (_, _, defs):
         assert defs.resources["kvid"].dialect is ApiDialect.GENERATION

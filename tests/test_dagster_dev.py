@@ -16,6 +16,7 @@ from conftest import REPO_ROOT
 from dagster import AssetKey, AutomationCondition, evaluate_automation_conditions, instance_for_test
 
 from kvid_dagster.definitions import PROMPTS_JOB, build_kvid_definitions
+from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 
 
@@ -29,8 +30,7 @@ def test_automation_condition_requests_new_partitions(tmp_path: Path) -> None:
     table = tmp_path / "p.csv"
     table.write_text("prompt_id,prompt,resolution\na,One,480p\nb,Two,480p\n", encoding="utf-8")
     defs = build_kvid_definitions(
-        table,
-        tmp_path / "data",
+        KvidProject(table, tmp_path / "data"),
         resource=KvidResource(api_key="unused", base_url="http://127.0.0.1:9"),
         jobs_automation_condition=AutomationCondition.on_missing(),
     )

@@ -71,7 +71,7 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
 
 def make_defs(emulator: KvidEmulator, prompts: Path, data_dir: Path) -> Definitions:
     resource = KvidResource(api_key=TEST_API_KEY, base_url=emulator.base_url)
-    return build_kvid_definitions(prompts, data_dir, resource=resource)
+    return build_kvid_definitions(KvidProject(prompts, data_dir), resource=resource)
 
 
 def run_job(defs: Definitions, instance: DagsterInstance, name: str, **kwargs: object) -> bool:

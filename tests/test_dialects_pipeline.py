@@ -27,6 +27,7 @@ from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.emulator.generation import ModelFamily
 from kvid_dagster.ledger import Ledger, VideoStatus
+from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.probe import probe_video
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import load_prompt_table
@@ -58,11 +59,12 @@ def generation_defs(
         api_key=TEST_API_KEY,
         base_url=emulator.base_url,
         dialect=GENERATION,
-        backoff_base_s=0.01,
-        backoff_max_s=1.0,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=1.0,
         **resource_settings,
     )
-    return build_kvid_definitions(prompts, data_dir, resource=resource, dialect=GENERATION)
+    project = KvidProject(prompts, data_dir, dialect=GENERATION)
+    return build_kvid_definitions(project, resource=resource)
 
 
 @pytest.fixture
@@ -160,7 +162,7 @@ def test_the_concurrent_job_limit_holds_the_queue_and_each_row_is_paid_once(
     emulator = emulator_factory(fast_config(concurrent_limit=2, job_duration=0.8))
     prompts = write_rows(tmp_path / "p.csv", text_rows(6))
     data_dir = tmp_path / "data"
-    defs = generation_defs(emulator, prompts, data_dir, concurrent_limit_wait_s=0.3)
+    defs = generation_defs(emulator, prompts, data_dir, concurrent_limit_wait_seconds=0.3)
     ledger = ledger_of(prompts, data_dir)
     assert run_prompts(defs, home)
     assert run_submit(defs, home, "g0", "g5")
@@ -182,13 +184,12 @@ def test_a_canceled_job_ends_canceled_and_is_not_paid_again(
     prompts = write_rows(tmp_path / "p.csv", text_rows(2))
     data_dir = tmp_path / "data"
     defs = build_kvid_definitions(
-        prompts,
-        data_dir,
+        KvidProject(prompts, data_dir, dialect="generation"),
         resource=KvidResource(
             api_key=TEST_API_KEY, base_url=emulator.base_url, dialect="generation"
         ),
-        dialect="generation",
-        failed_job_max_attempts=3,  # the FAILED-retry policy: a canceled job is not FAILED
+        # the FAILED-retry policy: a canceled job is not FAILED
+        status_sensor=StatusSensorOptions(failed_job_max_attempts=3),
     )
     ledger = ledger_of(prompts, data_dir)
     assert run_prompts(defs, home)
@@ -229,10 +230,8 @@ def test_a_resource_of_the_other_dialect_fails_the_run_before_anything_is_sent(
 ) -> None:
     prompts = write_rows(tmp_path / "p.csv", text_rows(2))
     defs = build_kvid_definitions(
-        prompts,
-        tmp_path / "data",
+        KvidProject(prompts, tmp_path / "data", dialect="generation"),
         resource=KvidResource(api_key=TEST_API_KEY, base_url=emulator.base_url),  # video
-        dialect="generation",
     )
     assert run_prompts(defs, home)
     result = _submit(defs, home, "g0", "g1")

@@ -274,7 +274,7 @@ def test_read_faults_are_retried_and_the_video_arrives_whole(
     assert outcome.action is SubmitAction.SUBMITTED
     emulator.add_fault(endpoint, kind, times=2, **options)  # the first retry meets it again
     poll_until_settled(
-        emulator.base_url, ledger, tmp_path / "videos", timeout=0.5, refetch_interval_s=0.0
+        emulator.base_url, ledger, tmp_path / "videos", timeout=0.5, refetch_interval_seconds=0.0
     )
     assert emulator.pending_faults() == []  # both were met
     row = row_of(ledger, "a")
@@ -300,7 +300,7 @@ def test_a_status_that_never_answers_times_the_job_out_and_polling_stops(
     submit(emulator.base_url, ledger, rows)
     emulator.add_fault("status", 503, times=10_000)
     reports = poll_until_settled(
-        emulator.base_url, ledger, tmp_path / "videos", job_deadline_s=0.5, max_retries=1
+        emulator.base_url, ledger, tmp_path / "videos", job_deadline_seconds=0.5, max_retries=1
     )
     row = row_of(ledger, "a")
     assert row.status is VideoStatus.TIMED_OUT
@@ -322,7 +322,9 @@ def test_a_video_that_never_downloads_is_fetched_until_the_deadline_then_timed_o
     submit(emulator.base_url, ledger, rows)
     emulator.add_fault("files", "malformed", times=10_000)  # always half a video
     seen: set[VideoStatus] = set()
-    reports = poll_until_settled(emulator.base_url, ledger, tmp_path / "videos", job_deadline_s=1.5)
+    reports = poll_until_settled(
+        emulator.base_url, ledger, tmp_path / "videos", job_deadline_seconds=1.5
+    )
     for report in reports:
         seen |= {e.status for e in report.events}
     assert VideoStatus.FETCHING in seen  # completed at the service, retried meanwhile

@@ -32,6 +32,7 @@ from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, SpendWindow, VideoRow, VideoStatus, submissions_frame
+from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.runner import evaluate_status_sensor
@@ -176,7 +177,10 @@ def test_the_retry_policy_resubmits_failed_jobs_up_to_max_attempts(
     prompts = write_table(tmp_path / "prompts.csv", ["bad", "flaky", "fine"], prompt)
     project = KvidProject(prompts, tmp_path / "data")
     ledger = project.ledger()
-    defs = make_defs(emulator.base_url, prompts, project.data_dir, failed_job_max_attempts=3)
+    defs = make_defs(
+        emulator.base_url, prompts, project.data_dir,
+        status_sensor=StatusSensorOptions(failed_job_max_attempts=3),
+    )  # fmt: skip
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         emulator.fail_next_jobs(1, "GPU worker crashed during inference")
@@ -220,8 +224,8 @@ def test_the_retry_policy_spends_within_the_days_budget(
     ledger = project.ledger()
     budget = CreditBudget(per_run=60.0, per_day=120.0)  # the first job, then one retry
     defs = make_defs(
-        emulator.base_url, prompts, project.data_dir, failed_job_max_attempts=3,
-        budget_credits=budget,
+        emulator.base_url, prompts, project.data_dir,
+        status_sensor=StatusSensorOptions(failed_job_max_attempts=3), budget_credits=budget,
     )  # fmt: skip
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
@@ -241,7 +245,10 @@ def test_timed_out_and_lost_jobs_are_visible_in_dagster_and_polling_stops(
     prompts = write_table(tmp_path / "prompts.csv", ["lost", "slow"])
     project = KvidProject(prompts, tmp_path / "data")
     ledger = project.ledger()
-    defs = make_defs(emulator.base_url, prompts, project.data_dir, job_deadline_s=1.0)
+    defs = make_defs(
+        emulator.base_url, prompts, project.data_dir,
+        status_sensor=StatusSensorOptions(job_deadline_seconds=1.0),
+    )  # fmt: skip
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "lost", "lost")
@@ -277,7 +284,10 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
     ledger = project.ledger()
     # LOST after 1.5 s of 404s: longer than the realistic 404s just after generate (1 s), which
     # the new job c meets and must survive
-    defs = make_defs(first.base_url, prompts, project.data_dir, lost_after_s=1.5)
+    defs = make_defs(
+        first.base_url, prompts, project.data_dir,
+        status_sensor=StatusSensorOptions(lost_after_seconds=1.5),
+    )  # fmt: skip
     with open_instance(dagster_home(tmp_path / "home")) as instance:
         assert run_prompts(defs, instance)
         assert run_submit(defs, instance, "a", "b")
@@ -299,14 +309,19 @@ def test_an_emulator_restarted_mid_run_leaves_lost_jobs_and_new_ones_go_on(
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("failed_job_max_attempts", 0), ("job_deadline_s", 0.0)],
+    [
+        ("failed_job_max_attempts", 0),
+        ("job_deadline_seconds", 0.0),
+        ("fetch_attempts", 0),
+        ("max_download_bytes", 0),
+    ],
 )
-def test_reliability_settings_are_checked_when_the_definitions_are_built(
-    setting: str, value: float, tmp_path: Path
+def test_reliability_settings_are_checked_when_the_options_are_made(
+    setting: str, value: float
 ) -> None:
-    prompts = write_table(tmp_path / "prompts.csv", ["a"])
+    """Refused before any definitions exist, naming the setting."""
     with pytest.raises(ValueError, match=setting):
-        make_defs("http://127.0.0.1:9", prompts, tmp_path / "data", **{setting: value})
+        StatusSensorOptions(**{setting: value})
 
 
 def test_the_removed_grace_period_setting_is_refused_not_ignored(tmp_path: Path) -> None:

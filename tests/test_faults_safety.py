@@ -110,7 +110,7 @@ def test_downloads_only_follow_http(
     base = "ftp://127.0.0.1:21" if where == "a non-http result URL" else redirector.url
     # separate_storage off: its own storage origin would replace the result URLs under test
     emulator = emulator_factory(public_base_url=base, separate_storage=False)
-    ledger, rows, videos = run_one(emulator, tmp_path, job_deadline_s=1.0)
+    ledger, rows, videos = run_one(emulator, tmp_path, job_deadline_seconds=1.0)
     row = row_of(ledger, "a")
     assert row.status is VideoStatus.TIMED_OUT  # fetched until the deadline
     assert row.error is not None
@@ -124,7 +124,7 @@ def test_downloads_are_size_capped_and_leave_nothing_behind(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
     ledger, rows, videos = run_one(
-        emulator, tmp_path, job_deadline_s=1.0, max_download_bytes=10_000
+        emulator, tmp_path, job_deadline_seconds=1.0, max_download_bytes=10_000
     )
     row = row_of(ledger, "a")
     assert row.status is VideoStatus.TIMED_OUT
@@ -144,7 +144,7 @@ def test_a_symlink_in_the_download_folder_is_not_followed_out_of_it(
     [sub] = ledger.submissions()
     trap = videos / video_path(videos, sub).name  # the job's own file name, planted first
     trap.symlink_to(outside)
-    poll_until_settled(emulator.base_url, ledger, videos, job_deadline_s=1.0)
+    poll_until_settled(emulator.base_url, ledger, videos, job_deadline_seconds=1.0)
     assert outside.read_bytes() == b"precious"
     assert trap.is_symlink() and trap.resolve() == outside.resolve()
     row = row_of(ledger, "a")

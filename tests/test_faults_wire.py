@@ -115,14 +115,14 @@ def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_ref
     html_storage.target = emulator.base_url
     ledger, rows = started(emulator, tmp_path, ["a"])
     videos = tmp_path / "videos"
-    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     row = ledger.row("a")
     assert row is not None and row.status is VideoStatus.FETCH_FAILED
     assert html_storage.bad_gets == 3  # bounded, not every tick until the deadline
     assert row.error is not None and "not a video" in row.error and "refetch a" in row.error
     assert row.request_id in emulator.jobs  # the paid id is kept
     assert files_in(videos) == []  # nothing landed as .mp4, no staging file left
-    poll_once(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    poll_once(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     assert html_storage.bad_gets == 3  # FETCH_FAILED is not polled again by itself
 
     html_storage.bad = None  # the storage is fixed; a person asks again
@@ -148,7 +148,7 @@ def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on
     assert bad is not None and bad.request_id
     audio_storage.bad_for = {bad.request_id}
     videos = tmp_path / "videos"
-    reports = poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    reports = poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     assert statuses(ledger) == {"bad": "FETCH_FAILED", "good": "COMPLETED"}
     failed = ledger.row("bad")
     assert failed is not None and failed.error is not None and "not a video" in failed.error
@@ -188,7 +188,7 @@ def test_an_image_to_video_download_of_the_wrong_size_never_lands(
     wide.bad_for = {str(row_of(ledger, "auto").request_id)}
     videos = tmp_path / "videos"
     try:
-        poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+        poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     finally:
         square.close()
         wide.close()
@@ -224,7 +224,7 @@ def test_a_404_from_status_makes_a_job_lost_only_after_the_404s_lasted(
     assert sub.not_found_count == 4 and sub.not_found_since is not None
 
     started_at = time.monotonic()
-    poll_until_settled(emulator.base_url, ledger, videos, lost_after_s=0.6, pause=0.2)
+    poll_until_settled(emulator.base_url, ledger, videos, lost_after_seconds=0.6, pause=0.2)
     assert time.monotonic() - started_at < 30
     lost = ledger.row("a")
     assert lost is not None and lost.status is VideoStatus.LOST
@@ -260,7 +260,9 @@ def test_the_tick_budget_is_a_hard_deadline_for_every_call(
     async def tick() -> Any:
         async with make_client(emulator.base_url, timeout=30.0) as client:
             return await poll_pending(
-                client, ledger, PollConfig(download_dir=tmp_path / "videos", budget_s=1.0)
+                client,
+                ledger,
+                PollConfig(download_dir=tmp_path / "videos", tick_budget_seconds=1.0),
             )
 
     began = time.monotonic()
@@ -341,7 +343,7 @@ def test_result_urls_to_private_addresses_are_refused_unless_trusted(
         async with make_client(
             emulator.base_url, timeout=2.0, allowed_download_hosts=allowed
         ) as client:
-            config = PollConfig(download_dir=videos, refetch_interval_s=0.0)
+            config = PollConfig(download_dir=videos, refetch_interval_seconds=0.0)
             return await poll_pending(client, ledger, config)
 
     for _ in range(60):

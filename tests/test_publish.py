@@ -149,18 +149,19 @@ import os
 from dagster import Definitions
 
 from kvid_dagster.definitions import build_kvid_definitions
+from kvid_dagster.options import StatusSensorOptions
+from kvid_dagster.project import KvidProject
 from kvid_dagster.resource import KvidResource
 
 
 
 def _status_sensor_only() -> Definitions:
     every = build_kvid_definitions(
-        os.environ["KVID_PROMPTS"],
-        os.environ["KVID_DATA_DIR"],
+        KvidProject(os.environ["KVID_PROMPTS"], os.environ["KVID_DATA_DIR"]),
         resource=KvidResource(
             api_key=os.environ["KVID_API_KEY"], base_url=os.environ["KVID_BASE_URL"]
         ),
-        status_sensor_interval_s=1,
+        status_sensor=StatusSensorOptions(minimum_interval_seconds=1),
     )
     return Definitions(
         assets=every.assets,

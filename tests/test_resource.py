@@ -10,10 +10,10 @@ from kvid_dagster.resource import KvidResource
 
 # resource field -> the client's constructor argument it sets
 _CLIENT_ARGUMENTS = {
-    "request_timeout_s": "timeout",
+    "request_timeout_seconds": "timeout",
     "max_retries": "max_retries",
-    "backoff_base_s": "backoff_base",
-    "backoff_max_s": "backoff_max",
+    "backoff_base_seconds": "backoff_base",
+    "backoff_max_seconds": "backoff_max",
     "max_in_flight": "max_in_flight",
 }
 

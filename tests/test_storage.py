@@ -352,7 +352,7 @@ def test_an_upload_that_fails_is_the_jobs_error_and_is_retried_like_a_failed_fet
     videos = UPath(f"s3://{bucket}/videos")
     report = None
     for _ in range(100):
-        report = poll_once(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+        report = poll_once(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
         row = ledger.row("a")
         assert row is not None
         if row.status is VideoStatus.FETCHING:
@@ -365,7 +365,7 @@ def test_an_upload_that_fails_is_the_jobs_error_and_is_retried_like_a_failed_fet
     assert staging_dirs() == staged_before  # the local staging copy is gone
 
     s3.create_bucket(Bucket=bucket)  # storage is back: the next fetch stores the video
-    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_s=0.0)
+    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     done = ledger.row("a")
     assert done is not None and done.status is VideoStatus.COMPLETED and done.error is None
     assert done.video.local_path is not None

@@ -66,7 +66,7 @@ class Studio(KvidTranslator):
 
 
 def test_an_overridden_spec_changes_the_built_definitions(project: KvidProject) -> None:
-    defs = build_kvid_definitions(project.prompts_path, project.data_dir, translator=Studio())
+    defs = build_kvid_definitions(project, translator=Studio())
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {AssetKey(["studio", a.name.lower()]) for a in KvidAsset}
@@ -100,7 +100,7 @@ def test_building_the_definitions_sets_no_warning_filter(project: KvidProject) -
         warnings.resetwarnings()
         warnings.simplefilter("always")
         before = list(warnings.filters)
-        defs = build_kvid_definitions(project.prompts_path, project.data_dir)
+        defs = build_kvid_definitions(project)
         defs.resolve_job_def(SUBMIT_JOB)
         assert warnings.filters == before
     # the one beta argument kvid relies on is silenced where it is passed, and only there
