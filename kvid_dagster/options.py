@@ -18,6 +18,7 @@ from kvid_dagster.poll import (
     DEFAULT_JOB_DEADLINE_S,
     DEFAULT_LOST_AFTER_S,
     DEFAULT_TICK_BUDGET_S,
+    SENSOR_TIMEOUT_S,
     PollConfig,
 )
 from kvid_dagster.storage import StoragePath
@@ -57,7 +58,19 @@ class StatusSensorOptions:
     def __post_init__(self) -> None:
         if self.job_deadline_seconds <= 0:
             raise ValueError(f"need job_deadline_seconds > 0, got {self.job_deadline_seconds}")
-        for name in ("failed_job_max_attempts", "fetch_attempts", "max_download_bytes"):
+        if not 0 < self.tick_budget_seconds < SENSOR_TIMEOUT_S:
+            raise ValueError(
+                f"need 0 < tick_budget_seconds < {SENSOR_TIMEOUT_S:g} (Dagster's sensor timeout), "
+                f"got {self.tick_budget_seconds}"
+            )
+        if self.lost_after_seconds < 0:
+            raise ValueError(f"need lost_after_seconds >= 0, got {self.lost_after_seconds}")
+        for name in (
+            "minimum_interval_seconds",
+            "failed_job_max_attempts",
+            "fetch_attempts",
+            "max_download_bytes",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

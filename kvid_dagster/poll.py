@@ -44,6 +44,7 @@ log = logging.getLogger("kvid_dagster.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
 # Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before
+SENSOR_TIMEOUT_S = 60.0
 DEFAULT_TICK_BUDGET_S = 40.0
 DEFAULT_LOST_AFTER_S = 120.0  # of 404s before a job is LOST
 DEFAULT_FETCH_ATTEMPTS = 3

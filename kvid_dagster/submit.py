@@ -219,7 +219,10 @@ async def submit_rows(
     latest = await asyncio.to_thread(latest_submissions, ledger, rows)
     outcomes: dict[str, SubmitOutcome] = {}
     candidates: list[PromptRow] = []
-    for row in dict((r.partition_key, r) for r in rows).values():
+    first_index: dict[str, int] = {}  # a key given twice: its first row is the one sent
+    for index, row in enumerate(rows):
+        first_index.setdefault(row.partition_key, index)
+    for row in (rows[index] for index in first_index.values()):
         reason = refusal_for(latest.get(row.request_hash), rule)
         if reason is None:
             candidates.append(row)
@@ -289,12 +292,18 @@ async def submit_rows(
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    for row in rows:
-        if row.partition_key not in outcomes:  # a second row with the same key
-            outcomes[row.partition_key] = SubmitOutcome(
-                row.partition_key, SubmitAction.SKIPPED, VideoStatus.PENDING, None, "duplicate key"
-            )
-    return [outcomes[row.partition_key] for row in rows]
+    return [
+        outcomes[row.partition_key]
+        if first_index[row.partition_key] == index
+        else SubmitOutcome(
+            row.partition_key,
+            SubmitAction.SKIPPED,
+            VideoStatus.PENDING,
+            None,
+            "duplicate key: only the first row with this key is submitted",
+        )
+        for index, row in enumerate(rows)
+    ]
 
 
 class _Refused(Exception):
