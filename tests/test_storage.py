@@ -190,6 +190,28 @@ def test_the_catalog_published_to_s3_is_what_pandas_reads_there(
     assert published_revision(UPath(f"{catalog}/videos/{DATA_FILE}")) == second.revision
 
 
+def test_duckdb_reads_the_catalog_on_s3_as_the_readme_shows(
+    s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """The README's DuckDB query, through fsspec (s3fs): no httpfs extension to download."""
+    import duckdb
+    import s3fs
+
+    catalog = f"s3://{bucket}/kvid/catalog"
+    ledger = ledger_with_rows(tmp_path, ["a", "b", "c"])
+    publish(ledger, catalog)
+    connection = duckdb.connect()
+    connection.register_filesystem(s3fs.S3FileSystem())  # the AWS_* environment, as pandas
+    counts = connection.sql(
+        f"SELECT status, count(*) FROM read_parquet('{catalog}/videos/*.parquet') GROUP BY 1"
+    ).fetchall()
+    assert counts == [("PENDING", 3)]
+    keys_read = connection.sql(
+        f"SELECT partition_key FROM read_parquet('{catalog}/videos/*.parquet') ORDER BY 1"
+    ).fetchall()
+    assert [k for (k,) in keys_read] == list(videos_frame(ledger)["partition_key"])
+
+
 def test_an_older_publication_never_replaces_a_newer_one_on_s3(
     s3: Any, bucket: str, tmp_path: Path
 ) -> None:
