@@ -226,18 +226,6 @@ def yardstick_rows(runs: dict[str, PhaseRun], quick: bool) -> list[Row]:
                 f"{f['ratio_to_limit']:.3f}x limit, {f['throughput_jobs_per_s']:.2f} jobs/s",
             )
         )
-    if DEPLOYED in side.figures and "sqlite" in side.figures:
-        local, deployed = side.figures["sqlite"], side.figures[DEPLOYED]
-        rows.append(
-            Row(
-                sec,
-                "deployed (Dagster and the ledger on PostgreSQL, videos and catalogs on S3) "
-                "vs all-local (SQLite, the data dir)",
-                f"{deployed['elapsed_s'] / local['elapsed_s']:.2f}x",
-                f"{deployed['elapsed_s']:.1f} vs {local['elapsed_s']:.1f} s, same run; S3 is "
-                "moto's server on loopback",
-            )
-        )
     vendor = runs.get("vendor")
     if vendor and vendor.ok:
         f = vendor.figures
