@@ -363,13 +363,17 @@ def staging_dirs() -> set[Path]:
 
 
 def test_an_upload_that_fails_is_the_jobs_error_and_is_retried_like_a_failed_fetch(
-    s3: Any, tmp_path: Path, emulator: KvidEmulator
+    s3: Any, tmp_path: Path, emulator: KvidEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a temp dir of this test's own: the system one is shared with every other process that
+    # fetches (a second suite beside this one made its staging dirs appear here)
+    private_temp = tmp_path / "tmp"
+    private_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_temp))
     rows = table_rows(write_table(tmp_path / "p.csv", ["a"]))
     ledger = Ledger(f"sqlite:///{tmp_path / 'kvid.db'}")
     ledger.register(rows)
     submit(emulator.base_url, ledger, rows)
-    staged_before = staging_dirs()
     bucket = f"kvid-later-{secrets.token_hex(4)}"  # not made yet: every upload fails
     videos = UPath(f"s3://{bucket}/videos")
     report = None
@@ -384,7 +388,7 @@ def test_an_upload_that_fails_is_the_jobs_error_and_is_retried_like_a_failed_fet
     assert report is not None and report.errors  # the tick reported it, and went on
     assert "StorageError" in (row.error or "") and f"uploading s3://{bucket}/" in row.error
     assert row.request_id and not row.status.is_terminal
-    assert staging_dirs() == staged_before  # the local staging copy is gone
+    assert staging_dirs() == set()  # the local staging copy is gone
 
     s3.create_bucket(Bucket=bucket)  # storage is back: the next fetch stores the video
     poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
