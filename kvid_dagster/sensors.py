@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -256,11 +257,14 @@ async def _poll_and_retry(
 def _log_tick(
     log: Any, report: PollReport, retried: Sequence[SubmitOutcome], max_attempts: int
 ) -> None:
+    moving = Counter(e.row.status for e in report.events if not e.is_final)
+    if moving:  # a line per running job would be thousands per tick: those are DEBUG
+        log.info("still running: " + ", ".join(f"{n} {s}" for s, n in sorted(moving.items())))
     for event in report.events:
         line = event.log_lines[-1] if event.log_lines else ""
         row = event.row
         if not event.is_final:
-            log.info(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
+            log.debug(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
         elif row.status is VideoStatus.COMPLETED:
             log.info(f"{event.partition_key}: COMPLETED {row.video.local_path or row.video.url}")
         else:

@@ -564,14 +564,16 @@ def test_the_last_publisher_to_finish_leaves_the_latest_revision(tmp_path: Path)
         )
 
     write = publish_module._write_hidden
-    first = threading.get_ident()
     overtaken: list[int] = []
     others: list[threading.Thread] = []
+    by_others: set[int] = set()  # the revisions publisher 2 writes (the files are written
+    # in worker threads: the revision, not the thread, tells the publishers apart)
 
     def write_overtaken(table: Any, path: Path, revision: int, ledger_id: str) -> Path:
         hidden = write(table, path, revision, ledger_id)
-        if threading.get_ident() == first and path.parent.name == "videos":
+        if revision not in by_others and path.parent.name == "videos":
             change()  # a tick commits a change and publishes it, all before our rename
+            by_others.add(ledger.revision())
             other = threading.Thread(target=publish, args=(ledger, catalog))
             others.append(other)
             other.start()
@@ -589,4 +591,28 @@ def test_the_last_publisher_to_finish_leaves_the_latest_revision(tmp_path: Path)
     published = published_revision(catalog / "videos" / DATA_FILE)
     assert published == ledger.revision(), (published, stats)
     pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))
+    ledger.close()
+
+
+def test_a_file_that_cannot_be_written_fails_the_publication_and_leaves_nothing_hidden(
+    tmp_path: Path,
+) -> None:
+    """Both files are written at once; when one cannot be (its folder is a file here), the
+    publication raises, the other's hidden file is removed, and what was published stays."""
+    rows = table_rows(write_table(tmp_path / "p.csv", ["a", "b"]))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'kvid.db'}")
+    ledger.register(rows)
+    catalog = tmp_path / "catalog"
+    publish(ledger, catalog)
+    before = pd.read_parquet(catalog / "videos")
+    (catalog / "submissions" / DATA_FILE).unlink()
+    (catalog / "submissions").rmdir()
+    (catalog / "submissions").write_text("not a folder")
+    claimed = ledger.claim(rows[0], ClaimOwner.current(), cost_credits=1.0)
+    assert isinstance(claimed, Submission)
+    ledger.record_submitted(claimed, "req_1")
+    with pytest.raises(OSError):
+        publish(ledger, catalog)
+    assert sorted(p.name for p in (catalog / "videos").iterdir()) == [DATA_FILE]
+    pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), before)
     ledger.close()

@@ -3,10 +3,12 @@ never an exception), on a real Dagster instance against the emulator."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
+from conftest import EmulatorFactory
 from dagster import AssetKey, SensorResult, build_sensor_context
 from faultkit import (
     check_verdicts,
@@ -97,3 +99,39 @@ def test_a_tick_from_an_unreadable_cursor_rechecks_the_whole_ledger(
         assert parsed.ledger_id == ledger.ledger_id() and parsed.checked == ledger.revision()
         # from its own cursor the next tick has nothing to re-report
         assert evaluate_status_sensor(defs, instance, cursor, SENSOR)[0] == 0
+
+
+def test_a_tick_logs_running_jobs_as_one_summary_and_each_finish_on_its_own(
+    emulator_factory: EmulatorFactory, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Thousands of running jobs must not be thousands of INFO lines per tick: one summary
+    line counts them (each job's progress is DEBUG), and a finished job keeps its own line."""
+    slow = emulator_factory(job_duration=3600)
+    keys = [f"k{i}" for i in range(5)]
+    prompts = write_table(tmp_path / "prompts.csv", keys)
+    defs = make_defs(slow.base_url, prompts, tmp_path / "data")
+    with open_instance(dagster_home(tmp_path / "home")) as instance:
+        assert run_prompts(defs, instance) and run_submit(defs, instance, keys[0], keys[-1])
+        capfd.readouterr()
+        evaluate_status_sensor(defs, instance, None, SENSOR)
+        logged = capfd.readouterr().err
+    summaries = re.findall(r"INFO - still running: (.*)", logged)
+    assert len(summaries) == 1, logged
+    counted = dict(part.split(" ")[::-1] for part in summaries[0].split(", "))
+    assert set(counted) <= {"IN_QUEUE", "PROCESSING"} and sum(map(int, counted.values())) == 5
+    assert not any(f"{key}: " in logged for key in keys), logged
+
+    fast = emulator_factory()
+    defs = make_defs(fast.base_url, prompts, tmp_path / "data2")
+    ledger = Ledger.for_data_dir(tmp_path / "data2")
+    with open_instance(dagster_home(tmp_path / "home2")) as instance:
+        assert run_prompts(defs, instance) and run_submit(defs, instance, keys[0], keys[-1])
+        logged = ""
+        for _ in range(100):
+            capfd.readouterr()
+            evaluate_status_sensor(defs, instance, None, SENSOR)
+            logged += capfd.readouterr().err
+            if not waiting(ledger):
+                break
+            time.sleep(0.2)
+    assert all(f"INFO - {key}: COMPLETED " in logged for key in keys), logged
