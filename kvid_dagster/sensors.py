@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -146,11 +147,15 @@ def unreported_events(
     return unreported(recheck, materialized, observed), revision
 
 
+# the retries' share of a tick's budget when the retry policy is on (at most a quarter of it)
+_RETRY_SHARE_MAX_S = 5.0
+
+
 async def _retry_failed(
-    client: AsyncKvidClient, settings: StatusSensorSettings
+    client: AsyncKvidClient, settings: StatusSensorSettings, deadline: float
 ) -> tuple[list[SubmitOutcome], str | None]:
     """The retry policy's share of a tick: FAILED jobs with attempts left are sent again,
-    within the budget's per-day credits."""
+    within the budget's per-day credits, until ``deadline`` (the rest: the next tick)."""
     project, max_attempts = settings.project, settings.failed_job_max_attempts
     ledger = project.ledger()
     failed = [
@@ -166,7 +171,7 @@ async def _retry_failed(
     rows = [by_key[r.partition_key] for r in failed if r.partition_key in by_key]
     outcomes = await resubmit_failed(
         client, ledger, rows, max_attempts=max_attempts, prices=settings.prices,
-        budget=settings.budget,
+        budget=settings.budget, deadline=deadline,
     )  # fmt: skip
     return outcomes, None
 
@@ -240,18 +245,27 @@ async def _poll_and_retry(
     cursor: StatusCursor,
     is_alive: Callable[[Submission], bool | None],
 ) -> tuple[PollReport, list[SubmitOutcome], str | None]:
-    """One budgeted poll of every pending job, then the retry policy's re-submissions."""
+    """One budgeted poll of every pending job, then the retry policy's re-submissions; both
+    inside the tick's budget (retries waiting on the service's limit included), the polls
+    leaving the retries a share of it: with thousands of jobs they would use it all."""
+    started = time.monotonic()
+    config = settings.poll_config
+    deadline = started + config.tick_budget_seconds
+    retrying = settings.failed_job_max_attempts > 1
+    if retrying:
+        share = min(_RETRY_SHARE_MAX_S, config.tick_budget_seconds / 4)
+        config = replace(config, tick_budget_seconds=config.tick_budget_seconds - share)
     async with kvid.get_async_client() as client:
         report = await poll_pending(
             client,
             settings.project.ledger(),
-            settings.poll_config,
+            config,
             start_after=cursor.after,
             is_alive=is_alive,
         )
-        if settings.failed_job_max_attempts <= 1:
+        if not retrying:
             return report, [], None
-        return report, *await _retry_failed(client, settings)
+        return report, *await _retry_failed(client, settings, deadline)
 
 
 def _log_tick(
@@ -271,7 +285,12 @@ def _log_tick(
             log.warning(f"{event.partition_key}: {row.status}: {row.error}")
     for error in report.errors:
         log.warning(error)
+    deferred = sum(o.action is SubmitAction.DEFERRED for o in retried)
+    if deferred:
+        log.info(f"{deferred} FAILED job(s) left for the next tick's retries (budget spent)")
     for outcome in retried:
+        if outcome.action is SubmitAction.DEFERRED:
+            continue
         if outcome.action is SubmitAction.SUBMITTED:
             log.info(
                 f"{outcome.partition_key}: its FAILED job was re-submitted as "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -77,6 +78,7 @@ class SubmitAction(StrEnum):
     ERROR = "error"  # not sent, or refused: nothing billed, the row stays PENDING
     NO_CREDIT = "no_credit"  # the account ran out of credit: not sent, the row stays PENDING
     OVER_BUDGET = "over_budget"  # it does not fit the credit budget: not sent, stays PENDING
+    DEFERRED = "deferred"  # not sent: the caller's time (a tick's budget) ran out first
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,14 @@ async def submit_rows(
     limit_wait_s: float = DEFAULT_LIMIT_WAIT_S,
     limit_hold_s: float = DEFAULT_LIMIT_HOLD_S,
     budget: CreditBudget | None = None,
+    deadline: float | None = None,
 ) -> list[SubmitOutcome]:
     """Submit every row whose request has no job (or that ``rule`` allows to pay again);
     return one outcome per row, in the rows' order.
+
+    ``deadline`` (a ``time.monotonic()`` value): no generate starts after it, and a hold for
+    the service's limit ends at it; the rows not yet sent are ``DEFERRED`` (nothing claimed).
+    A generate already on its way is never abandoned.
 
     With a ``budget`` the rows are priced first and only those that fit are sent (the rest:
     ``OVER_BUDGET``, PENDING); a per-run budget needs ``owner.run_id`` (ValueError otherwise,
@@ -237,7 +244,7 @@ async def submit_rows(
         rule = replace(rule, caps=budget.caps)
     gate = asyncio.Semaphore(generate_concurrency)
     in_flight: set[int] = set()
-    service = _ServiceLimits(limit_wait_s, limit_hold_s)
+    service = _ServiceLimits(limit_wait_s, limit_hold_s, deadline)
 
     async def send(row: PromptRow) -> SubmitOutcome:
         while True:
@@ -245,6 +252,8 @@ async def submit_rows(
             async with gate:
                 if service.out_of_credit:
                     return service.no_credit(row)
+                if service.past_deadline():
+                    return _deferred(row)
                 cost = costs[row.partition_key]
                 claim = _Claim(ledger, row, owner, cost, rule)
                 try:
@@ -323,11 +332,11 @@ class _Held(Exception):
 class _ServiceLimits:
     """What the service said about every row of one submission: out of credit, or hold."""
 
-    def __init__(self, wait_s: float, hold_s: float) -> None:
+    def __init__(self, wait_s: float, hold_s: float, deadline: float | None) -> None:
         self.open = asyncio.Event()
         self.open.set()
         self.out_of_credit = False
-        self._wait_s, self._hold_s = wait_s, hold_s
+        self._wait_s, self._hold_s, self._deadline = wait_s, hold_s, deadline
         self._refusals = 0  # in a row, since a job was last created
         self._held_since: float | None = None
 
@@ -339,6 +348,8 @@ class _ServiceLimits:
         if now - self._held_since >= self._hold_s:
             return False
         delay = retry_after or min(_LIMIT_WAIT_MAX_S, self._wait_s * 2**self._refusals)
+        if self._deadline is not None:
+            delay = max(0.0, min(delay, self._deadline - time.monotonic()))
         self._refusals += 1
         log.info("the service's limit on running jobs holds new generates for %.1f s", delay)
         self.open.clear()
@@ -351,12 +362,22 @@ class _ServiceLimits:
     def released(self) -> None:
         self._refusals, self._held_since = 0, None
 
+    def past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     @staticmethod
     def no_credit(row: PromptRow) -> SubmitOutcome:
         return SubmitOutcome(
             row.partition_key, SubmitAction.NO_CREDIT, VideoStatus.PENDING, None,
             "not sent: the kvid account ran out of credit",
         )  # fmt: skip
+
+
+def _deferred(row: PromptRow) -> SubmitOutcome:
+    return SubmitOutcome(
+        row.partition_key, SubmitAction.DEFERRED, VideoStatus.PENDING, None,
+        "not sent: the time given to this submission ran out first",
+    )  # fmt: skip
 
 
 class _Claim:
@@ -444,6 +465,7 @@ async def resubmit_failed(
     on_outcome: Callable[[SubmitOutcome], None] | None = None,
     generate_concurrency: int = DEFAULT_GENERATE_CONCURRENCY,
     budget: CreditBudget | None = None,
+    deadline: float | None = None,
 ) -> list[SubmitOutcome]:
     """The retry policy for FAILED jobs: each of ``rows`` whose request's latest job FAILED is
     sent again, as a new paid job, while the request has had fewer than ``max_attempts``.
@@ -451,7 +473,8 @@ async def resubmit_failed(
     Only FAILED: TIMED_OUT and LOST jobs may still exist (and bill). The rule is checked again
     in the claim's transaction, so two ticks racing still send one retry. A retry belongs to no
     run, so of a ``budget`` only its per-day credits hold it (retries over them stay FAILED
-    until the next day's room).
+    until the next day's room). Past ``deadline`` (see :func:`submit_rows`) the rest stay
+    FAILED for the next call.
     """
     if max_attempts <= 1 or not rows:
         return []
@@ -474,6 +497,7 @@ async def resubmit_failed(
         on_outcome=on_outcome,
         generate_concurrency=generate_concurrency,
         budget=None if budget is None else CreditBudget(per_day=budget.per_day),
+        deadline=deadline,
     )
 
 

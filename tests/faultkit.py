@@ -98,7 +98,7 @@ def submit(
 ) -> list[SubmitOutcome]:
     """One submission run (``kwargs`` split between the client and ``submit_rows``;
     ``force=True`` is ``rule=ClaimRule(force=True)``)."""
-    submit_keys = {"rule", "prices", "on_outcome", "generate_concurrency", "owner"}
+    submit_keys = {"rule", "prices", "on_outcome", "generate_concurrency", "owner", "deadline"}
     if kwargs.pop("force", False):
         kwargs["rule"] = ClaimRule(force=True)
     client_kw = {k: v for k, v in kwargs.items() if k not in submit_keys}

@@ -13,6 +13,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from conftest import TEST_API_KEY, EmulatorFactory, fast_config
 from faultkit import dagster_home, open_instance, run_prompts, run_submit, tick_until_settled
 
-from kvid_dagster.client import ApiDialect
+from kvid_dagster.client import ApiDialect, GenerationTextToVideo, KvidClient
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.emulator.generation import ModelFamily
@@ -32,6 +33,7 @@ from kvid_dagster.probe import probe_video
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import load_prompt_table
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.runner import evaluate_status_sensor
 
 GENERATION = ApiDialect.GENERATION
 
@@ -306,3 +308,46 @@ def _failure_text(result: Any) -> str:
         for event in result.all_events
         if event.is_step_failure and event.step_failure_data.user_failure_data is not None
     )
+
+
+def test_a_retry_held_by_the_concurrent_limit_waits_no_longer_than_the_ticks_budget(
+    emulator_factory: EmulatorFactory, tmp_path: Path, home: Any
+) -> None:
+    """The FAILED-retry policy meets the service's limit on running jobs (another client of
+    the account holds the one slot): the tick ends within its budget instead of holding the
+    retry for ``limit_hold_s`` (30 minutes), nothing is claimed or sent, the row stays FAILED,
+    and the first tick after the slot frees retries it, once."""
+    emulator = emulator_factory(fast_config(concurrent_limit=1, job_duration=60.0))
+    prompts = write_rows(tmp_path / "p.csv", text_rows(1))
+    data_dir = tmp_path / "data"
+    resource = KvidResource(
+        api_key=TEST_API_KEY, base_url=emulator.base_url, dialect=GENERATION,
+        backoff_base_seconds=0.01, backoff_max_seconds=1.0, concurrent_limit_wait_seconds=0.5,
+    )  # fmt: skip
+    budget = 2.0
+    defs = build_kvid_definitions(
+        KvidProject(prompts, data_dir, dialect=GENERATION),
+        resource=resource,
+        status_sensor=StatusSensorOptions(failed_job_max_attempts=2, tick_budget_seconds=budget),
+    )
+    ledger = ledger_of(prompts, data_dir)
+    assert run_prompts(defs, home) and run_submit(defs, home, "g0", "g0")
+    (first,) = list(emulator.jobs)
+    emulator.fail_job(first)
+    with KvidClient(TEST_API_KEY, emulator.base_url, dialect="generation") as other:
+        slot = other.generate(GenerationTextToVideo("another client's job", resolution="480p"))
+
+    started = time.monotonic()
+    evaluate_status_sensor(defs, home, None, "kvid_status_sensor")
+    took = time.monotonic() - started
+    assert emulator.stats["concurrent_limit"] >= 1  # the retry met the limit
+    assert took < budget + 5.0, took  # (Dagster, the ledger and publishing: well under 5 s)
+    (row,) = ledger.rows()
+    assert row.status is VideoStatus.FAILED and row.attempts == 1
+    assert emulator.jobs_created == 2
+
+    emulator.cancel_job(slot)
+    evaluate_status_sensor(defs, home, None, "kvid_status_sensor")
+    (row,) = ledger.rows()
+    assert row.attempts == 2 and row.status.needs_polling
+    assert emulator.jobs_created == 3

@@ -71,6 +71,32 @@ def test_no_more_generates_are_in_flight_than_generate_concurrency(
     assert emulator.jobs_created == 6
 
 
+def test_past_its_deadline_no_generate_starts_and_the_rest_are_deferred(
+    emulator_factory: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Generates of 2 s one at a time, the deadline 1.5 s away: the first, already on its way
+    when the deadline passes, is never abandoned; the other five are DEFERRED, unclaimed, and
+    a later call sends them. A deadline already past sends nothing."""
+    emulator = emulator_factory(fast_config(latency=2.0))
+    keys = [f"k{i}" for i in range(6)]
+    rows = table_rows(write_table(tmp_path / "prompts.csv", keys))
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    ledger.register(rows)
+    deadline = time.monotonic() + 1.5
+    outcomes = submit(emulator.base_url, ledger, rows, generate_concurrency=1, deadline=deadline)
+    actions = [o.action for o in outcomes]
+    assert actions == [SubmitAction.SUBMITTED] + [SubmitAction.DEFERRED] * 5, actions
+    assert emulator.jobs_created == 1
+    statuses = [r.status for r in ledger.rows()]
+    assert statuses == [VideoStatus.SUBMITTED] + [VideoStatus.PENDING] * 5  # none claimed
+    past = submit(emulator.base_url, ledger, rows, deadline=time.monotonic() - 1)
+    assert [o.action for o in past][1:] == [SubmitAction.DEFERRED] * 5
+    assert emulator.stats["generate"] == 1
+    later = submit(emulator.base_url, ledger, rows)
+    assert [o.action for o in later] == [SubmitAction.SKIPPED] + [SubmitAction.SUBMITTED] * 5
+    assert emulator.jobs_created == 6
+
+
 def test_a_generate_concurrency_below_one_is_refused_before_anything_is_sent(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
