@@ -244,18 +244,24 @@ def bucket_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def host_logs(*hosts: Path) -> list[Path]:
+    """Every log of the hosts (the daemon's, the agent's, a run worker's), their TMPDIRs left
+    out: the status sensor's staging dirs come and go there while the walk runs."""
+    found = []
+    for host in hosts:
+        for root, dirs, files in os.walk(host):
+            dirs[:] = [d for d in dirs if Path(root, d) != host / "tmp"]
+            found += [Path(root, name) for name in files if name.endswith(".log")]
+    return sorted(found)
+
+
 def errors_logged(*hosts: Path) -> bool:
-    """An ERROR line in any log of the hosts (the daemon's, the agent's, a run worker's): a
-    clean backfill logs none."""
-    return any(
-        "ERROR" in log.read_text(errors="replace") for host in hosts for log in host.rglob("*.log")
-    )
+    """An ERROR line in any log of the hosts: a clean backfill logs none."""
+    return any("ERROR" in log.read_text(errors="replace") for log in host_logs(*hosts))
 
 
 def logs(*hosts: Path) -> str:
     """The tail of every log of the hosts, for a failure's message."""
     return "\n".join(
-        f"--- {log}\n{log.read_text(errors='replace')[-3000:]}"
-        for host in hosts
-        for log in sorted(host.rglob("*.log"))
+        f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in host_logs(*hosts)
     )
