@@ -330,7 +330,8 @@ class _Held(Exception):
 
 
 class _ServiceLimits:
-    """What the service said about every row of one submission: out of credit, or hold."""
+    """What the service said about every row of one submission (out of credit, or hold),
+    and the caller's deadline, which ends a hold as it ends the sending."""
 
     def __init__(self, wait_s: float, hold_s: float, deadline: float | None) -> None:
         self.open = asyncio.Event()

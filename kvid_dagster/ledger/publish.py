@@ -176,22 +176,25 @@ def _fetch(conn: Connection, query: Any, fields: Sequence[tuple[str, pa.DataType
     return table
 
 
-_JOB_NAMES = ("submission_id", "status", "error", "attempt", "updated_at", *_FROM_JOB)
-_JOINED_FIELDS: list[tuple[str, pa.DataType]] = [
+# what the videos query reads of a row and of its current job (``j_<name>``), in select order:
+# the struct the driver's tuples are converted into follows the same list
+_ROW_FIELDS: list[tuple[str, pa.DataType]] = [
     *((n, _TYPES[n]) for n in _FROM_ROW),
     ("invalid_reason", pa.string()), ("last_error", pa.string()), ("updated_at", _TS),
-    ("j_submission_id", pa.int64()), ("j_status", pa.string()), ("j_error", pa.string()),
-    ("j_attempt", pa.int32()), ("j_updated_at", _TS),
-    *((f"j_{n}", _TYPES[n]) for n in _FROM_JOB),
 ]  # fmt: skip
+_JOB_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("submission_id", pa.int64()), ("status", pa.string()), ("error", pa.string()),
+    ("attempt", pa.int32()), ("updated_at", _TS), *((n, _TYPES[n]) for n in _FROM_JOB),
+]  # fmt: skip
+_JOINED_FIELDS = [*_ROW_FIELDS, *((f"j_{n}", t) for n, t in _JOB_FIELDS)]
 
 
 def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:
     """The videos rows (all, or those changed after revision ``since``), by partition key."""
     rows, jobs = ledger.tables.rows, ledger.tables.jobs
     selected = [
-        *(rows.c[n] for n in (*_FROM_ROW, "invalid_reason", "last_error", "updated_at")),
-        *(jobs.c[n].label(f"j_{n}") for n in _JOB_NAMES),
+        *(rows.c[n] for n, _ in _ROW_FIELDS),
+        *(jobs.c[n].label(f"j_{n}") for n, _ in _JOB_FIELDS),
     ]
     query = select(*selected).select_from(ledger.current_jobs())
     if since is not None:
