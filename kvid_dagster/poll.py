@@ -20,18 +20,22 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from kvid_dagster.client import (
     DEFAULT_MAX_BYTES,
     AsyncKvidClient,
+    DownloadedFile,
     JobKind,
     JobResult,
+    KvidDownloadBusyError,
     KvidError,
     KvidNotFoundError,
+    PartialDownload,
     build_request,
 )
 from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
@@ -52,6 +56,13 @@ DEFAULT_POLL_CONCURRENCY = 32
 # a download's hidden staging file, and the client's partial one: older than this, a leftover
 _LEFTOVER_AGE_S = 3600.0
 _STAGING_SUFFIX = ".unverified.mp4"
+# the bytes of a download cut short by a tick's budget, kept for the next tick to continue
+_PARTIAL_SUFFIX = ".partial"
+# where those are kept when the videos go to remote storage (the system temp dir)
+_REMOTE_PARTIALS = "kvid-partials"
+# how long past the tick's budget a job's work may run before it is abandoned: its own calls
+# are bounded by the budget, this only catches what cannot be (a storage upload in a thread)
+_OVERRUN_GRACE_S = 5.0
 # a download bound for remote storage is staged in the system temp dir, in a folder named so
 _REMOTE_STAGING_PREFIX = "kvid-fetch-"
 # an encoder may round each side to a multiple of 16
@@ -174,20 +185,22 @@ async def poll_pending(
         since = sub.submitted_at or sub.claimed_at
         return since is not None and (now - since).total_seconds() > config.job_deadline_seconds
 
+    deadline = started + config.tick_budget_seconds
+
     async def poll_one(sub: Submission) -> None:
         async with gate:
-            left = config.tick_budget_seconds - (time.monotonic() - started)
+            left = deadline - time.monotonic()
             if left <= 0:
                 report.deferred += 1
                 return
             report.polled += 1
             report.last_submission_id = sub.submission_id  # the gate is FIFO: rotation order
+            job = _Job(client, config, sub, past_deadline(sub), now, deadline, report, logs)
             try:
-                # every call of this job (status, result, download, probe) within the budget
-                change = await asyncio.wait_for(
-                    _poll(client, config, sub, past_deadline(sub), now, report, logs), left
-                )
-            except TimeoutError:
+                # each call of this job is bounded by the budget (``_Job.within``); this bound
+                # only catches what cannot be cut (a storage upload running in a thread)
+                change = await asyncio.wait_for(job.poll(), left + _OVERRUN_GRACE_S)
+            except (TimeoutError, _OutOfTime):
                 report.polled -= 1
                 report.deferred += 1
                 return
@@ -261,81 +274,147 @@ def _not_found(
     )
 
 
-async def _poll(
-    client: AsyncKvidClient,
-    config: PollConfig,
-    sub: Submission,
-    late: bool,
-    now: datetime,
-    report: PollReport,
-    logs: dict[int, tuple[str, ...]],
-) -> JobChange | None:
-    """The change one status answer makes to ``sub`` (None: nothing changed)."""
-    kind = JobKind(sub.job_kind)
-    request_id = str(sub.request_id)
-    where = f"{sub.partition_key} ({request_id})"
-    try:
-        status = await client.status(kind, request_id)
-    except KvidNotFoundError as exc:
-        return _not_found(sub, config, now, exc.server_message or str(exc), late)
-    except KvidError as exc:
-        problem = f"status: {type(exc).__name__}: {exc}"
-        report.errors.append(f"{where}: {problem}")
-        # a service that never answers must not be polled forever
-        return _timed_out(sub, config, f"no usable status answer ({problem})") if late else None
-    # an answer ends a 404 streak
-    found = {"not_found_count": 0, "not_found_since": None} if sub.not_found_count else {}
-    logs[sub.submission_id] = tuple(status.logs[-3:])
-    if status.is_completed:
-        return await _completed(client, config, sub, kind, late, now, report, found)
-    progress = _percent(status.progress)
-    if status.ended_without_video:
-        reason = status.reason or ("canceled" if not status.is_failed else "no reason")
+T = TypeVar("T")
+
+
+class _OutOfTime(Exception):
+    """The tick's budget ended before this job's status answered: it waits for the next tick."""
+
+
+class _DownloadCut(Exception):
+    """The tick's budget ended in the middle of a video's download."""
+
+    def __init__(self, partial: PartialDownload | None, kept_before: int) -> None:
+        kept = partial.kept_bytes if partial is not None else 0
+        super().__init__(f"the download was cut by the tick's budget ({kept} bytes kept)")
+        # it moved on: it continued the bytes kept before (the server honours Range), or it is
+        # the first attempt to keep any; a download that starts over each tick never finishes
+        self.progressed = partial is not None and kept > 0 and (partial.resumed or not kept_before)
+        self.kept_bytes = kept
+
+
+@dataclass
+class _Job:
+    """One job's polling in one tick: each call it makes is bounded by the tick's ``deadline``
+    (a ``time.monotonic()`` value); ``late``: the job is past its own deadline."""
+
+    client: AsyncKvidClient
+    config: PollConfig
+    sub: Submission
+    late: bool
+    now: datetime
+    deadline: float
+    report: PollReport
+    logs: dict[int, tuple[str, ...]]
+
+    async def within(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``, cancelled (TimeoutError) when the tick's budget ends."""
+        return await asyncio.wait_for(awaitable, max(0.0, self.deadline - time.monotonic()))
+
+    @property
+    def where(self) -> str:
+        return f"{self.sub.partition_key} ({self.sub.request_id})"
+
+    async def poll(self) -> JobChange | None:
+        """The change one status answer makes to the job (None: nothing changed)."""
+        sub, config = self.sub, self.config
+        kind = JobKind(sub.job_kind)
+        if sub.status is VideoStatus.FETCHING:
+            # the service said it is done: what is left is ours (the video), so neither its
+            # status nor the job deadline matter any more, only ``fetch_attempts``
+            return await self.completed(kind, {})
+        try:
+            status = await self.within(self.client.status(kind, str(sub.request_id)))
+        except TimeoutError:
+            if not self.late:
+                raise _OutOfTime from None
+            # a service that never answers must not be polled forever, even when each of its
+            # hangs outlasts a tick
+            return _timed_out(sub, config, "no status answer within a tick's budget")
+        except KvidNotFoundError as exc:
+            return _not_found(sub, config, self.now, exc.server_message or str(exc), self.late)
+        except KvidError as exc:
+            problem = f"status: {type(exc).__name__}: {exc}"
+            self.report.errors.append(f"{self.where}: {problem}")
+            # a service that never answers must not be polled forever
+            if self.late:
+                return _timed_out(sub, config, f"no usable status answer ({problem})")
+            return None
+        # an answer ends a 404 streak
+        found = {"not_found_count": 0, "not_found_since": None} if sub.not_found_count else {}
+        self.logs[sub.submission_id] = tuple(status.logs[-3:])
+        if status.is_completed:
+            return await self.completed(kind, found)
+        progress = _percent(status.progress)
+        if status.ended_without_video:
+            reason = status.reason or ("canceled" if not status.is_failed else "no reason")
+            return JobChange(
+                sub.submission_id,
+                sub.version,
+                VideoStatus.FAILED if status.is_failed else VideoStatus.CANCELED,
+                progress=progress,
+                error=reason,
+                completed=True,
+            )
+        if self.late:
+            return _timed_out(sub, config, f"still {status.status}")
+        running = VideoStatus.from_service(status.status)
+        if running is sub.status and progress == sub.progress and not found:
+            return None
+        extra = {**found, "error": None} if found else {}
+        return JobChange(sub.submission_id, sub.version, running, progress=progress, extra=extra)
+
+    async def completed(self, kind: JobKind, found: dict[str, object]) -> JobChange | None:
+        """The service says done: fetch, verify and keep the video, at most ``fetch_attempts``
+        times ``refetch_interval_seconds`` apart; then FETCH_FAILED (the paid request_id kept).
+
+        The job deadline does not apply: it bounds the service's work, and a paid video stays
+        fetchable however long our downloads take. A download cut by the tick's budget that
+        made progress (resumed, or kept its first bytes) is not a failed attempt."""
+        sub, config = self.sub, self.config
+        waited = (
+            (self.now - sub.updated_at).total_seconds()
+            if sub.updated_at
+            else config.refetch_interval_seconds
+        )
+        if sub.fetch_failures and waited < config.refetch_interval_seconds:
+            return None  # the last fetch failed a moment ago: try again on a later tick
+        try:
+            video, used_credit = await self.fetch(kind)
+        except KvidDownloadBusyError:
+            return None  # another poller (a run, a second sensor) is downloading it right now
+        except _DownloadCut as cut:
+            if cut.progressed:
+                return JobChange(
+                    sub.submission_id,
+                    sub.version,
+                    VideoStatus.FETCHING,
+                    progress=100,
+                    error=f"downloading the video: {cut.kept_bytes} bytes so far; the next "
+                    "tick continues",
+                    extra=found,
+                )
+            return self.fetch_failed(str(cut), found)
+        except Exception as exc:  # whatever the result, the download or the probe raised
+            return self.fetch_failed(f"{type(exc).__name__}: {exc}", found)
+        # the service's own figure, where it reports one, is the job's cost (the estimate stays)
+        cost = {"cost_credits": used_credit} if used_credit is not None else {}
         return JobChange(
             sub.submission_id,
             sub.version,
-            VideoStatus.FAILED if status.is_failed else VideoStatus.CANCELED,
-            progress=progress,
-            error=reason,
+            VideoStatus.COMPLETED,
+            progress=100,
+            video=video,
             completed=True,
+            extra={**found, **cost},
         )
-    if late:
-        return _timed_out(sub, config, f"still {status.status}")
-    running = VideoStatus.from_service(status.status)
-    if running is sub.status and progress == sub.progress and not found:
-        return None
-    extra = {**found, "error": None} if found else {}
-    return JobChange(sub.submission_id, sub.version, running, progress=progress, extra=extra)
 
-
-async def _completed(
-    client: AsyncKvidClient,
-    config: PollConfig,
-    sub: Submission,
-    kind: JobKind,
-    late: bool,
-    now: datetime,
-    report: PollReport,
-    found: dict[str, object],
-) -> JobChange | None:
-    """The service says done: fetch, verify and keep the video, at most ``fetch_attempts``
-    times ``refetch_interval_seconds`` apart; then FETCH_FAILED (the paid request_id kept)."""
-    waited = (
-        (now - sub.updated_at).total_seconds()
-        if sub.updated_at
-        else config.refetch_interval_seconds
-    )
-    if sub.fetch_failures and not late and waited < config.refetch_interval_seconds:
-        return None  # the last fetch failed a moment ago: try again on a later tick
-    try:
-        video, used_credit = await _fetch(client, config, sub, kind, str(sub.request_id))
-    except Exception as exc:  # whatever the result, the download or the probe raised
-        problem = f"fetching the video: {type(exc).__name__}: {exc}"
-        report.errors.append(f"{sub.partition_key} ({sub.request_id}): {problem}")
-        if late:
-            return _timed_out(sub, config, f"completed, but {problem}")
+    def fetch_failed(self, why: str, found: dict[str, object]) -> JobChange:
+        sub = self.sub
+        problem = f"fetching the video: {why}"
+        self.report.errors.append(f"{self.where}: {problem}")
         failures = sub.fetch_failures + 1
-        given_up = failures >= config.fetch_attempts
+        given_up = failures >= self.config.fetch_attempts
         if given_up:
             problem = (
                 f"completed, but the video could not be fetched in {failures} attempts (last: "
@@ -351,76 +430,78 @@ async def _completed(
             completed=given_up,
             extra={**found, "fetch_failures": failures},
         )
-    # the service's own figure, where it reports one, is the job's cost (the estimate stays)
-    cost = {"cost_credits": used_credit} if used_credit is not None else {}
-    return JobChange(
-        sub.submission_id,
-        sub.version,
-        VideoStatus.COMPLETED,
-        progress=100,
-        video=video,
-        completed=True,
-        extra={**found, **cost},
-    )
 
+    async def fetch(self, kind: JobKind) -> tuple[VideoFile, float | None]:
+        """The result (and the credits the service says the job used), and its video
+        downloaded to a hidden staging file, verified as a video of the expected geometry,
+        then renamed into place: what is not a video never lands as .mp4."""
+        config, sub = self.config, self.sub
+        try:
+            result = await self.within(self.client.result(kind, str(sub.request_id)))
+        except TimeoutError:
+            raise _DownloadCut(None, 0) from None
+        if not config.download:
+            unfetched = VideoFile(
+                url=result.url, name=result.name, size_kb=_whole_kb(result.size_kb)
+            )
+            return unfetched, result.used_credit
+        target = video_path(config.download_dir, sub)
+        if is_remote(target):
+            return await self.fetch_to_storage(result, target)
+        assert isinstance(config.download_dir, Path) and isinstance(target, Path)
+        config.download_dir.mkdir(parents=True, exist_ok=True)
+        # a name of its own: two pollers (two runs, a run and a sensor) may fetch one job at
+        # once, and one renaming a shared staging file under the other failed the other's fetch
+        staging = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}{_STAGING_SUFFIX}")
+        partial = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
+        try:
+            downloaded = await self.download(result, staging, partial)
+            probe = await asyncio.to_thread(_verified, downloaded.path, sub)
+            await asyncio.to_thread(os.replace, staging, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                staging.unlink()
+            raise
+        # the UI's preview is made here, in a worker thread within the tick's budget, and cached
+        # beside the video: reporting the materialization then only reads it back
+        with contextlib.suppress(PreviewError):
+            await asyncio.to_thread(video_preview, target)
+        return _video_file(result, str(target), downloaded.sha256, probe), result.used_credit
 
-async def _fetch(
-    client: AsyncKvidClient, config: PollConfig, sub: Submission, kind: JobKind, request_id: str
-) -> tuple[VideoFile, float | None]:
-    """The result (and the credits the service says the job used), and its video downloaded
-    to a hidden staging file, verified as a video of the expected geometry, then renamed into
-    place: what is not a video never lands as .mp4."""
-    result = await client.result(kind, request_id)
-    if not config.download:
-        unfetched = VideoFile(url=result.url, name=result.name, size_kb=_whole_kb(result.size_kb))
-        return unfetched, result.used_credit
-    target = video_path(config.download_dir, sub)
-    if is_remote(target):
-        return await _fetch_to_storage(client, config, sub, result, target)
-    assert isinstance(config.download_dir, Path) and isinstance(target, Path)
-    config.download_dir.mkdir(parents=True, exist_ok=True)
-    # a name of its own: two pollers (two runs, a run and a sensor) may fetch one job at once,
-    # and one renaming a shared staging file under the other failed the other's fetch
-    staging = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}{_STAGING_SUFFIX}")
-    try:
-        downloaded = await client.download(result, staging, max_bytes=config.max_download_bytes)
-        probe = await asyncio.to_thread(_verified, downloaded.path, sub)
-        await asyncio.to_thread(os.replace, staging, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            staging.unlink()
-        raise
-    # the UI's preview is made here, in a worker thread within the tick's budget, and cached
-    # beside the video: reporting the materialization then only reads it back
-    with contextlib.suppress(PreviewError):
-        await asyncio.to_thread(video_preview, target)
-    return _video_file(result, str(target), downloaded.sha256, probe), result.used_credit
+    async def download(self, result: JobResult, dest: Path, partial: Path) -> DownloadedFile:
+        """The download, continuing what an earlier tick kept in ``partial``; cut by the
+        tick's budget (``_DownloadCut``), what it received stays there for the next tick."""
+        kept = PartialDownload(partial)
+        before = partial.stat().st_size if partial.exists() else 0
+        download = self.client.download(
+            result, dest, max_bytes=self.config.max_download_bytes, partial=kept
+        )
+        try:
+            return await self.within(download)
+        except TimeoutError:
+            raise _DownloadCut(kept, before) from None
 
-
-async def _fetch_to_storage(
-    client: AsyncKvidClient,
-    config: PollConfig,
-    sub: Submission,
-    result: JobResult,
-    target: StoragePath,
-) -> tuple[VideoFile, float | None]:
-    """``_fetch`` for remote storage: downloaded to the system temp dir (never the data dir),
-    verified as a local download is, then streamed to its final key, which is what the ledger
-    records. A failed upload raises :class:`StorageError`: the job's fetch failed, and is
-    retried as any failed fetch is."""
-    staging = tempfile.mkdtemp(prefix=_REMOTE_STAGING_PREFIX)
-    try:
-        local = Path(staging) / target.name
-        downloaded = await client.download(result, local, max_bytes=config.max_download_bytes)
-        probe = await asyncio.to_thread(_verified, downloaded.path, sub)
-        stored = await asyncio.to_thread(put_file, local, target)
-        # the preview beside it, after it (so it is never older than the video)
-        with contextlib.suppress(PreviewError, StorageError):
-            image = await asyncio.to_thread(video_preview, local)
-            await asyncio.to_thread(put_bytes, image.data, cache_path(target))
-    finally:  # at once, not in a thread: a cancelled tick must not leave it behind
-        shutil.rmtree(staging, ignore_errors=True)
-    return _video_file(result, stored, downloaded.sha256, probe), result.used_credit
+    async def fetch_to_storage(
+        self, result: JobResult, target: StoragePath
+    ) -> tuple[VideoFile, float | None]:
+        """``fetch`` for remote storage: downloaded to the system temp dir (never the data
+        dir), verified as a local download is, then streamed to its final key, which is what
+        the ledger records. A failed upload raises :class:`StorageError`: the job's fetch
+        failed, and is retried as any failed fetch is."""
+        staging = tempfile.mkdtemp(prefix=_REMOTE_STAGING_PREFIX)
+        partial = Path(tempfile.gettempdir(), _REMOTE_PARTIALS, target.name + _PARTIAL_SUFFIX)
+        try:
+            local = Path(staging) / target.name
+            downloaded = await self.download(result, local, partial)
+            probe = await asyncio.to_thread(_verified, downloaded.path, self.sub)
+            stored = await asyncio.to_thread(put_file, local, target)
+            # the preview beside it, after it (so it is never older than the video)
+            with contextlib.suppress(PreviewError, StorageError):
+                image = await asyncio.to_thread(video_preview, local)
+                await asyncio.to_thread(put_bytes, image.data, cache_path(target))
+        finally:  # at once, not in a thread: a cancelled tick must not leave it behind
+            shutil.rmtree(staging, ignore_errors=True)
+        return _video_file(result, stored, downloaded.sha256, probe), result.used_credit
 
 
 def _video_file(result: JobResult, stored: str, sha256: str, probe: VideoProbe) -> VideoFile:
@@ -522,12 +603,16 @@ def _clean_leftovers(download_dir: StoragePath) -> None:
             with contextlib.suppress(OSError):
                 if path.is_dir() and path.stat().st_mtime < old:
                     shutil.rmtree(path)
+        folder, pattern = Path(tempfile.gettempdir(), _REMOTE_PARTIALS), "*"
+    else:
+        assert isinstance(download_dir, Path)
+        folder, pattern = download_dir, ".*"  # hidden files beside the videos
+    if not folder.is_dir():
         return
-    assert isinstance(download_dir, Path)
-    if not download_dir.is_dir():
-        return
-    for path in download_dir.glob(".*"):
-        if not path.name.endswith((_STAGING_SUFFIX, ".part")):
+    # a partial download is touched by every tick that continues it: an old one was abandoned
+    suffixes = (_STAGING_SUFFIX, ".part", _PARTIAL_SUFFIX, f"{_PARTIAL_SUFFIX}.json")
+    for path in folder.glob(pattern):
+        if not path.name.endswith(suffixes):
             continue
         with contextlib.suppress(OSError):
             if path.is_file() and path.stat().st_mtime < old:

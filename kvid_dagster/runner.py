@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_con
 from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
-from kvid_dagster.ledger import SpendWindow, VideoStatus, videos_frame
+from kvid_dagster.ledger import Ledger, SpendWindow, VideoStatus, videos_frame
 from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.planning import partition_ranges
 from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
@@ -186,6 +187,7 @@ def run_pipeline(
             submit_runs.append(result.runs[-1])
 
         cursor: str | None = None
+        dialect = resource.dialect.value  # the status sensor polls only this dialect's jobs
         while True:
             # the sensor logs a line at INFO each tick: the display says it once per change
             reported, cursor = evaluate_status_sensor(
@@ -194,9 +196,10 @@ def run_pipeline(
             result.sensor_ticks += 1
             result.events_reported += reported
             show(Phase.POLLING)
-            # jobs to poll, and claims another live process is still sending (the ticks settle
-            # them if that process dies)
-            waiting = ledger.jobs_to_poll() + ledger.submissions([VideoStatus.SUBMITTING])
+            # jobs this dialect can poll, and its claims another live process is still sending
+            # (the ticks settle them if that process dies); the other dialect's wait for it
+            claims = ledger.submissions([VideoStatus.SUBMITTING])
+            waiting = ledger.jobs_to_poll(dialect) + [s for s in claims if s.dialect == dialect]
             if not waiting:
                 break
             if time.monotonic() - started > deadline_seconds:
@@ -207,6 +210,9 @@ def run_pipeline(
                 )
                 break
             time.sleep(poll_interval_seconds)
+        others = other_dialect_jobs(ledger, dialect)
+        if others:
+            display.note(others)
         show(Phase.PUBLISHING)
         execute(CATALOG_JOB)
         result.catalog = videos_frame(ledger)
@@ -216,6 +222,18 @@ def run_pipeline(
         show(Phase.DONE)
     result.elapsed_seconds = time.monotonic() - started
     return result
+
+
+def other_dialect_jobs(ledger: Ledger, dialect: str) -> str:
+    """What waits for the other API dialect, as one line (empty: nothing): a job id means
+    something only to the dialect it was sent in, so no poller of ``dialect`` ever sees them."""
+    others = Counter(s.dialect for s in ledger.jobs_to_poll() if s.dialect != dialect)
+    return "; ".join(
+        f"{count} job(s) sent in the {name} dialect are not polled by this {dialect}-dialect "
+        f"run: they wait, request_ids kept, until a run or status sensor with "
+        f"KVID_API_DIALECT={name} polls them"
+        for name, count in sorted(others.items())
+    )
 
 
 def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdout) -> None:

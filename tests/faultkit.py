@@ -32,6 +32,7 @@ from conftest import REPO_ROOT, TEST_API_KEY
 
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     ClaimRule,
     Ledger,
@@ -109,6 +110,17 @@ def submit(
             return await submit_rows(client, ledger, rows, **submit_kw)
 
     return asyncio.run(go())
+
+
+def submitted(
+    emulator: KvidEmulator, tmp_path: Path, keys: Sequence[str] = ("a",)
+) -> tuple[Ledger, list[PromptRow]]:
+    """A table of ``keys`` registered in a fresh ledger under ``tmp_path`` and submitted."""
+    rows = table_rows(write_table(tmp_path / "prompts.csv", list(keys)))
+    ledger = Ledger.for_data_dir(tmp_path / "data")
+    ledger.register(rows)
+    submit(emulator.base_url, ledger, rows)
+    return ledger, rows
 
 
 def poll_until_settled(
@@ -219,9 +231,14 @@ def assert_catalog_right(ledger: Ledger, catalog_dir: Path | None = None) -> Non
 
 
 def dagster_home(folder: Path) -> Path:
-    """A DAGSTER_HOME that several processes can open (SQLite storage, telemetry off)."""
+    """A DAGSTER_HOME that several processes can open (SQLite storage, telemetry off), its
+    storage created here: two processes opening a new home at once race to create the same
+    SQLite tables ("table alembic_version already exists" killed a daemon that way)."""
+    from dagster import DagsterInstance
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    DagsterInstance.from_config(str(folder)).dispose()
     return folder
 
 
@@ -443,7 +460,7 @@ def child_sensor_tick(
 ) -> None:
     """One status-sensor tick that hangs midway: "reporting" after the first two events reached
     Dagster (the ledger already holds every outcome); "downloading" in the middle of the
-    first video's download (nothing recorded yet, a partial temp file on disk)."""
+    first video's download (nothing recorded yet, its first bytes kept in a partial file)."""
     from dagster import DagsterInstance
 
     from kvid_dagster.client import _download

@@ -10,6 +10,7 @@ row is still paid once, and ``used_credit`` is the job's cost.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -30,10 +31,11 @@ from kvid_dagster.emulator.generation import ModelFamily
 from kvid_dagster.ledger import Ledger, VideoStatus
 from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.probe import probe_video
+from kvid_dagster.progress import PlainDisplay
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import load_prompt_table
 from kvid_dagster.resource import KvidResource
-from kvid_dagster.runner import evaluate_status_sensor
+from kvid_dagster.runner import evaluate_status_sensor, run_pipeline
 
 GENERATION = ApiDialect.GENERATION
 
@@ -351,3 +353,40 @@ def test_a_retry_held_by_the_concurrent_limit_waits_no_longer_than_the_ticks_bud
     (row,) = ledger.rows()
     assert row.attempts == 2 and row.status.needs_polling
     assert emulator.jobs_created == 3
+
+
+def test_a_run_after_a_dialect_switch_waits_only_for_the_jobs_it_can_poll(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """Jobs sent in the other dialect are never polled by this one: the run must not idle
+    until its deadline on them, and must say what waits for the other dialect."""
+    prompts = write_rows(tmp_path / "p.csv", text_rows(2))
+    data_dir = tmp_path / "data"
+    emulator.config.job_duration = 3600.0  # the generation jobs are still running at the end
+
+    def run(dialect: ApiDialect, deadline_seconds: float) -> tuple[Any, str]:
+        resource = KvidResource(api_key=TEST_API_KEY, base_url=emulator.base_url, dialect=dialect)
+        out = io.StringIO()
+        with open_instance(dagster_home(tmp_path / "home")) as instance:
+            result = run_pipeline(
+                KvidProject(prompts, data_dir, dialect=dialect),
+                resource,
+                instance=instance,
+                poll_interval_seconds=0.2,
+                deadline_seconds=deadline_seconds,
+                display=PlainDisplay(out),
+            )
+        return result, out.getvalue()
+
+    run(GENERATION, deadline_seconds=0.0)  # sends both, then stops waiting at once
+    assert generates(emulator) == 2
+    emulator.config.job_duration = 0.3
+    result, shown = run(ApiDialect.VIDEO, deadline_seconds=60.0)
+    assert result.ok and emulator.jobs_created == 4
+    assert "giving up" not in shown  # it did not wait for what it cannot poll
+    assert (
+        "2 job(s) sent in the generation dialect are not polled by this video-dialect run" in shown
+    )
+    assert "KVID_API_DIALECT=generation" in shown
+    ledger = ledger_of(prompts, data_dir)
+    assert len(ledger.jobs_to_poll("generation")) == 2  # still running, ids kept

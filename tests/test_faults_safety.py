@@ -21,7 +21,7 @@ from faultkit import (
     run_prompts,
     run_submit,
     statuses,
-    submit,
+    submitted,
     table_rows,
     tick_until_settled,
     write_table,
@@ -55,19 +55,10 @@ def redirector() -> Iterator[StorageFront]:
     front.close()
 
 
-def start_one(emulator: KvidEmulator, tmp_path: Path) -> tuple[Ledger, list[PromptRow]]:
-    """One row registered in a fresh ledger and submitted."""
-    rows = table_rows(write_table(tmp_path / "prompts.csv", ["a"]))
-    ledger = Ledger.for_data_dir(tmp_path / "data")
-    ledger.register(rows)
-    submit(emulator.base_url, ledger, rows)
-    return ledger, rows
-
-
 def run_one(
     emulator: KvidEmulator, tmp_path: Path, **poll: Any
 ) -> tuple[Ledger, list[PromptRow], Path]:
-    ledger, rows = start_one(emulator, tmp_path)
+    ledger, rows = submitted(emulator, tmp_path)
     videos = tmp_path / "videos"
     poll_until_settled(emulator.base_url, ledger, videos, **poll)
     return ledger, rows, videos
@@ -110,9 +101,9 @@ def test_downloads_only_follow_http(
     base = "ftp://127.0.0.1:21" if where == "a non-http result URL" else redirector.url
     # separate_storage off: its own storage origin would replace the result URLs under test
     emulator = emulator_factory(public_base_url=base, separate_storage=False)
-    ledger, rows, videos = run_one(emulator, tmp_path, job_deadline_seconds=1.0)
+    ledger, rows, videos = run_one(emulator, tmp_path, refetch_interval_seconds=0.0)
     row = row_of(ledger, "a")
-    assert row.status is VideoStatus.TIMED_OUT  # fetched until the deadline
+    assert row.status is VideoStatus.FETCH_FAILED  # fetched fetch_attempts times, id kept
     assert row.error is not None
     assert "http(s)" in row.error or "UnsupportedProtocol" in row.error
     assert row.video.local_path is None
@@ -124,10 +115,10 @@ def test_downloads_are_size_capped_and_leave_nothing_behind(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
     ledger, rows, videos = run_one(
-        emulator, tmp_path, job_deadline_seconds=1.0, max_download_bytes=10_000
+        emulator, tmp_path, refetch_interval_seconds=0.0, max_download_bytes=10_000
     )
     row = row_of(ledger, "a")
-    assert row.status is VideoStatus.TIMED_OUT
+    assert row.status is VideoStatus.FETCH_FAILED
     assert row.error is not None and "max_bytes=10000" in row.error
     assert list(videos.iterdir()) == []  # no partial file, no temp file
     assert_accounted(emulator.jobs, ledger, rows)
@@ -140,15 +131,15 @@ def test_a_symlink_in_the_download_folder_is_not_followed_out_of_it(
     outside.write_bytes(b"precious")
     videos = tmp_path / "videos"
     videos.mkdir()
-    ledger, rows = start_one(emulator, tmp_path)
+    ledger, rows = submitted(emulator, tmp_path)
     [sub] = ledger.submissions()
     trap = videos / video_path(videos, sub).name  # the job's own file name, planted first
     trap.symlink_to(outside)
-    poll_until_settled(emulator.base_url, ledger, videos, job_deadline_seconds=1.0)
+    poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     assert outside.read_bytes() == b"precious"
     assert trap.is_symlink() and trap.resolve() == outside.resolve()
     row = row_of(ledger, "a")
-    assert row.status is VideoStatus.TIMED_OUT
+    assert row.status is VideoStatus.FETCH_FAILED
     assert row.error is not None and "escapes" in row.error
     assert_accounted(emulator.jobs, ledger, rows)
 

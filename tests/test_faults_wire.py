@@ -31,8 +31,8 @@ from faultkit import (
     poll_until_settled,
     statuses,
     submit,
+    submitted,
     table_rows,
-    write_table,
 )
 
 from kvid_dagster.emulator import KvidEmulator
@@ -47,7 +47,6 @@ from kvid_dagster.ledger import (
 )
 from kvid_dagster.poll import PollConfig, poll_pending
 from kvid_dagster.preview import cache_path
-from kvid_dagster.prompts import PromptRow
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator
@@ -85,16 +84,6 @@ def audio_storage() -> Iterator[StorageFront]:
     storage.close()
 
 
-def started(
-    emulator: KvidEmulator, tmp_path: Path, keys: list[str]
-) -> tuple[Ledger, list[PromptRow]]:
-    rows = table_rows(write_table(tmp_path / "prompts.csv", keys))
-    ledger = Ledger.for_data_dir(tmp_path / "data")
-    ledger.register(rows)
-    submit(emulator.base_url, ledger, rows)
-    return ledger, rows
-
-
 def row_of(ledger: Ledger, key: str) -> VideoRow:
     row = ledger.row(key)
     assert row is not None, key
@@ -113,7 +102,7 @@ def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_ref
     # separate_storage off: its own storage origin would replace the result URLs under test
     emulator = emulator_factory(public_base_url=html_storage.url, separate_storage=False)
     html_storage.target = emulator.base_url
-    ledger, rows = started(emulator, tmp_path, ["a"])
+    ledger, rows = submitted(emulator, tmp_path, ["a"])
     videos = tmp_path / "videos"
     poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
     row = ledger.row("a")
@@ -143,7 +132,7 @@ def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on
     # separate_storage off: its own storage origin would replace the result URLs under test
     emulator = emulator_factory(public_base_url=audio_storage.url, separate_storage=False)
     audio_storage.target = emulator.base_url
-    ledger, rows = started(emulator, tmp_path, ["bad", "good"])
+    ledger, rows = submitted(emulator, tmp_path, ["bad", "good"])
     bad = ledger.row("bad")
     assert bad is not None and bad.request_id
     audio_storage.bad_for = {bad.request_id}
@@ -211,7 +200,7 @@ def test_an_image_to_video_download_of_the_wrong_size_never_lands(
 def test_a_404_from_status_makes_a_job_lost_only_after_the_404s_lasted(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    ledger, rows = started(emulator, tmp_path, ["a"])
+    ledger, rows = submitted(emulator, tmp_path, ["a"])
     snapshot = dict(emulator.jobs)
     emulator.forget_jobs()  # a deploy, or a store that does not know the job yet: 404
     videos = tmp_path / "videos"
@@ -233,7 +222,7 @@ def test_a_404_from_status_makes_a_job_lost_only_after_the_404s_lasted(
 
 
 def test_a_404_streak_that_ends_is_forgotten(emulator: KvidEmulator, tmp_path: Path) -> None:
-    ledger, rows = started(emulator, tmp_path, ["a"])
+    ledger, rows = submitted(emulator, tmp_path, ["a"])
     [sub] = ledger.submissions()
     streak = JobChange(  # two 404s, as a poller recorded them; then the service answers again
         sub.submission_id,
@@ -254,7 +243,7 @@ def test_a_404_streak_that_ends_is_forgotten(emulator: KvidEmulator, tmp_path: P
 def test_the_tick_budget_is_a_hard_deadline_for_every_call(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    ledger, rows = started(emulator, tmp_path, ["a", "b"])
+    ledger, rows = submitted(emulator, tmp_path, ["a", "b"])
     emulator.add_fault("status", "timeout", times=2, delay=8.0)  # answers after 8 s
 
     async def tick() -> Any:
@@ -279,7 +268,7 @@ def test_the_tick_budget_is_a_hard_deadline_for_every_call(
 def test_force_pays_once_per_forced_run_not_again_on_its_retries(
     emulator: KvidEmulator, tmp_path: Path
 ) -> None:
-    ledger, rows = started(emulator, tmp_path, ["a"])
+    ledger, rows = submitted(emulator, tmp_path, ["a"])
     poll_until_settled(emulator.base_url, ledger, tmp_path / "videos")
     forced = ClaimRule(force=True, force_token="root-run-1")
     submit(emulator.base_url, ledger, rows, rule=forced)
@@ -301,7 +290,7 @@ def test_a_realistic_server_gets_every_video_once(emulator_factory: Any, tmp_pat
     # a 404 window every job's first poll falls in even on a loaded machine (asserted below)
     emulator = emulator_factory(realistic=True, job_duration=4.0, fresh_404_s=3.0)
     keys = [f"k{i}" for i in range(12)]
-    ledger, rows = started(emulator, tmp_path, keys)
+    ledger, rows = submitted(emulator, tmp_path, keys)
     assert statuses(ledger) == dict.fromkeys(keys, "SUBMITTED")
     videos = tmp_path / "videos"
     reports = poll_until_settled(emulator.base_url, ledger, videos, pause=0.3)
@@ -336,7 +325,7 @@ def test_result_urls_to_private_addresses_are_refused_unless_trusted(
     emulator = emulator_factory(
         port=port, public_base_url=f"http://{storage_host}:{port}", separate_storage=False
     )
-    ledger, rows = started(emulator, tmp_path, ["a"])
+    ledger, rows = submitted(emulator, tmp_path, ["a"])
     videos = tmp_path / "videos"
 
     async def tick() -> Any:

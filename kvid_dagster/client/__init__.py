@@ -6,13 +6,14 @@ imported by processes (the emulator, the CLI) that should not pay for Dagster.
 
 from __future__ import annotations
 
-from ._download import DEFAULT_MAX_BYTES
+from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import DEFAULT_BASE_URL, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUT_S
 from .aio import AsyncKvidClient
 from .errors import (
     KvidAuthenticationError,
     KvidConcurrentLimitError,
     KvidConnectionError,
+    KvidDownloadBusyError,
     KvidDownloadTooLargeError,
     KvidError,
     KvidInsufficientCreditError,
@@ -102,6 +103,7 @@ __all__ = [
     "KvidConcurrentLimitError",
     "KvidConnectionError",
     "KvidDialect",
+    "KvidDownloadBusyError",
     "KvidDownloadTooLargeError",
     "KvidError",
     "KvidInsufficientCreditError",
@@ -115,6 +117,7 @@ __all__ = [
     "KvidTimeoutError",
     "KvidUncertainSubmissionError",
     "KvidValidationError",
+    "PartialDownload",
     "RetryPolicy",
     "TextToVideoV1",
     "TextToVideoV2",

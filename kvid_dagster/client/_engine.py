@@ -22,11 +22,12 @@ from typing import Any, Generic, TypeVar, get_args
 
 import httpx
 
-from ._download import DEFAULT_MAX_BYTES, DownloadSink, target_path
+from ._download import DEFAULT_MAX_BYTES, DownloadSink, PartialDownload, target_path
 from ._ramp import Ramp
 from ._secrets import REDACTED, Secret, protect_logs, redact, spellings
 from .errors import (
     KvidConnectionError,
+    KvidDownloadTooLargeError,
     KvidError,
     KvidJobFailedError,
     KvidProtocolError,
@@ -527,7 +528,11 @@ class ClientBase:
         return parsed
 
     def _download_op(
-        self, result_or_url: JobResult | str, dest: Any, max_bytes: int
+        self,
+        result_or_url: JobResult | str,
+        dest: Any,
+        max_bytes: int,
+        partial: PartialDownload | None = None,
     ) -> Op[DownloadedFile]:
         _positive("max_bytes", max_bytes, integer=True)
         expected_kb: float | None = None
@@ -537,11 +542,11 @@ class ClientBase:
         else:
             url = self._download_url(result_or_url, "result_or_url")
             name = url.path.rsplit("/", 1)[-1]
-        sink = DownloadSink(target_path(dest, name), max_bytes)
+        sink = DownloadSink(target_path(dest, name), max_bytes, partial)
         what = f"GET {url.copy_with(query=None)}"  # a signed URL's query is a credential too
 
         def fetch() -> Fetch:
-            headers = self._auth_headers(url)
+            headers = {**self._auth_headers(url), **sink.resume_headers()}
             request = self._http.build_request("GET", url, headers=headers, timeout=self._timeout)
             return Fetch(request, sink)
 
@@ -549,6 +554,9 @@ class ClientBase:
             yield from self._exchange(fetch, what, idempotent=True)
             sink.check_size(expected_kb)
             downloaded = sink.commit()
+        except (KvidDownloadTooLargeError, KvidProtocolError):
+            sink.forget()  # refused, not cut short: nothing in it is worth continuing
+            raise
         finally:
             sink.discard()
         logger.debug("%s -> %s (%d bytes)", what, downloaded.path, downloaded.size_bytes)

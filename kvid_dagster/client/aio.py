@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._download import DEFAULT_MAX_BYTES
+from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
 from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
@@ -168,9 +168,11 @@ class AsyncKvidClient(ClientBase):
         dest: str | os.PathLike[str],
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        partial: PartialDownload | None = None,
     ) -> DownloadedFile:
-        """Async ``KvidClient.download`` (tmp file + rename, size cap, key only to our origin)."""
-        return await self._run(self._download_op(result_or_url, dest, max_bytes))
+        """Async ``KvidClient.download`` (tmp file + rename, size cap, key only to our origin;
+        ``partial`` keeps and resumes what a cancelled or failed download received)."""
+        return await self._run(self._download_op(result_or_url, dest, max_bytes, partial))
 
     async def close(self) -> None:
         await self._http.aclose()

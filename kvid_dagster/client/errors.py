@@ -157,6 +157,10 @@ class KvidDownloadTooLargeError(KvidError):
     """A download exceeded ``max_bytes`` (announced by Content-Length or while streaming)."""
 
 
+class KvidDownloadBusyError(KvidError):
+    """Another download into the same partial file is in progress (another poller has it)."""
+
+
 class KvidJobFailedError(KvidError):
     """The job ended FAILED; ``reason`` is the server's message or last log line."""
 

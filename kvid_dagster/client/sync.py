@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._download import DEFAULT_MAX_BYTES
+from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
 from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
@@ -167,14 +167,22 @@ class KvidClient(ClientBase):
         dest: str | os.PathLike[str],
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        partial: PartialDownload | None = None,
     ) -> DownloadedFile:
         """Stream the video to ``dest`` (a file, or a folder to put ``result.name`` in).
 
         Written to a temporary file beside it and renamed into place when complete; more than
         ``max_bytes`` (announced or received), an empty body or one far from the result's
         ``size_kb`` aborts and deletes it. The api-key goes only to the API's own origin.
+
+        ``partial``: write to ``partial.path`` instead, and keep what was received when the
+        download stops short (an error, a timeout, a cancelled caller); a later call with the
+        same path continues from there where the server honours HTTP Range (guarded by
+        ``If-Range``, else by the file's length), and starts over where it does not
+        (``partial.resumed`` tells which). While a download holds the path, another gets
+        ``KvidDownloadBusyError``.
         """
-        return self._run(self._download_op(result_or_url, dest, max_bytes))
+        return self._run(self._download_op(result_or_url, dest, max_bytes, partial))
 
     def close(self) -> None:
         self._http.close()

@@ -116,6 +116,12 @@ class EmulatorConfig:
     backlog: int = 5
     """Listen backlog: the standard library's (``socketserver``) 5, as small real servers have,
     so bursts meet a full accept queue in tests too; benchmarks pass a large one."""
+    download_bytes_per_second: float | None = None
+    """Bandwidth of every video download (None: as fast as loopback goes): a long download."""
+    range_requests: bool = True
+    """Video downloads honour ``Range`` (with ``If-Range`` against their ``ETag`` and
+    ``Last-Modified``), as storage services do; False: every download is the whole file (200),
+    as the vendor's page promises nothing more."""
     echo_api_key: bool = False
     """Put the request's api-key into an ``X-Debug-Key`` response header, status logs, FAILED
     messages and the emulator's own log, so a client's scrubbing is tested everywhere. Not part

@@ -135,7 +135,8 @@ class _Response:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     file: Path | None = None  # stream this file as the body...
-    file_bytes: int = 0  # ...this many bytes of it
+    file_bytes: int = 0  # ...this many bytes of it...
+    file_offset: int = 0  # ...from here
     drop: bool = False  # close the connection without answering
     close: bool = False  # answer, then close the connection
 
@@ -526,7 +527,7 @@ class KvidEmulator:
             cap = self.config.max_body_bytes
             return replace(_error(413, f"Request body larger than {cap} bytes"), close=True)
         if endpoint == "files":  # storage: public URLs, no api-key, no rate limit
-            return self._file(arg, query, method)
+            return self._file(arg, query, method, headers)
 
         retry_after = self._faults.rate_limited()
         if retry_after is not None:
@@ -630,7 +631,7 @@ class KvidEmulator:
 
     def _file_fault(self, fault: Fault, name: str, query: str, method: str) -> _Response:
         if fault.kind == "malformed":  # a truncated, undecodable video
-            response = self._file(name, query, method)
+            response = self._file(name, query, method, Message())
             if response.file is not None:
                 response.file_bytes //= 2
             return response
@@ -1116,7 +1117,7 @@ class KvidEmulator:
             self._url_tokens[token] = (name, now)
         return f"{url}?expires={math.ceil(time.time() + ttl)}&signature={token}"
 
-    def _file(self, name: str, query: str, method: str) -> _Response:
+    def _file(self, name: str, query: str, method: str, headers: Message) -> _Response:
         path = self._files.get(name) if _FILE_NAME.match(name) else None
         if path is None or not path.is_file():
             if self._storage is not None:
@@ -1129,8 +1130,47 @@ class KvidEmulator:
                 issued = self._url_tokens.get(token)
             if issued is None or issued[0] != name or time.monotonic() - issued[1] >= ttl:
                 return _xml_error(403, "AccessDenied", "Request has expired")
-        size = path.stat().st_size
-        return _Response(200, content_type="video/mp4", file=path, file_bytes=size)
+        stat = path.stat()
+        validators = {
+            "ETag": f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"',
+            "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+        }
+        if self.config.range_requests:
+            ranged = _range_response(path, stat.st_size, headers, validators)
+            if ranged is not None:
+                return ranged
+        response = _Response(200, content_type="video/mp4", file=path, file_bytes=stat.st_size)
+        if self.config.range_requests:
+            response.headers.update({**validators, "Accept-Ranges": "bytes"})
+        return response
+
+
+_BYTE_RANGE: Final = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def _range_response(
+    path: Path, size: int, headers: Message, validators: Mapping[str, str]
+) -> _Response | None:
+    """A 206 (or 416) for a single-range ``Range`` whose ``If-Range`` (if any) still holds;
+    None: answer with the whole file, as RFC 9110 says for anything else."""
+    match = _BYTE_RANGE.match((headers.get("Range") or "").strip())
+    if match is None:
+        return None
+    condition = (headers.get("If-Range") or "").strip()
+    if condition and condition not in validators.values():
+        return None  # the file changed since the client's first bytes: the whole of it
+    start = int(match.group(1))
+    end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    if start >= size or end < start:
+        return _Response(416, b"", "video/mp4", headers={"Content-Range": f"bytes */{size}"})
+    return _Response(
+        206,
+        content_type="video/mp4",
+        headers={**validators, "Content-Range": f"bytes {start}-{end}/{size}"},
+        file=path,
+        file_bytes=end - start + 1,
+        file_offset=start,
+    )
 
 
 def _shared_key(geometry: render.Geometry, kind: str) -> tuple[int, int, int, int, str]:
@@ -1371,11 +1411,16 @@ class _Handler(BaseHTTPRequestHandler):
         if response.file is None:
             self.wfile.write(response.body)
             return
+        rate = self.server.emulator.config.download_bytes_per_second
         with response.file.open("rb") as fh:
+            fh.seek(response.file_offset)
             left = length
             while left > 0:
-                chunk = fh.read(min(_CHUNK, left))
+                chunk = fh.read(min(_CHUNK if rate is None else max(1, int(rate / 10)), left))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
                 left -= len(chunk)
+                if rate is not None:
+                    self.wfile.flush()
+                    self.server.emulator._sleep(len(chunk) / rate)
