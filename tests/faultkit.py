@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -224,6 +225,11 @@ def assert_catalog_right(ledger: Ledger, catalog_dir: Path | None = None) -> Non
         history = pd.read_parquet(root / "submissions")
         assert len(history) == len(submissions_frame(ledger))
         assert history["event_id"].is_unique
+        # the history's credits are the jobs' (a claim in flight counts once settled): no job
+        # counted twice, none left out
+        jobs = [s for s in ledger.submissions() if s.status is not VideoStatus.SUBMITTING]
+        counted = float(history["cost_credits"].sum())
+        assert math.isclose(counted, sum(s.cost_credits or 0.0 for s in jobs), abs_tol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

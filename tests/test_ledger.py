@@ -47,7 +47,7 @@ from kvid_dagster.ledger.journal import Journal
 from kvid_dagster.ledger.legacy import import_legacy_catalog
 from kvid_dagster.ledger.publish import published_revision, read_tables
 from kvid_dagster.ledger.store import redact_url
-from kvid_dagster.ledger.tables import SCHEMA_VERSION
+from kvid_dagster.ledger.tables import SCHEMA_VERSION, LedgerTables
 
 
 @dataclass(frozen=True)
@@ -378,7 +378,7 @@ def test_a_journal_replayed_twice_or_half_written_records_each_id_once(
     ledger.journal.path.write_text(line + line + '{"attempt": 1, "partit')  # torn last line
     assert [s.request_id for s in ledger.replay_journal()] == ["rid-1"]
     assert events(ledger).count("SUBMITTED") == 1
-    assert Journal(ledger.journal.path).take() == []
+    assert not Journal(ledger.journal.path).pending()
 
 
 # -- the poller's changes ------------------------------------------------------------------------
@@ -633,6 +633,31 @@ def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
         assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["new"]
 
 
+def _back_to_version_1(ledger: Ledger) -> None:
+    """The database as a 0.2 of schema version 1 left it: no revision columns, no identity,
+    no dialects, no spend indexes, request ids VARCHAR(255)."""
+    t = ledger.tables
+    with ledger.write() as conn:
+        for index in ("claimed_at_cost", "run_cost"):
+            conn.execute(sa.text(f"DROP INDEX ix_{t.jobs.name}_{index}"))
+        for table in (t.rows, t.jobs, t.events):
+            conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
+            conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
+        conn.execute(sa.text(f"ALTER TABLE {t.rows.name} DROP COLUMN user_columns_json"))
+        for column in (
+            "not_found_count", "not_found_since", "fetch_failures", "forced_by", "dialect",
+            "estimated_credits",
+        ):  # fmt: skip
+            conn.execute(sa.text(f"ALTER TABLE {t.jobs.name} DROP COLUMN {column}"))
+        if conn.dialect.name == "postgresql":
+            for table in (t.jobs, t.events):
+                conn.execute(
+                    sa.text(f"ALTER TABLE {table.name} ALTER COLUMN request_id TYPE VARCHAR(255)")
+                )
+        conn.execute(sa.delete(t.meta).where(t.meta.c.name == "ledger_id"))
+        conn.execute(sa.update(t.meta).where(t.meta.c.name == "schema_version").values(int_value=1))
+
+
 def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -645,22 +670,7 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         paid(ledger, Row("a", "h1"), "r1")
         publish(ledger, catalog)
         t = ledger.tables
-        with ledger.write() as conn:  # back to version 1: no revision columns, no identity
-            for index in ("claimed_at_cost", "run_cost"):  # nor the spend indexes of v4
-                conn.execute(sa.text(f"DROP INDEX ix_{t.jobs.name}_{index}"))
-            for table in (t.rows, t.jobs, t.events):
-                conn.execute(sa.text(f"DROP INDEX ix_{table.name}_revision"))
-                conn.execute(sa.text(f"ALTER TABLE {table.name} DROP COLUMN revision"))
-            conn.execute(sa.text(f"ALTER TABLE {t.rows.name} DROP COLUMN user_columns_json"))
-            for column in (
-                "not_found_count", "not_found_since", "fetch_failures", "forced_by", "dialect",
-                "estimated_credits",
-            ):  # fmt: skip
-                conn.execute(sa.text(f"ALTER TABLE {t.jobs.name} DROP COLUMN {column}"))
-            conn.execute(sa.delete(t.meta).where(t.meta.c.name == "ledger_id"))
-            conn.execute(
-                sa.update(t.meta).where(t.meta.c.name == "schema_version").values(int_value=1)
-            )
+        _back_to_version_1(ledger)
         old_file = catalog / "videos" / "data.parquet"
         meta = dict(pq.read_metadata(old_file).metadata)
         meta.pop(b"kvid.ledger_id")
@@ -679,6 +689,49 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         ledger.register([Row("a", "h1"), Row("b", "h2")])
         assert publish(ledger, catalog).incremental
         assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["a", "b"]
+
+
+def _without_revisions(tables: LedgerTables) -> LedgerTables:
+    """The ledger's tables as a process of schema version 1 knows them: no revision columns,
+    so what it writes takes the migration's default, revision 0."""
+    metadata = sa.MetaData()
+
+    def older(table: sa.Table) -> sa.Table:
+        kept = (c._copy() for c in table.columns if c.name != "revision")
+        return sa.Table(table.name, metadata, *kept)
+
+    return LedgerTables(
+        metadata, older(tables.meta), older(tables.rows), older(tables.jobs), older(tables.events)
+    )
+
+
+def test_what_a_process_older_than_revisions_writes_beside_a_migrated_ledger_is_published(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A rolling deploy: a process of schema version 1 still writes after this version
+    migrated the database; its new row, its job and its events (all at revision 0) are in
+    the publications that follow, as a full read has them."""
+    catalog = tmp_path / "catalog"
+    with Ledger(database_url) as ledger:
+        ledger.register([Row("a", "h1"), Row("b", "h2")])
+        _back_to_version_1(ledger)
+    with Ledger(database_url) as ledger, Ledger(database_url) as older:
+        older.tables = _without_revisions(older.tables)
+        paid(ledger, Row("a", "h1"), "r1")
+        assert not publish(ledger, catalog).incremental
+        older.register([Row("a", "h1"), Row("b", "h2"), Row("c", "h3")])  # a new row
+        paid(older, Row("b", "h2"), "r2")  # a job, INTENT and SUBMITTED
+        ledger.register([Row("a", "h1", prompt="edited")])  # and a write stamped as usual
+        publish(ledger, catalog)
+        pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(catalog / "submissions"), submissions_frame(ledger)
+        )
+        published = pd.read_parquet(catalog / "videos").set_index("partition_key")
+        assert published.loc["b", "request_id"] == "r2" and "c" in published.index
+        ledger.register([Row("d", "h4")])  # nothing behind the revisions' back: incremental
+        assert publish(ledger, catalog).incremental
+        pd.testing.assert_frame_equal(pd.read_parquet(catalog / "videos"), videos_frame(ledger))
 
 
 def _write_legacy_catalog(root: Path) -> None:
@@ -745,11 +798,14 @@ def test_a_data_folder_of_version_0_1_is_imported_once_with_its_request_ids(
         }
         assert rows["paid"].request_id == "rid-paid"
         assert {s.request_id for s in ledger.jobs_to_poll()} == {"rid-paid"}
-        assert [e["request_id"] for e in ledger.events()] == ["rid-paid"]
+        # 0.1's history, then the import's own settlement of the unfinished intent
+        assert [(e["event"], e["request_id"]) for e in ledger.events()] == [
+            ("SUBMITTED", "rid-paid"), ("UNCERTAIN", None),
+        ]  # fmt: skip
     assert not (tmp_path / "catalog" / "_log").exists()
     assert (tmp_path / "catalog" / "_log.imported-0.1").is_dir()
     with Ledger.for_data_dir(tmp_path) as again:
-        assert len(again.submissions()) == 3 and len(again.events()) == 1
+        assert len(again.submissions()) == 3 and len(again.events()) == 2
         assert import_legacy_catalog(again, tmp_path / "catalog") == 0
 
 

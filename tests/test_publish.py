@@ -569,8 +569,9 @@ def test_the_last_publisher_to_finish_leaves_the_latest_revision(tmp_path: Path)
     by_others: set[int] = set()  # the revisions publisher 2 writes (the files are written
     # in worker threads: the revision, not the thread, tells the publishers apart)
 
-    def write_overtaken(table: Any, path: Path, revision: int, ledger_id: str) -> Path:
-        hidden = write(table, path, revision, ledger_id)
+    def write_overtaken(table: Any, path: Path, stands: dict[bytes, bytes]) -> Path:
+        hidden = write(table, path, stands)
+        revision = int(stands[REVISION_KEY])
         if revision not in by_others and path.parent.name == "videos":
             change()  # a tick commits a change and publishes it, all before our rename
             by_others.add(ledger.revision())

@@ -19,6 +19,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,12 @@ from upath import UPath
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus, publish, videos_frame
-from kvid_dagster.ledger.publish import DATA_FILE, published_revision
+from kvid_dagster.ledger.publish import (
+    DATA_FILE,
+    REVISION_KEY,
+    STALE_TEMP_SECONDS,
+    published_revision,
+)
 from kvid_dagster.preview import cache_path, contact_sheet, video_preview
 from kvid_dagster.project import KvidProject
 from kvid_dagster.storage import (
@@ -190,6 +196,29 @@ def test_the_catalog_published_to_s3_is_what_pandas_reads_there(
     assert published_revision(UPath(f"{catalog}/videos/{DATA_FILE}")) == second.revision
 
 
+def test_a_publication_to_s3_removes_the_staging_dirs_killed_publishers_left(
+    s3: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On object storage the catalogs are staged in the system temp dir (uploaded whole from
+    there): a publisher killed mid-write leaves its staging dir, removed once stale."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stale, live = (tmp_path / "tmp" / f"kvid-publish-{n}" for n in ("dead", "live"))
+    for folder in (stale, live):
+        (folder / "videos").mkdir(parents=True)
+        (folder / "videos" / f".{DATA_FILE}.0000.tmp").write_bytes(b"PAR1 half a file")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    catalog = f"s3://{bucket}/catalog"
+    publish(ledger_with_rows(tmp_path, ["a"]), catalog)
+    assert not stale.exists() and live.exists()  # another publisher's, mid-write
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["kvid-publish-live"]
+    assert set(keys(s3, bucket)) == {
+        "catalog/videos/data.parquet",
+        "catalog/submissions/data.parquet",
+    }
+
+
 def test_duckdb_reads_the_catalog_on_s3_as_the_readme_shows(
     s3: Any, bucket: str, tmp_path: Path
 ) -> None:
@@ -235,8 +264,9 @@ def test_an_older_publication_never_replaces_a_newer_one_on_s3(
     by_others: set[int] = set()  # the revisions publisher 2 writes (the files are written
     # in worker threads: the revision, not the thread, tells the publishers apart)
 
-    def write_overtaken(table: Any, path: Path, revision: int, ledger_id: str) -> Path:
-        hidden = write(table, path, revision, ledger_id)
+    def write_overtaken(table: Any, path: Path, stands: dict[bytes, bytes]) -> Path:
+        hidden = write(table, path, stands)
+        revision = int(stands[REVISION_KEY])
         if revision not in by_others and path.parent.name == "videos":
             change()  # a tick commits a change and publishes it, all before our upload
             by_others.add(ledger.revision())

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from sqlalchemy import insert
 
-from kvid_dagster.ledger.status import VideoStatus
+from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
 from kvid_dagster.ledger.store import Ledger, utcnow
 
 log = logging.getLogger("kvid_dagster.ledger")
@@ -90,6 +90,7 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
     t = ledger.tables
     now = utcnow()
     seen: set[tuple[str, int]] = set()
+    settled: list[int] = []  # 0.1's unfinished intents, UNCERTAIN now
     with ledger.write() as conn:
         for key, v in sorted(videos.items()):
             status = str(v.get("status") or VideoStatus.PENDING)
@@ -109,7 +110,7 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
                 continue
             seen.add(ident)
             job_status = _job_status(status, v)
-            conn.execute(
+            inserted = conn.execute(
                 insert(t.jobs).values(
                     request_hash=ident[0],
                     attempt=ident[1],
@@ -125,6 +126,8 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
                     version=0,
                 )
             )
+            if job_status is VideoStatus.UNCERTAIN and status == VideoStatus.SUBMITTING:
+                settled.append(inserted.inserted_primary_key[0])
         for e in events:
             conn.execute(
                 insert(t.events).values(
@@ -132,6 +135,9 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
                     recorded_at=_aware(e.get("recorded_at")) or now,
                 )
             )
+        for job in ledger._fetch(conn, settled):  # after 0.1's history: its INTENT came first
+            # settled here, as recovery settles a claim: its UNCERTAIN event counts its cost
+            ledger._event(conn, job, SubmissionEvent.UNCERTAIN, cost=job.cost_credits or 0.0)
         ledger.set_marker(MARKER, now.isoformat(), conn)
     log_dir.rename(catalog_dir / "_log.imported-0.1")
     log.warning(

@@ -6,7 +6,8 @@ consistent read of the ledger to hidden temp files beside them, fsynced, then re
 place: a reader sees the previous file or the new one, never half of one. Each file records the
 ledger revision it shows. The renames happen under the ledger's ``publication`` lock and only
 over older (or unreadable) files, so publishers racing on any number of hosts never put an older
-state back; one that finds the ledger moved on meanwhile publishes again.
+state back; one that finds the ledger moved on meanwhile publishes again. A publisher killed
+mid-write leaves its temp files; a later one removes them once they are old.
 
 On object storage (``catalog_dir`` an ``s3://...`` URL, see :mod:`kvid_dagster.storage`) there
 is no rename, but one object's PUT is atomic: the files are written to a local temp dir, and
@@ -31,18 +32,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import Connection, func, or_, select
 
 from kvid_dagster.ledger.store import Ledger
 from kvid_dagster.storage import StoragePath, arrow_location, is_remote, put_file, storage_path
 
 REVISION_KEY = b"kvid.revision"
 LEDGER_ID_KEY = b"kvid.ledger_id"
+#: the highest submission id the publication read (see ``_unstamped_since``)
+LAST_SUBMISSION_KEY = b"kvid.last_submission_id"
 TABLES = ("videos", "submissions")
 DATA_FILE = "data.parquet"
 ROW_GROUP_ROWS = 16_384
 _TS = pa.timestamp("us", tz="UTC")
 _MAX_ROUNDS = 3
+_TMP_SUFFIX = ".tmp"
+_STAGE_PREFIX = "kvid-publish-"  # a remote publication's local staging dir
+# a publication's temp file or staging dir untouched this long is a killed publisher's: any
+# live one is written in seconds (100,000 rows: about 2 s) and gone once placed
+STALE_TEMP_SECONDS = 3600.0
 _FETCH_ROWS = 4_096  # rows per driver fetch: they stay in cache (8-12% faster than 16,384)
 # dictionary-encode only the few-valued columns: on prompts, hashes and ids a dictionary is
 # pure cost (it took 40% of a 100,000-row write, and the files came out larger)
@@ -248,11 +256,24 @@ class _Published:
     videos: pa.Table
     submissions: pa.Table
     revision: int
+    last_submission_id: int
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One consistent read of the ledger, and where it stands."""
+
+    videos: pa.Table
+    submissions: pa.Table
+    revision: int
+    last_submission_id: int
+    incremental: bool  # merged into the previous publication (else read whole)
 
 
 def _previous(paths: dict[str, StoragePath], ledger_id: str) -> _Published | None:
-    """Both published files, if they are whole, of this ledger, at one revision, and of this
-    schema; else None (and the next publication reads everything)."""
+    """Both published files, if they are whole, of this ledger, at one revision (and one
+    last submission id), and of this schema; else None (the next publication reads
+    everything)."""
     try:
         tables = {}
         for name, path in paths.items():
@@ -263,30 +284,74 @@ def _previous(paths: dict[str, StoragePath], ledger_id: str) -> _Published | Non
     metas = [t.schema.metadata or {} for t in tables.values()]
     if any(m.get(LEDGER_ID_KEY) != ledger_id.encode() for m in metas):
         return None
-    revisions = {m.get(REVISION_KEY) for m in metas}
-    if len(revisions) != 1 or None in revisions:
+    stands = {(m.get(REVISION_KEY), m.get(LAST_SUBMISSION_KEY)) for m in metas}
+    if len(stands) != 1:
+        return None
+    revision, last_submission_id = stands.pop()
+    if revision is None or last_submission_id is None:
         return None
     try:
         videos = tables["videos"].cast(VIDEO_SCHEMA)
         submissions = tables["submissions"].cast(SUBMISSION_SCHEMA)
     except (ValueError, pa.ArrowInvalid):
         return None
-    return _Published(videos, submissions, int(revisions.pop()))
+    return _Published(videos, submissions, int(revision), int(last_submission_id))
 
 
 def read_tables(ledger: Ledger, since: _Published | None = None) -> tuple[pa.Table, pa.Table, int]:
     """(videos, submissions, revision) from one consistent read of the ledger; given the
     previous publication, only what changed after it is read, and merged into it."""
+    read = _read(ledger, since)
+    return read.videos, read.submissions, read.revision
+
+
+def _read(ledger: Ledger, since: _Published | None) -> _Read:
+    """``read_tables``: incremental when ``since`` is given and nothing was written behind the
+    revisions' back (see ``_unstamped_since``), else whole."""
+    jobs = ledger.tables.jobs
     with ledger.snapshot() as (conn, revision):
-        if since is None or since.revision > revision:
-            return _video_table(ledger, conn, None), _submission_table(ledger, conn, None), revision
-        changed = _video_table(ledger, conn, since.revision)
-        new_events = _submission_table(ledger, conn, since.revision)
-    kept = since.videos.filter(
-        pc.invert(pc.is_in(since.videos["partition_key"], value_set=changed["partition_key"]))
+        last_submission_id = int(conn.scalar(select(func.max(jobs.c.submission_id))) or 0)
+        if since is not None and since.revision <= revision:
+            changed = _video_table(ledger, conn, since.revision)
+            new_events = _submission_table(ledger, conn, since.revision)
+            kept = since.videos.filter(
+                pc.invert(
+                    pc.is_in(since.videos["partition_key"], value_set=changed["partition_key"])
+                )
+            )
+            videos = pa.concat_tables([kept, changed]).sort_by("partition_key")
+            submissions = pa.concat_tables([since.submissions, new_events])
+            if not _unstamped_since(ledger, conn, since, videos, submissions):
+                return _Read(videos, submissions, revision, last_submission_id, True)
+        videos, submissions = (
+            _video_table(ledger, conn, None),
+            _submission_table(ledger, conn, None),
+        )
+        return _Read(videos, submissions, revision, last_submission_id, False)
+
+
+def _unstamped_since(
+    ledger: Ledger, conn: Connection, since: _Published, videos: pa.Table, submissions: pa.Table
+) -> bool:
+    """Whether a process that does not stamp revisions (of schema 1, from before them, still
+    running beside newer ones in a rolling deploy) inserted what an incremental read cannot
+    see: its rows, jobs and events are at revision 0. Rows and events are never deleted, so
+    the merged tables must count exactly what the ledger holds; a job inserted after the
+    publication at a revision it had published is one nobody stamped. Caught, the
+    publication reads everything."""
+    t = ledger.tables
+    counts = conn.execute(
+        select(
+            select(func.count()).select_from(t.rows).scalar_subquery(),
+            select(func.count()).select_from(t.events).scalar_subquery(),
+        )
+    ).one()
+    if tuple(counts) != (videos.num_rows, submissions.num_rows):
+        return True
+    unstamped_job = select(t.jobs.c.submission_id).where(
+        t.jobs.c.submission_id > since.last_submission_id, t.jobs.c.revision <= since.revision
     )
-    videos = pa.concat_tables([kept, changed]).sort_by("partition_key")
-    return videos, pa.concat_tables([since.submissions, new_events]), revision
+    return conn.scalar(unstamped_job.limit(1)) is not None
 
 
 def videos_frame(ledger: Ledger) -> pd.DataFrame:
@@ -312,15 +377,12 @@ def published_revision(path: StoragePath) -> int | None:
     return int(value) if value is not None else None
 
 
-def _write_hidden(table: pa.Table, path: Path, revision: int, ledger_id: str) -> Path:
-    """``table`` written and fsynced beside ``path`` under a hidden name (readers skip it)."""
+def _write_hidden(table: pa.Table, path: Path, stands: dict[bytes, bytes]) -> Path:
+    """``table`` written and fsynced beside ``path`` under a hidden name (readers skip it),
+    its metadata saying where the ledger ``stands``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        **(table.schema.metadata or {}),
-        REVISION_KEY: str(revision).encode(),
-        LEDGER_ID_KEY: ledger_id.encode(),
-    }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    meta = {**(table.schema.metadata or {}), **stands}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
         pq.write_table(
             table.replace_schema_metadata(meta), tmp, row_group_size=ROW_GROUP_ROWS,
@@ -340,13 +402,13 @@ def _write_hidden(table: pa.Table, path: Path, revision: int, ledger_id: str) ->
 
 
 def _write_all(
-    tables: dict[str, pa.Table], paths: dict[str, Path], revision: int, ledger_id: str
+    tables: dict[str, pa.Table], paths: dict[str, Path], stands: dict[bytes, bytes]
 ) -> dict[str, Path]:
     """Every table written hidden beside its path, at once (Arrow writes without the GIL: the
     two files take the time of the larger); if any fails, none is left behind."""
     with ThreadPoolExecutor(len(tables)) as pool:
         futures = {
-            name: pool.submit(_write_hidden, table, paths[name], revision, ledger_id)
+            name: pool.submit(_write_hidden, table, paths[name], stands)
             for name, table in tables.items()
         }
     failed = [f.exception() for f in futures.values() if f.exception() is not None]
@@ -382,6 +444,29 @@ def _current(paths: dict[str, StoragePath], revision: int, ledger_id: str) -> bo
     return True
 
 
+def _remove_stale_temps(remote: bool, paths: dict[str, StoragePath]) -> None:
+    """Remove what publishers killed mid-write left: hidden temp files beside the published
+    ones, or (remote: the temp files are local, the object store gets only whole files) the
+    staging dirs in the system temp dir. Only what is old enough not to be a live one."""
+    if remote:
+        found = Path(tempfile.gettempdir()).glob(f"{_STAGE_PREFIX}*")
+    else:
+        found = (
+            leftover
+            for path in paths.values()
+            for leftover in Path(path.parent).glob(f".{path.name}.*{_TMP_SUFFIX}")
+        )
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for leftover in found:
+        with contextlib.suppress(OSError):  # another publisher removed it first
+            if leftover.lstat().st_mtime >= cutoff:
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+
+
 def _place(tmp: Path, path: StoragePath) -> None:
     """A finished temp file to its published name: renamed locally, uploaded to a store."""
     if is_remote(path):
@@ -402,20 +487,27 @@ def publish(ledger: Ledger, catalog_dir: str | os.PathLike[str]) -> PublishStats
     revision = -1
     rounds = 0
     incremental = False
+    _remove_stale_temps(remote, paths)
     while rounds < _MAX_ROUNDS:
         rounds += 1
         previous = _previous(paths, ledger_id)
-        incremental = previous is not None
-        videos, submissions, revision = read_tables(ledger, previous)
+        read = _read(ledger, previous)
+        videos, submissions, revision = read.videos, read.submissions, read.revision
+        incremental = read.incremental
         if previous is not None and previous.revision >= revision:
             break  # this state (or a later one) is published already, both files whole
         # beside the published files, or (remote) in a local temp dir, uploaded from there
-        stage = Path(tempfile.mkdtemp(prefix="kvid-publish-")) if remote else None
+        stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX)) if remote else None
         local = {t: stage / t / DATA_FILE if stage else paths[t] for t in TABLES}
         written: dict[str, Path] = {}
         try:
             tables = {"videos": videos, "submissions": submissions}
-            written = _write_all(tables, local, revision, ledger_id)
+            stands = {
+                REVISION_KEY: str(revision).encode(),
+                LEDGER_ID_KEY: ledger_id.encode(),
+                LAST_SUBMISSION_KEY: str(read.last_submission_id).encode(),
+            }
+            written = _write_all(tables, local, stands)
             with ledger.exclusive("publication"):
                 if not _current(paths, revision, ledger_id):  # never over a newer publication
                     for table, tmp in written.items():

@@ -82,8 +82,14 @@ _TERMINAL = frozenset(
 class SubmissionEvent(StrEnum):
     """An entry of the submissions history (the published ``submissions`` table).
 
-    ``cost_credits`` is set on ``SUBMITTED`` and ``UNCERTAIN`` (money spent, or possibly spent)
-    and nowhere else, so summing it over the history never counts a job twice.
+    ``cost_credits`` is what the event adds to the credits the history counts, so that its sum
+    over the history is the sum of the jobs' costs, each job counted once: a job counts from
+    the event that settles its claim, ``SUBMITTED`` or ``UNCERTAIN`` (money spent, or possibly
+    spent); a ``SUBMITTED`` after ``UNCERTAIN`` (a slow submitter, a replayed journal) or a
+    ``RESOLVED`` with the job found adds 0; a ``RESOLVED`` with no job found takes the cost
+    back (negative); a ``COMPLETED`` whose service reported what the job used adds the
+    difference from the estimate. The events that state money (:attr:`states_cost`) show 0
+    when they add nothing; the others show nothing.
     """
 
     INTENT = "INTENT"  # claimed, immediately before its generate left
@@ -98,8 +104,22 @@ class SubmissionEvent(StrEnum):
     FETCH_FAILED = "FETCH_FAILED"
     CANCELED = "CANCELED"
     REFETCH = "REFETCH"  # a person asked for a FETCH_FAILED job's video again
+    COST = "COST"  # the service's figure for a running job's cost replaced the one counted
 
     @classmethod
     def ended(cls, status: VideoStatus) -> SubmissionEvent:
         """The event recording that a job ended in ``status`` (a terminal status)."""
         return cls(status.value)
+
+    @property
+    def states_cost(self) -> bool:
+        """Its ``cost_credits`` is a number even when it adds nothing."""
+        return self in _STATES_COST
+
+
+_STATES_COST = frozenset(
+    {
+        SubmissionEvent.SUBMITTED, SubmissionEvent.UNCERTAIN, SubmissionEvent.FAILED_TO_SUBMIT,
+        SubmissionEvent.RESOLVED, SubmissionEvent.COST,
+    }
+)  # fmt: skip

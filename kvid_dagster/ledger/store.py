@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
+    Integer,
     and_,
     bindparam,
     case,
@@ -174,6 +176,10 @@ class Refusal:
     over_budget: SpendCap | None = None  # the cap the claim's cost did not fit in
 
 
+class LedgerSchemaChanged(RuntimeError):
+    """The database was migrated by a newer kvid-dagster while this process had it open."""
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
     replayed: list[Submission]  # request_ids recorded from the journal
@@ -277,6 +283,10 @@ class Ledger:
         The revision is taken first, so write transactions run one at a time and their
         revisions follow their commits: a reader that sees revision R has every write up to R
         and none after it (what incremental publishing and the sensors' re-checks rely on).
+        Then the schema version is read, under that lock: a newer kvid-dagster that migrated
+        the database since this process opened it (a rolling deploy) takes the same lock
+        first, and what this process would write, without the newer columns, is refused
+        (:class:`LedgerSchemaChanged`) rather than written unseen by the newer readers.
         """
         meta = self.tables.meta
         with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
@@ -286,6 +296,14 @@ class Ledger:
                 .values(int_value=meta.c.int_value + 1)
                 .returning(meta.c.int_value)
             ).scalar_one()
+            version = conn.scalar(select(meta.c.int_value).where(meta.c.name == _VERSION))
+            if version != SCHEMA_VERSION:
+                raise LedgerSchemaChanged(
+                    f"the kvid ledger in {redact_url(self.url)} is now at schema version "
+                    f"{version}: another kvid-dagster migrated it since this process opened it "
+                    f"at version {SCHEMA_VERSION}; nothing was written: restart this process "
+                    "with the kvid-dagster that migrated it"
+                )
             conn.execution_options(**{REVISION_OPTION: int(revision)})
             yield conn
 
@@ -317,6 +335,14 @@ class Ledger:
                 raise RuntimeError(
                     f"the kvid ledger in {redact_url(self.url)} is at schema version {version}, "
                     f"written by a newer kvid-dagster (this one knows {SCHEMA_VERSION})"
+                )
+            if 0 < version < SCHEMA_VERSION:
+                # the writers' lock first: a write in flight finishes under the old schema,
+                # and every later one reads the new version (see ``write``)
+                conn.execute(
+                    update(meta)
+                    .where(meta.c.name == _REVISION)
+                    .values(int_value=meta.c.int_value + 1)
                 )
             if version == 0:
                 create_schema(conn, self.tables)
@@ -690,8 +716,13 @@ class Ledger:
         problem: Exception | None = None
         for attempt in range(_RECORD_ATTEMPTS):
             try:
-                self._record_submitted(submission.submission_id, request_id)
+                self._record_submitted(
+                    submission.submission_id, submission.request_hash, request_id
+                )
                 return
+            except LedgerSchemaChanged as exc:  # no retry will write it: journal it at once
+                problem = exc
+                break
             except (OperationalError, DBAPIError, OSError) as exc:
                 problem = exc
                 if attempt < len(_RECORD_BACKOFF_SECONDS):
@@ -721,7 +752,9 @@ class Ledger:
             "%s; it is journalled in %s and recorded on the next start", what, self.journal.path
         )
 
-    def _record_submitted(self, submission_id: int, request_id: str) -> Submission | None:
+    def _record_submitted(
+        self, submission_id: int, request_hash: str, request_id: str
+    ) -> Submission | None:
         jobs = self.tables.jobs
         now = utcnow()
         with self.write() as conn:
@@ -731,6 +764,11 @@ class Ledger:
             if current is None:
                 raise LookupError(f"no submission {submission_id} in the ledger")
             sub = _submission(current._mapping)
+            if sub.request_hash != request_hash:  # a journal of another ledger, say
+                raise LookupError(
+                    f"submission {submission_id} is of request_hash {sub.request_hash}, "
+                    f"not {request_hash}"
+                )
             if sub.request_id == request_id:
                 return None  # already recorded (a journal replayed twice)
             if sub.status not in {VideoStatus.SUBMITTING, VideoStatus.UNCERTAIN}:
@@ -751,7 +789,8 @@ class Ledger:
                 )
             )
             recorded = replace(sub, status=VideoStatus.SUBMITTED, request_id=request_id)
-            self._event(conn, recorded, SubmissionEvent.SUBMITTED, cost=sub.cost_credits)
+            # a claim settled UNCERTAIN meanwhile counted its cost already: this adds nothing
+            self._event(conn, recorded, SubmissionEvent.SUBMITTED, cost=_cost_moved(sub, recorded))
             return recorded
 
     def release(self, submission: Submission, error: str, *, invalid: bool = False) -> None:
@@ -765,6 +804,7 @@ class Ledger:
                     jobs.c.status == VideoStatus.SUBMITTING.value,
                 )
             )
+            # only a claim in flight is deleted, and it counted nothing: nothing to take back
             self._event(conn, submission, SubmissionEvent.FAILED_TO_SUBMIT, cost=0.0, error=error)
             self._touch_request(conn, submission.request_hash)
             values: dict[str, Any] = {"last_error": error, "updated_at": utcnow()}
@@ -800,11 +840,12 @@ class Ledger:
                 )
             ).rowcount
             if done:
+                settled = replace(submission, status=VideoStatus.UNCERTAIN)
                 self._event(
                     conn,
-                    replace(submission, status=VideoStatus.UNCERTAIN),
+                    settled,
                     SubmissionEvent.UNCERTAIN,
-                    cost=submission.cost_credits,
+                    cost=_counted(settled),  # from a claim in flight, which counted nothing
                     error=error,
                 )
         return bool(done)
@@ -867,15 +908,29 @@ class Ledger:
         return RecoveryReport(replayed, settled)
 
     def replay_journal(self) -> list[Submission]:
+        """Record the journalled request_ids. One that cannot be recorded (the database
+        refuses it, its submission is gone or holds another id) never stops the others: it
+        is logged at ERROR with its row and id, and kept in the journal for the next replay
+        (a paid id is never dropped)."""
         if self.journal is None or not self.journal.pending():
             return []
-        replayed = []
-        for file, entries in self.journal.take():
+        replayed, kept = [], []
+        with self.journal.taken() as entries:
             for entry in entries:
                 try:
-                    recorded = self._record_submitted(entry.submission_id, entry.request_id)
-                except LookupError as exc:
-                    log.error("journal entry %s not replayed: %s", entry, exc)
+                    recorded = self._record_submitted(
+                        entry.submission_id, entry.request_hash, entry.request_id
+                    )
+                except Exception as exc:  # whatever it is, the next entry is another job
+                    log.error(
+                        "%s: PAID job request_id %s (submission %s, request_hash %s, attempt "
+                        "%s) could not be recorded from the journal (%s: %s); it is kept in %s "
+                        "and tried again on every start",
+                        entry.partition_key, entry.request_id, entry.submission_id,
+                        entry.request_hash, entry.attempt, type(exc).__name__, exc,
+                        self.journal.path,
+                    )  # fmt: skip
+                    kept.append(entry)
                     continue
                 if recorded is not None:
                     log.warning(
@@ -884,8 +939,7 @@ class Ledger:
                         entry.request_id,
                     )
                     replayed.append(recorded)
-            with contextlib.suppress(FileNotFoundError):
-                file.unlink()
+            self.journal.append_all(kept)  # before the taken files are deleted
         return replayed
 
     def resolve_uncertain(
@@ -926,10 +980,16 @@ class Ledger:
                 self._touch_request(conn, sub.request_hash)
             if not changed:
                 raise ValueError(f"{partition_key!r} changed while it was being resolved")
+            resolved_job = (
+                replace(sub, status=VideoStatus.SUBMITTED, request_id=request_id.strip())
+                if request_id is not None
+                else None  # released: the job is gone, and what it counted with it
+            )
             self._event(
                 conn,
                 replace(sub, request_id=request_id.strip() if request_id else None),
                 SubmissionEvent.RESOLVED,
+                cost=_cost_moved(sub, resolved_job),
                 error=note or ("job found" if request_id else "no job found: released"),
             )
         resolved = self.row(partition_key)
@@ -975,13 +1035,16 @@ class Ledger:
         with self.write() as conn:
             # write transactions run one at a time: the versions read here are the ones the
             # updates meet, so a change is applied exactly when it passes this check
-            versions = self._versions(conn, list(order))
+            before = self._before(conn, list(order))
+            counted: dict[int, float] = {}
             shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             applied: list[int] = []
             for change in changes:
-                if versions.pop(change.submission_id, None) != change.expected_version:
+                version, counted_before = before.pop(change.submission_id, (None, 0.0))
+                if version != change.expected_version:
                     continue  # moved meanwhile (or a second change of one submission)
-                values = _change_values(change, now)
+                counted[change.submission_id] = counted_before
+                values = self._storable(_change_values(change, now), change.submission_id)
                 shapes.setdefault(tuple(sorted(values)), []).append(
                     {"b_id": change.submission_id, **{f"b_{k}": v for k, v in values.items()}}
                 )
@@ -996,27 +1059,52 @@ class Ledger:
                 )
                 conn.execute(statement, sorted(params, key=lambda p: p["b_id"]))
             found = self._fetch(conn, applied)
-            self._events(
-                conn,
-                [
-                    self._event_values(sub, SubmissionEvent.ended(sub.status), error=sub.error)
-                    for sub in found
-                    if sub.status.is_terminal
-                ],
-            )
+            events = []
+            for sub in found:
+                # the service's own figure for the cost (``used_credit``) replaces the one counted
+                moved = _counted(sub) - counted[sub.submission_id]
+                if sub.status.is_terminal:
+                    kind = SubmissionEvent.ended(sub.status)
+                    events.append(self._event_values(sub, kind, cost=moved, error=sub.error))
+                elif moved:
+                    events.append(self._event_values(sub, SubmissionEvent.COST, cost=moved))
+            self._events(conn, events)
         by_id = {s.submission_id: s for s in found}
         return [by_id[i] for i in sorted(applied, key=order.__getitem__)]
 
-    def _versions(self, conn: Connection, ids: Sequence[int]) -> dict[int, int]:
+    def _before(self, conn: Connection, ids: Sequence[int]) -> dict[int, tuple[int, float]]:
+        """Each submission's version and what the history counts of its cost."""
         jobs = self.tables.jobs
         wanted = sorted(ids)
-        found: dict[int, int] = {}
+        found: dict[int, tuple[int, float]] = {}
         for start in range(0, len(wanted), _IN_CHUNK):
-            query = select(jobs.c.submission_id, jobs.c.version).where(
-                jobs.c.submission_id.in_(wanted[start : start + _IN_CHUNK])
+            query = select(
+                jobs.c.submission_id, jobs.c.version, jobs.c.status, jobs.c.cost_credits
+            ).where(jobs.c.submission_id.in_(wanted[start : start + _IN_CHUNK]))
+            found.update(
+                {
+                    int(i): (int(v), _counted_cost(VideoStatus(s), c))
+                    for i, v, s, c in conn.execute(query)
+                }
             )
-            found.update({int(i): int(v) for i, v in conn.execute(query)})
         return found
+
+    def _storable(self, values: dict[str, Any], submission_id: int) -> dict[str, Any]:
+        """``values`` with each integer its column cannot hold as None ("not known"), logged: a
+        server's nonsense size or a file's claimed frame count must not fail the transaction,
+        and every other job's change with it (PostgreSQL refuses it, SQLite's driver too)."""
+        jobs = self.tables.jobs
+        for name, value in values.items():
+            kind = jobs.c[name].type
+            if isinstance(value, int) and isinstance(kind, Integer):
+                bound = 2**63 if isinstance(kind, BigInteger) else 2**31
+                if not -bound <= value < bound:
+                    log.warning(
+                        "submission %s: %s %d does not fit the ledger; stored as not known",
+                        submission_id, name, value,
+                    )  # fmt: skip
+                    values[name] = None
+        return values
 
     def _fetch(self, conn: Connection, ids: Sequence[int]) -> list[Submission]:
         jobs = self.tables.jobs
@@ -1036,7 +1124,7 @@ class Ledger:
         sub: Submission,
         kind: SubmissionEvent,
         *,
-        cost: float | None = None,
+        cost: float = 0.0,
         error: str | None = None,
     ) -> None:
         self._events(conn, [self._event_values(sub, kind, cost=cost, error=error)])
@@ -1050,9 +1138,11 @@ class Ledger:
         sub: Submission,
         kind: SubmissionEvent,
         *,
-        cost: float | None = None,
+        cost: float = 0.0,
         error: str | None = None,
     ) -> dict[str, Any]:
+        """An event of ``sub``; ``cost``: what it adds to the history's sum of cost_credits
+        (see :class:`SubmissionEvent`), shown on the events that state one even when 0."""
         return {
             "event_id": uuid.uuid4().hex,
             "submission_id": sub.submission_id,
@@ -1064,7 +1154,7 @@ class Ledger:
             "request_id": sub.request_id,
             "event": kind.value,
             "attempt": sub.attempt,
-            "cost_credits": cost,
+            "cost_credits": cost if cost or kind.states_cost else None,
             "error": error,
             "recorded_at": utcnow(),
         }
@@ -1109,6 +1199,22 @@ class Ledger:
                     conn.scalar(select(meta.c.int_value).where(meta.c.name == _REVISION)) or 0
                 )
                 yield conn, revision
+
+
+def _counted_cost(status: VideoStatus, cost: float | None) -> float:
+    """What a job adds to the history's sum of cost_credits: nothing while its claim is in
+    flight (it may yet be released unsent), its cost once settled, whatever comes after."""
+    return 0.0 if status is VideoStatus.SUBMITTING else (cost or 0.0)
+
+
+def _counted(sub: Submission | None) -> float:
+    return 0.0 if sub is None else _counted_cost(sub.status, sub.cost_credits)
+
+
+def _cost_moved(before: Submission | None, after: Submission | None) -> float:
+    """What an event taking a job from ``before`` to ``after`` (None: no job) adds to the
+    history's sum: the sum over the events is then the sum over the jobs, each counted once."""
+    return _counted(after) - _counted(before)
 
 
 def _change_values(change: JobChange, now: datetime) -> dict[str, Any]:

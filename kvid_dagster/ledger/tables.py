@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 
 #: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # the dialect of every job sent before the ledger knew dialects (ApiDialect.VIDEO's value)
 _VIDEO_DIALECT = "video"
 #: The execution option a write transaction carries its revision in (see ``_stamp``).
@@ -159,7 +159,7 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("model", String(255), nullable=False),
         Column("params_json", Text, nullable=False),
         Column("status", String(16), nullable=False),
-        Column("request_id", String(255)),
+        Column("request_id", Text),  # the service's: as long as the client accepts (see v5)
         Column("progress", Integer),
         *_video_columns(),
         Column("error", Text),
@@ -199,7 +199,7 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("job_kind", String(64)),
         Column("model", String(255)),
         Column("params_json", Text),
-        Column("request_id", String(255)),
+        Column("request_id", Text),
         Column("event", String(32), nullable=False),
         Column("attempt", Integer),
         Column("cost_credits", Float),
@@ -256,10 +256,21 @@ def _add_spend_indexes(conn: Connection, tables: LedgerTables) -> None:
             index.create(conn)
 
 
+def _widen_request_ids(conn: Connection, tables: LedgerTables) -> None:
+    """v5: request ids of any length (the client accepts 256 characters, VARCHAR(255) held one
+    fewer, and a paid id PostgreSQL refused was journalled and refused again on every replay).
+    SQLite never enforced the length: nothing to change there."""
+    if conn.dialect.name == "sqlite":
+        return
+    for table in (tables.jobs, tables.events):  # VARCHAR to TEXT: no rewrite, indexes kept
+        conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN request_id TYPE TEXT"))
+
+
 #: version -> the step that brings a database from version - 1 to it (version 1: created)
 MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {
     2: _add_revisions,
     3: _add_dialects,
     4: _add_spend_indexes,
+    5: _widen_request_ids,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
