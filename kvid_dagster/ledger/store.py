@@ -842,7 +842,9 @@ class Ledger:
             )
 
     def owner_alive(self, submission: Submission) -> bool:
-        """Whether a claim's owner may still send or record it."""
+        """Whether a claim's owner may still send or record it: an owner whose pid this process
+        can look up (same host, boot and PID namespace) by its process; any other by its
+        heartbeat lease (another host, or another container on this kernel)."""
         owner = submission.owner
         if owner is None:
             return False
