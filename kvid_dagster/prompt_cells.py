@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvid_dagster.ledger.tables import unstorable_at
+
 #: Beyond this a float64 cannot hold every integer: its digits may already be gone.
 EXACT_FLOAT_LIMIT = 2**53
 _DIGITS = re.compile(r"[+-]?\d+")
@@ -44,7 +46,21 @@ def is_empty(value: Any) -> bool:
 
 def cell_text(value: Any) -> str | None:
     """A cell (a CSV string, or any value pandas read from Parquet) as exact text; None when
-    empty. Raises :class:`CellError` for a value no text would represent faithfully."""
+    empty. Raises :class:`CellError` for a value no text would represent faithfully, or text
+    the ledger could not store as written (every cell of a row is stored with it)."""
+    text = _text(value)
+    if text is not None and (at := unstorable_at(text)) is not None:
+        char = text[at]
+        what = (
+            "a NUL character (0x00)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+        )
+        raise CellError(
+            f"holds {what} at character {at + 1}, which the ledger cannot store: remove it"
+        )
+    return text
+
+
+def _text(value: Any) -> str | None:
     if isinstance(value, np.generic):
         value = value.item()
     if is_empty(value):

@@ -65,6 +65,8 @@ _SETTLE_S = 1.0
 _SETTLE_MAX_S = 5.0
 # an unknown column this close to a kvid field is a misspelling of it, not the user's own
 _MAX_MISSPELLING = 2
+# a longer column name is shown cut, as a value is
+_MAX_SHOWN_FIELD = 64
 
 
 class PromptTableError(ValueError):
@@ -121,8 +123,12 @@ class InvalidRow:
 
     @property
     def message(self) -> str:
+        """One line naming the row, its key and the field (a column's name is shown quoted
+        when it is not plain text: the user's own columns may be named anything)."""
         key = f" ({self.partition_key})" if self.partition_key else ""
-        return f"row {self.row_number}{key}: {self.field}: {self.reason}"
+        plain = self.field.isprintable() and 0 < len(self.field) <= _MAX_SHOWN_FIELD
+        field_name = self.field if plain else _short(self.field)
+        return f"row {self.row_number}{key}: {field_name}: {self.reason}"
 
 
 @dataclass
@@ -290,16 +296,19 @@ class _FieldError(ValueError):
 
 
 def _texts(record: Mapping[Any, Any]) -> tuple[dict[str, str], tuple[str, str] | None]:
-    """The record's non-empty cells as exact text, and the first cell that has none."""
+    """The record's non-empty cells as exact text, and the first cell that has none (the
+    others are still read: the key and the prompt name an invalid row too)."""
     texts: dict[str, str] = {}
+    problem: tuple[str, str] | None = None
     for name, value in record.items():
         try:
             text = cell_text(value)
         except CellError as exc:
-            return texts, (str(name), str(exc))
+            problem = problem or (str(name), str(exc))
+            continue
         if text is not None:
             texts[str(name)] = text
-    return texts, None
+    return texts, problem
 
 
 def _image_cell(texts: Mapping[str, str], target: str) -> tuple[str, str | None]:
@@ -364,10 +373,16 @@ def _parse_record(
     texts, problem = _texts(record)
     texts = {**defaults, **texts}  # a default fills an empty or missing cell only
     prompt_text = texts.get("prompt", "")
+    raw_prompt = record.get("prompt")
+    # a prompt refused for what it holds is still shown (the ledger stores what it can of it)
+    excerpt = prompt_text or (raw_prompt if isinstance(raw_prompt, str) else "")
     key: str | None = None
 
     def invalid(field_name: str, reason: str) -> InvalidRow:
-        return InvalidRow(index, key, field_name, reason, prompt_text[:200])
+        # only a safe key names the row: any other is what the row is refused for, and may
+        # be one the ledger cannot store (too long, a NUL); the reason shows it
+        safe = key if key is not None and PROMPT_ID_PATTERN.fullmatch(key) else None
+        return InvalidRow(index, safe, field_name, reason, excerpt[:200])
 
     if "prompt_id" in texts:
         try:

@@ -21,6 +21,7 @@ from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
 from kvid_dagster.ledger.store import Ledger, utcnow
 
 log = logging.getLogger("kvid_dagster.ledger")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 MARKER = "legacy_catalog_imported"
 _MAX_SEQ_KEY = b"kvid.max_seq"
@@ -81,6 +82,40 @@ def _aware(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _held_jobs(videos: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, int]]:
+    """(partition key, attempt) of each job 0.1's rows hold, each paid request_id once.
+
+    0.1 was idempotent per partition, not per request: two rows of one request were each
+    paid, each with its own request_id, and both may be running. Each becomes a job of its
+    own, so every one is polled until it ends; ``UNIQUE(request_hash, attempt)`` is kept by
+    giving a later job of the request the next attempt (sent jobs in 0.1's attempt order, then
+    by when they were sent; an intent never known to be sent comes last: the current job,
+    shown UNCERTAIN, where a person resolves it). None is ever re-sent: a request's latest job
+    refuses a new claim.
+    """
+
+    def order(key: str) -> tuple[str, bool, int, datetime, str]:
+        v = videos[key]
+        sent = _aware(v.get("submitted_at"))
+        unsent = not v.get("request_id")
+        return (str(v["request_hash"]), unsent, _attempt(v), sent or _EPOCH, key)
+
+    held = [k for k, v in videos.items() if _holds(v) and v.get("request_hash")]
+    last: dict[str, int] = {}  # request_hash -> the attempt given to its previous job
+    paid: set[str] = set()
+    for key in sorted(held, key=order):
+        v = videos[key]
+        request_id = v.get("request_id")
+        if request_id in paid:
+            continue  # one job however many rows show its id
+        if request_id:
+            paid.add(request_id)
+        request_hash = str(v["request_hash"])
+        attempt = max(_attempt(v), last.get(request_hash, 0) + 1)
+        last[request_hash] = attempt
+        yield key, attempt
+
+
 def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
     """Import 0.1's catalog in ``catalog_dir`` once; returns the number of rows imported."""
     log_dir = catalog_dir / "_log"
@@ -89,31 +124,25 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
     videos, events = fold_legacy(catalog_dir)
     t = ledger.tables
     now = utcnow()
-    seen: set[tuple[str, int]] = set()
     settled: list[int] = []  # 0.1's unfinished intents, UNCERTAIN now
     with ledger.write() as conn:
         for key, v in sorted(videos.items()):
-            status = str(v.get("status") or VideoStatus.PENDING)
-            invalid = status == VideoStatus.INVALID
             conn.execute(
                 insert(t.rows).values(
                     partition_key=key,
                     **{f: v.get(f) for f in _ROW_FIELDS},
-                    invalid_reason=v.get("error") if invalid else None,
+                    invalid_reason=v.get("error") if _status(v) == VideoStatus.INVALID else None,
                     last_error=None,
                     updated_at=_aware(v.get("updated_at")) or now,
                 )
             )
-            holds = status not in {VideoStatus.PENDING, VideoStatus.INVALID}
-            ident = (str(v.get("request_hash")), int(v.get("attempts") or 1))
-            if not holds or not v.get("request_hash") or ident in seen:
-                continue
-            seen.add(ident)
-            job_status = _job_status(status, v)
+        for key, attempt in _held_jobs(videos):
+            v = videos[key]
+            job_status = _job_status(_status(v), v)
             inserted = conn.execute(
                 insert(t.jobs).values(
-                    request_hash=ident[0],
-                    attempt=ident[1],
+                    request_hash=v["request_hash"],
+                    attempt=attempt,
                     partition_key=key,
                     prompt=v.get("prompt") or "",
                     job_kind=v.get("job_kind") or "",
@@ -126,7 +155,7 @@ def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
                     version=0,
                 )
             )
-            if job_status is VideoStatus.UNCERTAIN and status == VideoStatus.SUBMITTING:
+            if job_status is VideoStatus.UNCERTAIN and _status(v) == VideoStatus.SUBMITTING:
                 settled.append(inserted.inserted_primary_key[0])
         for e in events:
             conn.execute(
@@ -151,6 +180,19 @@ _EVENT_FIELDS = (
     "event_id", "partition_key", "request_hash", "job_kind", "model", "params_json",
     "request_id", "event", "attempt", "cost_credits", "error",
 )  # fmt: skip
+
+
+def _status(v: Mapping[str, Any]) -> str:
+    return str(v.get("status") or VideoStatus.PENDING)
+
+
+def _holds(v: Mapping[str, Any]) -> bool:
+    """Whether 0.1's row holds a job (sent, or an intent that may have been)."""
+    return _status(v) not in {VideoStatus.PENDING, VideoStatus.INVALID}
+
+
+def _attempt(v: Mapping[str, Any]) -> int:
+    return int(v.get("attempts") or 1)
 
 
 def _job_status(status: str, v: Mapping[str, Any]) -> VideoStatus:

@@ -160,6 +160,23 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace: the inode ``/proc/self/ns/pid`` names (readable without
+    privileges; "" where there is none to read). Containers on one kernel share its boot id
+    and, with host networking, its host name: only this tells their pids apart."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return link.removeprefix("pid:[").removesuffix("]")
+
+
+def _machine() -> str:
+    """Where a pid names one process: this boot of the kernel, in this PID namespace."""
+    namespace = _pid_namespace()
+    return f"{_boot_id()}/{namespace}" if namespace else _boot_id()
+
+
 def process_start_token(pid: int) -> str | None:
     """What tells a live process from a later one with the same pid (``None``: no such pid)."""
     try:
@@ -186,13 +203,15 @@ class ClaimOwner:
 
     host: str
     pid: int
-    started: str  # "<boot id>:<process start time>": a restarted machine or a reused pid differs
+    # "<boot id>/<PID namespace>:<process start time>": a restarted machine, another
+    # container's namespace or a reused pid differs
+    started: str
     run_id: str | None = None
 
     @classmethod
     @cache
     def _this_process(cls, pid: int) -> ClaimOwner:
-        return cls(socket.gethostname(), pid, f"{_boot_id()}:{process_start_token(pid) or ''}")
+        return cls(socket.gethostname(), pid, f"{_machine()}:{process_start_token(pid) or ''}")
 
     @classmethod
     def current(cls, run_id: str | None = None) -> ClaimOwner:
@@ -200,14 +219,23 @@ class ClaimOwner:
         owner = cls._this_process(os.getpid())
         return ClaimOwner(owner.host, owner.pid, owner.started, run_id)
 
+    @property
+    def machine(self) -> str:
+        """Where the owner's pid names its process: "<boot id>/<PID namespace>" (only the boot
+        id for an owner written before namespaces were recorded, or one without procfs)."""
+        return self.started.partition(":")[0]
+
     def is_local(self) -> bool:
+        """Whether this process can look the owner's pid up: same host, same boot and same PID
+        namespace. An owner recorded without its namespace (by an older kvid-dagster) is not
+        local here: its pid may be another namespace's, so its heartbeat lease judges it."""
         here = ClaimOwner.current()
-        return self.host == here.host and self.started.split(":")[0] == here.started.split(":")[0]
+        return self.host == here.host and self.machine == here.machine
 
     def is_alive_locally(self) -> bool:
         """For an owner on this machine: does its process still run?"""
         token = process_start_token(self.pid)
-        return token is not None and self.started == f"{_boot_id()}:{token}"
+        return token is not None and self.started == f"{ClaimOwner.current().machine}:{token}"
 
 
 VIDEO_FILE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoFile))

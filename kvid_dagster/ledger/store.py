@@ -70,6 +70,7 @@ from kvid_dagster.ledger.tables import (
     LedgerTables,
     create_schema,
     define_tables,
+    unstorable_at,
 )
 
 log = logging.getLogger("kvid_dagster.ledger")
@@ -395,7 +396,9 @@ class Ledger:
 
         A row whose request changed keeps its old submissions (still polled, kept in the
         history); its status is now that of its new request. A key that is both valid and
-        invalid belongs to the valid row.
+        invalid belongs to the valid row. Free text is stored as :class:`StoredText` says; a
+        key or another short value the database cannot hold is a ValueError before anything
+        is written, on every backend (the prompt table's validator never hands out one).
         """
         now = utcnow()
         wanted: dict[str, dict[str, Any]] = {}
@@ -423,6 +426,7 @@ class Ledger:
             }
         if not wanted:
             return 0
+        self._check_storable(wanted.values())
         for attempt in range(3):
             try:
                 return self._register(wanted, now)
@@ -432,6 +436,21 @@ class Ledger:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _check_storable(self, wanted: Iterable[Mapping[str, Any]]) -> None:
+        """Refuse a value of a sized column (a key, a model) that the database cannot hold:
+        PostgreSQL would refuse the whole batch, SQLite would store it whatever its size."""
+        rows = self.tables.rows
+        for values in wanted:
+            for name, value in values.items():
+                limit = getattr(rows.c[name].type, "length", None)  # None: TEXT, unsized
+                if value is None or limit is None:
+                    continue
+                if len(value) > limit or unstorable_at(value) is not None:
+                    raise ValueError(
+                        f"row {values['partition_key']!r:.80}: {name} {value!r:.80} cannot be "
+                        f"stored: at most {limit} characters, without NUL"
+                    )
 
     def _register(self, wanted: Mapping[str, dict[str, Any]], now: datetime) -> int:
         rows = self.tables.rows
@@ -864,7 +883,9 @@ class Ledger:
             )
 
     def owner_alive(self, submission: Submission) -> bool:
-        """Whether a claim's owner may still send or record it."""
+        """Whether a claim's owner may still send or record it: an owner whose pid this process
+        can look up (same host, boot and PID namespace) by its process; any other by its
+        heartbeat lease (another host, or another container on this kernel)."""
         owner = submission.owner
         if owner is None:
             return False

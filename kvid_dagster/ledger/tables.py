@@ -60,6 +60,34 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC)
 
 
+# PostgreSQL's text types refuse NUL, and no backend encodes a lone surrogate as UTF-8
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_at(text: str) -> int | None:
+    """The index of the first character of ``text`` a ledger database cannot store, or None."""
+    found = _UNSTORABLE.search(text)
+    return None if found is None else found.start()
+
+
+def storable_text(text: str) -> str:
+    """``text`` with U+FFFD for each character a ledger database cannot store."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+class StoredText(TypeDecorator[str]):
+    """Text every backend stores. What reaches a text column from outside (a server's FAILED
+    message, a refused generate's error, an invalid row's excerpt) may hold a NUL, which
+    PostgreSQL refuses, failing the whole transaction and every good row in it: each
+    character no backend stores is written as U+FFFD instead, the same on SQLite."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return storable_text(value) if isinstance(value, str) else value
+
+
 def _stamp(context: Any) -> int:
     """The revision of the write transaction running the statement: every inserted or updated
     row of ``rows``, ``jobs`` and ``events`` carries the revision it was last written at, which
@@ -96,10 +124,10 @@ class LedgerTables:
 
 def _video_columns() -> list[Column[Any]]:
     return [
-        Column("url", Text),
-        Column("name", Text),
+        Column("url", StoredText),
+        Column("name", StoredText),
         Column("size_kb", BigInteger),
-        Column("local_path", Text),
+        Column("local_path", StoredText),
         Column("sha256", String(64)),
         Column("width", Integer),
         Column("height", Integer),
@@ -128,20 +156,20 @@ def define_tables(prefix: str) -> LedgerTables:
         md,
         Column("name", String(64), primary_key=True),
         Column("int_value", BigInteger),
-        Column("text_value", Text),
+        Column("text_value", StoredText),
     )
     rows = Table(
         f"{prefix}rows",
         md,
         Column("partition_key", String(255), primary_key=True),
-        Column("prompt", Text),
+        Column("prompt", StoredText),
         Column("job_kind", String(64)),
         Column("model", String(255)),
         Column("request_hash", String(64)),  # null for an invalid row
-        Column("params_json", Text),
-        Column("user_columns_json", Text),  # the table's other columns: shown, never sent
-        Column("invalid_reason", Text),  # set: the row is INVALID
-        Column("last_error", Text),  # why its last submission did not go through
+        Column("params_json", StoredText),
+        Column("user_columns_json", StoredText),  # the table's other columns: shown, never sent
+        Column("invalid_reason", StoredText),  # set: the row is INVALID
+        Column("last_error", StoredText),  # why its last submission did not go through
         Column("updated_at", UTCDateTime, nullable=False),
         _revision_column(),
         Index(f"ix_{prefix}rows_request_hash", "request_hash"),
@@ -154,15 +182,15 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("request_hash", String(64), nullable=False),
         Column("attempt", Integer, nullable=False),
         Column("partition_key", String(255), nullable=False),
-        Column("prompt", Text, nullable=False),
+        Column("prompt", StoredText, nullable=False),
         Column("job_kind", String(64), nullable=False),
         Column("model", String(255), nullable=False),
-        Column("params_json", Text, nullable=False),
+        Column("params_json", StoredText, nullable=False),
         Column("status", String(16), nullable=False),
         Column("request_id", Text),  # the service's: as long as the client accepts (see v5)
         Column("progress", Integer),
         *_video_columns(),
-        Column("error", Text),
+        Column("error", StoredText),
         # what the job cost: the service's figure when it reports one, else the estimate
         Column("cost_credits", Float),
         Column("estimated_credits", Float),
@@ -198,12 +226,12 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("request_hash", String(64)),
         Column("job_kind", String(64)),
         Column("model", String(255)),
-        Column("params_json", Text),
+        Column("params_json", StoredText),
         Column("request_id", Text),
         Column("event", String(32), nullable=False),
         Column("attempt", Integer),
         Column("cost_credits", Float),
-        Column("error", Text),
+        Column("error", StoredText),
         Column("recorded_at", UTCDateTime, nullable=False),
         _revision_column(),
         Index(f"ix_{prefix}events_revision", "revision"),
