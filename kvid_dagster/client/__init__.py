@@ -7,7 +7,14 @@ imported by processes (the emulator, the CLI) that should not pay for Dagster.
 from __future__ import annotations
 
 from ._download import DEFAULT_MAX_BYTES
-from ._engine import DEFAULT_BASE_URL, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUT_S
+from ._engine import (
+    DEFAULT_BASE_URL,
+    DEFAULT_CALL_DEADLINE_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT_S,
+    MAX_ANSWER_BYTES,
+)
 from .aio import AsyncKvidClient
 from .errors import (
     KvidAuthenticationError,
@@ -21,6 +28,7 @@ from .errors import (
     KvidNotReadyError,
     KvidProtocolError,
     KvidRateLimitedError,
+    KvidResponseTooLargeError,
     KvidServerError,
     KvidTimeoutError,
     KvidUncertainSubmissionError,
@@ -56,6 +64,7 @@ from .requests import (
     ImageToVideoV2,
     JobKind,
     KvidRequest,
+    LocalImage,
     TextToVideoV1,
     TextToVideoV2,
     build_request,
@@ -66,6 +75,7 @@ from .sync import KvidClient
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_CALL_DEADLINE_S",
     "DEFAULT_DIALECT",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -74,6 +84,7 @@ __all__ = [
     "GENERATION_DIALECT",
     "GENERATION_MODELS",
     "KVID_DIALECT",
+    "MAX_ANSWER_BYTES",
     "MAX_IMAGE_BYTES",
     "MAX_PROMPT_CHARS",
     "V2_IMAGE_TO_VIDEO_MODEL",
@@ -111,10 +122,12 @@ __all__ = [
     "KvidProtocolError",
     "KvidRateLimitedError",
     "KvidRequest",
+    "KvidResponseTooLargeError",
     "KvidServerError",
     "KvidTimeoutError",
     "KvidUncertainSubmissionError",
     "KvidValidationError",
+    "LocalImage",
     "RetryPolicy",
     "TextToVideoV1",
     "TextToVideoV2",
