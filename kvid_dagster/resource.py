@@ -9,6 +9,7 @@ from pydantic import Field
 
 from kvid_dagster.client import (
     DEFAULT_BASE_URL,
+    DEFAULT_CALL_DEADLINE_S,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT_S,
@@ -50,7 +51,14 @@ class KvidResource(ConfigurableResource):
     )
     # the client's defaults, defined there once
     request_timeout_seconds: float = Field(
-        default=DEFAULT_TIMEOUT_S, description="Timeout of one HTTP request."
+        default=DEFAULT_TIMEOUT_S,
+        description="Timeout of each wait of one HTTP request (connect, each read, each write).",
+    )
+    call_deadline_seconds: float = Field(
+        default=DEFAULT_CALL_DEADLINE_S,
+        description="Longest one API call (generate, status, result) may take, first byte sent "
+        "to last byte read, however slowly the server answers; past it a generate is "
+        "UNCERTAIN, a status or result call a timeout (retried).",
     )
     max_retries: int = Field(
         default=DEFAULT_RETRY.max_retries, description="Retries of a retryable request (bounded)."
@@ -90,6 +98,7 @@ class KvidResource(ConfigurableResource):
     def _client_settings(self) -> dict[str, Any]:
         return {
             "timeout": self.request_timeout_seconds,
+            "call_deadline": self.call_deadline_seconds,
             "max_retries": self.max_retries,
             "backoff_base": self.backoff_base_seconds,
             "backoff_max": self.backoff_max_seconds,

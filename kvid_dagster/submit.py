@@ -425,12 +425,16 @@ async def _generate(
         return SubmitOutcome(key, SubmitAction.UNCERTAIN, VideoStatus.UNCERTAIN, None, message)
     except (KvidError, OSError, ValueError, TypeError) as exc:
         # the service said no (out of credit and the running-jobs limit included), was never
-        # reached, or the body could not even be built (an unreadable image): no job exists,
-        # nothing was billed, so the claim goes back and nothing is uncertain
-        invalid = isinstance(exc, KvidValidationError)
+        # reached, or the body could not even be built (an image replaced since the table was
+        # read): no job exists, nothing was billed, so the claim goes back and nothing is
+        # uncertain. INVALID is the service's word on the request (a 4xx after the claim); a
+        # body refused before any claim leaves the row PENDING, as the ledger has it
+        invalid = isinstance(exc, KvidValidationError) and claim.submission is not None
         message = f"{type(exc).__name__}: {exc}"
         if claim.submission is not None:
             await asyncio.to_thread(ledger.release, claim.submission, message, invalid=invalid)
+        else:
+            message = f"not sent: {message}"
         if isinstance(exc, KvidConcurrentLimitError):
             raise _Held(exc) from None
         if isinstance(exc, KvidInsufficientCreditError):

@@ -425,7 +425,7 @@ def test_image_to_video_sends_a_url_or_the_file_as_base64(photo: Path) -> None:
     by_file = GenerationImageToVideo("move", photo)
     body = by_file.to_body()
     assert "image_url" not in body and base64.b64decode(body["image_file"]) == photo.read_bytes()
-    assert by_file.image == photo.absolute()
+    assert Path(by_file.image) == photo.absolute()
 
 
 def test_reference_to_video_body_lists_only_what_is_given() -> None:

@@ -7,7 +7,14 @@ imported by processes (the emulator, the CLI) that should not pay for Dagster.
 from __future__ import annotations
 
 from ._download import DEFAULT_MAX_BYTES, PartialDownload
-from ._engine import DEFAULT_BASE_URL, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRY, DEFAULT_TIMEOUT_S
+from ._engine import (
+    DEFAULT_BASE_URL,
+    DEFAULT_CALL_DEADLINE_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT_S,
+    MAX_ANSWER_BYTES,
+)
 from .aio import AsyncKvidClient
 from .errors import (
     KvidAuthenticationError,
@@ -22,6 +29,7 @@ from .errors import (
     KvidNotReadyError,
     KvidProtocolError,
     KvidRateLimitedError,
+    KvidResponseTooLargeError,
     KvidServerError,
     KvidTimeoutError,
     KvidUncertainSubmissionError,
@@ -57,6 +65,7 @@ from .requests import (
     ImageToVideoV2,
     JobKind,
     KvidRequest,
+    LocalImage,
     TextToVideoV1,
     TextToVideoV2,
     build_request,
@@ -67,6 +76,7 @@ from .sync import KvidClient
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_CALL_DEADLINE_S",
     "DEFAULT_DIALECT",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -75,6 +85,7 @@ __all__ = [
     "GENERATION_DIALECT",
     "GENERATION_MODELS",
     "KVID_DIALECT",
+    "MAX_ANSWER_BYTES",
     "MAX_IMAGE_BYTES",
     "MAX_PROMPT_CHARS",
     "V2_IMAGE_TO_VIDEO_MODEL",
@@ -113,10 +124,12 @@ __all__ = [
     "KvidProtocolError",
     "KvidRateLimitedError",
     "KvidRequest",
+    "KvidResponseTooLargeError",
     "KvidServerError",
     "KvidTimeoutError",
     "KvidUncertainSubmissionError",
     "KvidValidationError",
+    "LocalImage",
     "PartialDownload",
     "RetryPolicy",
     "TextToVideoV1",

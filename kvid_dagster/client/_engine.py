@@ -10,11 +10,9 @@ its own, so the two cannot drift apart.
 from __future__ import annotations
 
 import inspect
-import ipaddress
 import logging
 import math
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -31,12 +29,13 @@ from .errors import (
     KvidError,
     KvidJobFailedError,
     KvidProtocolError,
+    KvidResponseTooLargeError,
     KvidTimeoutError,
     KvidUncertainSubmissionError,
     KvidValidationError,
 )
 from .generation_requests import CreditPool
-from .protocol import DEFAULT_DIALECT, Dialect, HttpCall, dialect_for
+from .protocol import DEFAULT_DIALECT, Dialect, HttpCall, dialect_for, where
 from .requests import ApiDialect, JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
 from .retry import NOT_SENT, RetryPolicy, Verdict
@@ -45,6 +44,12 @@ logger = logging.getLogger("kvid_dagster.client")
 
 DEFAULT_BASE_URL = "https://api.kvid.ai"
 DEFAULT_TIMEOUT_S = 30.0
+# one API call, first byte sent to last byte read: ``timeout`` bounds each socket wait only, so
+# a server trickling a byte at a time would hold a generate (and its row SUBMITTING) forever
+DEFAULT_CALL_DEADLINE_S = 120.0
+# an API answer is a few hundred bytes of JSON: a bigger one is a broken or hostile server,
+# not read into memory
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 # the ramp reaches it gradually (see ``_ramp.py``), so a small backlog is safe; a status tick
 # over thousands of jobs needs this many to keep the round trips overlapped
 DEFAULT_MAX_IN_FLIGHT = 32
@@ -61,9 +66,11 @@ Answer = TypeVar("Answer", JobStatus, JobResult)
 
 @dataclass(frozen=True)
 class Send:
-    """Send one API call; resumed with the (fully read) ``httpx.Response``."""
+    """Send one API call within ``deadline_s`` (see ``_network.exchange_deadline``), reading
+    its answer through an ``AnswerBody``; resumed with the ``AnswerBody.response()``."""
 
     request: httpx.Request
+    deadline_s: float
 
 
 @dataclass(frozen=True)
@@ -95,35 +102,52 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
-def _check_destination(url: httpx.URL, trusted_hosts: frozenset[str]) -> None:
-    """Refuse a request to a non-http(s) URL, or to a host on a loopback, link-local, private
-    or otherwise non-public address (a result URL or redirect aimed at the cloud metadata
-    service or the local network), unless the host is trusted."""
-    host = (url.host or "").lower()
+def _check_scheme(url: httpx.URL) -> None:
+    """Refuse a request to a non-http(s) URL (a result URL or redirect to ``file://``). Where
+    it may connect is checked on the address it connects to (``_network``)."""
     if url.scheme not in ("http", "https"):
-        raise KvidProtocolError(f"refusing {url.scheme}:// ({host}): downloads are http(s) only")
-    if host in trusted_hosts:
-        return
-    for address in _addresses(host):
-        if not address.is_global:
-            raise KvidProtocolError(
-                f"refusing to fetch from {host} ({address}, a non-public address): only the "
-                "API's own host and allowed_download_hosts may be private"
-            )
+        raise KvidProtocolError(
+            f"refusing {url.scheme}:// ({url.host}): downloads are http(s) only"
+        )
 
 
-def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The addresses ``host`` is (an IP literal) or resolves to (none if it does not: the
-    request then fails on its own)."""
-    try:
-        return {ipaddress.ip_address(host.strip("[]"))}
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return set()
-    return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+class AnswerBody:
+    """One API answer, collected as it streams (decoded, so a compressed bomb counts by what
+    it decompresses to); refused once it passes ``MAX_ANSWER_BYTES``."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._chunks: list[bytes] = []
+        self._size = 0
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and int(announced) > MAX_ANSWER_BYTES:
+            raise self._too_large(f"announces {announced} bytes, more than")
+
+    def _too_large(self, detail: str) -> KvidResponseTooLargeError:
+        return KvidResponseTooLargeError(
+            f"{where(self._response)}: the answer {detail} MAX_ANSWER_BYTES={MAX_ANSWER_BYTES} "
+            "(what an API answer may take): not read further"
+        )
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_ANSWER_BYTES:
+            raise self._too_large("runs past")
+        self._chunks.append(chunk)
+
+    def response(self) -> httpx.Response:
+        """The answer as a read response (its body already decoded)."""
+        headers = [
+            (name, value)
+            for name, value in self._response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            self._response.status_code,
+            headers=headers,
+            content=b"".join(self._chunks),
+            request=self._response.request,
+        )
 
 
 def _dialect(value: Dialect | ApiDialect | str | None) -> Dialect:
@@ -211,6 +235,7 @@ class ClientBase:
         base_url: str = DEFAULT_BASE_URL,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
+        call_deadline: float = DEFAULT_CALL_DEADLINE_S,
         max_retries: int = DEFAULT_RETRY.max_retries,
         backoff_base: float = DEFAULT_RETRY.backoff_base,
         backoff_max: float = DEFAULT_RETRY.backoff_max,
@@ -236,10 +261,12 @@ class ClientBase:
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise KvidValidationError("base_url", base_url, "an http(s) URL")
         _positive("timeout", timeout)
+        _positive("call_deadline", call_deadline)
         _positive("max_in_flight", max_in_flight, integer=True)
         self._api_key = Secret(api_key)
         self._base_url = url
         self._timeout = httpx.Timeout(timeout)
+        self._call_deadline = call_deadline
         self._max_in_flight = max_in_flight
         self._retry = RetryPolicy(max_retries, backoff_base, backoff_max)
         self._sleep = sleep if sleep is not None else type(self)._default_sleep
@@ -260,6 +287,7 @@ class ClientBase:
             protect_logs(self._credit_pool.value.reveal())
 
     def _open_http(self, transport: Any) -> Any:
+        """The httpx client; without a ``transport``, on ``_network``'s guarded sockets."""
         raise NotImplementedError
 
     # ---- public, I/O-free --------------------------------------------------------------------
@@ -321,8 +349,8 @@ class ClientBase:
 
     def _strip_foreign_key(self, request: httpx.Request) -> None:
         """Request hook, on every request and redirect hop: the api-key never goes to another
-        origin, and nothing is fetched from a private address the API's host is not on."""
-        _check_destination(request.url, self._trusted_hosts)
+        origin, and nothing is fetched but http(s)."""
+        _check_scheme(request.url)
         header = self._dialect.auth_header
         if header in request.headers and not self._is_own_origin(request.url):
             del request.headers[header]
@@ -346,6 +374,9 @@ class ClientBase:
             timeout=self._timeout,
         )
         return request
+
+    def _send(self, call: HttpCall) -> Send:
+        return Send(self._build(call), self._call_deadline)
 
     def _transport_error(self, exc: httpx.RequestError, what: str) -> KvidError:
         text = f"{what}: {type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
@@ -375,6 +406,8 @@ class ClientBase:
             except httpx.RequestError as exc:
                 error = self._transport_error(exc, what)
                 sent = not isinstance(exc, NOT_SENT)
+            except KvidResponseTooLargeError as exc:
+                error, sent = exc, True
             else:
                 logger.debug(
                     "%s -> HTTP %d in %.0f ms",
@@ -439,7 +472,7 @@ class ClientBase:
         call = self._dialect.generate_call(request.job_kind, sent)
         what = call.describe()
         response = yield from self._exchange(
-            lambda: Send(self._build(call)),
+            lambda: self._send(call),
             what,
             idempotent=False,
             body=body,
@@ -460,14 +493,14 @@ class ClientBase:
     ) -> Op[JobStatus]:
         call = self._dialect.status_call(self._job_kind(job_kind), request_id)
         response = yield from self._exchange(
-            lambda: Send(self._build(call)), call.describe(), idempotent=True, deadline=deadline
+            lambda: self._send(call), call.describe(), idempotent=True, deadline=deadline
         )
         return self._scrubbed(self._dialect.parse_status(response))
 
     def _result_op(self, job_kind: Any, request_id: Any) -> Op[JobResult]:
         call = self._dialect.result_call(self._job_kind(job_kind), request_id)
         response = yield from self._exchange(
-            lambda: Send(self._build(call)), call.describe(), idempotent=True
+            lambda: self._send(call), call.describe(), idempotent=True
         )
         result = self._scrubbed(self._dialect.parse_result(response))
         try:
@@ -563,4 +596,13 @@ class ClientBase:
         return downloaded
 
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MAX_BYTES", "Action", "ClientBase", "OpRunner"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CALL_DEADLINE_S",
+    "DEFAULT_MAX_BYTES",
+    "MAX_ANSWER_BYTES",
+    "Action",
+    "AnswerBody",
+    "ClientBase",
+    "OpRunner",
+]

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_PROMPT_CHARS",
     "ApiDialect",
     "JobKind",
+    "LocalImage",
     "canonical_json",
 ]
 
@@ -327,10 +328,61 @@ def _looks_like_url(text: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class LocalImage(os.PathLike[str]):
+    """A local image file as it was when its request was made: the absolute path, and the
+    size and sha256 of the bytes read then.
+
+    The request's hash counts the image by that sha256, and its body is built only from a file
+    that still has those bytes (``data``): what is sent is exactly what was hashed. Without
+    this, an image replaced while a run waits would be sent under the old image's hash, and the
+    next read of the table, hashing the new image, would find no job and send it again.
+    A path-like, so code that opens it as a file keeps working.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def data(self, field: str) -> bytes:
+        """The file's bytes, if they are still the ones hashed; else an error naming ``field``
+        (nothing may be sent: the request no longer says what the file holds)."""
+        try:
+            with self.path.open("rb") as handle:
+                data = handle.read(MAX_IMAGE_BYTES + 1)
+        except OSError as exc:
+            raise KvidValidationError(
+                field,
+                str(self.path),
+                problem=f"can no longer be read ({type(exc).__name__}: "
+                f"{exc.strerror or exc}): not sent",
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != self.size or digest != self.sha256:
+            raise KvidValidationError(
+                field,
+                str(self.path),
+                problem="changed since its request was made, when the table was read "
+                f"({self.size} bytes, sha256 {self.sha256[:12]}… then; {len(data)} bytes, "
+                f"sha256 {digest[:12]}… now): not sent; the next read of the table makes a new "
+                "request of the new image",
+            )
+        return data
+
+
 def resolve_image(
     field: str, value: Any, spec: _Spec = _IMAGE, base_dir: Path | None = None
-) -> str | Path:
-    """An image is an http(s) URL (kept as str) or a local image file (made an absolute Path)."""
+) -> str | LocalImage:
+    """An image is an http(s) URL (kept as str) or a local image file, read once here into a
+    ``LocalImage`` (one already made is kept: it holds the bytes its request was made of)."""
+    if isinstance(value, LocalImage):
+        return value
     if isinstance(value, str) and _looks_like_url(value):
         return check_url(field, value, spec)
     if not isinstance(value, str | os.PathLike):
@@ -346,34 +398,28 @@ def resolve_image(
         raise KvidValidationError(field, str(path), spec.allowed(), problem="does not exist")
     if not path.is_file():
         raise KvidValidationError(field, str(path), spec.allowed(), problem="is not a file")
-    size = path.stat().st_size
-    if size == 0 or size > MAX_IMAGE_BYTES:
+    with path.open("rb") as handle:
+        data = handle.read(MAX_IMAGE_BYTES + 1)
+    if not data or len(data) > MAX_IMAGE_BYTES:
+        size = path.stat().st_size
         raise KvidValidationError(
             field, str(path), spec.allowed(), problem=f"has an unusable size ({size} bytes)"
         )
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if not any(head[offset : offset + len(magic)] == magic for offset, magic in _IMAGE_MAGIC):
+    if not any(data[offset : offset + len(magic)] == magic for offset, magic in _IMAGE_MAGIC):
         raise KvidValidationError(
             field, str(path), "PNG, JPEG, WebP, GIF or BMP", problem="is not a known image format"
         )
-    return path
+    return LocalImage(path, hashlib.sha256(data).hexdigest(), len(data))
 
 
-def image_body(value: str | Path, *, for_hash: bool) -> tuple[str, str]:
+def image_body(field: str, value: str | LocalImage, *, for_hash: bool) -> tuple[str, str]:
     """The body field of a resolved image: ``image_url``, or ``image_file`` as base64 (in the
     hash input, the sha256 of the bytes instead: the same image is the same request)."""
-    if not isinstance(value, Path):
+    if not isinstance(value, LocalImage):
         return "image_url", value
-    with value.open("rb") as handle:
-        data = handle.read(MAX_IMAGE_BYTES + 1)
-    if len(data) > MAX_IMAGE_BYTES:  # it grew since validation
-        raise KvidValidationError(
-            "image", str(value), f"at most {MAX_IMAGE_BYTES} bytes", problem="is too large"
-        )
     if for_hash:
-        return "image_file", "sha256:" + hashlib.sha256(data).hexdigest()
-    return "image_file", base64.b64encode(data).decode("ascii")
+        return "image_file", "sha256:" + value.sha256
+    return "image_file", base64.b64encode(value.data(field)).decode("ascii")
 
 
 def _round_even(value: Fraction) -> int:
@@ -463,7 +509,7 @@ def resolve_job(job: Any, *, image: bool, references: bool, dialect: ApiDialect)
     return check_job_kind("job", job, dialect)
 
 
-def job_image(job_kind: JobKind, image: Any, base_dir: Path | None) -> str | Path | None:
+def job_image(job_kind: JobKind, image: Any, base_dir: Path | None) -> str | LocalImage | None:
     """The resolved image of an image-to-video row: required there, refused elsewhere."""
     if job_kind is JobKind.IMAGE_TO_VIDEO:
         if image is None:

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import httpx
 
 from ._download import DEFAULT_MAX_BYTES, PartialDownload
-from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._engine import Action, AnswerBody, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._network import async_guarded_transport, exchange_deadline
 from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
@@ -40,15 +41,16 @@ class AsyncKvidClient(ClientBase):
         self._connects = asyncio.Semaphore(self._ramp.connect_permits)
 
         async def strip_foreign_key(request: httpx.Request) -> None:
-            if (request.url.host or "").lower() in self._trusted_hosts:
-                self._strip_foreign_key(request)  # no lookup needed: never blocks
-            else:  # a download elsewhere: resolving its host must not stall every other call
-                await asyncio.to_thread(self._strip_foreign_key, request)
+            self._strip_foreign_key(request)
 
         return httpx.AsyncClient(
             timeout=self._timeout,
             limits=self._limits,
-            transport=transport,
+            transport=(
+                transport
+                if transport is not None
+                else async_guarded_transport(self._limits, self._trusted_hosts)
+            ),
             follow_redirects=False,
             event_hooks={"request": [strip_foreign_key]},
         )
@@ -94,7 +96,15 @@ class AsyncKvidClient(ClientBase):
             async with self._slot(action.request):
                 if before_send is not None:
                     await before_send()
-                return await self._http.send(action.request)
+                with exchange_deadline(action.deadline_s):
+                    response = await self._http.send(action.request, stream=True)
+                    try:
+                        answer = AnswerBody(response)
+                        async for chunk in response.aiter_bytes():
+                            answer.add(chunk)
+                    finally:
+                        await response.aclose()
+            return answer.response()
         if isinstance(action, Fetch):
             async with self._slot(action.request):
                 response = await self._http.send(action.request, stream=True, follow_redirects=True)

@@ -132,6 +132,11 @@ class KvidProtocolError(KvidError):
     """The server answered something outside the contract (non-JSON, no envelope, …)."""
 
 
+class KvidResponseTooLargeError(KvidProtocolError):
+    """An API answer (generate, status, result) bigger than ``MAX_ANSWER_BYTES``: not read
+    further. After a generate the job may exist (uncertain); anywhere else a protocol error."""
+
+
 class KvidConnectionError(KvidError):
     """The connection failed (refused, reset, DNS, protocol breakage)."""
 

@@ -266,7 +266,7 @@ class _GenerationBase:
             if name == "prompt" or value is None or (spec.kind == "urls" and not value):
                 continue  # not given: absent from the body, not null
             if spec.kind == "image":
-                key, encoded = image_body(value, for_hash=for_hash)
+                key, encoded = image_body(name, value, for_hash=for_hash)
                 body[key] = encoded
             else:
                 body[name] = list(value) if spec.kind == "urls" else value

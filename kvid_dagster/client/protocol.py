@@ -56,6 +56,7 @@ __all__ = [
     "dialect_for",
     "parse_retry_after",
     "validate_request_id",
+    "where",
 ]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
@@ -114,7 +115,8 @@ def _snippet(response: httpx.Response, limit: int = 200) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
-def _where(response: httpx.Response) -> str:
+def where(response: httpx.Response) -> str:
+    """ "HTTP 500 for POST /path": an answer, for messages."""
     try:
         request = response.request
     except RuntimeError:  # a Response built without a request
@@ -176,7 +178,7 @@ def _error_by_status(
     """The error an HTTP status means by itself (``message``: the server's, for the text)."""
     code = response.status_code
     detail = message if message is not None else _snippet(response) or "(empty body)"
-    text = f"{_where(response)}: {detail}"
+    text = f"{where(response)}: {detail}"
     common: dict[str, Any] = {"status_code": code, "server_message": message}
     if code in (401, 403):
         return KvidAuthenticationError(text, **common)
@@ -198,30 +200,30 @@ def _error_by_status(
 
 def _envelope(response: httpx.Response) -> tuple[dict[str, Any], str | None]:
     """The envelope's ``data`` and ``message`` of a 2xx answer, or a protocol error."""
-    where = _where(response)
+    place = where(response)
     try:
         payload = json.loads(response.content)
     except ValueError:
         raise KvidProtocolError(
-            f"{where}: the body is not JSON: {_snippet(response)!r}",
+            f"{place}: the body is not JSON: {_snippet(response)!r}",
             status_code=response.status_code,
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("success"), bool):
         raise KvidProtocolError(
-            f"{where}: no response envelope: {_snippet(response)!r}",
+            f"{place}: no response envelope: {_snippet(response)!r}",
             status_code=response.status_code,
         )
     message = payload.get("message") if isinstance(payload.get("message"), str) else None
     if payload["success"] is not True:
         raise KvidProtocolError(
-            f"{where}: success=false: {message}",
+            f"{place}: success=false: {message}",
             status_code=response.status_code,
             server_message=message,
         )
     data = payload.get("data")
     if not isinstance(data, dict):
         raise KvidProtocolError(
-            f"{where}: the envelope has no data object",
+            f"{place}: the envelope has no data object",
             status_code=response.status_code,
             server_message=message,
         )
@@ -230,7 +232,7 @@ def _envelope(response: httpx.Response) -> tuple[dict[str, Any], str | None]:
 
 def _field_error(response: httpx.Response, name: str, value: Any, want: str) -> KvidError:
     return KvidProtocolError(
-        f"{_where(response)}: data.{name} is {'missing' if value is None else repr(value)[:80]}"
+        f"{where(response)}: data.{name} is {'missing' if value is None else repr(value)[:80]}"
         f" (expected {want})",
         status_code=response.status_code,
     )
@@ -462,8 +464,10 @@ class GenerationDialect(Dialect):
             return None
         payload = _json(response)
         message = _error_message(payload)
-        code = _error_code(payload, message)
-        text = f"{_where(response)}: {message or code or _snippet(response) or '(empty body)'}"
+        # a code is the server's word on a request it refused (4xx); a 5xx is server trouble
+        # whatever its body says: after a generate, the job may exist
+        code = _error_code(payload, message) if 400 <= status < 500 else None
+        text = f"{where(response)}: {message or code or _snippet(response) or '(empty body)'}"
         common: dict[str, Any] = {"status_code": status, "server_message": message}
         if status == 402 or code is ErrorCode.INSUFFICIENT_CREDIT:
             return KvidInsufficientCreditError(text, **common)
@@ -503,7 +507,7 @@ class GenerationDialect(Dialect):
             state = self.classify_status(status) if isinstance(status, str) else None
             if state is JobState.RUNNING:  # a 200 that says "not yet" in its own words
                 raise KvidNotReadyError(
-                    f"{_where(response)}: status {status!r}, no result yet",
+                    f"{where(response)}: status {status!r}, no result yet",
                     status_code=response.status_code,
                     server_message=message,
                 )

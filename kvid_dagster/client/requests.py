@@ -28,6 +28,7 @@ from ._fields import (
     MAX_PROMPT_CHARS,
     ApiDialect,
     JobKind,
+    LocalImage,
     _Spec,
     _wrong_type,
     canonical_json,
@@ -62,6 +63,7 @@ __all__ = [
     "ImageToVideoV2",
     "JobKind",
     "KvidRequest",
+    "LocalImage",
     "TextToVideoV1",
     "TextToVideoV2",
     "build_request",
@@ -124,7 +126,7 @@ class _RequestBase:
         for name, spec in self._SPECS.items():
             value = getattr(self, name)
             if spec.kind == "image":
-                key, encoded = image_body(value, for_hash=for_hash)
+                key, encoded = image_body(name, value, for_hash=for_hash)
                 body[key] = encoded
             elif name == "end_image":
                 body["end_image_url"] = value
@@ -184,7 +186,8 @@ class TextToVideoV1(_RequestBase):
 
 @dataclass(frozen=True)
 class ImageToVideoV1(TextToVideoV1):
-    """v1 (Wan) image-to-video; ``image`` is an http(s) URL or a local image file."""
+    """v1 (Wan) image-to-video; ``image`` is an http(s) URL or a local image file (held as a
+    ``LocalImage``: sent only while the file has the bytes the request was hashed by)."""
 
     image: str | os.PathLike[str]
     _: KW_ONLY

@@ -92,18 +92,20 @@ class RetryPolicy:
     @staticmethod
     def verdict(error: KvidError, *, idempotent: bool, sent: bool) -> Verdict:
         """What to do about ``error``; ``sent`` is False when the request surely never left."""
-        if isinstance(error, KvidConcurrentLimitError):
+        code = error.status_code
+        # only a 4xx answer is the server refusing the request: nothing was created
+        refused = code is not None and 400 <= code < 500
+        if isinstance(error, KvidConcurrentLimitError) and refused:
             return Verdict.RAISE  # a slot frees in minutes, not seconds: the caller holds its queue
         transient = isinstance(error, TRANSIENT)
         if idempotent:
             return Verdict.RETRY if transient else Verdict.RAISE
-        if isinstance(error, KvidRateLimitedError) or not sent:
-            # a 429 is a refusal, and an unsent request created nothing: safe to send again
+        if not sent or (refused and isinstance(error, KvidRateLimitedError)):
+            # an unsent request created nothing, and a 429 is a refusal: safe to send again
             return Verdict.RETRY if transient else Verdict.RAISE
-        code = error.status_code
-        if code is not None and 400 <= code < 500:
+        if refused:
             return Verdict.RAISE  # a definite refusal (auth, validation, ...): no job
-        return Verdict.UNCERTAIN
+        return Verdict.UNCERTAIN  # a 5xx, a timeout, a broken answer: the job may exist
 
     def decide(
         self, error: KvidError, attempt: int, *, idempotent: bool, sent: bool

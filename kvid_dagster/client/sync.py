@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import httpx
 
 from ._download import DEFAULT_MAX_BYTES, PartialDownload
-from ._engine import Action, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._engine import Action, AnswerBody, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
+from ._network import exchange_deadline, guarded_transport
 from ._ramp import Exchange
 from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
@@ -28,15 +29,24 @@ T = TypeVar("T")
 class KvidClient(ClientBase):
     """Blocking kvid client on ``httpx.Client``; safe to share between threads.
 
-    ``KvidClient(api_key, base_url="https://api.kvid.ai", *, timeout=30.0, max_retries=5,
-    backoff_base=0.5, backoff_max=30.0, max_in_flight=32, transport=None, sleep=None,
-    clock=time.monotonic, dialect=None)``
+    ``KvidClient(api_key, base_url="https://api.kvid.ai", *, timeout=30.0, call_deadline=120.0,
+    max_retries=5, backoff_base=0.5, backoff_max=30.0, max_in_flight=32, transport=None,
+    sleep=None, clock=time.monotonic, dialect=None, allowed_download_hosts=(),
+    credit_pool=None)``
 
     - ``api_key`` goes in the ``api-key`` header, to ``base_url``'s origin only; it never shows
       in a repr, an error, a returned status or result, or an ``httpx``/``httpcore`` log record.
     - ``base_url`` may carry a path prefix (a gateway's ``https://gw.example.com/kvid``): the
       API paths are appended to it.
     - ``timeout``: seconds for each connect/read/write/pool wait of one HTTP request.
+    - ``call_deadline``: seconds one API call (generate, status, result; each retry anew) may
+      take from its first byte sent to its answer's last byte read, however the server
+      trickles it; past it a generate is uncertain (``KvidUncertainSubmissionError``), a status
+      or result a timeout, retried. Answers bigger than ``MAX_ANSWER_BYTES`` (4 MiB) are not
+      read: after a generate uncertain, else a ``KvidResponseTooLargeError``.
+    - ``allowed_download_hosts``: hosts a video may be fetched from on a private or loopback
+      address, besides the API's own; any other is refused on the address actually connected
+      to (``KvidProtocolError``).
     - ``max_retries``/``backoff_base``/``backoff_max``: the ``RetryPolicy`` (full jitter).
     - ``max_in_flight``: the most requests at once across all threads (the connection pool
       has the same size). It is a ceiling reached gradually, like TCP slow start: 2 in flight
@@ -57,7 +67,11 @@ class KvidClient(ClientBase):
         return httpx.Client(
             timeout=self._timeout,
             limits=self._limits,
-            transport=transport,
+            transport=(
+                transport
+                if transport is not None
+                else guarded_transport(self._limits, self._trusted_hosts)
+            ),
             follow_redirects=False,
             event_hooks={"request": [self._strip_foreign_key]},
         )
@@ -98,8 +112,13 @@ class KvidClient(ClientBase):
 
     def _perform(self, action: Action) -> Any:
         if isinstance(action, Send):
-            with self._slot(action.request):
-                return self._http.send(action.request)
+            with self._slot(action.request), exchange_deadline(action.deadline_s):
+                response = self._http.send(action.request, stream=True)
+                with contextlib.closing(response):
+                    answer = AnswerBody(response)
+                    for chunk in response.iter_bytes():
+                        answer.add(chunk)
+            return answer.response()
         if isinstance(action, Fetch):
             with self._slot(action.request):
                 response = self._http.send(action.request, stream=True, follow_redirects=True)

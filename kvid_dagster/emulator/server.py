@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -126,6 +127,7 @@ class JobInfo:
     progress: int
     dialect: Dialect
     used_credit: int | None  # generation: the price debited; video: None
+    image_sha256: str | None = None  # of the image_file bytes received (what the job was made of)
 
 
 @dataclass
@@ -378,6 +380,7 @@ class KvidEmulator:
                 progress=status.progress,
                 dialect=job.dialect,
                 used_credit=job.price,
+                image_sha256=job.extra.get("image_sha256"),
             )
         return MappingProxyType(view)
 
@@ -810,6 +813,8 @@ class KvidEmulator:
         )
         job.price = price
         job.extra["seed"] = seed
+        if plan.image_bytes is not None:
+            job.extra["image_sha256"] = hashlib.sha256(plan.image_bytes).hexdigest()
         with self._job_created:
             self._jobs_created += 1
             self._job_created.notify_all()
