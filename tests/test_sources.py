@@ -175,7 +175,9 @@ def summary(table: PromptTable) -> dict[str, Any]:
     }
 
 
-def test_the_same_table_from_every_source_is_the_same_requests(place: Callable[[str], Place]):
+def test_the_same_table_from_every_source_is_the_same_requests(
+    place: Callable[[str], Place],
+) -> None:
     """Moving a table from a CSV file to Parquet on S3 to PostgreSQL, SQLite or a DataFrame
     pays nothing again: the same keys, request hashes and bodies, params and user columns."""
     tables: dict[str, PromptTable] = {}
@@ -207,7 +209,7 @@ def test_the_same_table_from_every_source_is_the_same_requests(place: Callable[[
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_source_is_validated_the_same_way(kind: str, place: Callable[[str], Place]):
+def test_every_source_is_validated_the_same_way(kind: str, place: Callable[[str], Place]) -> None:
     where = place(kind)
     where.write(frame([("a", "A fox", 7)], ["prompt_id", "prompt", "seeds"]))
     with pytest.raises(PromptTableError) as raised:
