@@ -39,7 +39,7 @@ from dagster import (
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
-from kvid_dagster._dagster_common import publish_catalog, video_check_result
+from kvid_dagster._dagster_common import publish_catalog, upstream_loader, video_check_result
 from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.ledger import (
     VIDEO_SCHEMA,
@@ -55,6 +55,7 @@ from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.storage import exists as stored
 from kvid_dagster.submit import (
     SpendReport,
@@ -105,10 +106,12 @@ def add_new_partitions(
     return new
 
 
-def load_table_or_fail(project: KvidProject) -> PromptTable:
+def load_table_or_fail(project: KvidProject, context: AssetExecutionContext) -> PromptTable:
+    """The table (an upstream asset's value loaded through its IO manager), or the run fails
+    with one line saying what is wrong with it or why it cannot be read now."""
     try:
-        return project.load_table()
-    except PromptTableError as exc:
+        return project.load_table(upstream_loader(context.instance, context.load_asset_value))
+    except (PromptTableError, PromptSourceUnavailable) as exc:
         raise Failure(description=str(exc)) from exc
 
 
@@ -128,7 +131,7 @@ def materialize_prompts(
     """``kvid_prompts``: validate the table, add its partitions and ledger rows, and report the
     invalid rows and what a backfill would cost."""
     project = settings.project
-    table = load_table_or_fail(project)
+    table = load_table_or_fail(project, context)
     new_keys = add_new_partitions(context.instance, project, table.partition_keys)
     ledger = project.ledger()
     if register_table(ledger, table):
@@ -160,7 +163,7 @@ def materialize_prompts(
         for p in table.invalid[:PREVIEW_ROWS]
     ]
     metadata: dict[str, Any] = {
-        "path": MetadataValue.path(str(project.prompts_path)),
+        "source": MetadataValue.text(project.prompts_name),
         "rows": len(table.rows) + len(table.invalid),
         "valid_rows": len(table.rows),
         "invalid_rows": len(table.invalid),
@@ -215,7 +218,7 @@ def submit_video_jobs(
             f"project's table is read as {project.dialect} requests: set KVID_API_DIALECT "
             "(or the resource's and the definitions' dialect) to one of them"
         )
-    table = load_table_or_fail(project)
+    table = load_table_or_fail(project, context)
     # a backfill started before kvid_prompts ran still gives every row its ledger row
     registered = register_table(project.ledger(), table)
     by_key = table.by_key
@@ -394,6 +397,8 @@ def build_kvid_assets(
 
     @asset(
         **_asset_kwargs(specs[KvidAsset.PROMPTS]),
+        # an upstream asset whose value is the table: its materializations refresh this one
+        deps=[project.upstream] if project.upstream is not None else [],
         check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:

@@ -11,7 +11,6 @@ and the reason, and the valid rows go on. Only a table that cannot be had or use
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -479,13 +478,3 @@ def _edit_distance(a: str, b: str) -> int:
                 current[j] = min(current[j], previous2[j - 2] + 1)
         previous2, previous = previous, current
     return previous[-1]
-
-
-def table_fingerprint(path: str | Path) -> str:
-    """A content fingerprint of the table file, for the prompts sensor until it asks its
-    source's ``change_token()`` (a stat, not a read) and then ``read().fingerprint``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -218,6 +218,12 @@ class PromptSource(ABC):
     def read(self) -> SourceRows:
         """Every row. Raises :class:`PromptSourceUnavailable` or :class:`PromptTableError`."""
 
+    @property
+    def uri(self) -> str | None:
+        """Where the table is stored, as a path or URL a reader can open (None: it is not a
+        file, e.g. a database table): the ``dagster/uri`` of ``kvid_prompts``."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()!r})"
 
@@ -234,6 +240,10 @@ class FilePromptSource(PromptSource):
         self.path = Path(path).resolve()
 
     def describe(self) -> str:
+        return str(self.path)
+
+    @property
+    def uri(self) -> str:
         return str(self.path)
 
     def change_token(self) -> str:
@@ -312,6 +322,10 @@ class UrlPromptSource(PromptSource):
         self._fs = filesystem(path)
 
     def describe(self) -> str:
+        return _shown_url(str(self.path))
+
+    @property
+    def uri(self) -> str:
         return _shown_url(str(self.path))
 
     def change_token(self) -> str | None:

@@ -104,7 +104,7 @@ def test_attributes_reach_the_definitions(
     table.write_text("prompt_id,prompt\nfox,A red fox\nharbour,A harbour\n", encoding="utf-8")
     database = tmp_path / "ledger.db"
     attributes = {
-        "prompts_path": str(table),
+        "prompts": str(table),
         "data_dir": str(tmp_path / "kvid_data"),
         "api_key": TEST_API_KEY,
         "base_url": emulator.base_url,
@@ -274,7 +274,7 @@ def test_dg_scaffolds_checks_and_lists_the_component(tmp_path: Path) -> None:
     }
 
     defs_yaml = defs_dir / "videos" / "defs.yaml"
-    defs_yaml.write_text(defs_yaml.read_text().replace("prompts_path:", "prompt_path:"))
+    defs_yaml.write_text(defs_yaml.read_text().replace("prompts:", "prompt:"))
     misspelt = dg(project, "check", "yaml")
     assert misspelt.returncode != 0
-    assert "prompt_path" in misspelt.stdout + misspelt.stderr
+    assert "prompt" in misspelt.stdout + misspelt.stderr
