@@ -374,6 +374,7 @@ def build_kvid_assets(
     prices: Mapping[str, float] | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     budget_credits: CreditBudget | None = None,
+    videos_io_manager_key: str | None = None,
 ) -> list[AssetsDefinition | AssetSpec]:
     """The four kvid assets (and the ``video_ok`` check) for one project, from the
     translator's specs.
@@ -383,6 +384,9 @@ def build_kvid_assets(
 
     ``jobs_automation_condition`` (e.g. ``AutomationCondition.on_missing()``) lets declarative
     automation submit new partitions instead of, or beside, the prompt-table sensor.
+
+    ``videos_io_manager_key`` names the resource that loads ``kvid_videos`` for downstream
+    assets (``build_kvid_definitions`` provides a ``KvidVideoIOManager`` under it).
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
@@ -423,6 +427,8 @@ def build_kvid_assets(
     kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
         deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=project.partitions_def
     )
+    if videos_io_manager_key is not None:
+        kvid_videos = kvid_videos.with_io_manager_key(videos_io_manager_key)
 
     with warnings.catch_warnings():
         # partitioned asset checks are a preview feature in Dagster 1.13; we rely on it knowingly
