@@ -12,8 +12,10 @@ its primary key. For each, in one run, the median of ``--repeat``:
   and ``source.read()`` alone (the rows as the source holds them, and their fingerprint);
 - a plain pandas read of the same data, the floor: ``pd.read_csv``, ``pd.read_parquet`` of the
   ``s3://`` URL, ``pd.read_sql_query`` of the statement the source runs;
-- ``source.change_token()`` on the unchanged source (the median of ``--tokens`` calls): what a
-  prompts-sensor tick pays when nothing changed, instead of a read and a validation;
+- ``source.change_token()`` on the unchanged source (the median of ``--tokens`` calls), and a
+  whole prompts-sensor tick on it (``kvid_prompts_sensor`` of the project's definitions,
+  evaluated as the daemon does, after a first tick set its cursor): what a tick pays when
+  nothing changed, instead of a read and a validation;
 - for comparison: the sha256 of the whole CSV file (the prompts sensor's check before change
   tokens), and on PostgreSQL the md5 of the sorted rows' md5s (the digest the token could
   have been: ``sum(hashtextextended(...))`` is what it is).
@@ -87,7 +89,40 @@ def measure(source: Any, plain_read: Callable[[], Any], repeat: int, tokens: int
     figures["token"] = token
     figures["token_ms"] = 1e3 * _median_s(source.change_token, tokens)
     figures["token_unchanged"] = source.change_token() == token
+    figures["unchanged_tick_ms"] = 1e3 * _median_s(_unchanged_tick(source), tokens)
     return figures
+
+
+def _unchanged_tick(source: Any) -> Callable[[], Any]:
+    """One ``kvid_prompts_sensor`` tick on the unchanged ``source`` (a first tick, untimed,
+    read the rows and set the cursor), on an ephemeral instance; it must skip."""
+    import tempfile
+
+    from dagster import DagsterInstance, SkipReason, build_sensor_context
+
+    from kvid_dagster.definitions import build_kvid_definitions
+    from kvid_dagster.project import KvidProject
+    from kvid_dagster.resource import KvidResource
+
+    resource = KvidResource(api_key="bench", base_url="http://127.0.0.1:9")  # never called
+    project = KvidProject(source, tempfile.mkdtemp(prefix="kvid-bench-tick-"))
+    defs = build_kvid_definitions(project, resource=resource)
+    sensor = defs.resolve_sensor_def("kvid_prompts_sensor")
+    instance = DagsterInstance.ephemeral()
+
+    def tick(cursor: str | None) -> Any:
+        with build_sensor_context(
+            instance=instance, cursor=cursor, definitions=defs, sensor_name=sensor.name
+        ) as context:
+            return sensor(context)
+
+    cursor = tick(None).cursor
+
+    def unchanged() -> None:
+        result = tick(cursor)
+        assert isinstance(result, SkipReason), result  # nothing read, nothing requested
+
+    return unchanged
 
 
 def table_in(url: str, frame: Any) -> None:
