@@ -182,6 +182,15 @@ async def _retry_failed(
     return outcomes, None
 
 
+def _json_object(cursor: str) -> dict[str, Any] | None:
+    """A cursor's JSON object, or None (garbage, or another shape)."""
+    try:
+        raw = json.loads(cursor)
+    except ValueError:
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 _CURSOR_FIELDS: dict[str, type] = {"after": int, "ledger_id": str, "checked": int}
 
 
@@ -214,11 +223,8 @@ class StatusCursor:
         """The cursor ``cursor`` holds, else a fresh one (and ``warn`` is told why)."""
         if not cursor:
             return cls()
-        try:
-            raw = json.loads(cursor)
-        except ValueError:
-            raw = None
-        if isinstance(raw, dict) and all(_is_cursor_field(n, v) for n, v in raw.items()):
+        raw = _json_object(cursor)
+        if raw is not None and all(_is_cursor_field(n, v) for n, v in raw.items()):
             return cls(**raw)
         if warn is not None:
             warn(f"unreadable status sensor cursor {cursor[:200]!r}: starting over")
@@ -408,11 +414,8 @@ class PromptsCursor:
     def parse(cls, cursor: str | None) -> PromptsCursor:
         if not cursor:
             return cls()
-        try:
-            raw = json.loads(cursor)
-        except ValueError:
-            raw = None
-        if isinstance(raw, dict) and set(raw) <= {"token", "fingerprint"}:
+        raw = _json_object(cursor)
+        if raw is not None and set(raw) <= {"token", "fingerprint"}:
             return cls(**{k: v if isinstance(v, str) else None for k, v in raw.items()})
         return cls(fingerprint=cursor)  # an earlier version's cursor: the table's fingerprint
 
