@@ -1,7 +1,8 @@
 """The Dagster entry point (``dagster dev -w workspace.yaml`` loads ``defs`` from here).
 
-``KVID_PROMPTS`` and ``KVID_DATA_DIR`` choose the table and the data folder (default: the sample
-table in ``data/`` beside this file); ``KVID_API_KEY`` and ``KVID_BASE_URL`` choose the service.
+``KVID_PROMPTS`` (a path or an fsspec URL) and ``KVID_DATA_DIR`` choose the table and the data
+folder (default: the sample table in ``data/`` beside this file); ``KVID_API_KEY`` and
+``KVID_BASE_URL`` choose the service.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 
 defs = build_kvid_definitions(
     KvidProject(
-        prompts_path=os.environ.get("KVID_PROMPTS") or ROOT / "data" / "prompts.csv",
+        prompts=os.environ.get("KVID_PROMPTS") or ROOT / "data" / "prompts.csv",
         data_dir=os.environ.get("KVID_DATA_DIR") or ROOT / "data",
     )
 )

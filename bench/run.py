@@ -50,6 +50,7 @@ PHASES: dict[str, tuple[list[str], str, bool]] = {
     "ledger": (["-m", "bench.bench_ledger"], "the job ledger: apply, queries, publish", True),
     "backfill": (["-m", "bench.backfill"], "the backfill through Dagster", True),
     "sensor": (["-m", "bench.sensor_tick"], "one status-sensor tick over many pending jobs", True),
+    "sources": (["-m", "bench.prompt_sources"], "a prompt table from each source", False),
 }
 BACKENDS = ("sqlite", "postgresql")
 #: the backfill's deployment column (bench/common.py's DEPLOYED): the ledger and the Dagster
@@ -634,6 +635,61 @@ def ledger_rows(runs: dict[str, PhaseRun]) -> list[Row]:
     ] + [Row(sec, r.measure, r.value, r.note) for r in side.skipped_note()]
 
 
+SOURCE_NAMES = {
+    "csv": "local CSV",
+    "s3-parquet": "Parquet on S3",
+    "postgresql": "PostgreSQL table",
+    "sqlite": "SQLite table",
+}
+
+
+def source_rows(runs: dict[str, PhaseRun]) -> list[Row]:
+    run = runs.get("sources")
+    if not run or not run.measured:
+        return []
+    f = run.figures
+    sec = f"prompt table, {f['rows']:,} rows, from each source (median of {f['repeat']})"
+    rows = [
+        Row(
+            sec,
+            "the same partition keys and request hashes from every source",
+            "yes" if f["same_requests"] else "NO",
+            "" if f["same_requests"] else "a bug: see the phase's JSON, requests_digest",
+        )
+    ]
+    for name, label in SOURCE_NAMES.items():
+        s = f["sources"].get(name)
+        if s is None:
+            continue
+        if "skipped" in s:
+            rows.append(Row(sec, f"{label}: skipped", "", s["skipped"]))
+            continue
+        rows.append(
+            Row(
+                sec,
+                f"{label}: load_prompt_table (read + validate)",
+                _s(s["load_s"]),
+                f"its read {s['read_s']:.3f} s; a plain pandas read {s['pandas_s']:.3f} s "
+                f"({s['load_s'] / s['pandas_s']:.0f}x)",
+            )
+        )
+        token = Row(
+            sec,
+            f"{label}: change_token(), unchanged",
+            f"{s['token_ms']:.3f} ms",
+            f"{s['token_ms'] / 1e3 / s['load_s']:.2%} of a load",
+        )
+        if "file_sha256_ms" in s:
+            token.note += (
+                f"; sha256 of the {s['file_mb']:.1f} MB file (the check before tokens) "
+                f"{s['file_sha256_ms']:.1f} ms"
+            )
+        if "md5_sorted_ms" in s:
+            token.note += f"; md5 of the sorted rows' md5s {s['md5_sorted_ms']:.1f} ms"
+        rows.append(token)
+    return rows
+
+
 def memory_rows(runs: dict[str, PhaseRun]) -> list[Row]:
     sec = f"peak resident memory (target < {MEMORY_TARGET_MB:.0f} MB)"
     rows = []
@@ -818,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         + backfill_rows(runs)
         + sensor_rows(runs)
         + ledger_rows(runs)
+        + source_rows(runs)
         + memory_rows(runs)
         + condition_rows(runs)
     )

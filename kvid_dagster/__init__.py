@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     # the ledger (no Dagster)
     "Ledger": "kvid_dagster.ledger",
     "VideoStatus": "kvid_dagster.ledger",
+    # a finished video as downstream code takes it (no Dagster)
+    "KvidVideo": "kvid_dagster.videos",
     # the Dagster layer
     "KvidResource": "kvid_dagster.resource",
     "KvidTranslator": "kvid_dagster.translator",
@@ -54,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "build_kvid_definitions": "kvid_dagster.definitions",
     "CreditBudget": "kvid_dagster.budget",
     "KvidVideosComponent": "kvid_dagster.component",
+    "KvidVideoIOManager": "kvid_dagster.io_manager",
 }
 
 # what editors and type checkers resolve; at run time __getattr__ imports each on first use
@@ -94,6 +97,9 @@ if TYPE_CHECKING:
         EmulatorConfig,
         KvidEmulator,
     )
+    from kvid_dagster.io_manager import (
+        KvidVideoIOManager,
+    )
     from kvid_dagster.ledger import (
         Ledger,
         VideoStatus,
@@ -120,6 +126,9 @@ if TYPE_CHECKING:
         KvidAsset,
         KvidAssetProps,
         KvidTranslator,
+    )
+    from kvid_dagster.videos import (
+        KvidVideo,
     )
 
 

@@ -8,22 +8,28 @@ and never each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
+    AssetRecordsFilter,
     DagsterInstance,
+    Definitions,
+    EventLogRecord,
+    RepositoryDefinition,
     RunRequest,
 )
 
 from kvid_dagster.ledger import VideoRow
 from kvid_dagster.planning import JobPlan, partition_ranges, plan_jobs
-from kvid_dagster.project import KvidProject
+from kvid_dagster.project import KvidProject, UpstreamLoader
 from kvid_dagster.prompts import PromptTable
 from kvid_dagster.reporting import VIDEO_CHECK_NAME, verdict_for
+from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.submit import latest_submissions
 from kvid_dagster.translator import PREVIEW_KEY, KvidTranslator
 
@@ -42,20 +48,71 @@ def publish_catalog(project: KvidProject, log: Any) -> None:
     )
 
 
+def latest_materialization(instance: DagsterInstance, key: AssetKey) -> EventLogRecord | None:
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key), limit=1)
+    return records.records[0] if records.records else None
+
+
+def upstream_loader(instance: DagsterInstance, load: Callable[..., Any]) -> UpstreamLoader:
+    """An ``UpstreamLoader`` on a context's ``load_asset_value``: the asset's latest
+    materialization, of whichever partition it was (a daily asset's latest day)."""
+
+    def load_latest(key: AssetKey) -> Any:
+        record = latest_materialization(instance, key)
+        if record is None:
+            raise PromptSourceUnavailable(
+                f"asset {key.to_user_string()} has never been materialized: the prompt rows "
+                "are its value"
+            )
+        partition = record.partition_key
+        return load(key, partition_key=partition) if partition else load(key)
+
+    return load_latest
+
+
+@contextlib.contextmanager
+def asset_value_loader(
+    project: KvidProject,
+    definitions: RepositoryDefinition | Definitions | None,
+    instance: DagsterInstance,
+) -> Iterator[UpstreamLoader | None]:
+    """Outside a run (a sensor, a schedule, the headless runner): the way to load the
+    project's upstream asset through its IO manager, whose resources are entered once, here;
+    None when the rows are not an asset's, or there are no definitions to load with."""
+    if project.upstream is None or definitions is None:
+        yield None
+        return
+    with definitions.get_asset_value_loader(instance) as loader:
+        yield upstream_loader(instance, loader.load_asset_value)
+
+
+def prompts_change_token(project: KvidProject, instance: DagsterInstance) -> str | None:
+    """A cheap token that changes whenever the project's rows may have: an upstream asset's
+    latest materialization (a read of the event log), else the source's own (a file's stat,
+    an object's ETag, a database's digest). Raises ``PromptSourceUnavailable``."""
+    if project.upstream is None:
+        return project.source().change_token()
+    record = latest_materialization(instance, project.upstream)
+    return None if record is None else f"materialization:{record.storage_id}"
+
+
 def keys_needing_jobs(
     project: KvidProject,
     instance: DagsterInstance,
     *,
     table: PromptTable | None = None,
+    load_upstream: UpstreamLoader | None = None,
     partition_keys: Sequence[str] | None = None,
     extra: Sequence[str] = (),
 ) -> JobPlan:
     """``plan_jobs`` on the project's table, ledger and the instance's partitions.
 
-    ``table`` and ``partition_keys`` spare a caller that already has them a second read.
+    ``table`` and ``partition_keys`` spare a caller that already has them a second read;
+    ``load_upstream``: the caller's way to load an upstream asset's value (see
+    ``KvidProject.source``).
     """
     if table is None:
-        table = project.load_table()
+        table = project.load_table(load_upstream)
     if partition_keys is None:
         partition_keys = instance.get_dynamic_partitions(project.partitions_name)
     return plan_jobs(table, latest_submissions(project.ledger(), table.rows), partition_keys, extra)

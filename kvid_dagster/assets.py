@@ -39,7 +39,7 @@ from dagster import (
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
-from kvid_dagster._dagster_common import publish_catalog, video_check_result
+from kvid_dagster._dagster_common import publish_catalog, upstream_loader, video_check_result
 from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.ledger import (
     VIDEO_SCHEMA,
@@ -55,6 +55,7 @@ from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.storage import exists as stored
 from kvid_dagster.submit import (
     SpendReport,
@@ -105,10 +106,12 @@ def add_new_partitions(
     return new
 
 
-def load_table_or_fail(project: KvidProject) -> PromptTable:
+def load_table_or_fail(project: KvidProject, context: AssetExecutionContext) -> PromptTable:
+    """The table (an upstream asset's value loaded through its IO manager), or the run fails
+    with one line saying what is wrong with it or why it cannot be read now."""
     try:
-        return project.load_table()
-    except PromptTableError as exc:
+        return project.load_table(upstream_loader(context.instance, context.load_asset_value))
+    except (PromptTableError, PromptSourceUnavailable) as exc:
         raise Failure(description=str(exc)) from exc
 
 
@@ -128,7 +131,7 @@ def materialize_prompts(
     """``kvid_prompts``: validate the table, add its partitions and ledger rows, and report the
     invalid rows and what a backfill would cost."""
     project = settings.project
-    table = load_table_or_fail(project)
+    table = load_table_or_fail(project, context)
     new_keys = add_new_partitions(context.instance, project, table.partition_keys)
     ledger = project.ledger()
     if register_table(ledger, table):
@@ -160,7 +163,7 @@ def materialize_prompts(
         for p in table.invalid[:PREVIEW_ROWS]
     ]
     metadata: dict[str, Any] = {
-        "path": MetadataValue.path(str(project.prompts_path)),
+        "source": MetadataValue.text(project.prompts_name),
         "rows": len(table.rows) + len(table.invalid),
         "valid_rows": len(table.rows),
         "invalid_rows": len(table.invalid),
@@ -215,7 +218,7 @@ def submit_video_jobs(
             f"project's table is read as {project.dialect} requests: set KVID_API_DIALECT "
             "(or the resource's and the definitions' dialect) to one of them"
         )
-    table = load_table_or_fail(project)
+    table = load_table_or_fail(project, context)
     # a backfill started before kvid_prompts ran still gives every row its ledger row
     registered = register_table(project.ledger(), table)
     by_key = table.by_key
@@ -371,6 +374,7 @@ def build_kvid_assets(
     prices: Mapping[str, float] | None = None,
     jobs_automation_condition: AutomationCondition | None = None,
     budget_credits: CreditBudget | None = None,
+    videos_io_manager_key: str | None = None,
 ) -> list[AssetsDefinition | AssetSpec]:
     """The four kvid assets (and the ``video_ok`` check) for one project, from the
     translator's specs.
@@ -380,6 +384,9 @@ def build_kvid_assets(
 
     ``jobs_automation_condition`` (e.g. ``AutomationCondition.on_missing()``) lets declarative
     automation submit new partitions instead of, or beside, the prompt-table sensor.
+
+    ``videos_io_manager_key`` names the resource that loads ``kvid_videos`` for downstream
+    assets (``build_kvid_definitions`` provides a ``KvidVideoIOManager`` under it).
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
@@ -394,6 +401,8 @@ def build_kvid_assets(
 
     @asset(
         **_asset_kwargs(specs[KvidAsset.PROMPTS]),
+        # an upstream asset whose value is the table: its materializations refresh this one
+        deps=[project.upstream] if project.upstream is not None else [],
         check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
@@ -418,6 +427,8 @@ def build_kvid_assets(
     kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
         deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=project.partitions_def
     )
+    if videos_io_manager_key is not None:
+        kvid_videos = kvid_videos.with_io_manager_key(videos_io_manager_key)
 
     with warnings.catch_warnings():
         # partitioned asset checks are a preview feature in Dagster 1.13; we rely on it knowingly

@@ -205,7 +205,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             **os.environ,
             "KVID_BASE_URL": base_url,
             "KVID_API_KEY": api_key,
-            "KVID_PROMPTS": str(Path(args.prompts).resolve()),
+            "KVID_PROMPTS": args.prompts
+            if "://" in args.prompts
+            else str(Path(args.prompts).resolve()),
             "KVID_DATA_DIR": str(data_dir),
             "DAGSTER_HOME": str(dagster_home_for(data_dir)),
         }
@@ -326,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     sub.add_parser("emulator", help="serve the local kvid emulator (see --help of it)")
     run = sub.add_parser("run", help="the whole pipeline, headless, through Dagster")
-    run.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="CSV or Parquet table")
+    run.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        help="a CSV or Parquet table: a path or an fsspec URL (s3://...)",
+    )
     run.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="catalog and videos go here")
     run.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between status ticks"
@@ -353,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = sub.add_parser(
         "estimate", help="what submitting every row without a job would cost (sends nothing)"
     )
-    estimate.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="CSV or Parquet table")
+    estimate.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        help="a CSV or Parquet table: a path or an fsspec URL (s3://...)",
+    )
     estimate.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     estimate.set_defaults(func=cmd_estimate)
     resolve = sub.add_parser(

@@ -20,8 +20,9 @@ from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.options import ScheduleOptions
-from kvid_dagster.project import KvidProject
+from kvid_dagster.project import KvidProject, PromptsSetting
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.sources import SqlPromptSource
 from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
 
 # the whole value is one environment variable: kept as an EnvVar, so the key's value is never
@@ -44,6 +45,47 @@ def _resolve_secret(context: dg.ResolutionContext, raw: str | None) -> str | Non
     if match:
         return dg.EnvVar(match.group(1) or match.group(2))
     return context.resolve_value(raw, as_type=str)
+
+
+class KvidPromptsModel(dg.Model):
+    """``prompts`` in YAML, as a mapping: exactly one of ``path`` (a local path, relative to
+    the component's folder, or an fsspec URL such as ``s3://bucket/prompts.parquet``),
+    ``database_url`` with ``table`` or ``query`` (SQLAlchemy), or ``asset`` (the key of an
+    upstream asset whose value is the table: a DataFrame, or a path or URL)."""
+
+    path: str | None = None
+    database_url: str | None = None
+    table: str | None = None
+    query: str | None = None
+    asset: str | None = None
+    image_base: str | None = None  # where a database's rows' relative image paths resolve
+
+
+def _resolve_prompts(
+    context: dg.ResolutionContext, model: str | KvidPromptsModel
+) -> PromptsSetting:
+    """The ``prompts`` attribute as a ``KvidProject`` takes it; a relative path stays relative
+    (``build_defs`` anchors it in the component's folder)."""
+    if isinstance(model, str):
+        return context.resolve_value(model, as_type=str)
+    given = [n for n in ("path", "database_url", "asset") if getattr(model, n) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "prompts: give exactly one of path, database_url (with table or query) or asset; "
+            f"got {', '.join(given) or 'none'}"
+        )
+    if model.path is not None:
+        return context.resolve_value(model.path, as_type=str)
+    if model.asset is not None:
+        return dg.AssetKey.from_user_string(context.resolve_value(model.asset, as_type=str))
+    if (model.table is None) == (model.query is None):
+        raise ValueError("prompts: a database_url needs exactly one of table or query")
+    return SqlPromptSource(
+        context.resolve_value(model.database_url, as_type=str),
+        table=model.table,
+        query=model.query,
+        image_base=model.image_base,
+    )
 
 
 class KvidBudgetModel(dg.Model):
@@ -82,7 +124,7 @@ class KvidVideosScaffolder(dg.Scaffolder):
         dg.scaffold_component(
             request,
             {
-                "prompts_path": "prompts.csv",
+                "prompts": "prompts.csv",
                 "data_dir": "data",
                 "api_key": "{{ env.KVID_API_KEY }}",
                 "base_url": "{{ env.KVID_BASE_URL }}",
@@ -98,7 +140,10 @@ class KvidVideosScaffolder(dg.Scaffolder):
 class KvidVideosComponent(dg.Component, dg.Resolvable):
     """The kvid assets, checks, sensors, schedule and resource for one prompt table.
 
-    Relative ``prompts_path`` and ``data_dir`` are relative to the component's folder.
+    ``prompts`` is where the rows come from: a path (relative to the component's folder) or
+    an fsspec URL, or a mapping (see ``KvidPromptsModel``): ``{database_url: ..., table:
+    prompts}``, ``{asset: daily_prompts}``. A relative ``data_dir`` is the component
+    folder's.
     ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (never
     its value) in the resource; unset, it is ``KVID_API_KEY``. ``base_url`` unset or empty is
     the vendor's. Unset ``dialect``, ``database_url`` and ``cron_schedule`` keep
@@ -111,7 +156,15 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     the four assets with ``name`` (``kvid_prompts``, ...) in its scope.
     """
 
-    prompts_path: str = "prompts.csv"
+    prompts: Annotated[
+        PromptsSetting,
+        dg.Resolver(
+            _resolve_prompts,
+            model_field_type=str | KvidPromptsModel,
+            description="Where the prompt rows come from: a path or URL, or a mapping with "
+            "path, database_url and table or query, or asset.",
+        ),
+    ] = "prompts.csv"
     data_dir: str = "data"
     api_key: Annotated[
         str | None,
@@ -147,8 +200,11 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
         translator = (
             KvidTranslator() if self.translation is None else _TranslatedKeys(self.translation)
         )
+        prompts = self.prompts
+        if isinstance(prompts, str) and "://" not in prompts:
+            prompts = folder / prompts  # an absolute path stays itself
         project = KvidProject(
-            folder / self.prompts_path,  # an absolute path stays itself
+            prompts,
             folder / self.data_dir,
             database_url=self.database_url,
             dialect=self.dialect,

@@ -17,6 +17,7 @@ from dagster import (
 from kvid_dagster.assets import build_kvid_assets
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL, ApiDialect
+from kvid_dagster.io_manager import KvidVideoIOManager, video_io_manager_key
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.project import KvidProject, dialect_from_env
 from kvid_dagster.resource import KvidResource
@@ -66,16 +67,22 @@ def build_kvid_definitions(
     ``executor`` defaults to the in-process executor: every kvid asset waits on the network or
     the disk, so a step process per run buys nothing and costs ~1.4 s and ~230 MB before the
     first job is sent (measured, docs/BENCHMARKS.md). ``None`` keeps Dagster's default.
+
+    Downstream assets take ``kvid_videos`` as an input (a ``KvidVideo`` per partition, or all
+    COMPLETED videos at once): its ``KvidVideoIOManager`` is among the resources, under
+    ``video_io_manager_key`` of the videos' asset key.
     """
     translator = translator or KvidTranslator()
+    key = {asset: spec.key for asset, spec in asset_specs(translator, project).items()}
+    videos_io_manager = video_io_manager_key(key[KvidAsset.VIDEOS])
     assets = build_kvid_assets(
         project,
         translator=translator,
         prices=prices,
         jobs_automation_condition=jobs_automation_condition,
         budget_credits=budget_credits,
+        videos_io_manager_key=videos_io_manager,
     )
-    key = {asset: spec.key for asset, spec in asset_specs(translator, project).items()}
     jobs = [
         define_asset_job(PROMPTS_JOB, selection=[key[KvidAsset.PROMPTS]]),
         define_asset_job(SUBMIT_JOB, selection=[key[KvidAsset.VIDEO_JOBS]]),
@@ -96,5 +103,8 @@ def build_kvid_definitions(
             build_kvid_prompts_sensor(project, prompts_sensor, translator=translator),
         ],
         schedules=[build_kvid_schedule(project, schedule, translator=translator)],
-        resources={"kvid": resource or resource_from_env(project.dialect)},
+        resources={
+            "kvid": resource or resource_from_env(project.dialect),
+            videos_io_manager: KvidVideoIOManager(project),
+        },
     )

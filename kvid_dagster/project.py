@@ -1,18 +1,32 @@
-"""``KvidProject``: where a kvid pipeline's table, ledger, catalogs and videos live."""
+"""``KvidProject``: where a kvid pipeline's prompt rows, ledger, catalogs and videos live."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dagster import DynamicPartitionsDefinition
+import pandas as pd
+from dagster import AssetKey, DynamicPartitionsDefinition
 
 from kvid_dagster.client import ApiDialect, dialect_for
 from kvid_dagster.ledger import Ledger, PublishStats, publish
 from kvid_dagster.prompts import PromptTable, checked_param_defaults, load_prompt_table
+from kvid_dagster.sources import (
+    PromptSource,
+    PromptSourceUnavailable,
+    prompt_source,
+)
 from kvid_dagster.storage import Storage, StoragePath
+
+#: where a project's prompt rows come from: a local path or an fsspec URL, a ``PromptSource``
+#: (a database table or query, ...), or the ``AssetKey`` of an upstream asset whose value is
+#: the table (a pandas DataFrame, or a path or URL to read)
+PromptsSetting = str | os.PathLike[str] | PromptSource | AssetKey
+#: loads an asset's latest value through its own IO manager; each Dagster context (a run, a
+#: sensor, the headless runner) has its own way to, so it is handed in where the table is read
+UpstreamLoader = Callable[[AssetKey], Any]
 
 DATABASE_URL_ENV = "KVID_DATABASE_URL"
 DIALECT_ENV = "KVID_API_DIALECT"
@@ -26,6 +40,11 @@ def dialect_from_env(dialect: ApiDialect | str | None = None) -> ApiDialect:
 
 class KvidProject:
     """One prompt table and one data folder: the unit a set of kvid definitions is built for.
+
+    ``prompts`` is where the rows come from (see ``PromptsSetting``): ``"data/prompts.csv"``,
+    ``"s3://bucket/prompts.parquet"``, ``SqlPromptSource(url, table="prompts")`` or
+    ``AssetKey("daily_prompts")``. The same rows give the same partitions and requests
+    whichever source holds them, so moving a table from one to another pays nothing again.
 
     The ledger is ``database_url`` (else ``$KVID_DATABASE_URL``, else the SQLite file
     ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
@@ -41,7 +60,7 @@ class KvidProject:
 
     def __init__(
         self,
-        prompts_path: str | Path,
+        prompts: PromptsSetting,
         data_dir: str | Path,
         *,
         database_url: str | None = None,
@@ -51,7 +70,8 @@ class KvidProject:
         param_defaults: Mapping[str, Any] | None = None,
         storage_url: str | None = None,
     ) -> None:
-        self.prompts_path = Path(prompts_path).resolve()
+        self.upstream: AssetKey | None = prompts if isinstance(prompts, AssetKey) else None
+        self._source = None if isinstance(prompts, AssetKey) else prompt_source(prompts)
         self.data_dir = Path(data_dir).resolve()
         self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
         self.table_prefix = table_prefix
@@ -84,10 +104,43 @@ class KvidProject:
             self._ledger = (os.getpid(), ledger)
         return self._ledger[1]
 
-    def load_table(self) -> PromptTable:
+    @property
+    def prompts_name(self) -> str:
+        """Where the rows come from, in one short line (descriptions, logs, messages)."""
+        if self.upstream is not None:
+            return f"asset {self.upstream.to_user_string()}"
+        assert self._source is not None
+        return self._source.describe()
+
+    def source(self, load_upstream: UpstreamLoader | None = None) -> PromptSource:
+        """The source of the rows; an upstream asset's is its latest value, which only
+        ``load_upstream`` (a Dagster context's loader) can read. Raises
+        ``PromptSourceUnavailable`` when it cannot be loaded (never materialized, its storage
+        unreachable)."""
+        if self._source is not None:
+            return self._source
+        key = self.upstream
+        assert key is not None
+        if load_upstream is None:
+            raise PromptSourceUnavailable(
+                f"the prompt rows are the value of asset {key.to_user_string()}: they are read "
+                "in a Dagster run or sensor, which can load it"
+            )
+        try:
+            value = load_upstream(key)
+        except PromptSourceUnavailable:
+            raise
+        except Exception as exc:  # whatever its IO manager raises: the table is not there now
+            raise PromptSourceUnavailable(
+                f"asset {key.to_user_string()} could not be loaded through its IO manager "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        return upstream_source(key, value)
+
+    def load_table(self, load_upstream: UpstreamLoader | None = None) -> PromptTable:
         """The prompt table, its rows read as requests of this project's dialect."""
         return load_prompt_table(
-            self.prompts_path, dialect=self.dialect, defaults=self.param_defaults
+            self.source(load_upstream), dialect=self.dialect, defaults=self.param_defaults
         )
 
     def publish(self) -> PublishStats:
@@ -95,4 +148,14 @@ class KvidProject:
         return publish(self.ledger(), self.catalog_dir)
 
     def __repr__(self) -> str:
-        return f"KvidProject(prompts_path={self.prompts_path!s}, data_dir={self.data_dir!s})"
+        return f"KvidProject(prompts={self.prompts_name!r}, data_dir={self.data_dir!s})"
+
+
+def upstream_source(key: AssetKey, value: Any) -> PromptSource:
+    """The rows an upstream asset's value holds: a DataFrame, or a path or URL to a table."""
+    if isinstance(value, pd.DataFrame | str | os.PathLike | PromptSource):
+        return prompt_source(value)
+    raise PromptSourceUnavailable(
+        f"asset {key.to_user_string()} gave a {type(value).__name__}: the kvid prompt rows are "
+        "a pandas DataFrame, or a path or URL to a CSV or Parquet table"
+    )

@@ -1,4 +1,4 @@
-"""Prompt-table cells as text, typed by the kvid field rules, whatever wrote the table.
+"""Prompt-table cells as text, typed by the kvid field rules, whatever wrote or holds the table.
 
 A table re-saved by pandas after one blank cell turns an integer column into float64: Parquet
 then holds ``1.0`` and CSV the text ``"1.0"``. Read as written, the key ``1`` becomes ``1.0``
@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import math
 import re
+import uuid
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -77,6 +78,8 @@ def _text(value: Any) -> str | None:
         return _decimal_text(value)
     if isinstance(value, dt.datetime | dt.date | dt.time | pd.Timestamp):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):  # a database's uuid column, as its text form
+        return str(value)
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")

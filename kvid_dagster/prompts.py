@@ -1,18 +1,19 @@
-"""The prompt table: one row per video, read from CSV or Parquet and validated row by row.
+"""The prompt table: one row per video, read from any prompt source and validated row by row.
 
-A bad row never takes the good ones down: every problem becomes an :class:`InvalidRow` naming the
-row, its key, the field and the reason, and the valid rows go on. Only a table that cannot be read
-at all (missing, not CSV/Parquet, no ``prompt`` column) raises :class:`PromptTableError`.
+Where the rows come from (a file, a URL, a database, a DataFrame) is ``sources.py``'s business;
+from here on every source is the same: each cell is typed by kvid's rules, so the same rows give
+the same partition keys and request hashes wherever they are held. A bad row never takes the
+good ones down: every problem becomes an :class:`InvalidRow` naming the row, its key, the field
+and the reason, and the valid rows go on. Only a table that cannot be had or used at all
+(missing, unreachable, not CSV/Parquet, no ``prompt`` column, a misspelt kvid column) raises
+:class:`PromptTableError` (:class:`PromptSourceUnavailable` when it may work on the next try).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
+import os
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ import pandas as pd
 
 from kvid_dagster.client import ApiDialect, KvidError, KvidRequest, build_request
 from kvid_dagster.prompt_cells import CellError, cell_text, integer_text, key_text
+from kvid_dagster.sources import (
+    ImageBase,
+    ImageUnavailable,
+    PromptSource,
+    PromptTableError,
+    prompt_source,
+)
 
 # Columns that are not API parameters (``image_url``/``image_file``/``end_image_url``: the
 # vendor's own names for ``image`` and ``end_image``).
@@ -59,18 +67,10 @@ PARAM_COLUMNS = (
 INT_PARAMS = frozenset({"num_frames", "frames_per_second", "seed", "num_inference_steps"})
 # A partition key is also a file name and a Dagster partition key: keep it boring.
 PROMPT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MAX_TABLE_BYTES = 256 * 1024 * 1024
-# a CSV file without its last newline may be half written: read it once it stops changing
-_SETTLE_S = 1.0
-_SETTLE_MAX_S = 5.0
 # an unknown column this close to a kvid field is a misspelling of it, not the user's own
 _MAX_MISSPELLING = 2
 # a longer column name is shown cut, as a value is
 _MAX_SHOWN_FIELD = 64
-
-
-class PromptTableError(ValueError):
-    """The table as a whole cannot be read (rows are never reported this way)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class InvalidRow:
 
 @dataclass
 class PromptTable:
-    path: Path
+    source: str = ""  # where the rows came from (PromptSource.describe())
     rows: list[PromptRow] = field(default_factory=list)
     invalid: list[InvalidRow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -147,134 +147,6 @@ class PromptTable:
     @property
     def partition_keys(self) -> list[str]:
         return [row.partition_key for row in self.rows]
-
-
-# (column names, one mapping per data row, {row number: (field, reason)} for rows already bad)
-_Read = tuple[list[str], list[dict[str, Any]], dict[int, tuple[str, str]]]
-
-
-def _is_parquet(path: Path) -> bool:
-    return path.suffix.lower() in {".parquet", ".pq"}
-
-
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise PromptTableError(f"prompt table {path} does not exist or is not a file")
-    if path.stat().st_size > MAX_TABLE_BYTES:
-        raise PromptTableError(f"prompt table {path} is larger than {MAX_TABLE_BYTES} bytes")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise PromptTableError(f"prompt table {path} cannot be read: {exc}") from exc
-
-
-def _stable_bytes(path: Path) -> bytes:
-    """The file's bytes. A CSV file that does not end in a newline may be caught mid-write: it
-    is read once it has not been modified for ``_SETTLE_S`` and reads the same twice (one that
-    keeps changing is an error for now: the sensor tries again on its next tick)."""
-    data = _read_bytes(path)
-    deadline = time.monotonic() + _SETTLE_MAX_S
-    while data and not _is_parquet(path) and not data.endswith((b"\n", b"\r")):
-        age = time.time() - path.stat().st_mtime
-        if age >= _SETTLE_S:
-            again = _read_bytes(path)
-            if again == data:
-                break
-            data = again
-            continue
-        if time.monotonic() + _SETTLE_S - age > deadline:
-            raise PromptTableError(
-                f"prompt table {path} is still being written (it does not end in a newline and "
-                f"changed within {_SETTLE_S:.0f} s, for {_SETTLE_MAX_S:.0f} s); it is read once "
-                "it stops changing"
-            )
-        time.sleep(_SETTLE_S - age)
-        data = _read_bytes(path)
-    return data
-
-
-def _read_table(path: Path, data: bytes) -> _Read:
-    """Read a whole table; anything that makes the *file* unusable is a PromptTableError."""
-    if _is_parquet(path):
-        return _read_parquet(path, data)
-    return _read_csv(path, data)
-
-
-def _read_parquet(path: Path, data: bytes) -> _Read:
-    try:
-        frame = pd.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # pyarrow raises a zoo of types for a damaged or foreign file
-        raise PromptTableError(
-            f"prompt table {path} is not a readable Parquet file: {type(exc).__name__}: {exc}"
-        ) from exc
-    if any(name is not None for name in frame.index.names):
-        frame = frame.reset_index()  # a table saved with prompt_id as its index keeps its keys
-    columns = [str(c).strip() for c in frame.columns]
-    _check_columns(path, columns)
-    frame.columns = columns
-    return columns, frame.to_dict(orient="records"), {}
-
-
-def _read_csv(path: Path, data: bytes) -> _Read:
-    """Every cell as text (types are decided per field; an empty cell means the default).
-
-    The csv module rather than pandas: a row with too many cells must be *that row's* error,
-    not a silent shift of the first column into an index, and repeated column names must not
-    be renamed ``prompt.1`` behind the user's back.
-    """
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptTableError(
-            f"prompt table {path} is not a readable UTF-8 CSV file: {exc}"
-        ) from exc
-    if csv.field_size_limit() < MAX_TABLE_BYTES:
-        csv.field_size_limit(MAX_TABLE_BYTES)  # a huge cell is that row's error, not the file's
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header: list[str] | None = None
-    records: list[dict[str, Any]] = []
-    problems: dict[int, tuple[str, str]] = {}
-    try:
-        for cells in reader:
-            if not any(cell.strip() for cell in cells):
-                continue  # a blank line, or one of only delimiters: nothing to send
-            if header is None:
-                header = [cell.strip() for cell in cells]
-                _check_columns(path, header)
-                continue
-            number = len(records) + 1
-            if len(cells) < len(header) or any(cell.strip() for cell in cells[len(header) :]):
-                hint = "an extra delimiter" if len(cells) > len(header) else "a missing delimiter"
-                problems[number] = (
-                    "row",
-                    f"has {len(cells)} cells but the header names {len(header)} columns "
-                    f"(a missing quote or {hint}?)",
-                )
-            records.append(
-                {name: _lines(cell) for name, cell in zip(header, cells, strict=False) if name}
-            )
-    except csv.Error as exc:
-        raise PromptTableError(
-            f"prompt table {path} is not a readable CSV file (line {reader.line_num}): {exc}"
-        ) from exc
-    if header is None:
-        return ["prompt"], [], {}  # an empty file is an empty table
-    return header, records, problems
-
-
-def _lines(cell: str) -> str:
-    """A quoted cell's line breaks as the prompt's newlines, whatever the file's line ends
-    (Excel on Windows writes CRLF inside quoted cells too)."""
-    return cell.replace("\r\n", "\n").replace("\r", "\n") if "\r" in cell else cell
-
-
-def _check_columns(path: Path, columns: Sequence[str]) -> None:
-    if "prompt" not in columns:
-        shown = ", ".join(c for c in columns if c)[:500] or "none"
-        raise PromptTableError(f"prompt table {path} has no 'prompt' column (columns: {shown})")
-    duplicates = sorted(c for c, n in Counter(columns).items() if n > 1 and c)
-    if duplicates:
-        raise PromptTableError(f"prompt table {path} repeats columns: {', '.join(duplicates)}")
 
 
 def _param(name: str, text: str) -> Any:
@@ -364,7 +236,7 @@ def checked_param_defaults(values: Mapping[str, Any]) -> dict[str, str]:
 def _parse_record(
     index: int,
     record: Mapping[Any, Any],
-    base_dir: Path | None,
+    images_at: ImageBase,
     known_problem: tuple[str, str] | None,
     dialect: ApiDialect,
     defaults: Mapping[str, str],
@@ -415,6 +287,10 @@ def _parse_record(
     job = texts.get("job")
     model = texts.get("model")
     image_column, image = images["image"]
+    try:  # a relative image under a remote table: its local copy (the same bytes)
+        fetched = None if image is None else images_at.fetch(image)
+    except ImageUnavailable as exc:
+        return invalid(image_column, str(exc))
 
     def build(api: ApiDialect) -> KvidRequest:
         return build_request(
@@ -422,9 +298,9 @@ def _parse_record(
             dialect=api,
             job=None if job is None else job.strip(),
             model=None if model is None else model.strip(),
-            image=image,
+            image=image if fetched is None else fetched.path,
             end_image=images["end_image"][1],
-            base_dir=base_dir,
+            base_dir=images_at.local_dir,
             **params,
         )
 
@@ -433,6 +309,9 @@ def _parse_record(
     except KvidError as exc:
         field_name = getattr(exc, "field", None) or "row"
         reason = str(exc) + _other_dialect_note(build, dialect)
+        if fetched is not None and reason.startswith("image="):
+            # "image='<local copy>' is not ...": name the image the table names instead
+            reason = f"image={fetched.url!r} {reason.partition(' ')[2]}"
         return invalid(image_column if field_name == "image" else field_name, reason)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:
         # never let one row stop the table: an unreadable image file ("~nobody/x.png", a name
@@ -467,25 +346,28 @@ def _other_dialect_note(build: Callable[[ApiDialect], KvidRequest], dialect: Api
 
 def parse_rows(
     records: Sequence[Mapping[str, Any]],
-    base_dir: Path | None,
+    base_dir: ImageBase | Path | None,
     row_problems: Mapping[int, tuple[str, str]] | None = None,
     *,
     dialect: ApiDialect | str = ApiDialect.VIDEO,
     defaults: Mapping[str, Any] | None = None,
 ) -> PromptTable:
-    """Validate records (one mapping per row) into a :class:`PromptTable` (path left empty).
+    """Validate records (one mapping per row) into a :class:`PromptTable` (source left empty).
 
-    ``row_problems`` (row number -> (field, reason)): rows the reader already found broken.
+    ``base_dir``: where relative image paths resolve (a folder, or an :class:`ImageBase`; None:
+    the working directory). ``row_problems`` (row number -> (field, reason)): rows the
+    reader already found broken.
     ``defaults``: see :func:`checked_param_defaults`; each is validated in every row it fills,
     as if the row held it. Every record becomes exactly one valid or one invalid row.
     """
     filled = checked_param_defaults(defaults or {})
-    table = PromptTable(path=Path(base_dir or "."))
+    table = PromptTable()
+    images_at = base_dir if isinstance(base_dir, ImageBase) else ImageBase(base_dir)
     row_problems = row_problems or {}
     api = ApiDialect(dialect)
     candidates: list[tuple[PromptRow, bool]] = []  # (row, key was given explicitly)
     for index, record in enumerate(records, start=1):
-        parsed = _parse_record(index, record, base_dir, row_problems.get(index), api, filled)
+        parsed = _parse_record(index, record, images_at, row_problems.get(index), api, filled)
         if isinstance(parsed, InvalidRow):
             table.invalid.append(parsed)
         else:
@@ -525,27 +407,35 @@ def parse_rows(
 
 
 def load_prompt_table(
-    path: str | Path,
+    source: PromptSource | pd.DataFrame | str | os.PathLike[str],
     *,
     dialect: ApiDialect | str = ApiDialect.VIDEO,
     defaults: Mapping[str, Any] | None = None,
 ) -> PromptTable:
-    """Read and validate a prompt table into requests of ``dialect``; relative image paths
-    resolve against its folder; ``defaults`` fill the rows' empty kvid cells.
+    """Read a prompt table from ``source`` (a :class:`~kvid_dagster.sources.PromptSource`, or
+    anything :func:`~kvid_dagster.sources.prompt_source` takes: a path, a URL, a DataFrame) and
+    validate it into requests of ``dialect``; relative image paths resolve against the source's
+    folder; ``defaults`` fill the rows' empty kvid cells.
 
-    Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable,
-    still being written, or with a column that looks like a misspelt kvid field (its rows
-    would be paid with the field's default).
+    Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable, or
+    with a column that looks like a misspelt kvid field (its rows would be paid with the
+    field's default); :class:`~kvid_dagster.sources.PromptSourceUnavailable` (a
+    PromptTableError) when it cannot be had now: missing, unreachable, still being written.
     """
-    path = Path(path).resolve()
-    data = _stable_bytes(path)
-    columns, records, problems = _read_table(path, data)
-    _check_spelling(path, columns)
+    chosen = prompt_source(source)
+    read = chosen.read()
+    where = chosen.describe()
+    _check_spelling(where, read.columns)
     table = parse_rows(
-        records, base_dir=path.parent, row_problems=problems, dialect=dialect, defaults=defaults
+        read.records,
+        base_dir=read.images,
+        row_problems=read.problems,
+        dialect=dialect,
+        defaults=defaults,
     )
-    table.path = path
-    table.fingerprint = hashlib.sha256(data).hexdigest()
+    table.source = where
+    table.fingerprint = read.fingerprint
+    columns = read.columns
     table.user_columns = tuple(c for c in columns if c and c not in _KVID_COLUMNS)
     if "" in columns:
         table.warnings.append("columns without a name are ignored")
@@ -564,12 +454,12 @@ def find_misspelling(columns: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
-def _check_spelling(path: Path, columns: Sequence[str]) -> None:
+def _check_spelling(where: str, columns: Sequence[str]) -> None:
     found = find_misspelling(columns)
     if found is not None:
         column, field_name = found
         raise PromptTableError(
-            f"prompt table {path}: column {column!r} looks like the kvid field {field_name!r}; "
+            f"prompt table {where}: column {column!r} looks like the kvid field {field_name!r}; "
             f"rename it to {field_name!r} (or, if it is your own column, to something further "
             "from kvid's fields). No row of this table is sent until then: each would be paid "
             "with that field's default"
@@ -588,12 +478,3 @@ def _edit_distance(a: str, b: str) -> int:
                 current[j] = min(current[j], previous2[j - 2] + 1)
         previous2, previous = previous, current
     return previous[-1]
-
-
-def table_fingerprint(path: str | Path) -> str:
-    """A cheap content fingerprint of the table file (for sensors noticing changes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 
-from kvid_dagster._dagster_common import keys_needing_jobs
+from kvid_dagster._dagster_common import asset_value_loader, keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import Ledger, SpendWindow, VideoStatus, videos_frame
@@ -164,14 +164,15 @@ def run_pipeline(
         return outcome.success
 
     with display:
-        display.note(f"validating {project.prompts_path}")
+        display.note(f"validating {project.prompts_name}")
         ledger = project.ledger()
         show(Phase.VALIDATING)
         if not execute(PROMPTS_JOB):
             show(Phase.DONE)
             result.catalog = videos_frame(ledger)
             return result
-        ordered, wanted = keys_needing_jobs(project, instance)
+        with asset_value_loader(project, defs, instance) as load:
+            ordered, wanted = keys_needing_jobs(project, instance, load_upstream=load)
         ranges = partition_ranges(ordered, wanted)
         display.note(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
         per_run = budget_credits.per_run if budget_credits is not None else None

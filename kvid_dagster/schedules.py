@@ -13,10 +13,15 @@ from dagster import (
     schedule,
 )
 
-from kvid_dagster._dagster_common import keys_needing_jobs, range_run_requests
+from kvid_dagster._dagster_common import (
+    asset_value_loader,
+    keys_needing_jobs,
+    range_run_requests,
+)
 from kvid_dagster.options import ScheduleOptions
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTableError
+from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 
@@ -33,8 +38,11 @@ def submit_partitions_without_jobs(
 ) -> list[RunRequest] | SkipReason:
     """One run per contiguous range of known partitions whose row's request has no job."""
     try:
-        ordered, wanted = keys_needing_jobs(settings.project, context.instance)
-    except PromptTableError as exc:
+        project, instance = settings.project, context.instance
+        definitions = context.repository_def if project.upstream is not None else None
+        with asset_value_loader(project, definitions, instance) as load:
+            ordered, wanted = keys_needing_jobs(project, instance, load_upstream=load)
+    except (PromptTableError, PromptSourceUnavailable) as exc:
         return SkipReason(str(exc))
     known = set(ordered)
     wanted = [k for k in wanted if k in known]  # unregistered rows: kvid_prompts adds them

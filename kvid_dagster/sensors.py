@@ -29,7 +29,9 @@ from dagster import (
 
 from kvid_dagster._aio import run_coroutine
 from kvid_dagster._dagster_common import (
+    asset_value_loader,
     keys_needing_jobs,
+    prompts_change_token,
     publish_catalog,
     range_run_requests,
     video_check_result,
@@ -40,8 +42,8 @@ from kvid_dagster.ledger import Submission, VideoStatus
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
 from kvid_dagster.poll import PollConfig, PollReport, VideoEvent, poll_pending
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTableError, table_fingerprint
+from kvid_dagster.project import KvidProject, UpstreamLoader
+from kvid_dagster.prompts import PromptTableError
 from kvid_dagster.reporting import (
     VIDEO_CHECK_NAME,
     ReportKind,
@@ -51,6 +53,7 @@ from kvid_dagster.reporting import (
     video_reports,
 )
 from kvid_dagster.resource import KvidResource
+from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
@@ -152,7 +155,10 @@ _RETRY_SHARE_MAX_S = 5.0
 
 
 async def _retry_failed(
-    client: AsyncKvidClient, settings: StatusSensorSettings, deadline: float
+    client: AsyncKvidClient,
+    settings: StatusSensorSettings,
+    deadline: float,
+    load_upstream: UpstreamLoader | None,
 ) -> tuple[list[SubmitOutcome], str | None]:
     """The retry policy's share of a tick: FAILED jobs with attempts left are sent again,
     within the budget's per-day credits, until ``deadline`` (the rest: the next tick)."""
@@ -164,8 +170,8 @@ async def _retry_failed(
     if not failed:
         return [], None
     try:
-        table = project.load_table()
-    except PromptTableError as exc:
+        table = project.load_table(load_upstream)
+    except (PromptTableError, PromptSourceUnavailable) as exc:
         return [], f"FAILED jobs not retried: {exc}"
     by_key = table.by_key
     rows = [by_key[r.partition_key] for r in failed if r.partition_key in by_key]
@@ -174,6 +180,15 @@ async def _retry_failed(
         budget=settings.budget, deadline=deadline,
     )  # fmt: skip
     return outcomes, None
+
+
+def _json_object(cursor: str) -> dict[str, Any] | None:
+    """A cursor's JSON object, or None (garbage, or another shape)."""
+    try:
+        raw = json.loads(cursor)
+    except ValueError:
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 _CURSOR_FIELDS: dict[str, type] = {"after": int, "ledger_id": str, "checked": int}
@@ -208,11 +223,8 @@ class StatusCursor:
         """The cursor ``cursor`` holds, else a fresh one (and ``warn`` is told why)."""
         if not cursor:
             return cls()
-        try:
-            raw = json.loads(cursor)
-        except ValueError:
-            raw = None
-        if isinstance(raw, dict) and all(_is_cursor_field(n, v) for n, v in raw.items()):
+        raw = _json_object(cursor)
+        if raw is not None and all(_is_cursor_field(n, v) for n, v in raw.items()):
             return cls(**raw)
         if warn is not None:
             warn(f"unreadable status sensor cursor {cursor[:200]!r}: starting over")
@@ -244,6 +256,7 @@ async def _poll_and_retry(
     settings: StatusSensorSettings,
     cursor: StatusCursor,
     is_alive: Callable[[Submission], bool | None],
+    load_upstream: UpstreamLoader | None,
 ) -> tuple[PollReport, list[SubmitOutcome], str | None]:
     """One budgeted poll of every pending job, then the retry policy's re-submissions; both
     inside the tick's budget (retries waiting on the service's limit included), the polls
@@ -265,7 +278,7 @@ async def _poll_and_retry(
         )
         if not retrying:
             return report, [], None
-        return report, *await _retry_failed(client, settings, deadline)
+        return report, *await _retry_failed(client, settings, deadline, load_upstream)
 
 
 def _log_tick(
@@ -307,9 +320,10 @@ def status_sensor_tick(
     changed; the cursor is stored with the events, so a tick that dies is re-done whole."""
     project, translator, videos_key = settings.project, settings.translator, settings.videos_key
     cursor = StatusCursor.parse(context.cursor, warn=context.log.warning)
-    report, retried, retry_problem = run_coroutine(
-        _poll_and_retry(kvid, settings, cursor, run_liveness(context.instance))
-    )
+    with asset_value_loader(project, context.repository_def, context.instance) as load:
+        report, retried, retry_problem = run_coroutine(
+            _poll_and_retry(kvid, settings, cursor, run_liveness(context.instance), load)
+        )
     _log_tick(context.log, report, retried, settings.failed_job_max_attempts)
     if retry_problem:
         context.log.warning(retry_problem)
@@ -386,23 +400,58 @@ class PromptsSensorSettings:
     jobs_key: AssetKey
 
 
+@dataclass(frozen=True)
+class PromptsCursor:
+    """What the prompts sensor last saw: the source's cheap change token (a file's stat, an
+    object's ETag, a database's digest, an upstream asset's latest materialization) and the
+    fingerprint of the rows it last read. An equal token spares the read; an equal
+    fingerprint (the file was touched, not changed) spares the runs."""
+
+    token: str | None = None
+    fingerprint: str | None = None
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> PromptsCursor:
+        if not cursor:
+            return cls()
+        raw = _json_object(cursor)
+        if raw is not None and set(raw) <= {"token", "fingerprint"}:
+            return cls(**{k: v if isinstance(v, str) else None for k, v in raw.items()})
+        return cls(fingerprint=cursor)  # an earlier version's cursor: the table's fingerprint
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self))
+
+
 def prompts_sensor_tick(
     context: SensorEvaluationContext, settings: PromptsSensorSettings
 ) -> SensorResult | SkipReason:
-    """A changed table: its new partitions, a refresh of ``kvid_prompts``, and one submitting
-    run per contiguous range of rows whose request has no job."""
+    """Changed rows: their new partitions, a refresh of ``kvid_prompts``, and one submitting
+    run per contiguous range of rows whose request has no job. A source that cannot be read
+    now skips the tick, saying why: nothing is marked missing, nothing paid again."""
     project = settings.project
+    cursor = PromptsCursor.parse(context.cursor)
     try:
-        fingerprint = table_fingerprint(project.prompts_path)
-    except OSError as exc:
-        return SkipReason(f"cannot read {project.prompts_path}: {exc}")
-    if context.cursor == fingerprint:
-        return SkipReason("the prompt table has not changed")
+        token = prompts_change_token(project, context.instance)
+    except PromptSourceUnavailable as exc:
+        return SkipReason(f"{exc}; the next tick tries again")
+    if token is not None and token == cursor.token:
+        return SkipReason(f"the prompt rows of {project.prompts_name} have not changed")
     try:
-        table = project.load_table()
-    except PromptTableError as exc:
-        return SensorResult(skip_reason=SkipReason(str(exc)), cursor=fingerprint)
-    fingerprint = table.fingerprint  # of exactly the bytes parsed (the file may have moved on)
+        with asset_value_loader(project, context.repository_def, context.instance) as load:
+            table = project.load_table(load)
+    except PromptSourceUnavailable as exc:
+        return SkipReason(f"{exc}; the next tick tries again")
+    except PromptTableError as exc:  # read again only once it changes
+        cursor = replace(cursor, token=token)
+        return SensorResult(skip_reason=SkipReason(str(exc)), cursor=cursor.dump())
+    fingerprint = table.fingerprint  # of exactly the rows parsed (the source may have moved on)
+    seen = PromptsCursor(token, fingerprint).dump()
+    if fingerprint == cursor.fingerprint:
+        return SensorResult(
+            skip_reason=SkipReason(f"the prompt rows of {project.prompts_name} have not changed"),
+            cursor=seen,
+        )
     existing = context.instance.get_dynamic_partitions(project.partitions_name)
     known = set(existing)
     new_keys = [k for k in table.partition_keys if k not in known]
@@ -421,7 +470,7 @@ def prompts_sensor_tick(
         dynamic_partitions_requests=(
             [AddDynamicPartitionsRequest(project.partitions_name, new_keys)] if new_keys else []
         ),
-        cursor=fingerprint,
+        cursor=seen,
     )
 
 
@@ -444,7 +493,7 @@ def build_kvid_prompts_sensor(
         minimum_interval_seconds=options.minimum_interval_seconds,
         default_status=options.default_status,
         asset_selection=[settings.prompts_key, settings.jobs_key],
-        description=f"Watches {project.prompts_path.name}: new or changed rows become partitions "
+        description=f"Watches {project.prompts_name}: new or changed rows become partitions "
         "and are submitted.",
     )
     def kvid_prompts_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:

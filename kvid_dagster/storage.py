@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fsspec import AbstractFileSystem
 from upath import UPath
 
 STORAGE_URL_ENV = "KVID_STORAGE_URL"
@@ -37,16 +38,27 @@ class StorageError(OSError):
     """An upload to (or a read from) storage failed; what was there before is unchanged."""
 
 
-def storage_path(location: str | os.PathLike[str]) -> StoragePath:
+def storage_path(location: str | os.PathLike[str], **options: Any) -> StoragePath:
     """``location`` as a local :class:`~pathlib.Path` (a path or a ``file://`` URL, resolved)
-    or a :class:`~upath.UPath` for any other fsspec URL."""
+    or a :class:`~upath.UPath` for any other fsspec URL (``options``: its filesystem's storage
+    options; unset, s3fs reads the ``AWS_*`` environment as boto does)."""
     if isinstance(location, UPath) and is_remote(location):
         return location
     text = os.fspath(location) if not isinstance(location, UPath) else str(location)
     if "://" not in text:
         return Path(text).resolve()
-    path = UPath(text)
+    path = UPath(text, **options)
     return path if is_remote(path) else Path(path.path).resolve()
+
+
+def filesystem(path: UPath) -> AbstractFileSystem:
+    """The fsspec filesystem of a remote ``path``, its package asked for now (an ImportError
+    naming the extra to install, not a failure mid-run)."""
+    try:
+        return path.fs
+    except ImportError as exc:
+        extra = " (pip install 'kvid-dagster[s3]')" if path.protocol == "s3" else ""
+        raise ImportError(f"storage {path}: {exc}{extra}") from exc
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -145,11 +157,7 @@ class Storage:
         chosen = setting or os.environ.get(STORAGE_URL_ENV, "").strip() or data_dir
         root = storage_path(chosen)
         if isinstance(root, UPath) and is_remote(root):
-            try:
-                root.fs  # noqa: B018 - the filesystem's package, asked for now, not mid-run
-            except ImportError as exc:
-                extra = " (pip install 'kvid-dagster[s3]')" if root.protocol == "s3" else ""
-                raise ImportError(f"storage {root}: {exc}{extra}") from exc
+            filesystem(root)
         return cls(root)
 
     @property

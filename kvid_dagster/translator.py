@@ -34,7 +34,7 @@ class KvidAsset(StrEnum):
 ASSET_NAMES = tuple(asset.value for asset in KvidAsset)
 
 _KINDS: dict[KvidAsset, frozenset[str]] = {
-    KvidAsset.PROMPTS: frozenset({"kvid", "csv"}),
+    KvidAsset.PROMPTS: frozenset({"kvid"}),  # and its file's format, where it is a file
     KvidAsset.VIDEO_JOBS: frozenset({"kvid"}),
     KvidAsset.VIDEOS: frozenset({"kvid", "mp4"}),
     KvidAsset.CATALOG: frozenset({"parquet"}),
@@ -58,7 +58,7 @@ class KvidTranslator:
         ``get_asset_key`` and ``get_group_name``."""
         project = props.project
         descriptions = {
-            KvidAsset.PROMPTS: f"The prompt table {project.prompts_path.name}: validated rows "
+            KvidAsset.PROMPTS: f"The prompt rows of {project.prompts_name}: validated rows "
             "become partitions; invalid rows are reported, never sent.",
             KvidAsset.VIDEO_JOBS: "One kvid job per prompt row, submitted once per exact request "
             "and recorded in the catalog before the run returns. A backfill of any size is one "
@@ -69,15 +69,21 @@ class KvidTranslator:
             KvidAsset.CATALOG: "Republishes <data_dir>/catalog/videos and /submissions from the "
             "ledger as Parquet (pandas, DuckDB and Spark read them directly).",
         }
-        where = {
-            KvidAsset.PROMPTS: project.prompts_path,
+        where: dict[KvidAsset, object] = {
             KvidAsset.VIDEOS: project.videos_dir,
             KvidAsset.CATALOG: project.catalog_dir,
         }
+        # a table in a file has a place; a database table or an asset's value has not
+        table_uri = None if project.upstream is not None else project.source().uri
+        if table_uri is not None:
+            where[KvidAsset.PROMPTS] = table_uri
+        kinds = set(_KINDS[props.asset])
+        if props.asset is KvidAsset.PROMPTS and table_uri is not None:
+            kinds.add("parquet" if table_uri.lower().endswith((".parquet", ".pq")) else "csv")
         return AssetSpec(
             key=self.get_asset_key(props.asset.value),
             group_name=self.get_group_name(),
-            kinds=set(_KINDS[props.asset]),
+            kinds=kinds,
             description=descriptions[props.asset],
             metadata=(
                 {URI_KEY: MetadataValue.path(str(where[props.asset]))}

@@ -1,5 +1,6 @@
-"""Shared fixtures: real kvid emulators on loopback, a tiny server for the sample images, and
-fresh databases (SQLite, PostgreSQL) for the job ledger, and an S3 API (moto) on loopback."""
+"""Shared fixtures: real kvid emulators on loopback, a tiny server for the sample images,
+fresh databases (SQLite, PostgreSQL) for the job ledger, an S3 API (moto) on loopback with a
+bucket per test, and a real ``dagster-daemon`` on given definitions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 import functools
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +23,7 @@ import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 
 from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
+from kvid_dagster.storage import STORAGE_URL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = REPO_ROOT / "data" / "images"
@@ -167,3 +172,99 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """boto3's client of the emulated S3, with the environment every S3 user reads pointed at
+    it (dummy credentials, no config files of the machine's own)."""
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.delenv(STORAGE_URL_ENV, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance keeps an earlier endpoint
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    """A fresh bucket of the emulated S3 (its name)."""
+    name = f"kvid-{secrets.token_hex(4)}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+DAEMON_WORKSPACE = """\
+load_from:
+  - python_file:
+      relative_path: daemon_definitions.py
+      working_directory: .
+      location_name: kvid_daemon_test
+"""
+
+
+@pytest.fixture
+def dagster_daemon(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``start(home, definitions, prompts=, data_dir=, base_url=, database_url=None)``:
+    ``dagster-daemon run`` on the module source ``definitions`` (its ``defs``, which reads the
+    table, data dir, service and ledger from ``KVID_PROMPTS``, ``KVID_DATA_DIR``,
+    ``KVID_BASE_URL``, ``KVID_API_KEY`` and ``KVID_DATABASE_URL``), in its own session; stopped
+    with SIGTERM (SIGKILL to its process group after 60 s). Its output is
+    ``daemon_log(tmp_path)``."""
+    started: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as logs:
+
+        def start(
+            home: Path,
+            definitions: str,
+            *,
+            prompts: Path,
+            data_dir: Path,
+            base_url: str,
+            database_url: str | None = None,
+        ) -> subprocess.Popen[bytes]:
+            folder = tmp_path / "daemon"
+            folder.mkdir()
+            (folder / "daemon_definitions.py").write_text(definitions)
+            (folder / "workspace.yaml").write_text(DAEMON_WORKSPACE)
+            daemon = Path(sys.executable).with_name("dagster-daemon")
+            base = {k: v for k, v in os.environ.items() if not k.startswith(("KVID_", "DAGSTER_"))}
+            kvid = {
+                "KVID_PROMPTS": str(prompts),
+                "KVID_DATA_DIR": str(data_dir),
+                "KVID_BASE_URL": base_url,
+                "KVID_API_KEY": TEST_API_KEY,
+                **({"KVID_DATABASE_URL": database_url} if database_url else {}),
+            }
+            process = subprocess.Popen(
+                [str(daemon), "run", "-w", "workspace.yaml"],
+                cwd=folder,
+                env={**base, **kvid, "DAGSTER_HOME": str(home)},
+                stdout=logs.enter_context((tmp_path / "daemon.log").open("wb")),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            started.append(process)
+            return process
+
+        yield start
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):  # its code server, if it outlived it
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def daemon_log(tmp_path: Path) -> str:
+    return (tmp_path / "daemon.log").read_text(errors="replace")[-4000:]

@@ -111,7 +111,7 @@ def test_server_text_with_a_nul_is_stored_wherever_it_goes(
     one's, a video's file name: each may hold a NUL, and each is stored with U+FFFD for it."""
     rows = table_rows(write_table(tmp_path / "prompts.csv", ["a"]))
     ledger = Ledger.for_data_dir(tmp_path / "data", database_url)
-    register_table(ledger, PromptTable(tmp_path, rows=rows))
+    register_table(ledger, PromptTable(str(tmp_path), rows=rows))
     [outcome] = submit(emulator.base_url, ledger, rows)
     assert outcome.request_id is not None
     emulator.fail_job(outcome.request_id, f"worker{NUL}crashed")

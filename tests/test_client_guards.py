@@ -111,6 +111,31 @@ def test_a_huge_answer_to_a_status_or_result_is_a_protocol_error(
     assert huge_server.bytes_sent < HUGE / 2
 
 
+def huge_error_page(request: RawRequest, wire: Wire) -> None:
+    """A 500 whose HTML error page goes on for ``HUGE`` bytes: what a broken storage sends."""
+    if not wire.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\n\r\n"):
+        return
+    pad = b"<p>error</p>" * 5000
+    for _ in range(HUGE // len(pad)):
+        if not wire.write(pad):
+            return
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_huge_error_page_for_a_download_is_not_read_whole(flavour: str, tmp_path: Path) -> None:
+    with RawServer(huge_error_page) as server, pytest.raises(KvidResponseTooLargeError):
+        run(
+            flavour,
+            server.url,
+            "download",
+            f"{server.url}/videos/v.mp4",
+            tmp_path / "v.mp4",
+            max_retries=0,
+        )
+    assert server.bytes_sent < HUGE / 2  # the client stopped reading near the cap
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 # ---- DNS rebinding ---------------------------------------------------------------------------
 
 REBINDING_HOST = "rebind.test"

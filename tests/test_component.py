@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import sqlalchemy as sa
 import yaml
 from conftest import TEST_API_KEY
 from dagster import (
@@ -104,7 +106,7 @@ def test_attributes_reach_the_definitions(
     table.write_text("prompt_id,prompt\nfox,A red fox\nharbour,A harbour\n", encoding="utf-8")
     database = tmp_path / "ledger.db"
     attributes = {
-        "prompts_path": str(table),
+        "prompts": str(table),
         "data_dir": str(tmp_path / "kvid_data"),
         "api_key": TEST_API_KEY,
         "base_url": emulator.base_url,
@@ -146,6 +148,32 @@ def test_a_misspelt_attribute_is_refused_naming_it() -> None:
     with pytest.raises(Exception) as raised, load_scaffolded({"prompt_path": "prompts.csv"}):
         pass
     assert "prompt_path" in error_chain(raised.value)
+
+
+def test_prompts_from_a_database_table_or_an_upstream_asset(
+    emulator: KvidEmulator, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    database = tmp_path / "content.db"
+    engine = sa.create_engine(f"sqlite:///{database}")
+    rows = [
+        {"prompt_id": "fox", "prompt": "A red fox"},
+        {"prompt_id": "harbour", "prompt": "A harbour"},
+    ]
+    pd.DataFrame(rows).to_sql("prompts", engine, index=False)
+    service = {"api_key": TEST_API_KEY, "base_url": emulator.base_url}
+    table = {"database_url": f"sqlite:///{database}", "table": "prompts"}
+    with load_scaffolded({**service, "prompts": table}) as (_, _, defs):
+        assert submit_all(defs, instance)
+    assert emulator.jobs_created == len(SAMPLE_KEYS)
+    asset_prompts = {**service, "prompts": {"asset": "team/daily_prompts"}}
+    with load_scaffolded(asset_prompts) as (_, _, defs):
+        graph = defs.resolve_asset_graph()
+        parents = graph.get(AssetKey("kvid_prompts")).parent_keys
+        assert AssetKey(["team", "daily_prompts"]) in parents
+    two = {**service, "prompts": {"path": "prompts.csv", "asset": "daily_prompts"}}
+    with pytest.raises(Exception) as raised, load_scaffolded(two):
+        pass
+    assert "give exactly one of path, database_url" in error_chain(raised.value)
 
 
 def test_param_defaults_fill_the_rows_empty_cells_and_a_misspelt_one_is_refused(
@@ -274,7 +302,7 @@ def test_dg_scaffolds_checks_and_lists_the_component(tmp_path: Path) -> None:
     }
 
     defs_yaml = defs_dir / "videos" / "defs.yaml"
-    defs_yaml.write_text(defs_yaml.read_text().replace("prompts_path:", "prompt_path:"))
+    defs_yaml.write_text(defs_yaml.read_text().replace("prompts:", "prompt:"))
     misspelt = dg(project, "check", "yaml")
     assert misspelt.returncode != 0
-    assert "prompt_path" in misspelt.stdout + misspelt.stderr
+    assert "prompt" in misspelt.stdout + misspelt.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -52,12 +53,12 @@ def dagster_pg_environment(url: str) -> dict[str, str]:
     }
 
 
-def make_host(root: Path, shared: dict[str, str], table_keys: list[str]) -> dict[str, str]:
-    """A host's folders and environment: only ``shared`` (the database, S3, the service) comes
-    from outside; nothing of the test process's own Dagster, kvid or AWS settings leaks in."""
+def make_host(root: Path, shared: dict[str, str]) -> dict[str, str]:
+    """A host's folders and environment: only ``shared`` (the database, S3 and the prompt
+    table in it, the service) comes from outside; nothing of the test process's own Dagster,
+    kvid or AWS settings leaks in, and no host holds a copy of the table."""
     for folder in ("home", "work", "tmp", "data"):
         (root / folder).mkdir(parents=True)
-    write_table(root / "prompts.csv", table_keys)
     inherited = {
         name: value
         for name, value in os.environ.items()
@@ -70,7 +71,6 @@ def make_host(root: Path, shared: dict[str, str], table_keys: list[str]) -> dict
             "DAGSTER_HOME": str(root / "home"),
             "TMPDIR": str(root / "tmp"),
             "KVID_DATA_DIR": str(root / "data"),
-            "KVID_PROMPTS": str(root / "prompts.csv"),
             "PYTHONPATH": str(TESTS_DIR),  # hostkit, as an image would install its launcher
             # the image's PATH: its `dagster` is what a run worker is started with
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -128,20 +128,25 @@ def test_a_backfill_across_two_hosts_sharing_only_postgres_and_s3(
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
     s3.create_bucket(Bucket=bucket)
+    keys = [f"clip{n:03d}" for n in range(ROWS)]
+    # the one prompt table, in the bucket: what a marketing team's export would be
+    table = write_table(tmp_path / "table.csv", keys)
+    frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+    s3.put_object(Bucket=bucket, Key="tables/prompts.parquet", Body=frame.to_parquet(index=False))
     shared = (
         dagster_pg_environment(database)
         | aws
         | {
             "KVID_DATABASE_URL": database,  # the ledger beside Dagster's tables, in one database
             "KVID_STORAGE_URL": f"s3://{bucket}/kvid",
+            "KVID_PROMPTS": f"s3://{bucket}/tables/prompts.parquet",
             "KVID_BASE_URL": emulator.base_url,
             "KVID_API_KEY": TEST_API_KEY,
         }
     )
-    keys = [f"clip{n:03d}" for n in range(ROWS)]
     host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
-    env_a = make_host(host_a, shared, keys)
-    env_b = make_host(host_b, shared, keys)
+    env_a = make_host(host_a, shared)
+    env_b = make_host(host_b, shared)
     write_instance_yaml(
         host_a / "home", {"run_launcher": {"module": "hostkit", "class": "HandOffRunLauncher"}}
     )
@@ -208,8 +213,12 @@ def test_a_backfill_across_two_hosts_sharing_only_postgres_and_s3(
         f"run-{r.run_id}.log" for r in runs
     }
     assert not list((host_a / "work").glob("run-*.log"))
-    # nothing landed on either host's disks: videos in S3, the ledger in PostgreSQL
+    # nothing landed on either host's disks: the table and videos in S3, the ledger in
+    # PostgreSQL
     for host in (host_a, host_b):
+        for folder in ("home", "work", "data"):  # tmp holds publications' staging meanwhile
+            tables = [*(host / folder).rglob("*.csv"), *(host / folder).rglob("*.parquet")]
+            assert tables == [], tables
         assert not list((host / "data").rglob("*.mp4"))
         assert not (host / "data" / "kvid.db").exists()
         assert not (host / "data" / "catalog").exists()

@@ -11,22 +11,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import TEST_API_KEY
+from conftest import daemon_log
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 from faultkit import (
     dagster_home,
@@ -175,56 +172,6 @@ def _status_sensor_only() -> Definitions:
 defs = _status_sensor_only()
 '''
 
-DAEMON_WORKSPACE = """\
-load_from:
-  - python_file:
-      relative_path: daemon_definitions.py
-      working_directory: .
-      location_name: kvid_publish_test
-"""
-
-
-@pytest.fixture
-def dagster_daemon(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """``start(home, env)``: ``dagster-daemon run`` on the status-sensor-only definitions, in
-    its own session; stopped with SIGTERM (SIGKILL to its process group after 60 s)."""
-    started: list[subprocess.Popen[bytes]] = []
-    with contextlib.ExitStack() as logs:
-
-        def start(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-            folder = tmp_path / "daemon"
-            folder.mkdir()
-            (folder / "daemon_definitions.py").write_text(DAEMON_DEFINITIONS)
-            (folder / "workspace.yaml").write_text(DAEMON_WORKSPACE)
-            daemon = Path(sys.executable).with_name("dagster-daemon")
-            base = {k: v for k, v in os.environ.items() if not k.startswith(("KVID_", "DAGSTER_"))}
-            process = subprocess.Popen(
-                [str(daemon), "run", "-w", "workspace.yaml"],
-                cwd=folder,
-                env={**base, **env, "DAGSTER_HOME": str(home)},
-                stdout=logs.enter_context((tmp_path / "daemon.log").open("wb")),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            started.append(process)
-            return process
-
-        yield start
-        for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):  # its code server, if it outlived it
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def daemon_log(tmp_path: Path) -> str:
-    return (tmp_path / "daemon.log").read_text(errors="replace")[-4000:]
-
 
 def status_sensor_ticks(instance: DagsterInstance) -> list[Any]:
     """The status sensor's ticks as the daemon stored them, newest first."""
@@ -244,12 +191,10 @@ def test_under_dagster_daemon_the_completing_tick_publishes_the_row(
     home = dagster_home(tmp_path / "home")
     daemon = dagster_daemon(
         home,
-        {
-            "KVID_PROMPTS": str(table),
-            "KVID_DATA_DIR": str(data_dir),
-            "KVID_BASE_URL": emulator.base_url,
-            "KVID_API_KEY": TEST_API_KEY,
-        },
+        DAEMON_DEFINITIONS,
+        prompts=table,
+        data_dir=data_dir,
+        base_url=emulator.base_url,
     )
     defs = make_defs(emulator.base_url, table, data_dir)
     ledger = KvidProject(table, data_dir).ledger()

@@ -205,7 +205,13 @@ def test_two_cli_runs_over_one_ledger_pay_each_request_once(
         for log in logs:
             log.close()
         gate.close()
-    output = {n: (tmp_path / f"run-{n}.log").read_text(errors="replace")[-3000:] for n in "ab"}
+    # a failure's whole traceback, as text: a dict of logs is shown cut short
+    output = "\n".join(
+        f"--- run {n} exited {code}:\n"
+        + (tmp_path / f"run-{n}.log").read_text(errors="replace")[-8000:]
+        for n, code in zip("ab", codes, strict=True)
+        if code
+    )
     assert codes == [0, 0], output
     assert not gate.timed_out, "the two runs never submitted at the same time"
 

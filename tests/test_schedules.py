@@ -61,7 +61,7 @@ def evaluate(
 def submit_keys(emulator: KvidEmulator, project: KvidProject, keys: set[str]) -> None:
     """Give ``keys`` a job the way a run does, straight through ``submit_rows``."""
     ledger = project.ledger()
-    rows = [row for row in table_rows(project.prompts_path) if row.partition_key in keys]
+    rows = [row for row in table_rows(Path(str(project.source().uri))) if row.partition_key in keys]
     outcomes = submit(emulator.base_url, ledger, rows)
     assert {o.partition_key for o in outcomes if o.request_id} == keys
 
@@ -139,7 +139,7 @@ def test_an_unreadable_table_skips_the_tick_saying_why(
     project: KvidProject, instance: DagsterInstance
 ) -> None:
     instance.add_dynamic_partitions(project.partitions_name, KEYS)
-    project.prompts_path.write_text("title,colour\nx,red\n", encoding="utf-8")
+    Path(str(project.source().uri)).write_text("title,colour\nx,red\n", encoding="utf-8")
     ranges, skipped = evaluate(build_kvid_schedule(project), instance)
     assert ranges == []
     assert skipped and "prompt" in skipped

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import av
-import boto3
 import pandas as pd
 import pytest
 from dagster import AssetKey, AssetRecordsFilter
@@ -64,30 +63,6 @@ from kvid_dagster.storage import (
     is_remote,
     put_file,
 )
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """boto3's client of the emulated S3, with the environment every S3 user reads pointed at
-    it (dummy credentials, no config files of the machine's own)."""
-    import s3fs
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.delenv(STORAGE_URL_ENV, raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance keeps an earlier endpoint
-    return boto3.client("s3")
-
-
-@pytest.fixture
-def bucket(s3: Any) -> str:
-    name = f"kvid-{secrets.token_hex(4)}"
-    s3.create_bucket(Bucket=name)
-    return name
 
 
 def keys(s3: Any, bucket: str, prefix: str = "") -> dict[str, dict[str, Any]]:

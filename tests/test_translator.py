@@ -35,7 +35,7 @@ def test_each_kvid_asset_has_a_spec_with_its_key_group_and_at_most_three_kinds(
     assert specs[KvidAsset.CATALOG].kinds == {"parquet"}
     prompts = specs[KvidAsset.PROMPTS]
     assert "ads.csv" in (prompts.description or "")
-    assert prompts.metadata["dagster/uri"].value == str(project.prompts_path)
+    assert prompts.metadata["dagster/uri"].value == project.source().uri
 
 
 def test_the_older_overrides_still_make_the_spec(project: KvidProject) -> None:
@@ -59,7 +59,8 @@ class Studio(KvidTranslator):
         return spec.replace_attributes(
             key=AssetKey(["studio", props.asset.name.lower()]),
             group_name="studio",
-            description=f"studio {props.asset.name.lower()} of {props.project.prompts_path.name}",
+            description=f"studio {props.asset.name.lower()} of "
+            f"{Path(props.project.prompts_name).name}",
             owners=["team:studio"],
             tags={"cost-centre": "ads"},
         )

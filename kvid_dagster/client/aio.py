@@ -112,11 +112,13 @@ class AsyncKvidClient(ClientBase):
                     if action.sink.accept(response):
                         async for chunk in response.aiter_bytes():
                             action.sink.write(chunk)
-                    else:
-                        await response.aread()
+                        return response
+                    answer = AnswerBody(response)  # an error page is an answer: capped
+                    async for chunk in response.aiter_bytes():
+                        answer.add(chunk)
                 finally:
                     await response.aclose()
-            return response
+            return answer.response()
         if isinstance(action, Sleep):
             return await self._sleep(action.seconds)
         assert isinstance(action, Await)

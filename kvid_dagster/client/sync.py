@@ -126,9 +126,11 @@ class KvidClient(ClientBase):
                     if action.sink.accept(response):
                         for chunk in response.iter_bytes():
                             action.sink.write(chunk)
-                    else:
-                        response.read()
-            return response
+                        return response
+                    answer = AnswerBody(response)  # an error page is an answer: capped
+                    for chunk in response.iter_bytes():
+                        answer.add(chunk)
+            return answer.response()
         if isinstance(action, Sleep):
             return self._sleep(action.seconds)
         assert isinstance(action, Await)
