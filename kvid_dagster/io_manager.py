@@ -11,7 +11,8 @@ and reports the partitions that have no video as a user's error, not a stack tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, get_origin
 
 import pandas as pd
 from dagster import AssetKey, Failure, InputContext, IOManager, OutputContext
@@ -32,15 +33,23 @@ def video_io_manager_key(videos_key: AssetKey) -> str:
     return f"{videos_key.to_python_identifier()}_io_manager"
 
 
+def _takes_several(annotation: Any) -> bool:
+    """An input annotated as a DataFrame or a mapping takes its videos all at once, even if it
+    maps to a single partition (a daily downstream of a one-row table)."""
+    kind = get_origin(annotation) or annotation
+    return isinstance(kind, type) and issubclass(kind, pd.DataFrame | Mapping)
+
+
 class KvidVideoIOManager(IOManager):
     """Loads a project's videos for downstream assets; stores nothing.
 
     A run for one partition whose input maps to that one video gets a :class:`KvidVideo`
     (its job not COMPLETED is a ``Failure`` naming the partition, its status and why). Any
-    other input (an unpartitioned downstream: every partition) gets every COMPLETED video
-    among the mapped partitions, in partition order: a ``dict`` by partition key, or a pandas
-    DataFrame (one row per video) when the input is annotated ``pd.DataFrame``. An input
-    annotated ``KvidVideo`` must map to one partition.
+    other input (an unpartitioned downstream: every partition), and any annotated ``dict``
+    or ``pd.DataFrame`` whatever it maps to, gets every COMPLETED video among the mapped
+    partitions, in partition order: a ``dict`` by partition key, or a pandas DataFrame (one
+    row per video) when the input is annotated ``pd.DataFrame``. An input annotated
+    ``KvidVideo`` must map to one partition.
     """
 
     def __init__(self, project: KvidProject) -> None:
@@ -58,7 +67,7 @@ class KvidVideoIOManager(IOManager):
         asked = context.dagster_type.typing_type
         try:
             if asked is KvidVideo or (
-                asked is not pd.DataFrame and context.has_partition_key and len(wanted) == 1
+                not _takes_several(asked) and context.has_partition_key and len(wanted) == 1
             ):
                 return load_video(self.project.ledger(), self._one(context, wanted))
             videos = completed_videos(self.project.ledger(), self._in_order(context, wanted))

@@ -354,6 +354,23 @@ def test_a_run_over_a_range_of_partitions_gets_the_ranges_completed_videos_in_ta
         assert list(got.items()) == [(key, expected_video(ledger, key)) for key in in_range]
 
 
+def test_an_input_annotated_as_a_dict_gets_a_dict_even_for_one_partition(
+    emulator: KvidEmulator, tmp_path: Path
+) -> None:
+    """The annotation decides, not how many partitions the run maps to: a daily downstream
+    taking every video (examples/content_pipeline's publish) gets a dict on the day the table
+    has one row, and a partitioned one a dict of its own video."""
+    got: dict[str, Any] = {}
+
+    @asset(partitions_def=PARTITIONS, ins={"videos": AssetIn(VIDEOS)})
+    def batch(videos: dict[str, KvidVideo]) -> None:
+        got["batch"] = videos
+
+    with settled(emulator, tmp_path) as (kvid, instance, ledger):
+        assert materialize(kvid, instance, batch, partition_key="alpha").success
+        assert got["batch"] == {"alpha": expected_video(ledger, "alpha")}
+
+
 # ---------------------------------------------------------------------------------------------
 # the keys: one IO manager per project
 
