@@ -1,7 +1,8 @@
 """A credit budget: what submitting may spend, per run and per UTC day.
 
 Planning only, no Dagster and no HTTP. Before a run sends anything it prices every row it would
-send (the price table); it sends the rows that fit, in table order, and leaves the rest PENDING.
+send (the price table); it sends, in table order, each row that fits what is left, and leaves the
+others PENDING (a dear row never blocks the cheaper ones after it).
 The ledger checks each claim against the same caps in the claim's own transaction, so two runs
 cannot both spend one remaining room. A request the price table cannot price is not sent under
 a budget: its cost could not be capped.
@@ -90,27 +91,82 @@ def estimate_backfill(
     )
 
 
-def plan_within(
-    priced: Iterable[tuple[PromptRow, float]], room: float | None
-) -> tuple[list[PromptRow], list[PromptRow]]:
-    """Split priced rows, in their order, into those to send and those over budget: rows go
-    while their running total fits ``room`` (None: no budget); from the first that does not,
-    the rest wait, so a later run with room sends exactly them. An unpriced row never fits."""
+@dataclass(frozen=True)
+class OverBudget:
+    """A row the plan does not send, and why, with the figures that say so."""
+
+    row: PromptRow
+    cost: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The rows to send (in table order) and the rows left PENDING for the money."""
+
+    send: list[PromptRow]
+    waiting: list[OverBudget]
+
+
+def plan_within(priced: Iterable[tuple[PromptRow, float]], room: BudgetRoom) -> BudgetPlan:
+    """The rows of ``priced`` that fit ``room``, in their order: each row goes if its cost fits
+    what is left after the rows planned before it; one that does not fit waits, and the rows
+    after it that do still go (a dear row never blocks cheaper ones behind it). A row dearer
+    than a cap itself can never fit under this budget, and an unpriced one can never be
+    capped: each is told apart from a row that waits for room."""
     send: list[PromptRow] = []
-    wait: list[PromptRow] = []
-    total = 0.0
+    waiting: list[OverBudget] = []
+    planned = 0.0
     for row, cost in priced:
-        if room is None:
+        reason = room.refusal(row, cost, planned)
+        if reason is None:
+            planned += cost
             send.append(row)
-        elif wait or cost <= 0 or total + cost > room + 1e-9:
-            wait.append(row)
         else:
-            total += cost
-            send.append(row)
-    return send, wait
+            waiting.append(OverBudget(row, cost, reason))
+    return BudgetPlan(send, waiting)
 
 
-def room_left(ledger: Ledger, budget: CreditBudget, run_id: str | None) -> float | None:
-    """What ``budget`` still allows now (None: no limit)."""
-    left = [cap.credits - ledger.spent_credits(cap.window, run_id=run_id) for cap in budget.caps]
-    return max(0.0, min(left)) if left else None
+@dataclass(frozen=True)
+class BudgetRoom:
+    """What each cap of a budget still allows now (``left`` by cap, in the budget's order)."""
+
+    left: tuple[tuple[SpendCap, float], ...]
+
+    def refusal(self, row: PromptRow, cost: float, planned: float) -> str | None:
+        """Why ``row`` (``cost``) cannot go after ``planned`` credits of this plan; None: it
+        fits every cap."""
+        if cost <= 0:
+            return (
+                f"no price for {row.model} at this resolution: a budget cannot cap it (add it "
+                "to the price table)"
+            )
+        for cap, left in self.left:
+            if cost > cap.credits + _SLACK:
+                return (
+                    f"it needs {cost:g} credits, more than the whole per-{cap.window} budget of "
+                    f"{cap.credits:g}: it is never sent under this budget (raise it to at "
+                    f"least {cost:g})"
+                )
+            remaining = max(0.0, left - planned)
+            if cost > remaining + _SLACK:
+                before = f", after the {planned:g} this run sends first" if planned else ""
+                return (
+                    f"{cost:g} credits do not fit the {remaining:g} left of the per-"
+                    f"{cap.window} budget of {cap.credits:g}{before}; a run with room sends it"
+                )
+        return None
+
+
+# what a float sum of prices may be off by (the ledger's claim check allows the same)
+_SLACK = 1e-9
+
+
+def room_left(ledger: Ledger, budget: CreditBudget, run_id: str | None) -> BudgetRoom:
+    """What each cap of ``budget`` still allows now."""
+    return BudgetRoom(
+        tuple(
+            (cap, max(0.0, cap.credits - ledger.spent_credits(cap.window, run_id=run_id)))
+            for cap in budget.caps
+        )
+    )

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from kvid_dagster.budget import CreditBudget, plan_within, room_left
+from kvid_dagster.budget import CreditBudget, OverBudget, plan_within, room_left
 from kvid_dagster.client import (
     AsyncKvidClient,
     KvidAuthenticationError,
@@ -161,16 +161,10 @@ def needs_job(row: PromptRow, latest: Mapping[str, Submission]) -> bool:
     return refusal_for(latest.get(row.request_hash), ClaimRule()) is None
 
 
-def _over_budget(row: PromptRow, cost: float, budget: CreditBudget) -> SubmitOutcome:
-    reason = (
-        f"{cost:g} credits do not fit what is left of the budget ({budget.describe()})"
-        if cost > 0
-        else f"no price for {row.model} at this resolution: a budget cannot cap it (add it to "
-        "the price table)"
-    )
+def _over_budget(waiting: OverBudget) -> SubmitOutcome:
     return SubmitOutcome(
-        row.partition_key, SubmitAction.OVER_BUDGET, VideoStatus.PENDING, None,
-        f"not sent: {reason}", cost,
+        waiting.row.partition_key, SubmitAction.OVER_BUDGET, VideoStatus.PENDING, None,
+        f"not sent: {waiting.reason}", waiting.cost,
     )  # fmt: skip
 
 
@@ -238,9 +232,10 @@ async def submit_rows(
     costs = {row.partition_key: estimate_cost_credits(row.request, prices) for row in candidates}
     if budget is not None:
         room = await asyncio.to_thread(room_left, ledger, budget, owner.run_id)
-        candidates, waiting = plan_within(((r, costs[r.partition_key]) for r in candidates), room)
-        for row in waiting:
-            outcomes[row.partition_key] = _over_budget(row, costs[row.partition_key], budget)
+        plan = plan_within(((r, costs[r.partition_key]) for r in candidates), room)
+        candidates = plan.send
+        for waiting in plan.waiting:
+            outcomes[waiting.row.partition_key] = _over_budget(waiting)
         rule = replace(rule, caps=budget.caps)
     gate = asyncio.Semaphore(generate_concurrency)
     in_flight: set[int] = set()

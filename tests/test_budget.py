@@ -432,3 +432,38 @@ def test_kvid_dagster_run_with_a_budget_exits_1_naming_it_and_the_next_run_finis
     assert done.returncode == 0, done.stderr
     assert emulator.jobs_created == 8
     assert "credits: 300 spent by these runs, 480 today (UTC)" in done.stdout, done.stdout
+
+
+def test_a_dear_row_never_blocks_the_cheaper_rows_after_it(
+    emulator: KvidEmulator, tmp_path: Path, home: Any
+) -> None:
+    """Under 100 credits: a (v1 480p, 60) goes; b (v1 720p, 120) can never fit and says what
+    it needs; c (v2 480p, 39) still fits the 40 left after a, and goes; d (39) does not fit
+    the 1 left after a and c, and says so with the figures."""
+    prompts = tmp_path / "p.csv"
+    prompts.write_text(
+        "prompt_id,prompt,model,resolution\n"
+        "a,A quiet scene number a,v1,480p\n"
+        "b,A quiet scene number b,v1,720p\n"
+        "c,A quiet scene number c,v2,480p\n"
+        "d,A quiet scene number d,v2,480p\n",
+        encoding="utf-8",
+    )
+    defs = make_defs(
+        emulator.base_url, prompts, tmp_path / "data", budget_credits=CreditBudget(per_run=100)
+    )
+    assert run_prompts(defs, home)
+    result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
+        instance=home, tags={RANGE_START_TAG: "a", RANGE_END_TAG: "d"}, raise_on_error=False
+    )
+    assert not result.success
+    assert sent_prompts(emulator) == [prompt_of("a"), prompt_of("c")]
+    lines = failure_of(result).description.splitlines()
+    assert (
+        "b: over_budget: not sent: it needs 120 credits, more than the whole per-run budget of "
+        "100: it is never sent under this budget (raise it to at least 120)"
+    ) in lines, lines
+    assert (
+        "d: over_budget: not sent: 39 credits do not fit the 1 left of the per-run budget of "
+        "100, after the 99 this run sends first; a run with room sends it"
+    ) in lines, lines
