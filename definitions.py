@@ -1,23 +1,17 @@
-"""The Dagster entry point (``dagster dev -w workspace.yaml`` loads ``defs`` from here).
+"""The Dagster entry point of this repository (``dagster dev -w workspace.yaml`` loads ``defs``).
 
 ``KVID_PROMPTS`` (a path or an fsspec URL) and ``KVID_DATA_DIR`` choose the table and the data
 folder (default: the sample table in ``data/`` beside this file); ``KVID_API_KEY`` and
-``KVID_BASE_URL`` choose the service.
+``KVID_BASE_URL`` choose the service. ``kvid-dagster dev`` serves the same definitions from any
+folder (``kvid_dagster.dev_definitions``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from kvid_dagster.definitions import build_kvid_definitions
-from kvid_dagster.project import KvidProject
+from kvid_dagster.definitions import definitions_from_env
 
 ROOT = Path(__file__).resolve().parent
 
-defs = build_kvid_definitions(
-    KvidProject(
-        prompts=os.environ.get("KVID_PROMPTS") or ROOT / "data" / "prompts.csv",
-        data_dir=os.environ.get("KVID_DATA_DIR") or ROOT / "data",
-    )
-)
+defs = definitions_from_env(ROOT / "data" / "prompts.csv", ROOT / "data")

@@ -22,6 +22,11 @@ VENV = Path(os.environ.get("KVID_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 
 
+def say(message: str) -> None:
+    """Setup lines go to stderr: stdout is the command's own (``run``'s summary alone)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def ensure_installed() -> None:
     """Create the virtualenv and install the project with its dev extras, once per pyproject."""
     if sys.version_info < (3, 11):
@@ -31,11 +36,16 @@ def ensure_installed() -> None:
     if stamp.exists() and stamp.read_text() == wanted:
         return
     if not (BIN / "python").exists():
-        print(f"creating virtualenv {VENV}", flush=True)
+        say(f"creating virtualenv {VENV}")
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    print("installing kvid-dagster and its dev extras", flush=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    say("installing kvid-dagster and its dev extras (a few minutes the first time)")
+    # pip's own output goes to stderr too
+    done = subprocess.run([*pip, "-e", f"{ROOT}[dev]"], stdout=sys.stderr)
+    if done.returncode != 0:
+        sys.exit(
+            f"quickstart: the install failed (pip exit {done.returncode}; its message is above)"
+        )
     stamp.write_text(wanted)
 
 

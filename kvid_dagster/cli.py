@@ -7,16 +7,25 @@ import contextlib
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from kvid_dagster.ledger import VideoRow
 
 DEFAULT_PROMPTS = Path("data/prompts.csv")
 DEFAULT_DATA_DIR = Path("data")
-DEMO_API_KEY = "local-emulator-key"
+#: a user's mistake (exit 2): one line naming what to change; other exceptions are our bugs
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 @contextlib.contextmanager
@@ -30,16 +39,20 @@ def service_endpoint(**emulator_options: Any) -> Iterator[tuple[str, str, bool]]
     base_url = os.environ.get("KVID_BASE_URL", "").strip()
     api_key = os.environ.get("KVID_API_KEY", "").strip()
     if base_url or api_key:
-        if not api_key:
-            raise SystemExit("KVID_BASE_URL is set but KVID_API_KEY is not: set both, or neither")
-        from kvid_dagster.client import DEFAULT_BASE_URL
+        from kvid_dagster.client import DEFAULT_BASE_URL, KvidAuthenticationError
 
+        if not api_key:
+            raise KvidAuthenticationError(
+                "KVID_BASE_URL is set but KVID_API_KEY is not: set both, or neither (the "
+                "embedded emulator)"
+            )
         yield (base_url or DEFAULT_BASE_URL), api_key, False
         return
     from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
+    from kvid_dagster.local import LOCAL_API_KEY
 
-    with KvidEmulator(EmulatorConfig(api_key=DEMO_API_KEY, **emulator_options)) as emulator:
-        yield emulator.base_url, DEMO_API_KEY, True
+    with KvidEmulator(EmulatorConfig(api_key=LOCAL_API_KEY, **emulator_options)) as emulator:
+        yield emulator.base_url, LOCAL_API_KEY, True
 
 
 def _percent(progress: float | None) -> str:
@@ -129,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir).resolve()
     project = KvidProject(args.prompts, data_dir)
+    table = project.load_table()  # a table that cannot be used stops here, before anything
     budget = CreditBudget(per_run=args.budget_credits, per_day=args.daily_budget_credits)
     with service_endpoint() as (base_url, api_key, embedded):
         where = f"embedded emulator at {base_url}" if embedded else base_url
@@ -143,6 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             budget_credits=budget,
             # beside the other messages, on stderr: stdout is the summary, fit for a file
             display=display_for(sys.stderr, plain=args.plain),
+            table=table,
+            verbose=args.verbose,
         )
     print_summary(result, data_dir)
     return 0 if result.ok else 1
@@ -155,14 +171,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from kvid_dagster.ledger import Ledger, SpendWindow, Submission
     from kvid_dagster.ledger.store import DATABASE_FILE
     from kvid_dagster.project import DATABASE_URL_ENV, dialect_from_env
-    from kvid_dagster.prompts import PromptTableError, load_prompt_table
+    from kvid_dagster.prompts import load_prompt_table
 
     data_dir = Path(args.data_dir)
-    try:
-        table = load_prompt_table(args.prompts, dialect=dialect_from_env())
-    except PromptTableError as exc:
-        print(f"kvid-dagster estimate: {exc}", file=sys.stderr)
-        return 2
+    table = load_prompt_table(args.prompts, dialect=dialect_from_env())
     database_url = os.environ.get(DATABASE_URL_ENV) or None
     latest: dict[str, Submission] = {}
     spent_today = 0.0
@@ -188,56 +200,71 @@ def _credits(text: str) -> float:
     return value
 
 
+DEV_WORKSPACE = """\
+load_from:
+  - python_module:
+      module_name: kvid_dagster.dev_definitions
+      location_name: kvid_dagster
+      working_directory: {cwd}
+"""
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    """``dagster dev`` on kvid's own definitions (``kvid_dagster.dev_definitions``), from any
+    folder. ``dagster dev`` runs in a process group of its own: a Ctrl-C reaches this process
+    alone, which asks ``dagster dev`` to shut down (a second one kills it), then stops the
+    emulator; so does a signal sent to this process only."""
     import signal
     import subprocess
 
+    from kvid_dagster.project import KvidProject
     from kvid_dagster.runner import dagster_home_for
 
     data_dir = Path(args.data_dir).resolve()
-    if not Path("workspace.yaml").exists():
-        print(
-            "kvid-dagster dev runs in the project folder (where workspace.yaml is)", file=sys.stderr
-        )
-        return 2
+    prompts = args.prompts if "://" in args.prompts else str(Path(args.prompts).resolve())
+    KvidProject(prompts, data_dir).load_table()  # a table that cannot be used stops here
+    home = dagster_home_for(data_dir)
+    workspace = home / "kvid-dev-workspace.yaml"
+    workspace.write_text(DEV_WORKSPACE.format(cwd=Path.cwd()), encoding="utf-8")
     with service_endpoint() as (base_url, api_key, embedded):
         env = {
             **os.environ,
             "KVID_BASE_URL": base_url,
             "KVID_API_KEY": api_key,
-            "KVID_PROMPTS": args.prompts
-            if "://" in args.prompts
-            else str(Path(args.prompts).resolve()),
+            "KVID_PROMPTS": prompts,
             "KVID_DATA_DIR": str(data_dir),
-            "DAGSTER_HOME": str(dagster_home_for(data_dir)),
+            "DAGSTER_HOME": str(home),
         }
         if embedded:
             print(f"kvid emulator at {base_url}", file=sys.stderr)
+        command = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace)]
+        command += ["-p", str(args.port)]
+        # default handlers: a shell's background job inherits SIGINT ignored, and dagster dev
+        # copies that to SIGTERM
+        child = subprocess.Popen(
+            command, env=env, process_group=0, preexec_fn=_default_signal_handlers
+        )
+        received: list[int] = []
 
-        def restore_signals() -> None:
-            # a shell's background job inherits SIGINT ignored, and dagster dev copies that to
-            # SIGTERM: give it default handlers so it can be stopped
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        def forward(signum: int, _frame: object) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                child.send_signal(signum)  # dagster dev shuts its services down
+            else:  # asked again: do not wait for it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
 
-        command = [
-            sys.executable,
-            "-m",
-            "dagster",
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-p",
-            str(args.port),
-        ]
-        child = subprocess.Popen(command, env=env, preexec_fn=restore_signals)
-        # stopping us stops dagster dev first, then the emulator (the `with` above)
-        signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:  # the child got the same Ctrl-C: let it shut down
-                continue
+        for sig in (signal.SIGINT, signal.SIGTERM):  # even where SIGINT was inherited ignored
+            signal.signal(sig, forward)
+        code = child.wait()
+    return 0 if received else code
+
+
+def _default_signal_handlers() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _change_row(args: argparse.Namespace, command: str, change: Callable[..., VideoRow]) -> int:
@@ -276,11 +303,11 @@ def cmd_refetch(args: argparse.Namespace) -> int:
 def cmd_emulator(argv: Sequence[str]) -> int:
     from kvid_dagster.emulator.__main__ import main as emulator_main
 
-    return emulator_main(list(argv)) or 0
+    return emulator_main(list(argv), prog="kvid-dagster emulator") or 0
 
 
-def _add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate one video end to end")
+def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("generate", help="generate one video end to end", parents=[common])
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", help="image-to-video input: a local path or an http(s) URL")
     p.add_argument("--end-image", dest="end_image", help="v2 image-to-video: URL of the last frame")
@@ -314,25 +341,43 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--acceleration", choices=["regular", "high"])
     p.add_argument("--poll-interval", dest="poll_interval", type=float, default=1.0)
     p.add_argument("--deadline", type=float, default=900.0, help="overall seconds to wait")
-    p.add_argument("--out", default="video.mp4")
+    p.add_argument(
+        "--out",
+        default="video.mp4",
+        help="where the video goes: a file, or a folder for the service's file name "
+        "(default: video.mp4 in the current folder)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvid-dagster",
-        description="kvid video generation through Dagster. With neither KVID_BASE_URL nor "
-        "KVID_API_KEY set, an embedded local emulator stands in for the service.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
-    sub.add_parser("emulator", help="serve the local kvid emulator (see --help of it)")
-    run = sub.add_parser("run", help="the whole pipeline, headless, through Dagster")
-    run.add_argument(
+def _add_prompts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--prompts",
         default=str(DEFAULT_PROMPTS),
         help="a CSV or Parquet table: a path or an fsspec URL (s3://...)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvid-dagster",
+        description="kvid video generation through Dagster. With neither KVID_BASE_URL nor "
+        "KVID_API_KEY set, an embedded local emulator stands in for the service.",
+    )
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Dagster's own log lines, and the stack trace of every error (a mistake of "
+        "yours is otherwise one line)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub, common)
+    sub.add_parser("emulator", help="serve the local kvid emulator (see its --help)")
+    run = sub.add_parser(
+        "run", help="the whole pipeline, headless, through Dagster", parents=[common]
+    )
+    _add_prompts(run)
     run.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="catalog and videos go here")
     run.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between status ticks"
@@ -357,18 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
     estimate = sub.add_parser(
-        "estimate", help="what submitting every row without a job would cost (sends nothing)"
+        "estimate",
+        help="what submitting every row without a job would cost (sends nothing)",
+        parents=[common],
     )
-    estimate.add_argument(
-        "--prompts",
-        default=str(DEFAULT_PROMPTS),
-        help="a CSV or Parquet table: a path or an fsspec URL (s3://...)",
-    )
+    _add_prompts(estimate)
     estimate.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     estimate.set_defaults(func=cmd_estimate)
     resolve = sub.add_parser(
         "resolve",
         help="settle an UNCERTAIN row: the job you found on the kvid dashboard, or none",
+        parents=[common],
     )
     resolve.add_argument("partition_key")
     resolve.add_argument(
@@ -382,14 +426,25 @@ def build_parser() -> argparse.ArgumentParser:
     refetch = sub.add_parser(
         "refetch",
         help="fetch a FETCH_FAILED row's video again (its paid job; nothing is re-sent)",
+        parents=[common],
     )
     refetch.add_argument("partition_key")
     refetch.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     refetch.set_defaults(func=cmd_refetch)
-    dev = sub.add_parser("dev", help="the emulator and `dagster dev` together")
-    dev.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    dev.add_argument("--port", type=int, default=3000)
+    dev = sub.add_parser(
+        "dev",
+        help="the emulator and `dagster dev` on these definitions, from any folder",
+        parents=[common],
+    )
+    _add_prompts(dev)
+    dev.add_argument(
+        "--data-dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="catalog, videos and the Dagster home (dagster_home/, unless DAGSTER_HOME is set)",
+    )
+    dev.add_argument(
+        "--port", type=int, default=3000, help="the Dagster UI's port on localhost (default 3000)"
+    )
     dev.set_defaults(func=cmd_dev)
     return parser
 
@@ -399,7 +454,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "emulator":
         return cmd_emulator(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from kvid_dagster.mistakes import user_errors
+
+    try:
+        return int(args.func(args))
+    except user_errors() as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"kvid-dagster {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``KvidVideosComponent``: a prompt table and its kvid definitions, declared in a ``defs.yaml``.
 
-``dg scaffold defs kvid_dagster.KvidVideosComponent videos`` writes the ``defs.yaml`` and a
-sample ``prompts.csv`` beside it; the component's ``build_defs`` is ``build_kvid_definitions``.
+``dg scaffold defs kvid_dagster.KvidVideosComponent videos`` writes the ``defs.yaml`` (in the
+local mode, ``emulator: true``: ``dg dev`` makes real MP4s with no key and no cost) and a
+sample ``prompts.csv`` beside it, and adds the data folder to the project's ``.gitignore``;
+the component's ``build_defs`` is ``build_kvid_definitions``.
 """
 
 # no `from __future__ import annotations`: Dagster derives the YAML schema from the fields'
@@ -19,15 +21,35 @@ from dagster.components.utils.translation import TranslationFn, TranslationFnRes
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL
 from kvid_dagster.definitions import build_kvid_definitions
-from kvid_dagster.options import ScheduleOptions
+from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.project import KvidProject, PromptsSetting
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.sources import SqlPromptSource
 from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
 
-# the whole value is one environment variable: kept as an EnvVar, so the key's value is never
-# part of the resource's configuration (which the UI shows)
+# the whole value is one environment variable: kept as its name (the resource's api_key_env,
+# read when a client is made), so the key's value is never part of the resource's
+# configuration (which the UI shows)
 _ENV_TEMPLATE = re.compile(r"""^\{\{\s*env(?:\.(\w+)|\(\s*['"](\w+)['"]\s*\))\s*\}\}$""")
+
+#: where an unset ``data_dir`` goes: ``<project root>/.kvid/<the component's folder under defs>``,
+#: outside the package's source tree, and ignored by git (the scaffolder adds it)
+DATA_ROOT = ".kvid"
+
+#: what ``dg scaffold defs`` writes: the local mode, the real service one edit away
+SCAFFOLD_YAML = """\
+type: {type_name}
+
+attributes:
+  prompts: prompts.csv
+  # The local kvid emulator: real MP4s, no key, no cost, and the sensors start running.
+  # For the real service, replace this line with the api_key line below: the sensors then
+  # start stopped, so nothing is paid for before you turn them on (the UI's Automation tab,
+  # or default_sensor_status: running).
+  emulator: true
+  # api_key: "{{{{ env.KVID_API_KEY }}}}"   # kept an environment variable: never shown
+  # data_dir: default <project root>/.kvid/<this folder> (the ledger, videos, catalog)
+"""
 
 SAMPLE_PROMPTS = """\
 prompt_id,prompt,resolution,seed
@@ -37,8 +59,8 @@ harbour,"Fishing boats rocking in a quiet harbour, golden hour",480p,11
 
 
 def _resolve_secret(context: dg.ResolutionContext, raw: str | None) -> str | None:
-    """``"{{ env.KVID_API_KEY }}"`` becomes ``EnvVar("KVID_API_KEY")``; anything else is
-    resolved as usual."""
+    """``"{{ env.KVID_API_KEY }}"`` becomes ``EnvVar("KVID_API_KEY")`` (its name, never its
+    value); anything else is resolved as usual."""
     if raw is None:
         return None
     match = _ENV_TEMPLATE.match(raw.strip())
@@ -121,18 +143,30 @@ class KvidVideosScaffolder(dg.Scaffolder):
     """Writes a ``defs.yaml`` that loads as written and a sample ``prompts.csv`` beside it."""
 
     def scaffold(self, request: dg.ScaffoldRequest) -> None:
-        dg.scaffold_component(
-            request,
-            {
-                "prompts": "prompts.csv",
-                "data_dir": "data",
-                "api_key": "{{ env.KVID_API_KEY }}",
-                "base_url": "{{ env.KVID_BASE_URL }}",
-            },
-        )
+        if request.scaffold_format != "yaml" or request.append:
+            dg.scaffold_component(request, {"prompts": "prompts.csv", "emulator": True})
+        else:  # with the comments that say how to leave the local mode
+            defs_yaml = request.target_path / "defs.yaml"
+            defs_yaml.write_text(SCAFFOLD_YAML.format(type_name=request.type_name))
         prompts = request.target_path / "prompts.csv"
         if not prompts.exists():  # never overwrite a table someone already wrote
             prompts.write_text(SAMPLE_PROMPTS, encoding="utf-8")
+        if request.project_root is not None:
+            ignore_data_root(Path(request.project_root))
+
+
+def ignore_data_root(project_root: Path) -> None:
+    """Add ``.kvid/`` to the project's ``.gitignore`` (create-dagster's knows nothing of it),
+    unless a line already names it."""
+    gitignore = project_root / ".gitignore"
+    text = gitignore.read_text(encoding="utf-8") if gitignore.exists() else ""
+    if any(line.strip().strip("/") == DATA_ROOT for line in text.splitlines()):
+        return
+    separator = "" if not text or text.endswith("\n") else "\n"
+    gitignore.write_text(
+        f"{text}{separator}\n# kvid-dagster: ledger, videos and catalogs\n{DATA_ROOT}/\n",
+        encoding="utf-8",
+    )
 
 
 @dg.scaffold_with(KvidVideosScaffolder)
@@ -143,10 +177,17 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     ``prompts`` is where the rows come from: a path (relative to the component's folder) or
     an fsspec URL, or a mapping (see ``KvidPromptsModel``): ``{database_url: ..., table:
     prompts}``, ``{asset: daily_prompts}``. A relative ``data_dir`` is the component
-    folder's.
-    ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (never
-    its value) in the resource; unset, it is ``KVID_API_KEY``. ``base_url`` unset or empty is
-    the vendor's. Unset ``dialect``, ``database_url`` and ``cron_schedule`` keep
+    folder's; unset, it is ``<project root>/.kvid/<the component's path under defs>``.
+    ``emulator: true`` is the local mode: a kvid emulator that every process of the project
+    shares (see ``kvid_dagster.local``), no key, no cost; with it, ``api_key`` and
+    ``base_url`` are refused. Without it the service is used, and a missing key fails the run
+    or tick that needs it, naming the variable: never a silent emulator.
+    ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (read
+    when a client is made, never its value in the configuration); unset, it is
+    ``KVID_API_KEY``. ``base_url`` unset or empty is the vendor's.
+    ``default_sensor_status`` (``running`` or ``stopped``) is both sensors'; unset, they run
+    in the local mode and are stopped against the service, so nothing is paid for before a
+    person turns them on. Unset ``dialect``, ``database_url`` and ``cron_schedule`` keep
     the defaults of ``KvidProject`` (``$KVID_API_DIALECT``, ``$KVID_DATABASE_URL``) and
     ``ScheduleOptions``.
     ``storage_url`` (unset: ``$KVID_STORAGE_URL``, else ``data_dir``) is where videos,
@@ -165,7 +206,9 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
             "path, database_url and table or query, or asset.",
         ),
     ] = "prompts.csv"
-    data_dir: str = "data"
+    data_dir: str | None = None
+    emulator: bool = False
+    default_sensor_status: Literal["running", "stopped"] | None = None
     api_key: Annotated[
         str | None,
         dg.Resolver(
@@ -203,9 +246,14 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
         prompts = self.prompts
         if isinstance(prompts, str) and "://" not in prompts:
             prompts = folder / prompts  # an absolute path stays itself
+        data_dir = (
+            folder / self.data_dir
+            if self.data_dir is not None
+            else Path(context.project_root, DATA_ROOT, folder.relative_to(context.defs_module_path))
+        )
         project = KvidProject(
             prompts,
-            folder / self.data_dir,
+            data_dir,
             database_url=self.database_url,
             dialect=self.dialect,
             param_defaults=self.param_defaults,
@@ -216,20 +264,48 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
             if self.cron_schedule is None
             else ScheduleOptions(cron_schedule=self.cron_schedule)
         )
+        status = self._sensor_status()
         defs = build_kvid_definitions(
             project,
-            resource=KvidResource(
-                api_key=self.api_key or dg.EnvVar("KVID_API_KEY"),
-                base_url=self.base_url or DEFAULT_BASE_URL,
-                dialect=project.dialect,
-            ),
+            resource=self._resource(project),
             translator=translator,
             budget_credits=self.budget_credits,
+            status_sensor=StatusSensorOptions(default_status=status),
+            prompts_sensor=PromptsSensorOptions(default_status=status),
             schedule=schedule,
         )
         if self.translation is None:
             return defs
         return _translate_specs(defs, self.translation, translator)
+
+    def _resource(self, project: KvidProject) -> KvidResource:
+        if self.emulator:
+            if self.api_key or self.base_url:
+                raise ValueError(
+                    "emulator: true talks to the local kvid emulator: remove api_key and "
+                    "base_url (or emulator: true, to talk to the service)"
+                )
+            return KvidResource(
+                local_emulator_dir=str(project.data_dir / "emulator"), dialect=project.dialect
+            )
+        key = self.api_key or dg.EnvVar("KVID_API_KEY")
+        return KvidResource(
+            # an environment variable is read when a client is made: its value is never in
+            # the configuration, and a missing one is a one-line error naming it
+            **(
+                {"api_key_env": key.env_var_name}
+                if isinstance(key, dg.EnvVar)
+                else {"api_key": key}
+            ),
+            base_url=self.base_url or DEFAULT_BASE_URL,
+            dialect=project.dialect,
+        )
+
+    def _sensor_status(self) -> dg.DefaultSensorStatus:
+        """Running in the local mode (it costs nothing), else stopped unless asked for: a
+        sensor that starts by itself against the service spends money without a click."""
+        wanted = self.default_sensor_status or ("running" if self.emulator else "stopped")
+        return dg.DefaultSensorStatus(wanted.upper())
 
 
 def _translate_specs(

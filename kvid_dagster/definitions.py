@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from dagster import (
     AutomationCondition,
     Definitions,
-    EnvVar,
     ExecutorDefinition,
     define_asset_job,
     in_process_executor,
@@ -31,13 +30,31 @@ CATALOG_JOB = "kvid_catalog_job"
 
 
 def resource_from_env(dialect: ApiDialect | str | None = None) -> KvidResource:
-    """``KVID_API_KEY`` (a secret, never shown), ``KVID_BASE_URL`` (default: the vendor's) and
-    the dialect (``dialect``, else ``KVID_API_DIALECT``, else ``video``)."""
+    """``KVID_API_KEY`` (a secret, read when a client is made, never shown; unset, the run or
+    tick that needs it fails naming it), ``KVID_BASE_URL`` (default: the vendor's) and the
+    dialect (``dialect``, else ``KVID_API_DIALECT``, else ``video``)."""
     return KvidResource(
-        api_key=EnvVar("KVID_API_KEY"),
+        api_key_env="KVID_API_KEY",
         base_url=os.environ.get("KVID_BASE_URL") or DEFAULT_BASE_URL,
         dialect=dialect_from_env(dialect),
     )
+
+
+def definitions_from_env(
+    default_prompts: str | os.PathLike[str] | None = None,
+    default_data_dir: str | os.PathLike[str] | None = None,
+) -> Definitions:
+    """``build_kvid_definitions`` for ``$KVID_PROMPTS`` (a path or an fsspec URL) and
+    ``$KVID_DATA_DIR``, each else its default (none: the variable must be set); the service
+    from ``$KVID_API_KEY`` and ``$KVID_BASE_URL`` (``resource_from_env``)."""
+    prompts = os.environ.get("KVID_PROMPTS") or default_prompts
+    data_dir = os.environ.get("KVID_DATA_DIR") or default_data_dir
+    if prompts is None or data_dir is None:
+        raise ValueError(
+            "set KVID_PROMPTS (the prompt table) and KVID_DATA_DIR (the data folder) for these "
+            "definitions; `kvid-dagster dev --prompts P --data-dir D` sets both"
+        )
+    return build_kvid_definitions(KvidProject(prompts, data_dir))
 
 
 def build_kvid_definitions(

@@ -24,6 +24,7 @@ from typing import Final
 import av
 import numpy as np
 
+from kvid_dagster.client._download import create_new_file
 from kvid_dagster.probe import probe_video
 from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes, storage_path
 
@@ -229,7 +230,7 @@ def _write_cache(cache: Path, data: bytes) -> None:
     written costs only the encoding again; the ``.part`` suffix lets the poller's sweep of
     leftovers remove a temp file a killed process left."""
     with contextlib.suppress(OSError):
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f"{cache.name}.", suffix=".part")
+        fd, tmp = create_new_file(cache.parent, prefix=f"{cache.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)

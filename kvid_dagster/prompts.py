@@ -122,6 +122,11 @@ class InvalidRow:
     prompt: str = ""
 
     @property
+    def ledger_key(self) -> str:
+        """Its key in the ledger and the catalog: ``row-N`` when it has no usable key."""
+        return self.partition_key or f"row-{self.row_number}"
+
+    @property
     def message(self) -> str:
         """One line naming the row, its key and the field (a column's name is shown quoted
         when it is not plain text: the user's own columns may be named anything)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
@@ -17,6 +19,7 @@ from kvid_dagster.client import (
     AsyncKvidClient,
     CreditPool,
     CreditPoolField,
+    KvidAuthenticationError,
     KvidClient,
 )
 from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY, DEFAULT_LIMIT_WAIT_S
@@ -27,12 +30,32 @@ class KvidResource(ConfigurableResource):
 
     Wire the key as a secret so that it never shows in the UI or the event log::
 
+        KvidResource(api_key_env="KVID_API_KEY")  # read when a client is made
         KvidResource(api_key=dg.EnvVar("KVID_API_KEY"), base_url=dg.EnvVar("KVID_BASE_URL"))
+
+    ``api_key_env`` names the variable, read when a client is made: unset, it is one line
+    naming it where the client is needed (a run's step, a sensor's tick). ``local_emulator_dir``
+    is the local mode (no key, no cost, made-up videos: see :mod:`kvid_dagster.local`).
     """
 
     # repr=False: the key stays out of repr()/str() of the resource, which Dagster and
     # tracebacks print
-    api_key: str = Field(repr=False, description="The kvid API key (use EnvVar('KVID_API_KEY')).")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="The kvid API key (use EnvVar('KVID_API_KEY'), or api_key_env).",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="The environment variable holding the kvid API key, read when a client is "
+        "made (used when api_key is unset); unset or empty there, the client is refused with a "
+        "message naming it.",
+    )
+    local_emulator_dir: str | None = Field(
+        default=None,
+        description="The local mode: talk to a kvid emulator shared by every process, its "
+        "state in this folder, instead of the service (no key, no cost, made-up videos).",
+    )
     base_url: str = Field(default=DEFAULT_BASE_URL, description="The kvid API base URL.")
     dialect: ApiDialect = Field(
         default=ApiDialect.VIDEO,
@@ -112,8 +135,27 @@ class KvidResource(ConfigurableResource):
             ),
         }
 
+    def _endpoint(self) -> tuple[str, str]:
+        """(api key, base URL) of the service to talk to now."""
+        if self.local_emulator_dir is not None:
+            from kvid_dagster.local import LOCAL_API_KEY, shared_emulator
+
+            return LOCAL_API_KEY, shared_emulator(Path(self.local_emulator_dir)).base_url
+        if self.api_key:
+            return self.api_key, self.base_url
+        name = self.api_key_env
+        key = os.environ.get(name, "").strip() if name else ""
+        if not key:
+            what = f"{name} is not set" if name else "no kvid API key is configured"
+            raise KvidAuthenticationError(
+                f"{what}: set it to your kvid API key (nothing was sent; for made-up videos "
+                "with no key, the local emulator: `emulator: true` in the Component's "
+                "defs.yaml, or `kvid-dagster dev`)"
+            )
+        return key, self.base_url
+
     def get_client(self) -> KvidClient:
-        return KvidClient(self.api_key, self.base_url, **self._client_settings())
+        return KvidClient(*self._endpoint(), **self._client_settings())
 
     def get_async_client(self) -> AsyncKvidClient:
-        return AsyncKvidClient(self.api_key, self.base_url, **self._client_settings())
+        return AsyncKvidClient(*self._endpoint(), **self._client_settings())

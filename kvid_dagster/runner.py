@@ -19,21 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
+from dagster import (
+    DagsterEvent,
+    DagsterInstance,
+    Definitions,
+    SensorResult,
+    build_sensor_context,
+)
+from dagster._utils.error import SerializableErrorInfo
 
 from kvid_dagster._dagster_common import asset_value_loader, keys_needing_jobs
 from kvid_dagster.budget import CreditBudget
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import Ledger, SpendWindow, VideoStatus, videos_frame
+from kvid_dagster.mistakes import user_errors
 from kvid_dagster.options import StatusSensorOptions
 from kvid_dagster.planning import partition_ranges
 from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
 from kvid_dagster.project import KvidProject
+from kvid_dagster.prompts import PromptTable
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
-# the run's own events stay in the instance (and in `dagster dev`); the console gets warnings
-QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# the run's own events stay in the instance (and in `dagster dev`); the console gets nothing:
+# a failed step is reported once, by the runner, in the words of its cause (run_failures)
+QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+VERBOSE_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "DEBUG"}}}}
 
 
 def dagster_home_for(data_dir: Path) -> Path:
@@ -46,11 +57,73 @@ def dagster_home_for(data_dir: Path) -> Path:
     return home
 
 
+@dataclass(frozen=True)
+class StepFailure:
+    """Why a step of one of the pipeline's runs failed, as a person reads it."""
+
+    run_id: str
+    step: str
+    message: str  # the cause in its own words: our Failure's description, or the error's
+    user_error: bool  # a mistake the user fixes (the table, the key, ...), not a bug of ours
+    stack: str  # the whole error with its stack trace and causes
+
+    @classmethod
+    def of(cls, run_id: str, event: DagsterEvent) -> StepFailure:
+        data = event.step_failure_data
+        error = data.error
+        stack = error.to_string() if error is not None else ""
+        step = event.step_key or "?"
+        if data.user_failure_data is not None:  # our own Failure: its words are the message
+            return cls(run_id, step, data.user_failure_data.description or "", True, stack)
+        cause = _user_cause(error)
+        if cause is not None:
+            return cls(run_id, step, _said(cause), True, stack)
+        root = error
+        while root is not None and (root.cause or root.context) is not None:
+            root = root.cause or root.context  # Dagster's wrapper first; the bug last
+        return cls(run_id, step, _said(root) if root is not None else "?", False, stack)
+
+    def describe(self, verbose: bool = False) -> str:
+        """One message; with the stack trace for a bug of ours, or when ``verbose``."""
+        head = f"run {self.run_id[:8]} failed in {self.step}: {self.message}"
+        return f"{head}\n{self.stack}" if verbose or not self.user_error else head
+
+
+def _said(error: SerializableErrorInfo) -> str:
+    """``Class: message``, without the module path Dagster's record puts before the class."""
+    text = error.message.strip()
+    at = text.find(f"{error.cls_name}: ")
+    return text[at:] if at >= 0 else f"{error.cls_name}: {text}"
+
+
+def _user_cause(error: SerializableErrorInfo | None) -> SerializableErrorInfo | None:
+    """The first error of the chain (Dagster wraps a step's exception) that is a user's."""
+    names = {cls.__name__ for base in user_errors() for cls in _subclasses(base)}
+    while error is not None:
+        if error.cls_name in names:
+            return error
+        error = error.cause or error.context
+    return None
+
+
+def _subclasses(base: type) -> list[type]:
+    return [base, *(c for sub in base.__subclasses__() for c in _subclasses(sub))]
+
+
+def table_order(table: PromptTable) -> list[str]:
+    """The partition keys as the ledger has them, in the table's row order."""
+    numbered = [(row.row_number, row.partition_key) for row in table.rows]
+    numbered += [(bad.row_number, bad.ledger_key) for bad in table.invalid]
+    return list(dict.fromkeys(key for _, key in sorted(numbered)))  # a repeated key: its first
+
+
 @dataclass
 class PipelineResult:
     catalog: pd.DataFrame
     runs: list[str] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    failures: list[StepFailure] = field(default_factory=list)
+    table_order: list[str] = field(default_factory=list)  # the summary's row order
     sensor_ticks: int = 0
     events_reported: int = 0
     elapsed_seconds: float = 0.0
@@ -102,12 +175,17 @@ def run_pipeline(
     download: bool = True,
     budget_credits: CreditBudget | None = None,
     display: ProgressDisplay | None = None,
+    table: PromptTable | None = None,
+    verbose: bool = False,
 ) -> PipelineResult:
     """``budget_credits``: its per-run credits are for the whole pipeline, shared by its
     submitting runs (one per contiguous range of partitions); its per-day credits hold for
     every submitter of the day. ``translator``: the definitions' (their keys and op names
     follow it). ``display`` shows the progress (default: plain lines on stdout, one per
-    change)."""
+    change). ``table``: the project's table if the caller has read it (else it is read
+    here, before any run: a table that cannot be used raises ``PromptTableError``, and
+    nothing starts). A failed step is noted on the display in one line, its cause's words,
+    with its stack trace only for a bug of ours or when ``verbose``."""
     started = time.monotonic()
     translator = translator or KvidTranslator()
     defs = build_kvid_definitions(
@@ -149,30 +227,33 @@ def run_pipeline(
             instance=instance,
             tags=tags,
             raise_on_error=False,
-            run_config={**QUIET_RUN_CONFIG, **(run_config or {})},
+            run_config={
+                **(VERBOSE_RUN_CONFIG if verbose else QUIET_RUN_CONFIG),
+                **(run_config or {}),
+            },
         )
         result.runs.append(outcome.run_id)
         if not outcome.success:
             result.failed_runs.append(outcome.run_id)
             for event in outcome.all_events:
                 if event.is_step_failure:
-                    error = (
-                        event.step_failure_data.user_failure_data or event.step_failure_data.error
-                    )
-                    text = getattr(error, "description", None) or getattr(error, "message", error)
-                    display.note(f"  run {outcome.run_id[:8]} failed: {text}")
+                    failure = StepFailure.of(outcome.run_id, event)
+                    result.failures.append(failure)
+                    display.note(failure.describe(verbose))
         return outcome.success
 
+    if table is None:
+        with asset_value_loader(project, defs, instance) as load:
+            table = project.load_table(load)
+    result.table_order = table_order(table)
     with display:
         display.note(f"validating {project.prompts_name}")
         ledger = project.ledger()
         show(Phase.VALIDATING)
         if not execute(PROMPTS_JOB):
-            show(Phase.DONE)
             result.catalog = videos_frame(ledger)
             return result
-        with asset_value_loader(project, defs, instance) as load:
-            ordered, wanted = keys_needing_jobs(project, instance, load_upstream=load)
+        ordered, wanted = keys_needing_jobs(project, instance, table=table)
         ranges = partition_ranges(ordered, wanted)
         display.note(f"submitting {len(wanted)} partition(s) in {len(ranges)} run(s)")
         per_run = budget_credits.per_run if budget_credits is not None else None
@@ -237,22 +318,51 @@ def other_dialect_jobs(ledger: Ledger, dialect: str) -> str:
     )
 
 
-def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdout) -> None:
-    frame = result.catalog
-    columns = [
-        "partition_key",
-        "status",
-        "model",
-        "width",
-        "height",
-        "fps",
-        "num_frames",
-        "size_kb",
+SUMMARY_COLUMNS = (
+    "partition_key", "status", "model", "width", "height", "fps", "num_frames", "size_kb",
+)  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(frame: pd.DataFrame, order: list[str]) -> list[str]:
+    """The catalog's rows as aligned text, in ``order`` (the table's; rows it no longer has
+    come after, by key), each row's error in full as the last column, ``note``."""
+    if frame.empty:
+        return []
+    position = {key: i for i, key in enumerate(order)}
+    frame = frame.assign(_at=frame["partition_key"].map(position)).sort_values(
+        ["_at", "partition_key"], na_position="last", kind="stable"
+    )
+    columns = [c for c in SUMMARY_COLUMNS if c in frame.columns]
+    rows = [[_cell(v) for v in values] for values in frame[columns].itertuples(index=False)]
+    errors = frame["error"] if "error" in frame.columns else [None] * len(rows)
+    notes = [" ".join(e.split()) if isinstance(e, str) else "" for e in errors]  # one line each
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: list[str], note: str) -> str:
+        aligned = (
+            cell.rjust(width) if number else cell.ljust(width)
+            for cell, width, number in zip(cells, widths, numeric, strict=True)
+        )
+        return "  ".join([*aligned, note]).rstrip()
+
+    return [
+        line(columns, "note"),
+        *(line(row, note) for row, note in zip(rows, notes, strict=True)),
     ]
-    shown = frame[[c for c in columns if c in frame.columns]].copy()
-    if "error" in frame.columns:
-        shown["note"] = frame["error"].fillna("").astype(str).str.slice(0, 60)
-    print(shown.to_string(index=False, na_rep="-"), file=out)
+
+
+def print_summary(result: PipelineResult, project_dir: Path, out: Any = sys.stdout) -> None:
+    """Stdout of ``kvid-dagster run``: the rows (none when there are none), then the totals."""
+    frame = result.catalog
+    for text in summary_table(frame, result.table_order):
+        print(text, file=out)
     print(
         f"\n{len(frame)} rows; {result.sensor_ticks} status ticks; "
         f"{len(result.runs)} Dagster runs; "

@@ -21,18 +21,25 @@ from dagster import (
     AssetKey,
     AssetSpec,
     DagsterInstance,
+    DefaultSensorStatus,
     Definitions,
-    EnvVar,
 )
 from dagster.components.testing import create_defs_folder_sandbox
 from dagster.components.testing.test_cases import TestTranslation, test_cases
-from faultkit import dagster_home, open_instance, run_prompts, run_submit, tick_until_settled
+from faultkit import (
+    dagster_home,
+    open_instance,
+    run_prompts,
+    run_submit,
+    tick_until_settled,
+)
 
 from kvid_dagster import KvidVideosComponent
 from kvid_dagster.client import ApiDialect
 from kvid_dagster.definitions import SUBMIT_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
+from kvid_dagster.local import recorded_emulator
 from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.translator import ASSET_NAMES
 
@@ -55,8 +62,10 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
 @contextlib.contextmanager
 def load_scaffolded(
     attributes: dict[str, Any] | None = None,
-) -> Iterator[tuple[Path, KvidVideosComponent, Definitions]]:
-    """Scaffold ``videos`` in a sandbox (``attributes`` replace the scaffolded ones) and load it."""
+) -> Iterator[tuple[Path, Path, Definitions]]:
+    """Scaffold ``videos`` in a sandbox (``attributes`` replace the scaffolded ones) and load
+    it: its folder, its default data folder (``<project root>/.kvid/videos``), its
+    definitions. A local emulator it started is stopped after."""
     with create_defs_folder_sandbox() as sandbox:
         contents = None
         if attributes is not None:
@@ -64,9 +73,34 @@ def load_scaffolded(
         path = sandbox.scaffold_component(
             KvidVideosComponent, defs_path="videos", defs_yaml_contents=contents
         )
-        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
-            assert isinstance(component, KvidVideosComponent)
-            yield path, component, defs
+        data_dir = sandbox.project_root / ".kvid" / "videos"
+        try:
+            with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
+                assert isinstance(component, KvidVideosComponent)
+                yield path, data_dir, defs
+        finally:
+            local = recorded_emulator(data_dir / "emulator")
+            if local is not None:
+                local.stop()
+
+
+def failed_submit(defs: Definitions, instance: DagsterInstance) -> list[str]:
+    """A submitting run over the sample that must fail: its steps' errors, each in the words
+    of its cause (Dagster wraps an asset's own exception)."""
+    result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
+        instance=instance,
+        tags={RANGE_START_TAG: SAMPLE_KEYS[0], RANGE_END_TAG: SAMPLE_KEYS[-1]},
+        raise_on_error=False,
+    )
+    assert not result.success
+    messages = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            messages.append(error.message)
+    return messages
 
 
 def submit_all(defs: Definitions, instance: DagsterInstance) -> bool:
@@ -75,26 +109,76 @@ def submit_all(defs: Definitions, instance: DagsterInstance) -> bool:
     return run_submit(defs, instance, SAMPLE_KEYS[0], SAMPLE_KEYS[-1])
 
 
-def test_the_scaffolded_component_loads_as_written_and_submits_to_the_service(
-    emulator: KvidEmulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+def sensor_statuses(defs: Definitions) -> dict[str, DefaultSensorStatus]:
+    return {sensor.name: sensor.default_status for sensor in defs.sensors or []}
+
+
+def test_the_scaffold_is_the_local_mode_with_its_data_outside_the_source_tree(
+    instance: DagsterInstance,
 ) -> None:
-    monkeypatch.setenv("KVID_API_KEY", TEST_API_KEY)
-    monkeypatch.setenv("KVID_BASE_URL", emulator.base_url)
-    with load_scaffolded() as (path, _, defs):
+    """No key, no service: the scaffolded defs.yaml loads as written, submits to the shared
+    local emulator (started by the first run, not by loading), its sensors run, and its
+    ledger and videos are in ``<project root>/.kvid/``, which git ignores."""
+    with load_scaffolded() as (path, data_dir, defs):
         written = yaml.safe_load((path / "defs.yaml").read_text(encoding="utf-8"))
         assert written["type"].endswith(".KvidVideosComponent")  # the dg test: the public name
-        assert written["attributes"]["api_key"] == "{{ env.KVID_API_KEY }}"
+        assert written["attributes"] == {"prompts": "prompts.csv", "emulator": True}
+        assert "# api_key: " in (path / "defs.yaml").read_text()  # the way to the service
         assert (path / "prompts.csv").is_file()
+        assert sensor_statuses(defs) == {
+            "kvid_status_sensor": DefaultSensorStatus.RUNNING,
+            "kvid_prompts_sensor": DefaultSensorStatus.RUNNING,
+        }
+        resource = defs.resources["kvid"]
+        assert resource.local_emulator_dir == str(data_dir / "emulator")
+        assert recorded_emulator(data_dir / "emulator") is None  # loading started nothing
+        assert submit_all(defs, instance)
+        local = recorded_emulator(data_dir / "emulator")
+        assert local is not None and local.answers()
+        tick_until_settled(defs, instance, Ledger(f"sqlite:///{data_dir / 'kvid.db'}"))
+        rows = Ledger(f"sqlite:///{data_dir / 'kvid.db'}").rows_by_key()
+        assert {k: r.status for k, r in rows.items()} == dict.fromkeys(
+            SAMPLE_KEYS, VideoStatus.COMPLETED
+        )
+        assert not (path / "data").exists()  # nothing in the package's source tree
+        gitignore = (data_dir.parent.parent / ".gitignore").read_text().splitlines()
+        assert ".kvid/" in gitignore
+
+
+def test_against_the_service_the_sensors_start_stopped_and_a_missing_key_is_one_line(
+    emulator: KvidEmulator, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the local mode nothing is faked: no key, and the submitting run fails naming
+    KVID_API_KEY before anything is sent; with the key it submits. The sensors start
+    stopped unless the YAML says otherwise."""
+    service = {"api_key": "{{ env.KVID_API_KEY }}", "base_url": emulator.base_url}
+    with load_scaffolded(service) as (_, data_dir, defs):
+        assert set(sensor_statuses(defs).values()) == {DefaultSensorStatus.STOPPED}
         resource = defs.resources["kvid"]
         # the key stays the environment variable's name: its value is not in the config
-        assert isinstance(resource.api_key, EnvVar) and resource.api_key == "KVID_API_KEY"
-        assert resource.base_url == emulator.base_url
-        assert submit_all(defs, instance)
+        assert resource.api_key is None and resource.api_key_env == "KVID_API_KEY"
+        assert resource.local_emulator_dir is None
+        assert run_prompts(defs, instance)
+        (message,) = failed_submit(defs, instance)
+        assert message.strip().splitlines() == [
+            "kvid_dagster.client.errors.KvidAuthenticationError: KVID_API_KEY is not set: set "
+            "it to your kvid API key (nothing was sent; for made-up videos with no key, the "
+            "local emulator: `emulator: true` in the Component's defs.yaml, or `kvid-dagster "
+            "dev`)"
+        ]
+        assert emulator.jobs_created == 0 and recorded_emulator(data_dir / "emulator") is None
+        monkeypatch.setenv("KVID_API_KEY", TEST_API_KEY)
+        assert run_submit(defs, instance, SAMPLE_KEYS[0], SAMPLE_KEYS[-1])
         assert emulator.jobs_created == len(SAMPLE_KEYS)
-        # data_dir "data" is the component folder's
-        rows = Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}").rows_by_key()
-        assert sorted(rows) == SAMPLE_KEYS
-        assert all(rows[key].status is VideoStatus.SUBMITTED for key in SAMPLE_KEYS)
+    running = {**service, "default_sensor_status": "running"}
+    with load_scaffolded(running) as (_, _, defs):
+        assert set(sensor_statuses(defs).values()) == {DefaultSensorStatus.RUNNING}
+    local_and_key = {"emulator": True, "api_key": "{{ env.KVID_API_KEY }}"}
+    with pytest.raises(Exception) as raised, load_scaffolded(local_and_key):
+        pass
+    assert "emulator: true talks to the local kvid emulator: remove api_key" in error_chain(
+        raised.value
+    )
 
 
 def test_attributes_reach_the_definitions(
@@ -119,15 +203,7 @@ def test_attributes_reach_the_definitions(
         assert defs.resources["kvid"].dialect is ApiDialect.GENERATION
         assert defs.resolve_schedule_def("kvid_daily_schedule").cron_schedule == "*/30 * * * *"
         assert run_prompts(defs, instance)
-        result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
-            instance=instance,
-            tags={RANGE_START_TAG: SAMPLE_KEYS[0], RANGE_END_TAG: SAMPLE_KEYS[-1]},
-            raise_on_error=False,
-        )
-        assert not result.success
-        failures = [
-            e.step_failure_data.error.message for e in result.all_events if e.is_step_failure
-        ]
+        failures = failed_submit(defs, instance)
         assert any("per-run 0 credits" in message for message in failures), failures
         assert emulator.jobs_created == 0
         assert database.is_file() and not (tmp_path / "kvid_data" / "kvid.db").exists()
@@ -184,9 +260,9 @@ def test_param_defaults_fill_the_rows_empty_cells_and_a_misspelt_one_is_refused(
         "base_url": emulator.base_url,
         "param_defaults": {"seed": 99, "enable_prompt_expansion": False},
     }
-    with load_scaffolded(attributes) as (path, _, defs):
+    with load_scaffolded(attributes) as (_, data_dir, defs):
         assert run_prompts(defs, instance)
-        rows = Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}").rows_by_key()
+        rows = Ledger(f"sqlite:///{data_dir / 'kvid.db'}").rows_by_key()
         params = {key: json.loads(rows[key].params_json or "{}") for key in SAMPLE_KEYS}
         # the sample table's own seeds win; its empty cells take the defaults
         assert {key: p["seed"] for key, p in params.items()} == {"fox": 7, "harbour": 11}
@@ -206,11 +282,11 @@ def test_a_translated_key_is_the_key_of_every_definition(
         "base_url": emulator.base_url,
         "translation": {"key_prefix": "marketing", "group_name": "{{ 'kvid_' + name }}"},
     }
-    with load_scaffolded(attributes) as (path, _, defs):
+    with load_scaffolded(attributes) as (_, data_dir, defs):
         specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
         assert specs[AssetKey(["marketing", "kvid_videos"])].group_name == "kvid_kvid_videos"
         assert submit_all(defs, instance)
-        tick_until_settled(defs, instance, Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}"))
+        tick_until_settled(defs, instance, Ledger(f"sqlite:///{data_dir / 'kvid.db'}"))
         videos = AssetKey(["marketing", "kvid_videos"])
         assert instance.get_materialized_partitions(videos) == set(SAMPLE_KEYS)
 

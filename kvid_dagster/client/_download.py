@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -27,6 +27,19 @@ from .results import DownloadedFile
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+)\s*$", re.IGNORECASE)
+
+
+def create_new_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A file of a fresh random name in ``folder``, created (``O_EXCL``) and opened for
+    writing with the mode ``open()`` gives, 0666 less the umask; ``tempfile.mkstemp`` makes
+    0600, which the rename into place would pass on to a video (or a preview) its folder's
+    other readers then cannot open."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:  # 48 random bits: another writer's, try another name
+            continue
 
 
 def safe_file_name(name: str | None, fallback: str = "video.mp4") -> str:
@@ -197,10 +210,9 @@ class DownloadSink:
     def _start(self, origin: _Origin) -> None:
         if self._file is None:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(
-                dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part"
+            fd, self.tmp_path = create_new_file(
+                self.target.parent, prefix=f".{self.target.name}.", suffix=".part"
             )
-            self.tmp_path = Path(name)
             self._file = os.fdopen(fd, "wb")
         self._restart()
         self._origin = origin
