@@ -1,9 +1,9 @@
 """What the assets, sensors, schedule and runner share that needs Dagster's types.
 
 The decisions are made in ``planning`` and ``reporting`` (no Dagster); here they meet the
-instance (partitions) and become Dagster objects (run requests, check results). It imports only
-the layers below it (project, translator); assets, sensors, schedules and the runner import it
-and never each other.
+instance (partitions) and become Dagster objects (run requests, check results, the catalog's
+runless materializations). It imports only the layers below it (project, translator,
+catalog_metadata); assets, sensors, schedules and the runner import it and never each other.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
+    AssetMaterialization,
     AssetRecordsFilter,
     DagsterInstance,
     Definitions,
@@ -24,6 +25,7 @@ from dagster import (
     RunRequest,
 )
 
+from kvid_dagster.catalog_metadata import CONTACT_SHEET_KEY, catalog_metadata, shown_catalog
 from kvid_dagster.ledger import VideoRow
 from kvid_dagster.planning import JobPlan, partition_ranges, plan_jobs
 from kvid_dagster.project import KvidProject, UpstreamLoader
@@ -31,20 +33,44 @@ from kvid_dagster.prompts import PromptTable
 from kvid_dagster.reporting import VIDEO_CHECK_NAME, verdict_for
 from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.submit import latest_submissions
-from kvid_dagster.translator import PREVIEW_KEY, KvidTranslator
+from kvid_dagster.translator import PREVIEW_KEYS, KvidTranslator
 
 
-def publish_catalog(project: KvidProject, log: Any) -> None:
-    """Republish the Parquet catalogs after a change. Never fails the caller: the ledger holds
-    everything, and the next publication (any tick, run or ``kvid_catalog``) catches up."""
+def publish_catalog(
+    project: KvidProject,
+    log: Any,
+    instance: DagsterInstance,
+    catalog_key: AssetKey,
+    *,
+    only_if_behind: bool = False,
+) -> AssetMaterialization | None:
+    """Republish the Parquet catalogs after a change; returns the runless materialization of
+    ``catalog_key`` that tells the UI (row count, ledger revision), or None when its latest
+    one shows this publication already, or the publication failed.
+
+    ``only_if_behind``: publish only when the ledger moved past what ``catalog_key`` shows
+    (the status sensor's rule: it also catches up a publication nobody reported). Never fails
+    the caller: the ledger holds everything, and the next publication catches up.
+    """
+    shown = shown_catalog(instance, catalog_key)
+    ledger = project.ledger()
+    if only_if_behind and shown.shows(ledger.ledger_id(), ledger.revision()):
+        return None
     try:
         stats = project.publish()
     except Exception as exc:  # a full disk must not cost a tick or a run
         log.warning(f"catalog not published: {type(exc).__name__}: {exc}")
-        return
+        return None
     log.info(
         f"catalog published: {stats.videos} rows, {stats.submissions} events "
         f"(ledger revision {stats.revision}) in {stats.seconds:.2f} s"
+    )
+    if shown.shows(ledger.ledger_id(), stats.revision):
+        return None
+    # the contact sheet is kvid_catalog's own (it decodes videos): a later one carries it on
+    sheet = {CONTACT_SHEET_KEY: shown.contact_sheet} if shown.contact_sheet is not None else {}
+    return AssetMaterialization(
+        asset_key=catalog_key, metadata=catalog_metadata(project, stats, sheet)
     )
 
 
@@ -143,9 +169,10 @@ def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> Asse
             check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no ledger row"}
         )
     if verdict_for(row).passed:
-        # the materialization beside it carries the preview: once in the event log is enough
+        # the materialization beside it carries the previews: once in the event log is enough
         metadata = translator.get_video_metadata(row)
-        metadata.pop(PREVIEW_KEY, None)
+        for key in PREVIEW_KEYS:
+            metadata.pop(key, None)
         return AssetCheckResult(check_name=VIDEO_CHECK_NAME, passed=True, metadata=metadata)
     return AssetCheckResult(
         check_name=VIDEO_CHECK_NAME,

@@ -10,17 +10,15 @@
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     AssetsDefinition,
     AssetSpec,
     AutomationCondition,
@@ -31,8 +29,6 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
-    TableColumn,
-    TableSchema,
     asset,
     asset_check,
 )
@@ -41,22 +37,20 @@ from pydantic import Field
 from kvid_dagster._aio import run_coroutine
 from kvid_dagster._dagster_common import publish_catalog, upstream_loader, video_check_result
 from kvid_dagster.budget import CreditBudget, estimate_backfill
-from kvid_dagster.ledger import (
-    VIDEO_SCHEMA,
-    ClaimOwner,
-    ClaimRule,
-    SpendWindow,
-    VideoStatus,
+from kvid_dagster.catalog_metadata import (
+    PREVIEW_ROWS,
+    catalog_contact_sheet,
+    catalog_metadata,
+    markdown_table,
 )
+from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow
 from kvid_dagster.liveness import run_liveness
-from kvid_dagster.preview import PreviewError, contact_sheet
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.sources import PromptSourceUnavailable
-from kvid_dagster.storage import exists as stored
 from kvid_dagster.submit import (
     SpendReport,
     SubmitAction,
@@ -67,8 +61,6 @@ from kvid_dagster.submit import (
 )
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
-PREVIEW_ROWS = 20
-CONTACT_SHEET_VIDEOS = 8  # the latest completed videos on kvid_catalog's contact sheet
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
 
 
@@ -83,16 +75,6 @@ class KvidJobsConfig(Config):
         description="Credits this run may spend (priced before anything is sent; the rows that "
         "do not fit stay PENDING). The definitions' per-run budget still holds when lower.",
     )
-
-
-def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    def cell(value: Any) -> str:
-        text = "" if value is None else str(value)
-        text = text.replace("|", "\\|").replace("\n", " ")
-        return text if len(text) <= 80 else text[:79] + "…"
-
-    head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
 def add_new_partitions(
@@ -123,6 +105,7 @@ class KvidAssetSettings:
     translator: KvidTranslator
     prices: Mapping[str, float]
     budget: CreditBudget
+    catalog_key: AssetKey  # told of each publication a run makes
 
 
 def materialize_prompts(
@@ -135,7 +118,7 @@ def materialize_prompts(
     new_keys = add_new_partitions(context.instance, project, table.partition_keys)
     ledger = project.ledger()
     if register_table(ledger, table):
-        publish_catalog(project, context.log)
+        publish_catalog_of_run(context, settings)
     backfill = estimate_backfill(
         table.rows,
         latest_submissions(ledger, table.rows),
@@ -169,7 +152,7 @@ def materialize_prompts(
         "invalid_rows": len(table.invalid),
         "new_partitions": len(new_keys),
         "preview": MetadataValue.md(
-            _markdown_table(
+            markdown_table(
                 preview, ["partition_key", "job", "model", "prompt", *shown_user_columns]
             )
         ),
@@ -182,7 +165,7 @@ def materialize_prompts(
     }
     if invalid:
         metadata["invalid"] = MetadataValue.md(
-            _markdown_table(invalid, ["row", "key", "field", "reason"])
+            markdown_table(invalid, ["row", "key", "field", "reason"])
         )
     return MaterializeResult(
         metadata=metadata,
@@ -282,7 +265,7 @@ def submit_video_jobs(
         + ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
     )
     if registered or any(o.action is not SubmitAction.SKIPPED for o in outcomes):
-        publish_catalog(project, context.log)
+        publish_catalog_of_run(context, settings)
     spend = SpendReport.of(project.ledger(), outcomes, run_id)
     summary = {"partitions": len(keys), **counts, **spend.metadata()}
     if problems or missing:
@@ -318,38 +301,21 @@ def materialize_catalog(context: AssetExecutionContext, project: KvidProject) ->
     """``kvid_catalog``: republish the Parquet catalogs, with their row count, columns, a
     preview and a contact sheet of the latest videos."""
     stats = project.publish()
-    videos = stats.videos_table
-    counts = videos.column("status").value_counts().to_pylist()
-    preview = videos.slice(0, PREVIEW_ROWS).to_pylist()
     context.log.info(f"catalog published: {stats}")
-    sheet = catalog_contact_sheet(videos, context.log)
-    return MaterializeResult(
-        metadata={
-            # Dagster's standard keys: the UI shows the row count and the columns
-            "dagster/row_count": MetadataValue.int(stats.videos),
-            "dagster/column_schema": MetadataValue.table_schema(catalog_column_schema()),
-            "videos_path": MetadataValue.path(str(project.catalog_dir / "videos")),
-            "submissions_path": MetadataValue.path(str(project.catalog_dir / "submissions")),
-            "submission_events": stats.submissions,
-            "ledger_revision": stats.revision,
-            **{f"status_{c['values'].lower()}": c["counts"] for c in counts},
-            "preview": MetadataValue.md(
-                _markdown_table(
-                    preview,
-                    [
-                        "partition_key",
-                        "status",
-                        "request_id",
-                        "width",
-                        "height",
-                        "num_frames",
-                        "error",
-                    ],
-                )
-            ),
-            **sheet,
-        }
-    )
+    sheet = catalog_contact_sheet(stats.videos_table, context.log)
+    return MaterializeResult(metadata=catalog_metadata(project, stats, sheet))
+
+
+def publish_catalog_of_run(context: AssetExecutionContext, settings: KvidAssetSettings) -> None:
+    """Republish the catalogs after this run changed the ledger, and tell the UI at once
+    (runless: a run that fails afterwards must not take the report with it)."""
+    event = publish_catalog(settings.project, context.log, context.instance, settings.catalog_key)
+    if event is None:
+        return
+    try:
+        context.instance.report_runless_asset_event(event)
+    except Exception as exc:  # the catalog is published: the next publication reports it
+        context.log.warning(f"catalog publication not reported: {type(exc).__name__}: {exc}")
 
 
 def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
@@ -392,7 +358,11 @@ def build_kvid_assets(
     specs = asset_specs(translator, project)
     key = {asset: spec.key for asset, spec in specs.items()}
     settings = KvidAssetSettings(
-        project, translator, dict(prices or DEFAULT_PRICES), budget_credits or CreditBudget()
+        project,
+        translator,
+        dict(prices or DEFAULT_PRICES),
+        budget_credits or CreditBudget(),
+        key[KvidAsset.CATALOG],
     )
     if jobs_automation_condition is not None:
         specs[KvidAsset.VIDEO_JOBS] = specs[KvidAsset.VIDEO_JOBS].replace_attributes(
@@ -448,39 +418,3 @@ def build_kvid_assets(
         return materialize_catalog(context, project)
 
     return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, kvid_catalog]
-
-
-def catalog_contact_sheet(videos: pa.Table, log: Any) -> dict[str, MetadataValue]:
-    """``kvid_catalog``'s contact sheet: the first frames of the latest completed videos whose
-    files are here, newest first. One that cannot be made is a warning: the catalog is
-    published all the same."""
-    done = videos.filter(
-        pc.and_(
-            pc.equal(videos["status"], VideoStatus.COMPLETED.value),
-            pc.is_valid(videos["local_path"]),
-        )
-    ).select(["partition_key", "local_path", "completed_at"])
-    newest = done.sort_by([("completed_at", "descending")])
-    candidates = newest.slice(0, 4 * CONTACT_SHEET_VIDEOS).to_pylist()
-    # stop at the first few that are there: on object storage each look is a request
-    latest = list(islice((r for r in candidates if stored(r["local_path"])), CONTACT_SHEET_VIDEOS))
-    if not latest:
-        return {}
-    try:
-        image = contact_sheet([r["local_path"] for r in latest])
-    except PreviewError as exc:
-        log.warning(f"no contact sheet: {exc}")
-        return {}
-    caption = ", ".join(f"`{r['partition_key']}`" for r in latest)
-    return {
-        "contact_sheet": MetadataValue.md(
-            f"{image.markdown('latest videos')}\n\nNewest first, row by row: {caption}"
-        )
-    }
-
-
-def catalog_column_schema() -> TableSchema:
-    """``dagster/column_schema`` of the published videos table."""
-    return TableSchema(
-        columns=[TableColumn(f.name, str(f.type), constraints=None) for f in VIDEO_SCHEMA]
-    )

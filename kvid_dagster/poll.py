@@ -39,10 +39,10 @@ from kvid_dagster.client import (
     build_request,
 )
 from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
-from kvid_dagster.preview import PreviewError, cache_path, video_preview
+from kvid_dagster.preview import PreviewError, store_previews, video_previews
 from kvid_dagster.probe import VideoProbe, probe_video
 from kvid_dagster.prompts import PROMPT_ID_PATTERN, ROW_COLUMNS
-from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes, put_file
+from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_file
 
 log = logging.getLogger("kvid_dagster.poll")
 
@@ -462,10 +462,10 @@ class _Job:
             with contextlib.suppress(OSError):
                 staging.unlink()
             raise
-        # the UI's preview is made here, in a worker thread within the tick's budget, and cached
-        # beside the video: reporting the materialization then only reads it back
+        # the UI's previews are made here, in a worker thread within the tick's budget, and
+        # cached beside the video: reporting the materialization then only reads them back
         with contextlib.suppress(PreviewError):
-            await asyncio.to_thread(video_preview, target)
+            await asyncio.to_thread(video_previews, target)
         return _video_file(result, str(target), downloaded.sha256, probe), result.used_credit
 
     async def download(self, result: JobResult, dest: Path, partial: Path) -> DownloadedFile:
@@ -495,10 +495,10 @@ class _Job:
             downloaded = await self.download(result, local, partial)
             probe = await asyncio.to_thread(_verified, downloaded.path, self.sub)
             stored = await asyncio.to_thread(put_file, local, target)
-            # the preview beside it, after it (so it is never older than the video)
+            # the previews beside it, after it (so they are never older than the video)
             with contextlib.suppress(PreviewError, StorageError):
-                image = await asyncio.to_thread(video_preview, local)
-                await asyncio.to_thread(put_bytes, image.data, cache_path(target))
+                previews = await asyncio.to_thread(video_previews, local)
+                await asyncio.to_thread(store_previews, previews, target)
         finally:  # at once, not in a thread: a cancelled tick must not leave it behind
             shutil.rmtree(staging, ignore_errors=True)
         return _video_file(result, stored, downloaded.sha256, probe), result.used_credit

@@ -1,9 +1,10 @@
-"""Small previews of videos for the Dagster UI: an animated WebP of a clip, a contact sheet of
-several clips' first frames.
+"""Small previews of videos for the Dagster UI: a clip's poster (one still, small enough for the
+UI to show inline) and animated WebP, a contact sheet of several clips' first frames.
 
 Metadata lives in Dagster's event log, so every image is shrunk, rung by rung of a ladder,
 until its base64 ``data:`` URI leaves room for the Markdown around it within
-:data:`MAX_MARKDOWN_BYTES`. Dagster-free: PyAV (whose wheel ships libwebp) and numpy only.
+:data:`MAX_MARKDOWN_BYTES` (a poster: within :data:`INLINE_MARKDOWN_CHARS`). Dagster-free:
+PyAV (whose wheel ships libwebp) and numpy only.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 from io import BytesIO
 from pathlib import Path
@@ -32,7 +34,15 @@ from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes
 MAX_MARKDOWN_BYTES: Final = 64 * 1024
 #: the image itself: base64 makes it 4/3 larger, leaving ~1 KiB for the alt text and caption
 MAX_IMAGE_BYTES: Final = 47 * 1024
-#: in the cache file's name, so a change of the ladders below encodes every preview again
+#: Dagster's UI (1.13) renders a Markdown metadata value in place only when it is shorter than
+#: this many characters; a longer one waits behind a "[Show Markdown]" link
+INLINE_MARKDOWN_CHARS: Final = 1000
+POSTER_ALT: Final = "poster"
+#: a poster's bytes: base64 makes them 4/3 larger, and its Markdown must stay inline
+MAX_POSTER_BYTES: Final = (
+    (INLINE_MARKDOWN_CHARS - 1 - len(f"![{POSTER_ALT}](data:image/webp;base64,)")) // 4 * 3
+)
+#: in the cache files' names, so a change of the ladders below encodes every preview again
 CACHE_VERSION: Final = 1
 _MS: Final = Fraction(1, 1000)  # WebP frame durations are whole milliseconds
 
@@ -53,6 +63,16 @@ CLIP_LADDER: Final = (
     Rung(10, 200, 40),
     Rung(6, 160, 30),
     Rung(1, 160, 30),
+)
+#: posters: the clip's middle frame, as large as the inline budget allows; the last always fits
+POSTER_LADDER: Final = (
+    Rung(1, 320, 20),
+    Rung(1, 256, 15),
+    Rung(1, 200, 10),
+    Rung(1, 160, 5),
+    Rung(1, 128, 5),
+    Rung(1, 96, 5),
+    Rung(1, 64, 5),
 )
 #: contact sheets: one frame per clip, ``size`` is a cell's long side
 SHEET_LADDER: Final = (Rung(1, 200, 60), Rung(1, 160, 45), Rung(1, 120, 35), Rung(1, 80, 25))
@@ -77,50 +97,94 @@ class WebpImage:
         return f"![{alt}]({self.data_uri()})"
 
 
-def video_preview(path: str | Path) -> WebpImage:
-    """An animated WebP of frames spread over the clip, playing at the clip's pace.
+class PreviewKind(StrEnum):
+    """The images made of each clip; the value names its cache file."""
 
-    Cached beside the video as a hidden ``.<name>.preview-v<N>.webp``: a re-report reads it
-    back instead of decoding and encoding again. A video replaced since (a refetch) is newer
-    than its cache, and is encoded again. ``path`` may be a remote URI (``s3://...``, see
-    :mod:`kvid_dagster.storage`): its cache is an object beside it.
+    ANIMATION = "preview"  # frames spread over the clip, behind the UI's "[Show Markdown]"
+    POSTER = "poster"  # the middle frame, small enough for the UI to show in place
+
+
+@dataclass(frozen=True)
+class VideoPreviews:
+    animation: WebpImage
+    poster: WebpImage
+
+    @classmethod
+    def of(cls, data: Mapping[PreviewKind, bytes]) -> VideoPreviews:
+        return cls(WebpImage(data[PreviewKind.ANIMATION]), WebpImage(data[PreviewKind.POSTER]))
+
+    def by_kind(self) -> dict[PreviewKind, bytes]:
+        return {PreviewKind.ANIMATION: self.animation.data, PreviewKind.POSTER: self.poster.data}
+
+    def poster_markdown(self) -> str:
+        """The poster as Markdown short enough for Dagster's UI to show it in place."""
+        return self.poster.markdown(POSTER_ALT)
+
+
+def video_previews(path: str | Path) -> VideoPreviews:
+    """An animated WebP of frames spread over the clip, playing at the clip's pace, and a
+    poster of its middle frame; both from one decoding of the clip.
+
+    Cached beside the video as hidden ``.<name>.<kind>-v<N>.webp`` files: a re-report reads
+    them back instead of decoding and encoding again. A video replaced since (a refetch) is
+    newer than its caches, and is encoded again. ``path`` may be a remote URI
+    (``s3://...``, see :mod:`kvid_dagster.storage`): its caches are objects beside it.
     """
     if is_remote(path):
-        return _remote_preview(storage_path(path))
+        return _remote_previews(storage_path(path))
     video = Path(path)
-    cache = cache_path(video)
+    caches = {kind: cache_path(video, kind) for kind in PreviewKind}
     try:
-        if cache.stat().st_mtime_ns >= video.stat().st_mtime_ns:
-            return WebpImage(cache.read_bytes())
+        newest = video.stat().st_mtime_ns
+        if all(cache.stat().st_mtime_ns >= newest for cache in caches.values()):
+            return VideoPreviews.of({k: cache.read_bytes() for k, cache in caches.items()})
     except FileNotFoundError:
         pass
-    frames, duration_s = _sample_frames(video, CLIP_LADDER[0].frames)
-    image = _fit_ladder(CLIP_LADDER, lambda rung: _clip_webp(frames, duration_s, rung))
-    _write_cache(cache, image.data)
-    return image
+    previews = _encode_previews(video)
+    for kind, data in previews.by_kind().items():
+        _write_cache(caches[kind], data)
+    return previews
 
 
-def _remote_preview(video: StoragePath) -> WebpImage:
-    """``video_preview`` of a stored object: the cached preview object when it is not older
-    than the video (the poller writes it right after the video), else made from a copy of
-    the video in the system temp dir and cached (best effort)."""
-    cache = cache_path(video)
+def _remote_previews(video: StoragePath) -> VideoPreviews:
+    """``video_previews`` of a stored object: the cached objects when they are not older than
+    the video (the poller writes them right after the video), else made from a copy of the
+    video in the system temp dir and cached (best effort)."""
+    caches = {kind: cache_path(video, kind) for kind in PreviewKind}
     try:
         with contextlib.suppress(FileNotFoundError):
-            if cache.stat().st_mtime >= video.stat().st_mtime:
-                return WebpImage(cache.read_bytes())
+            newest = video.stat().st_mtime
+            if all(cache.stat().st_mtime >= newest for cache in caches.values()):
+                return VideoPreviews.of({k: cache.read_bytes() for k, cache in caches.items()})
     except OSError as exc:  # storage unreachable
         raise PreviewError(f"{video}: {type(exc).__name__}: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="kvid-preview-") as scratch:
-        image = video_preview(_local_copy(video, Path(scratch)))
+        previews = _encode_previews(_local_copy(video, Path(scratch)))
     with contextlib.suppress(StorageError):
-        put_bytes(image.data, cache)
-    return image
+        store_previews(previews, video)
+    return previews
 
 
-def cache_path(video: StoragePath) -> StoragePath:
-    """Where ``video_preview`` keeps ``video``'s preview: hidden, beside it."""
-    return video.with_name(f".{video.name}.preview-v{CACHE_VERSION}.webp")
+def store_previews(previews: VideoPreviews, video: StoragePath) -> None:
+    """Put ``previews`` beside a stored ``video`` (raises :class:`StorageError`)."""
+    for kind, data in previews.by_kind().items():
+        put_bytes(data, cache_path(video, kind))
+
+
+def cache_path(video: StoragePath, kind: PreviewKind = PreviewKind.ANIMATION) -> StoragePath:
+    """Where ``video_previews`` keeps ``video``'s ``kind`` of preview: hidden, beside it."""
+    return video.with_name(f".{video.name}.{kind.value}-v{CACHE_VERSION}.webp")
+
+
+def _encode_previews(video: Path) -> VideoPreviews:
+    frames, duration_s = _sample_frames(video, CLIP_LADDER[0].frames)
+    middle = [frames[len(frames) // 2]]
+    return VideoPreviews(
+        animation=_fit_ladder(CLIP_LADDER, lambda rung: _clip_webp(frames, duration_s, rung)),
+        poster=_fit_ladder(
+            POSTER_LADDER, lambda rung: _clip_webp(middle, 0.0, rung), MAX_POSTER_BYTES
+        ),
+    )
 
 
 def contact_sheet(paths: Sequence[str | Path], *, columns: int = 4) -> WebpImage:
@@ -148,14 +212,16 @@ def _local_copy(video: str | StoragePath, folder: Path) -> Path:
     return local
 
 
-def _fit_ladder(ladder: Sequence[Rung], encode: Callable[[Rung], bytes]) -> WebpImage:
+def _fit_ladder(
+    ladder: Sequence[Rung], encode: Callable[[Rung], bytes], max_bytes: int = MAX_IMAGE_BYTES
+) -> WebpImage:
     size = 0
     for rung in ladder:
         data = encode(rung)
-        if len(data) <= MAX_IMAGE_BYTES:
+        if len(data) <= max_bytes:
             return WebpImage(data)
         size = len(data)
-    raise PreviewError(f"no preview fits {MAX_IMAGE_BYTES} bytes (the smallest: {size})")
+    raise PreviewError(f"no preview fits {max_bytes} bytes (the smallest: {size})")
 
 
 def _sample_frames(path: Path, count: int) -> tuple[list[av.VideoFrame], float]:

@@ -245,6 +245,7 @@ class StatusSensorSettings:
     project: KvidProject
     translator: KvidTranslator
     videos_key: AssetKey
+    catalog_key: AssetKey
     poll_config: PollConfig
     failed_job_max_attempts: int
     prices: Mapping[str, float] | None
@@ -316,8 +317,9 @@ def _log_tick(
 def status_sensor_tick(
     context: SensorEvaluationContext, kvid: KvidResource, settings: StatusSensorSettings
 ) -> SensorResult:
-    """Poll, retry, report what ended (and what Dagster never heard of), publish if anything
-    changed; the cursor is stored with the events, so a tick that dies is re-done whole."""
+    """Poll, retry, report what ended (and what Dagster never heard of), publish (and report)
+    the catalogs if the ledger moved past what ``kvid_catalog`` shows; the cursor is stored
+    with the events, so a tick that dies is re-done whole."""
     project, translator, videos_key = settings.project, settings.translator, settings.videos_key
     cursor = StatusCursor.parse(context.cursor, warn=context.log.warning)
     with asset_value_loader(project, context.repository_def, context.instance) as load:
@@ -342,8 +344,12 @@ def status_sensor_tick(
         f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
         f" ({report.deferred} left for the next tick); {len(final)} finished"
     )
-    if report.changed or report.settled or retried:
-        publish_catalog(project, context.log)
+    # anything that changed the ledger (here, in a run, elsewhere) and is not shown yet
+    catalog = publish_catalog(
+        project, context.log, context.instance, settings.catalog_key, only_if_behind=True
+    )
+    if catalog is not None:
+        events.append(catalog)
     after = report.last_submission_id if report.deferred else None
     return SensorResult(
         asset_events=events,
@@ -362,7 +368,8 @@ def build_kvid_status_sensor(
 ) -> SensorDefinition:
     """Polls every pending job (within ``options.tick_budget_seconds``; the rest on the next
     tick, round robin by the cursor), records finished videos as runless materializations of
-    ``kvid_videos``, and republishes the Parquet catalogs when anything changed.
+    ``kvid_videos``, and republishes the Parquet catalogs when the ledger changed, with a
+    runless materialization of ``kvid_catalog`` saying so.
 
     ``options`` holds the reliability rules (see ``StatusSensorOptions``). ``budget_credits``:
     its per-day credits hold the retries too (a retry over them is not sent and its row stays
@@ -370,10 +377,12 @@ def build_kvid_status_sensor(
     claims whose submitter is gone (``UNCERTAIN`` at once).
     """
     translator = translator or KvidTranslator()
-    videos_key = asset_specs(translator, project)[KvidAsset.VIDEOS].key
+    specs = asset_specs(translator, project)
+    videos_key = specs[KvidAsset.VIDEOS].key
     settings = StatusSensorSettings(
-        project, translator, videos_key, options.poll_config(project.videos_dir),
-        options.failed_job_max_attempts, prices, budget_credits,
+        project, translator, videos_key, specs[KvidAsset.CATALOG].key,
+        options.poll_config(project.videos_dir), options.failed_job_max_attempts, prices,
+        budget_credits,
     )  # fmt: skip
 
     @sensor(
@@ -383,7 +392,7 @@ def build_kvid_status_sensor(
         asset_selection=[videos_key],
         description="Polls kvid for every pending job; finished videos become materializations of "
         "kvid_videos (failed ones a failed video_ok check), all recorded in the ledger and "
-        "published to the Parquet catalogs.",
+        "published to the Parquet catalogs (a materialization of kvid_catalog says so).",
     )
     def kvid_status_sensor(context: SensorEvaluationContext, kvid: KvidResource) -> SensorResult:
         return status_sensor_tick(context, kvid, settings)

@@ -14,12 +14,16 @@ from typing import Any
 from dagster import AssetKey, AssetSpec, MetadataValue
 
 from kvid_dagster.ledger import VideoRow
-from kvid_dagster.preview import PreviewError, video_preview
+from kvid_dagster.preview import PreviewError, video_previews
 from kvid_dagster.project import KvidProject
 
 #: Dagster's standard key for where an asset is stored (``UriMetadataSet``)
 URI_KEY = "dagster/uri"
+POSTER_KEY = "poster"
 PREVIEW_KEY = "preview"
+#: the previews a video's materialization carries (its check result does not repeat them)
+PREVIEW_KEYS = (POSTER_KEY, PREVIEW_KEY)
+SUBMITTING_RUN_KEY = "submitting_run"
 
 
 class KvidAsset(StrEnum):
@@ -61,13 +65,18 @@ class KvidTranslator:
             KvidAsset.PROMPTS: f"The prompt rows of {project.prompts_name}: validated rows "
             "become partitions; invalid rows are reported, never sent.",
             KvidAsset.VIDEO_JOBS: "One kvid job per prompt row, submitted once per exact request "
-            "and recorded in the catalog before the run returns. A backfill of any size is one "
-            "run.",
+            "and recorded in the catalog before the run returns. A backfill is one run per "
+            "unbroken stretch of the selected partitions, in the order they were added: all of "
+            "them, or a range, is one run; a selection with gaps, one run per stretch. "
+            "Partitions that have their job pay nothing, so select a whole range.",
             KvidAsset.VIDEOS: "The finished videos: materialized by the kvid status sensor when "
-            "a job completes (runless events), with the file's own width, height, fps and "
+            "a job completes (runless events: submitting_run names the run that sent it), "
+            "with a poster, an animated preview and the file's own width, height, fps and "
             "frames.",
             KvidAsset.CATALOG: "Republishes <data_dir>/catalog/videos and /submissions from the "
-            "ledger as Parquet (pandas, DuckDB and Spark read them directly).",
+            "ledger as Parquet (pandas, DuckDB and Spark read them directly). The runs and the "
+            "status sensor publish them after each change too, with a runless materialization "
+            "of this asset.",
         }
         where: dict[KvidAsset, object] = {
             KvidAsset.VIDEOS: project.videos_dir,
@@ -85,8 +94,10 @@ class KvidTranslator:
             group_name=self.get_group_name(),
             kinds=kinds,
             description=descriptions[props.asset],
+            # text, as Dagster's UriMetadataSet makes it: the UI's "Storage" shows only a text
+            # or URL value (a path value came out blank)
             metadata=(
-                {URI_KEY: MetadataValue.path(str(where[props.asset]))}
+                {URI_KEY: MetadataValue.text(str(where[props.asset]))}
                 if props.asset in where
                 else {}
             ),
@@ -100,53 +111,63 @@ class KvidTranslator:
         return "kvid"
 
     def get_video_metadata(self, row: VideoRow) -> dict[str, Any]:
-        """Metadata of a finished video's materialization."""
+        """Metadata of a finished video's materialization, in the order the UI lists it: the
+        poster first (shown in place), then the animation, what was asked and by which run,
+        where the video is kept, and the file's own figures."""
         video = row.video
-        meta: dict[str, Any] = {
-            "request_id": MetadataValue.text(row.request_id or ""),
+        meta: dict[str, Any] = {}
+        if video.local_path:
+            meta |= self.get_preview_metadata(row)
+        meta |= self._request_metadata(row)
+        if video.local_path:  # the kept copy outlives the service's URL
+            meta[URI_KEY] = MetadataValue.text(video.local_path)
+        meta |= {
             "status": MetadataValue.text(row.status.value),
+            "request_id": MetadataValue.text(row.request_id or ""),
             "job_kind": MetadataValue.text(row.job_kind or ""),
             "model": MetadataValue.text(row.model or ""),
         }
-        if video.url:
-            meta["url"] = MetadataValue.url(video.url)
-            meta[URI_KEY] = MetadataValue.url(video.url)
-        if video.name:
-            meta["name"] = MetadataValue.text(video.name)
+        for name in ("width", "height", "num_frames"):
+            if (value := getattr(video, name)) is not None:
+                meta[name] = MetadataValue.int(int(value))
+        for name in ("fps", "duration_s"):
+            if (value := getattr(video, name)) is not None:
+                meta[name] = MetadataValue.float(float(value))
         if video.size_kb is not None:
             meta["size_kb"] = MetadataValue.int(int(video.size_kb))
+        if video.sha256:
+            meta["sha256"] = MetadataValue.text(video.sha256)
         sub = row.submission
         if sub is not None and sub.submitted_at and sub.completed_at:
             elapsed = (sub.completed_at - sub.submitted_at).total_seconds()
             meta["elapsed_s"] = MetadataValue.float(round(elapsed, 3))
-        if video.local_path:
-            meta["local_path"] = MetadataValue.path(video.local_path)
-            meta[URI_KEY] = MetadataValue.path(video.local_path)  # outlives the result URL
-            meta["sha256"] = MetadataValue.text(video.sha256 or "")
-            for name in ("width", "height", "num_frames"):
-                if (value := getattr(video, name)) is not None:
-                    meta[name] = MetadataValue.int(int(value))
-            for name in ("fps", "duration_s"):
-                if (value := getattr(video, name)) is not None:
-                    meta[name] = MetadataValue.float(float(value))
-            meta |= self.get_preview_metadata(row)
         if row.cost_credits is not None:
             meta["cost_credits"] = MetadataValue.float(float(row.cost_credits))
-        if row.prompt:
-            meta["prompt"] = MetadataValue.text(row.prompt[:500])
+        if video.url:  # the service's link expires (or was an emulator's port): text, dated
+            meta["url"] = MetadataValue.text(video.url)
+            if sub is not None and sub.completed_at is not None:
+                meta["url_fetched_at"] = MetadataValue.timestamp(sub.completed_at)
+        if video.name:
+            meta["name"] = MetadataValue.text(video.name)
         return meta | self.get_user_column_metadata(row)
 
     def get_preview_metadata(self, row: VideoRow) -> dict[str, Any]:
-        """An animated WebP of the downloaded clip, which the UI shows inline; override it to
-        return ``{}`` to keep previews out of the event log. A video that cannot be read
-        gets the reason instead: the materialization is reported all the same."""
+        """The clip's poster, a still small enough for the UI to show in place, and its
+        animated WebP, which the UI shows behind "[Show Markdown]"; override it to return
+        ``{}`` to keep previews out of the event log. A video that cannot be read gets the
+        reason instead: the materialization is reported all the same."""
         if not row.video.local_path:
             return {}
         try:
-            image = video_preview(row.video.local_path)
+            previews = video_previews(row.video.local_path)
         except PreviewError as exc:
             return {"preview_error": MetadataValue.text(str(exc))}
-        return {PREVIEW_KEY: MetadataValue.md(image.markdown(f"preview of {row.partition_key}"))}
+        return {
+            POSTER_KEY: MetadataValue.md(previews.poster_markdown()),
+            PREVIEW_KEY: MetadataValue.md(
+                previews.animation.markdown(f"preview of {row.partition_key}")
+            ),
+        }
 
     def get_user_column_metadata(self, row: VideoRow) -> dict[str, Any]:
         """The table's own columns of the row (campaign, owner, ...): shown, never sent."""
@@ -157,12 +178,22 @@ class KvidTranslator:
         """Metadata of a job that ended without a video (FAILED, TIMED_OUT, LOST, UNCERTAIN)."""
         meta = {
             "status": MetadataValue.text(row.status.value),
-            "request_id": MetadataValue.text(row.request_id or ""),
             "reason": MetadataValue.text((row.error or "")[:2000]),
+            **self._request_metadata(row),
+            "request_id": MetadataValue.text(row.request_id or ""),
         }
+        return meta | self.get_user_column_metadata(row)
+
+    def _request_metadata(self, row: VideoRow) -> dict[str, Any]:
+        """What was asked, and the run that submitted it: a video is recorded by the status
+        sensor, in no run, so the UI's own "Run" says None."""
+        meta: dict[str, Any] = {}
         if row.prompt:
             meta["prompt"] = MetadataValue.text(row.prompt[:500])
-        return meta | self.get_user_column_metadata(row)
+        owner = row.submission.owner if row.submission is not None else None
+        if owner is not None and owner.run_id:
+            meta[SUBMITTING_RUN_KEY] = MetadataValue.dagster_run(owner.run_id)
+        return meta
 
 
 def asset_specs(translator: KvidTranslator, project: KvidProject) -> dict[KvidAsset, AssetSpec]:

@@ -34,7 +34,7 @@ from kvid_dagster.client import AsyncKvidClient, KvidRequest
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus, submissions_frame, videos_frame
 from kvid_dagster.poll import video_path
-from kvid_dagster.preview import cache_path
+from kvid_dagster.preview import PreviewKind, cache_path
 from kvid_dagster.probe import probe_video
 from kvid_dagster.prompts import PromptRow
 from kvid_dagster.submit import SubmitAction, SubmitOutcome, submit_rows
@@ -288,8 +288,9 @@ def test_read_faults_are_retried_and_the_video_arrives_whole(
     width, height, _, frames = rows[0].request.output_geometry()
     assert (probe.width, probe.height, probe.num_frames) == (width, height, frames)
     assert (row.video.width, row.video.height, row.video.num_frames) == (width, height, frames)
-    # no partial file left behind: the one hidden file is the video's preview
-    assert list((tmp_path / "videos").glob(".*")) == [cache_path(local)]
+    # no partial file left behind: the hidden files are the video's previews
+    hidden = sorted((tmp_path / "videos").glob(".*"))
+    assert hidden == sorted(cache_path(local, kind) for kind in PreviewKind)
     assert emulator.jobs_created == 1 and emulator.stats["generate"] == 1
     assert_accounted(emulator.jobs, ledger, rows)
 

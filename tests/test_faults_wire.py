@@ -46,7 +46,7 @@ from kvid_dagster.ledger import (
     VideoStatus,
 )
 from kvid_dagster.poll import PollConfig, poll_pending
-from kvid_dagster.preview import cache_path
+from kvid_dagster.preview import PreviewKind, cache_path
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator
@@ -93,7 +93,8 @@ def row_of(ledger: Ledger, key: str) -> VideoRow:
 def files_in(folder: Path) -> list[str]:
     """What landed in ``folder``, but the videos' own previews (made after a video lands)."""
     names = {p.name for p in folder.iterdir()} if folder.exists() else set()
-    return sorted(names - {cache_path(folder / name).name for name in names})
+    previews = {cache_path(folder / name, kind).name for name in names for kind in PreviewKind}
+    return sorted(names - previews)
 
 
 def test_a_download_that_is_not_a_video_is_fetched_three_times_then_kept_for_refetch(

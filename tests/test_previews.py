@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 from conftest import EmulatorFactory
-from dagster import AssetKey, AssetRecordsFilter, MarkdownMetadataValue, PathMetadataValue
+from dagster import AssetKey, AssetRecordsFilter, MarkdownMetadataValue, TextMetadataValue
 from faultkit import (
     dagster_home,
     make_defs,
@@ -32,11 +32,15 @@ from kvid_dagster.emulator.render import RenderPlan, encode, text_frames
 from kvid_dagster.ledger import Ledger
 from kvid_dagster.preview import (
     CLIP_LADDER,
+    INLINE_MARKDOWN_CHARS,
     MAX_IMAGE_BYTES,
     MAX_MARKDOWN_BYTES,
+    POSTER_LADDER,
     PreviewError,
+    PreviewKind,
+    cache_path,
     contact_sheet,
-    video_preview,
+    video_previews,
 )
 from kvid_dagster.translator import URI_KEY
 
@@ -183,7 +187,7 @@ def test_a_clips_preview_is_a_looping_animated_webp_that_fits_and_plays_at_its_p
     tmp_path: Path,
 ) -> None:
     video = render_scene(tmp_path / "scene.mp4", "A sunset over the ocean")
-    image = video_preview(video)
+    image = video_previews(video).animation
     assert len(image.data) <= MAX_IMAGE_BYTES
     markdown = image.markdown("preview of scene")
     assert len(markdown.encode()) <= MAX_MARKDOWN_BYTES
@@ -201,46 +205,87 @@ def test_a_clips_preview_is_a_looping_animated_webp_that_fits_and_plays_at_its_p
     assert np.abs(first - last).mean() > 1.0
 
 
+def test_a_clips_poster_is_its_middle_frame_small_enough_for_the_ui_to_show_in_place(
+    tmp_path: Path,
+) -> None:
+    # red rises and blue falls through the clip: the poster shows the middle's mix
+    frames = [
+        np.full((480, 854, 3), (255 * i // 40, 0, 255 - 255 * i // 40), dtype=np.uint8)
+        for i in range(41)
+    ]
+    previews = video_previews(write_mp4(tmp_path / "fade.mp4", frames))
+    markdown = previews.poster_markdown()
+    # Dagster's UI shows a Markdown value in place below 1000 characters, else behind a link
+    assert len(markdown) < INLINE_MARKDOWN_CHARS == 1000
+    assert image_of(markdown) == previews.poster.data
+    poster = read_webp(previews.poster.data)
+    assert poster.loops is None and len(poster.frames) == 1  # a still
+    assert poster.width / poster.height == pytest.approx(854 / 480, 0.02)
+    assert poster.width in {rung.size for rung in POSTER_LADDER}
+    red, _, blue = poster.frames[0].pixels.mean(axis=(0, 1))
+    # the middle of the 24 frames the clip is sampled at is its frame 21 of 41: (133, 0, 122)
+    assert abs(red - 133) < 25 and abs(blue - 122) < 25, (red, blue)
+    # the emulator's scene gets a poster as large as the budget allows
+    scene = video_previews(render_scene(tmp_path / "scene.mp4", "A sunset over the ocean"))
+    assert len(scene.poster_markdown()) < INLINE_MARKDOWN_CHARS
+    assert read_webp(scene.poster.data).width >= 200
+
+
 def test_a_busy_clip_is_shrunk_until_it_fits(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     noise = [rng.integers(0, 256, (180, 320, 3), dtype=np.uint8) for _ in range(16)]
-    image = video_preview(write_mp4(tmp_path / "noise.mp4", noise))
+    previews = video_previews(write_mp4(tmp_path / "noise.mp4", noise))
+    image = previews.animation
     assert len(image.data) <= MAX_IMAGE_BYTES
     webp = read_webp(image.data)
     # noise does not compress: the best rung would be far over, so a smaller one was chosen
     assert (webp.width, len(webp.frames)) != (320, 16)  # what the best rung would give
     assert (webp.frames[0].width, webp.frames[0].height) == (webp.width, webp.height)
+    # its poster too: smaller, still in place in the UI
+    assert len(previews.poster_markdown()) < INLINE_MARKDOWN_CHARS
+    assert read_webp(previews.poster.data).width < POSTER_LADDER[0].size
 
 
 def test_a_portrait_clip_keeps_its_shape_and_a_small_one_its_size(tmp_path: Path) -> None:
     tall = read_webp(
-        video_preview(write_mp4(tmp_path / "t.mp4", moving(240, 426, (0, 0, 255)))).data
+        video_previews(write_mp4(tmp_path / "t.mp4", moving(240, 426, (0, 0, 255)))).animation.data
     )
     assert (tall.width, tall.height) == (180, 320)  # the long side at 320
     assert len(tall.frames) == 8  # a clip of fewer frames than the rung shows each once
-    small = read_webp(video_preview(write_mp4(tmp_path / "s.mp4", solid(96, 64, (9, 9, 9)))).data)
-    assert (small.width, small.height) == (96, 64)  # never enlarged
+    small = video_previews(write_mp4(tmp_path / "s.mp4", solid(96, 64, (9, 9, 9))))
+    for image in (small.animation, small.poster):
+        assert (read_webp(image.data).width, read_webp(image.data).height) == (96, 64)  # as is
 
 
-def test_the_preview_is_cached_beside_the_video_until_the_video_is_replaced(
+def test_the_previews_are_cached_beside_the_video_until_the_video_is_replaced(
     tmp_path: Path,
 ) -> None:
     video = write_mp4(tmp_path / "clip.mp4", solid(320, 180, (255, 0, 0)))
-    first = video_preview(video)
-    cache = tmp_path / ".clip.mp4.preview-v1.webp"
-    assert cache.read_bytes() == first.data
-    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.name, "clip.mp4"]  # no temp
-    written = cache.stat().st_mtime_ns
-    assert video_preview(video) == first  # read back, not encoded again
-    assert cache.stat().st_mtime_ns == written
+    first = video_previews(video)
+    animation = tmp_path / ".clip.mp4.preview-v1.webp"
+    poster = tmp_path / ".clip.mp4.poster-v1.webp"
+    assert [cache_path(video, kind) for kind in PreviewKind] == [animation, poster]
+    assert animation.read_bytes() == first.animation.data
+    assert poster.read_bytes() == first.poster.data
+    # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [poster.name, animation.name, "clip.mp4"]
+    written = {cache: cache.stat().st_mtime_ns for cache in (animation, poster)}
+    assert video_previews(video) == first  # read back, not encoded again
+    assert {cache: cache.stat().st_mtime_ns for cache in written} == written
+    # a cache of an earlier version (the animation alone): both are made again
+    poster.unlink()
+    assert video_previews(video) == first and poster.read_bytes() == first.poster.data
     # a refetch replaces the file (a newer mtime): encoded again, now green
     write_mp4(tmp_path / "new.mp4", solid(320, 180, (0, 255, 0)))
     os.replace(tmp_path / "new.mp4", video)
-    later = cache.stat().st_mtime_ns + 1_000_000_000
+    later = max(written.values()) + 1_000_000_000
     os.utime(video, ns=(later, later))
-    second = video_preview(video)
-    assert second != first and cache.read_bytes() == second.data
-    red, green = (read_webp(i.data).frames[0].pixels.mean(axis=(0, 1)) for i in (first, second))
+    second = video_previews(video)
+    assert second.animation != first.animation and animation.read_bytes() == second.animation.data
+    assert second.poster != first.poster and poster.read_bytes() == second.poster.data
+    red, green = (
+        read_webp(i.data).frames[0].pixels.mean(axis=(0, 1)) for i in (first.poster, second.poster)
+    )
     assert red[0] > 150 > red[1] and green[1] > 150 > green[0]
 
 
@@ -248,9 +293,9 @@ def test_a_file_that_is_not_a_video_is_a_preview_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"<html>an error page</html>" * 40)
     with pytest.raises(PreviewError, match=r"broken\.mp4"):
-        video_preview(broken)
+        video_previews(broken)
     with pytest.raises(PreviewError, match=r"missing\.mp4"):
-        video_preview(tmp_path / "missing.mp4")
+        video_previews(tmp_path / "missing.mp4")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
@@ -300,9 +345,15 @@ def test_each_video_materialization_and_the_catalog_carry_their_previews(
             ).records
             assert records, key
             metadata = records[0].event_log_entry.asset_materialization.metadata
+            # the video first, as the UI lists it: the poster (shown in place), the animation
+            assert list(metadata)[:2] == ["poster", "preview"]
+            poster = metadata["poster"]
+            assert isinstance(poster, MarkdownMetadataValue)
+            assert len(poster.value) < INLINE_MARKDOWN_CHARS
+            assert read_webp(image_of(poster.value)).frames[0].width >= 200
             uri = metadata[URI_KEY]
-            assert isinstance(uri, PathMetadataValue) and uri.path == row.video.local_path
-            assert Path(uri.path).is_file()
+            assert isinstance(uri, TextMetadataValue) and uri.value == row.video.local_path
+            assert Path(uri.value).is_file()
             preview = metadata["preview"]
             assert isinstance(preview, MarkdownMetadataValue)
             assert len(preview.value.encode()) <= MAX_MARKDOWN_BYTES

@@ -133,8 +133,9 @@ def test_a_row_completed_by_a_status_tick_is_published_by_that_tick(
             raise AssertionError("the job of 'second' never completed")
         assert_row_published_complete(data_dir, "second", ledger)
         assert_row_published_complete(data_dir, "first", ledger)
-        # no kvid_catalog materialization did it: the tick published
-        assert instance.get_latest_materialization_event(CATALOG) is None
+        # no kvid_catalog run did it: the tick published, and said so (runless)
+        event = instance.get_latest_materialization_event(CATALOG)
+        assert event is not None and not event.run_id
         assert latest_materialization(instance, "second")["request_id"] == row.request_id
     assert emulator.jobs_created == 2
 
@@ -227,7 +228,8 @@ def test_under_dagster_daemon_the_completing_tick_publishes_the_row(
         assert_row_published_complete(data_dir, "solo", ledger)
         assert published_revision(catalog_file(data_dir, "videos")) == ledger.revision()
         assert not tick.is_failure, tick.tick_data.error
-        assert instance.get_latest_materialization_event(CATALOG) is None
+        event = instance.get_latest_materialization_event(CATALOG)  # the daemon stored it
+        assert event is not None and not event.run_id
         assert latest_materialization(instance, "solo")["request_id"] == row.request_id
     assert daemon.poll() is None, daemon_log(tmp_path)
     assert emulator.jobs_created == 1

@@ -52,7 +52,7 @@ from kvid_dagster.ledger.publish import (
     STALE_TEMP_SECONDS,
     published_revision,
 )
-from kvid_dagster.preview import cache_path, contact_sheet, video_preview
+from kvid_dagster.preview import PreviewKind, cache_path, contact_sheet, video_previews
 from kvid_dagster.project import KvidProject
 from kvid_dagster.storage import (
     PART_BYTES,
@@ -340,8 +340,9 @@ def test_a_run_with_its_storage_on_s3_keeps_every_video_and_the_catalog_there(
         data = s3.get_object(Bucket=bucket, Key=object_key)["Body"].read()
         assert hashlib.sha256(data).hexdigest() == row.video.sha256
         assert decoded_frames(data, scratch) == row.video.num_frames > 0
-        # its preview beside it, made from the verified download
-        assert s3_key(str(cache_path(UPath(row.video.local_path))), bucket) in stored
+        # its previews beside it, made from the verified download
+        for kind in PreviewKind:
+            assert s3_key(str(cache_path(UPath(row.video.local_path), kind)), bucket) in stored
     assert len(mp4s) == len(rows)  # one object per COMPLETED row, nothing else
     assert list(data_dir.rglob("*.mp4")) == [] and not (data_dir / "videos").exists()
     assert not (data_dir / "catalog").exists()  # the ledger stays in its database
@@ -359,7 +360,7 @@ def test_a_run_with_its_storage_on_s3_keeps_every_video_and_the_catalog_there(
     cached = s3_key(str(cache_path(UPath(uri))), bucket)
     kept = s3.get_object(Bucket=bucket, Key=cached)["Body"].read()
     s3.delete_object(Bucket=bucket, Key=cached)
-    assert video_preview(uri).data[:4] == b"RIFF"
+    assert video_previews(uri).animation.data[:4] == b"RIFF"
     assert s3.get_object(Bucket=bucket, Key=cached)["Body"].read()[:4] == kept[:4] == b"RIFF"
     sheet = contact_sheet(list(catalog["local_path"]))
     assert sheet.data[:4] == b"RIFF" and sheet.data[8:12] == b"WEBP"

@@ -1,6 +1,7 @@
 """``KvidTranslator.get_asset_spec``: the specs, and what an overriding subclass changes on the
 Definitions ``build_kvid_definitions`` actually builds (the assets, check, jobs, sensors and
-schedule agree on every key)."""
+schedule agree on every key); and what each video's record says: the run that submitted it,
+where it is kept, the service's URL as text (a real instance, the emulator)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,42 @@ import warnings
 from pathlib import Path
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, AssetSpec, Definitions
-from faultkit import write_table
+from conftest import EmulatorFactory, fast_config
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetRecordsFilter,
+    AssetSpec,
+    DagsterInstance,
+    DagsterRunMetadataValue,
+    Definitions,
+    EventLogEntry,
+    TextMetadataValue,
+    TimestampMetadataValue,
+    UrlMetadataValue,
+)
+from faultkit import (
+    dagster_home,
+    make_defs,
+    open_instance,
+    run_prompts,
+    tick_until_settled,
+    write_table,
+)
 
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
+from kvid_dagster.ledger import Ledger, Submission, VideoFile, VideoRow, VideoStatus
+from kvid_dagster.planning import PartitionRange
 from kvid_dagster.project import KvidProject
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
-from kvid_dagster.translator import ASSET_NAMES, KvidAsset, KvidAssetProps, KvidTranslator
+from kvid_dagster.translator import (
+    ASSET_NAMES,
+    SUBMITTING_RUN_KEY,
+    URI_KEY,
+    KvidAsset,
+    KvidAssetProps,
+    KvidTranslator,
+)
 
 
 @pytest.fixture
@@ -106,3 +136,93 @@ def test_building_the_definitions_sets_no_warning_filter(project: KvidProject) -
         assert warnings.filters == before
     # the one beta argument kvid relies on is silenced where it is passed, and only there
     assert not [w for w in caught if "backfill_policy" in str(w.message)]
+
+
+def video_record(instance: DagsterInstance, key: str) -> EventLogEntry:
+    """The latest event of ``kvid_videos``' partition ``key`` (a materialization, or an
+    observation of a job that ended without a video)."""
+    for fetch in (instance.fetch_materializations, instance.fetch_observations):
+        records = fetch(
+            AssetRecordsFilter(asset_key=AssetKey("kvid_videos"), asset_partitions=[key]), limit=1
+        ).records
+        if records:
+            return records[0].event_log_entry
+    raise AssertionError(f"nothing recorded for {key}")
+
+
+def submit_and_settle(base_url: str, folder: Path, key: str) -> tuple[str, Ledger, Path]:
+    """``key``'s row submitted by a run and settled by status ticks; (that run's id, the
+    ledger, DAGSTER_HOME)."""
+    prompts = write_table(folder / "prompts.csv", [key])
+    home = dagster_home(folder / "home")
+    defs = make_defs(base_url, prompts, folder / "data")
+    ledger = Ledger.for_data_dir(folder / "data")
+    with open_instance(home) as instance:
+        assert run_prompts(defs, instance)
+        result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
+            instance=instance, tags=PartitionRange(key, key).run_tags()
+        )
+        assert result.success
+        tick_until_settled(defs, instance, ledger)
+    return result.run_id, ledger, home
+
+
+def test_a_videos_record_names_its_submitting_run_and_links_the_kept_copy_not_the_service(
+    tmp_path: Path, emulator_factory: EmulatorFactory
+) -> None:
+    emulator = emulator_factory()
+    run_id, ledger, home = submit_and_settle(emulator.base_url, tmp_path, "a")
+    row = ledger.row("a")
+    assert row is not None and row.submission is not None and row.video.url
+    with open_instance(home) as instance:
+        metadata = video_record(instance, "a").asset_materialization.metadata
+        # a runless event: the UI's own "Run" says None, so the record says which run it was
+        submitting = metadata[SUBMITTING_RUN_KEY]
+        assert isinstance(submitting, DagsterRunMetadataValue) and submitting.run_id == run_id
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.job_name == SUBMIT_JOB
+        # where the video is kept is its URI; the service's URL (an emulator's port, a storage
+        # link that expires) is text, with when it was fetched
+        uri = metadata[URI_KEY]
+        assert isinstance(uri, TextMetadataValue) and uri.value == row.video.local_path
+        assert Path(uri.value).is_file()
+        url = metadata["url"]
+        assert isinstance(url, TextMetadataValue) and url.value == row.video.url
+        assert url.value.startswith(emulator.base_url)
+        fetched = metadata["url_fetched_at"]
+        assert row.submission.completed_at is not None
+        assert isinstance(fetched, TimestampMetadataValue)
+        assert fetched.value == row.submission.completed_at.timestamp()
+        assert not [k for k, v in metadata.items() if isinstance(v, UrlMetadataValue)]
+
+
+def test_a_failed_jobs_observation_names_its_submitting_run(
+    tmp_path: Path, emulator_factory: EmulatorFactory
+) -> None:
+    emulator = emulator_factory(fast_config(failure_rate=1.0))
+    run_id, ledger, home = submit_and_settle(emulator.base_url, tmp_path, "a")
+    row = ledger.row("a")
+    assert row is not None and row.status is VideoStatus.FAILED
+    with open_instance(home) as instance:
+        observation = video_record(instance, "a").asset_observation
+        assert observation is not None
+        submitting = observation.metadata[SUBMITTING_RUN_KEY]
+        assert isinstance(submitting, DagsterRunMetadataValue) and submitting.run_id == run_id
+
+
+def test_a_video_not_kept_has_no_uri_and_its_url_as_text(project: KvidProject) -> None:
+    """``download=False``: the service's URL is all there is, and it expires: not a URI."""
+    submission = Submission(
+        submission_id=1, request_hash="h", attempt=1, partition_key="a", prompt="p",
+        job_kind="text-to-video", model="v1", params_json="{}", status=VideoStatus.COMPLETED,
+        request_id="req_1", progress=100, video=VideoFile(url="https://cdn.example/a.mp4?sig=1"),
+        error=None, cost_credits=None, owner=None, claimed_at=None, heartbeat_at=None,
+        submitted_at=None, completed_at=None, updated_at=None, version=1,
+    )  # fmt: skip
+    row = VideoRow(
+        "a", "p", "text-to-video", "v1", "h", "{}", VideoStatus.COMPLETED, None, submission
+    )
+    metadata = KvidTranslator().get_video_metadata(row)
+    assert URI_KEY not in metadata and SUBMITTING_RUN_KEY not in metadata
+    assert metadata["url"] == TextMetadataValue("https://cdn.example/a.mp4?sig=1")
+    assert "url_fetched_at" not in metadata  # not known

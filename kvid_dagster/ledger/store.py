@@ -453,34 +453,48 @@ class Ledger:
                     )
 
     def _register(self, wanted: Mapping[str, dict[str, Any]], now: datetime) -> int:
+        # a table read again unchanged (every run, every refresh) writes nothing: a write
+        # transaction takes the next revision, and a new revision is a new publication
+        with self._read() as conn:
+            if not any(self._registration(conn, wanted, now)):
+                return 0
+        with self.write() as conn:  # read again under the write lock: another may have moved
+            new, changed = self._registration(conn, wanted, now)
+            if new:
+                conn.execute(insert(self.tables.rows), new)
+            for values in changed:
+                conn.execute(
+                    update(self.tables.rows).where(
+                        self.tables.rows.c.partition_key == values["partition_key"]
+                    ),
+                    values,
+                )
+        return len(new) + len(changed)
+
+    def _registration(
+        self, conn: Connection, wanted: Mapping[str, dict[str, Any]], now: datetime
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The rows of ``wanted`` to insert, and those to update (empty: nothing to write)."""
         rows = self.tables.rows
         compared = (
             "prompt", "job_kind", "model", "request_hash", "params_json", "user_columns_json",
             "invalid_reason",
         )  # fmt: skip
-        with self.write() as conn:
-            existing = {
-                r.partition_key: r
-                for r in conn.execute(select(rows.c.partition_key, *(rows.c[c] for c in compared)))
-            }
-            new = [
-                {**w, "last_error": None, "updated_at": now}
-                for k, w in wanted.items()
-                if k not in existing
-            ]
-            changed = [
-                {**w, "last_error": None, "updated_at": now}
-                for k, w in wanted.items()
-                if k in existing and any(getattr(existing[k], c) != w[c] for c in compared)
-            ]
-            if new:
-                conn.execute(insert(rows), new)
-            for values in changed:
-                conn.execute(
-                    update(rows).where(rows.c.partition_key == values["partition_key"]),
-                    values,
-                )
-        return len(new) + len(changed)
+        existing = {
+            r.partition_key: r
+            for r in conn.execute(select(rows.c.partition_key, *(rows.c[c] for c in compared)))
+        }
+        new = [
+            {**w, "last_error": None, "updated_at": now}
+            for k, w in wanted.items()
+            if k not in existing
+        ]
+        changed = [
+            {**w, "last_error": None, "updated_at": now}
+            for k, w in wanted.items()
+            if k in existing and any(getattr(existing[k], c) != w[c] for c in compared)
+        ]
+        return new, changed
 
     def current_jobs(self) -> Any:
         """``rows`` outer-joined with each row's current job: the latest attempt at its request
