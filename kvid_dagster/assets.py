@@ -466,8 +466,7 @@ def build_kvid_assets(
             return check_video(context, settings)
 
         quality_checks = [
-            _quality_check(check, key[KvidAsset.VIDEOS], project, settings)
-            for check in QualityCheck
+            _quality_check(check, key[KvidAsset.VIDEOS], settings) for check in QualityCheck
         ]
 
     @asset(**_asset_kwargs(specs[KvidAsset.CATALOG]), deps=[key[KvidAsset.VIDEOS]])
@@ -478,14 +477,14 @@ def build_kvid_assets(
 
 
 def _quality_check(
-    check: QualityCheck, videos: AssetKey, project: KvidProject, settings: KvidAssetSettings
+    check: QualityCheck, videos: AssetKey, settings: KvidAssetSettings
 ) -> AssetChecksDefinition:
     """One quality check of ``kvid_videos`` (a function of its own: each check its body)."""
 
     @asset_check(
         asset=videos,
         name=check.value,
-        partitions_def=project.partitions_def,
+        partitions_def=settings.project.partitions_def,
         description=check.description,
     )
     def quality_check(context: AssetCheckExecutionContext) -> AssetCheckResult:

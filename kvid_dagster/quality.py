@@ -20,8 +20,8 @@ after its probe and in the same worker thread (``poll._verified``):
 
 The picture figures come from one decode of the clip (H.264 decodes a frame only after the
 ones before it since a keyframe, so sampling cannot skip the decoding), with ``SAMPLED_FRAMES``
-frames evenly spread from the first to the last read as luma at a quarter of each side: about
-a twentieth of a second per 480p or 720p clip (docs/BENCHMARKS.md). Luma is 0-255 (full range,
+frames evenly spread from the first to the last read as luma at a quarter of each side: 30-65
+ms per 480p or 720p clip of the emulator's (docs/BENCHMARKS.md). Luma is 0-255 (full range,
 whatever range the stream declares).
 
 A video failing a check is still ``COMPLETED``: it was paid for and delivered, and nothing pays
