@@ -51,6 +51,7 @@ PHASES: dict[str, tuple[list[str], str, bool]] = {
     "backfill": (["-m", "bench.backfill"], "the backfill through Dagster", True),
     "sensor": (["-m", "bench.sensor_tick"], "one status-sensor tick over many pending jobs", True),
     "sources": (["-m", "bench.prompt_sources"], "a prompt table from each source", False),
+    "checks": (["-m", "bench.video_checks"], "the video checks' cost per fetched video", False),
 }
 BACKENDS = ("sqlite", "postgresql")
 #: the backfill's deployment column (bench/common.py's DEPLOYED): the ledger and the Dagster
@@ -690,6 +691,42 @@ def source_rows(runs: dict[str, PhaseRun]) -> list[Row]:
     return rows
 
 
+def check_rows(runs: dict[str, PhaseRun]) -> list[Row]:
+    """What verifying a fetched video costs with the quality checks, beside the probe alone."""
+    run = runs.get("checks")
+    if not run or not run.measured:
+        return []
+    f = run.figures
+    sec = f"video checks per fetched video, the emulator's clips (median of {f['repeat']})"
+    rows = []
+    for name, c in f["clips"].items():
+        rows.append(
+            Row(
+                sec,
+                f"{name} ({c['width']}x{c['height']}, {c['frames']} frames at {c['fps']} fps, "
+                f"{c['size_kb']} kB): probe + checks",
+                f"{c['verified_ms']:.1f} ms",
+                f"probe alone {c['probe_ms']:.2f} ms ({c['ratio']:.0f}x): the checks add "
+                f"{c['added_ms']:.1f} ms; the preview made in the same tick "
+                f"{c['preview_ms']:.0f} ms",
+            )
+        )
+    e = f.get("events")
+    if e:
+        rows.append(
+            Row(
+                sec,
+                f"their results in Dagster's event storage, {e['partitions']} videos (SQLite "
+                "instance, stored one by one as the sensor daemon does)",
+                f"{e['added_ms_per_video']:.1f} ms",
+                f"{e['events_added'] // e['partitions']} more events a video, "
+                f"{e['ms_per_added_event']:.1f} ms each, beside {e['before_ms_per_video']:.1f} "
+                "ms for the materialization and video_ok stored before the checks",
+            )
+        )
+    return rows
+
+
 def memory_rows(runs: dict[str, PhaseRun]) -> list[Row]:
     sec = f"peak resident memory (target < {MEMORY_TARGET_MB:.0f} MB)"
     rows = []
@@ -875,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         + sensor_rows(runs)
         + ledger_rows(runs)
         + source_rows(runs)
+        + check_rows(runs)
         + memory_rows(runs)
         + condition_rows(runs)
     )

@@ -21,6 +21,7 @@ from dagster import (
     DagsterInstance,
     Definitions,
     EventLogRecord,
+    MetadataValue,
     RepositoryDefinition,
     RunRequest,
 )
@@ -30,7 +31,8 @@ from kvid_dagster.ledger import VideoRow
 from kvid_dagster.planning import JobPlan, partition_ranges, plan_jobs
 from kvid_dagster.project import KvidProject, UpstreamLoader
 from kvid_dagster.prompts import PromptTable
-from kvid_dagster.reporting import VIDEO_CHECK_NAME, verdict_for
+from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
+from kvid_dagster.reporting import VIDEO_CHECK_NAME, unmeasured_reason, verdict_for
 from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.submit import latest_submissions
 from kvid_dagster.translator import PREVIEW_KEYS, KvidTranslator
@@ -179,4 +181,48 @@ def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> Asse
         passed=False,
         severity=AssetCheckSeverity.ERROR,
         metadata=translator.get_failure_metadata(row),
+    )
+
+
+def quality_check_result(outcome: CheckOutcome) -> AssetCheckResult:
+    """A quality check's result on a measured video: the verdict, what was found against what
+    is allowed, and the figures measured beside the ones expected (an advisory check's failure
+    is a warning)."""
+    metadata: dict[str, Any] = {"result": MetadataValue.text(outcome.description)}
+    for name, value in outcome.measured.items():
+        metadata[name] = _figure(value)
+    for name, value in outcome.expected.items():
+        metadata[f"expected_{name}"] = _figure(value) if value is not None else _NOT_KNOWN
+    metadata["rule"] = MetadataValue.text(outcome.rule)
+    return AssetCheckResult(
+        check_name=outcome.check.value,
+        passed=outcome.passed,
+        severity=AssetCheckSeverity.WARN if outcome.check.advisory else AssetCheckSeverity.ERROR,
+        description=outcome.description,
+        metadata=metadata,
+    )
+
+
+# an expected figure the request does not determine (aspect ratio auto without the image)
+_NOT_KNOWN = MetadataValue.text("not known from the request")
+
+
+def _figure(value: float) -> MetadataValue:
+    return MetadataValue.int(value) if isinstance(value, int) else MetadataValue.float(value)
+
+
+def video_quality_result(check: QualityCheck, row: VideoRow | None) -> AssetCheckResult:
+    """A quality check's result for one ledger row (the check's own execution in a run): a
+    partition without a measured video fails it as a warning, saying why (the sensor reports
+    nothing for it: ``reporting.VideoReport``)."""
+    found = [o for o in outcomes(row.video) if o.check is check] if row is not None else []
+    if found:
+        return quality_check_result(found[0])
+    reason = unmeasured_reason(row)
+    return AssetCheckResult(
+        check_name=check.value,
+        passed=False,
+        severity=AssetCheckSeverity.WARN,
+        description=reason,
+        metadata={"reason": MetadataValue.text(reason)},
     )

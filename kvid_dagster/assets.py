@@ -15,6 +15,7 @@ from typing import Any
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
+    AssetChecksDefinition,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
@@ -35,7 +36,12 @@ from dagster import (
 from pydantic import Field
 
 from kvid_dagster._aio import run_coroutine
-from kvid_dagster._dagster_common import publish_catalog, upstream_loader, video_check_result
+from kvid_dagster._dagster_common import (
+    publish_catalog,
+    upstream_loader,
+    video_check_result,
+    video_quality_result,
+)
 from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.catalog_metadata import (
     PREVIEW_ROWS,
@@ -43,11 +49,12 @@ from kvid_dagster.catalog_metadata import (
     catalog_metadata,
     markdown_table,
 )
-from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow
+from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow, VideoRow
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.pricing import DEFAULT_PRICES
 from kvid_dagster.project import KvidProject
 from kvid_dagster.prompts import PromptTable, PromptTableError
+from kvid_dagster.quality import QualityCheck
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.resource import KvidResource
 from kvid_dagster.sources import PromptSourceUnavailable
@@ -288,13 +295,26 @@ def submit_video_jobs(
     return MaterializeResult(metadata=summary)
 
 
+def _checked_row(
+    context: AssetCheckExecutionContext, settings: KvidAssetSettings
+) -> VideoRow | None:
+    partition_key = context.partition_key if context.has_partition_key else None
+    return settings.project.ledger().row(partition_key) if partition_key else None
+
+
 def check_video(
     context: AssetCheckExecutionContext, settings: KvidAssetSettings
 ) -> AssetCheckResult:
     """``video_ok`` in a run: the ledger's latest verdict on the partition."""
-    partition_key = context.partition_key if context.has_partition_key else None
-    row = settings.project.ledger().row(partition_key) if partition_key else None
-    return video_check_result(settings.translator, row)
+    return video_check_result(settings.translator, _checked_row(context, settings))
+
+
+def check_video_quality(
+    context: AssetCheckExecutionContext, settings: KvidAssetSettings, check: QualityCheck
+) -> AssetCheckResult:
+    """A quality check in a run: its verdict on the partition's current video, from what the
+    poller measured when it fetched it (nothing is decoded again)."""
+    return video_quality_result(check, _checked_row(context, settings))
 
 
 def materialize_catalog(context: AssetExecutionContext, project: KvidProject) -> MaterializeResult:
@@ -342,8 +362,8 @@ def build_kvid_assets(
     budget_credits: CreditBudget | None = None,
     videos_io_manager_key: str | None = None,
 ) -> list[AssetsDefinition | AssetSpec]:
-    """The four kvid assets (and the ``video_ok`` check) for one project, from the
-    translator's specs.
+    """The four kvid assets (and the checks on ``kvid_videos``: ``video_ok`` and the quality
+    checks, ``quality.QualityCheck``) for one project, from the translator's specs.
 
     ``budget_credits`` caps what submitting spends, per run and per UTC day (a run's config
     ``budget_credits`` may lower its own); ``kvid_prompts`` reports what a backfill would cost.
@@ -413,8 +433,29 @@ def build_kvid_assets(
         def video_ok(context: AssetCheckExecutionContext) -> AssetCheckResult:
             return check_video(context, settings)
 
+        quality_checks = [
+            _quality_check(check, key[KvidAsset.VIDEOS], settings) for check in QualityCheck
+        ]
+
     @asset(**_asset_kwargs(specs[KvidAsset.CATALOG]), deps=[key[KvidAsset.VIDEOS]])
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
         return materialize_catalog(context, project)
 
-    return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, kvid_catalog]
+    return [kvid_prompts, kvid_video_jobs, kvid_videos, video_ok, *quality_checks, kvid_catalog]
+
+
+def _quality_check(
+    check: QualityCheck, videos: AssetKey, settings: KvidAssetSettings
+) -> AssetChecksDefinition:
+    """One quality check of ``kvid_videos`` (a function of its own: each check its body)."""
+
+    @asset_check(
+        asset=videos,
+        name=check.value,
+        partitions_def=settings.project.partitions_def,
+        description=check.description,
+    )
+    def quality_check(context: AssetCheckExecutionContext) -> AssetCheckResult:
+        return check_video_quality(context, settings, check)
+
+    return quality_check

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,12 +35,20 @@ from kvid_dagster.client import (
     KvidError,
     KvidNotFoundError,
     PartialDownload,
-    build_request,
 )
-from kvid_dagster.ledger import JobChange, Ledger, Submission, VideoFile, VideoRow, VideoStatus
+from kvid_dagster.ledger import (
+    JobChange,
+    Ledger,
+    Submission,
+    VideoFile,
+    VideoQuality,
+    VideoRow,
+    VideoStatus,
+)
 from kvid_dagster.preview import PreviewError, store_previews, video_previews
 from kvid_dagster.probe import VideoProbe, probe_video
-from kvid_dagster.prompts import PROMPT_ID_PATTERN, ROW_COLUMNS
+from kvid_dagster.prompts import PROMPT_ID_PATTERN
+from kvid_dagster.quality import assess, expected_output, measure_picture
 from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_file
 
 log = logging.getLogger("kvid_dagster.poll")
@@ -65,8 +72,6 @@ _REMOTE_PARTIALS = "kvid-partials"
 _OVERRUN_GRACE_S = 5.0
 # a download bound for remote storage is staged in the system temp dir, in a folder named so
 _REMOTE_STAGING_PREFIX = "kvid-fetch-"
-# an encoder may round each side to a multiple of 16
-_GEOMETRY_TOLERANCE_PX = 16
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,10 @@ class PollConfig:
     for this long (and ``lost_after_404s`` times in a row): a 404 right after generate, or
     during a deploy, is not proof of loss. ``fetch_attempts``: a completed job's video is
     fetched at most this many times, ``refetch_interval_seconds`` apart, before FETCH_FAILED.
-    ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.storage`)."""
+    ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.storage`).
+    ``image_dir``: where a row's relative image path resolves (its prompt table's folder; None:
+    the working directory): with aspect ratio ``auto`` the input image decides the expected
+    size (see :mod:`kvid_dagster.quality`)."""
 
     download_dir: StoragePath
     download: bool = True
@@ -87,6 +95,7 @@ class PollConfig:
     lost_after_404s: int = 3
     fetch_attempts: int = DEFAULT_FETCH_ATTEMPTS
     refetch_interval_seconds: float = 20.0
+    image_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -433,8 +442,9 @@ class _Job:
 
     async def fetch(self, kind: JobKind) -> tuple[VideoFile, float | None]:
         """The result (and the credits the service says the job used), and its video
-        downloaded to a hidden staging file, verified as a video of the expected geometry,
-        then renamed into place: what is not a video never lands as .mp4."""
+        downloaded to a hidden staging file, verified as a video and measured against its
+        request (``_verified``), then renamed into place: what is not a video never lands as
+        .mp4."""
         config, sub = self.config, self.sub
         try:
             result = await self.within(self.client.result(kind, str(sub.request_id)))
@@ -456,7 +466,9 @@ class _Job:
         partial = target.with_name(f".{target.name}{_PARTIAL_SUFFIX}")
         try:
             downloaded = await self.download(result, staging, partial)
-            probe = await asyncio.to_thread(_verified, downloaded.path, sub)
+            probe, quality = await asyncio.to_thread(
+                _verified, downloaded.path, sub, config.image_dir
+            )
             await asyncio.to_thread(os.replace, staging, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -466,7 +478,8 @@ class _Job:
         # cached beside the video: reporting the materialization then only reads them back
         with contextlib.suppress(PreviewError):
             await asyncio.to_thread(video_previews, target)
-        return _video_file(result, str(target), downloaded.sha256, probe), result.used_credit
+        video = _video_file(result, str(target), downloaded.sha256, probe, quality)
+        return video, result.used_credit
 
     async def download(self, result: JobResult, dest: Path, partial: Path) -> DownloadedFile:
         """The download, continuing what an earlier tick kept in ``partial``; cut by the
@@ -493,7 +506,9 @@ class _Job:
         try:
             local = Path(staging) / target.name
             downloaded = await self.download(result, local, partial)
-            probe = await asyncio.to_thread(_verified, downloaded.path, self.sub)
+            probe, quality = await asyncio.to_thread(
+                _verified, downloaded.path, self.sub, self.config.image_dir
+            )
             stored = await asyncio.to_thread(put_file, local, target)
             # the previews beside it, after it (so they are never older than the video)
             with contextlib.suppress(PreviewError, StorageError):
@@ -501,10 +516,13 @@ class _Job:
                 await asyncio.to_thread(store_previews, previews, target)
         finally:  # at once, not in a thread: a cancelled tick must not leave it behind
             shutil.rmtree(staging, ignore_errors=True)
-        return _video_file(result, stored, downloaded.sha256, probe), result.used_credit
+        video = _video_file(result, stored, downloaded.sha256, probe, quality)
+        return video, result.used_credit
 
 
-def _video_file(result: JobResult, stored: str, sha256: str, probe: VideoProbe) -> VideoFile:
+def _video_file(
+    result: JobResult, stored: str, sha256: str, probe: VideoProbe, quality: VideoQuality
+) -> VideoFile:
     return VideoFile(
         url=result.url,
         name=result.name,
@@ -516,6 +534,7 @@ def _video_file(result: JobResult, stored: str, sha256: str, probe: VideoProbe) 
         fps=probe.fps,
         num_frames=probe.num_frames,
         duration_s=probe.duration_s,
+        quality=quality,
     )
 
 
@@ -524,9 +543,12 @@ def _whole_kb(size_kb: float | None) -> int | None:
     return None if size_kb is None else round(size_kb)
 
 
-def _verified(path: Path, sub: Submission) -> VideoProbe:
-    """The file's probe, if it is a video with frames and the geometry the request asks for
-    (see ``_ExpectedSize``); else ValueError."""
+def _verified(
+    path: Path, sub: Submission, image_dir: Path | None
+) -> tuple[VideoProbe, VideoQuality]:
+    """The file's probe, if it is a video whose frames decode; else ValueError (a failed
+    fetch). And its measured quality against ``sub``'s request: a video that is not what was
+    asked, or blank, or frozen, is delivered all the same (see :mod:`kvid_dagster.quality`)."""
     try:
         probe = probe_video(path)
     except Exception as exc:  # PyAV raises its own zoo (and IndexError: no video stream)
@@ -534,64 +556,13 @@ def _verified(path: Path, sub: Submission) -> VideoProbe:
     if probe.width <= 0 or probe.height <= 0 or probe.num_frames <= 0:
         raise ValueError(f"the download has no picture ({probe.width}x{probe.height}, "
                          f"{probe.num_frames} frames)")  # fmt: skip
-    expected = _expected_size(sub)
-    problem = expected.mismatch(probe.width, probe.height) if expected else None
-    if problem is not None:
-        raise ValueError(f"the download is {probe.width}x{probe.height}, {problem}")
-    return probe
-
-
-@dataclass(frozen=True)
-class _ExpectedSize:
-    """The picture a request yields. With aspect ratio ``auto`` the long side follows the input
-    image, which the poller does not have: only the short side (the resolution's number) is
-    known then, and ``width``/``height`` are None."""
-
-    short_side: int
-    width: int | None = None
-    height: int | None = None
-
-    def mismatch(self, width: int, height: int) -> str | None:
-        """What is wrong with a ``width`` x ``height`` picture, or None (within the tolerance)."""
-
-        def off(got: int, want: int) -> bool:
-            return abs(got - want) > _GEOMETRY_TOLERANCE_PX
-
-        if self.width is None or self.height is None:
-            if off(min(width, height), self.short_side):
-                return (
-                    f"the request asks for a short side of {self.short_side} px (its aspect "
-                    "ratio is auto: the long side follows the input image)"
-                )
-            return None
-        if off(width, self.width) or off(height, self.height):
-            return f"the request asks for {self.width}x{self.height}"
-        return None
-
-
-# what an image-to-video request is rebuilt with instead of its images: a local file may have
-# moved since, and the output's size depends on the image only through aspect ratio "auto"
-_IMAGE_STAND_IN = "https://image.invalid/stand-in.png"
-
-
-def _expected_size(sub: Submission) -> _ExpectedSize | None:
-    """The picture ``sub``'s request yields; None when it cannot be known here."""
-    if sub.job_kind not in (JobKind.TEXT_TO_VIDEO, JobKind.IMAGE_TO_VIDEO):
-        return None
     try:
-        # the row's columns that are not API parameters: job, model and the images
-        params = {k: v for k, v in json.loads(sub.params_json).items() if k not in ROW_COLUMNS}
-        if sub.job_kind == JobKind.IMAGE_TO_VIDEO:
-            params["image"] = _IMAGE_STAND_IN
-        request = build_request(
-            sub.prompt, dialect=sub.dialect, job=sub.job_kind, model=sub.model or None, **params
-        )
-        if request.aspect_ratio == "auto":
-            return _ExpectedSize(int(request.resolution.removesuffix("p")))
-        width, height, _fps, _frames = request.output_geometry()
-    except (KvidError, TypeError, ValueError):
-        return None
-    return _ExpectedSize(min(width, height), width, height)
+        figures = measure_picture(path, probe.num_frames)
+    except Exception as exc:  # a stream whose header probes but whose frames do not decode
+        raise ValueError(
+            f"the download's frames do not decode ({type(exc).__name__}: {exc})"
+        ) from exc
+    return probe, assess(probe, figures, expected_output(sub, image_dir))
 
 
 def _clean_leftovers(download_dir: StoragePath) -> None:

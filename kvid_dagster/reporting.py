@@ -2,7 +2,8 @@
 
 The status sensor reports each outcome once as it happens, and again when Dagster never got it
 (a tick that died after the ledger write). Which rows, as which event, with which ``video_ok``
-verdict: typed records here; ``_dagster_common`` and the sensor turn them into Dagster events.
+verdict and which quality checks' outcomes (``quality``): typed records here; ``_dagster_common``
+and the sensor turn them into Dagster events.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from enum import StrEnum
 
 from kvid_dagster.ledger import VideoRow, VideoStatus
 from kvid_dagster.poll import VideoEvent
+from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
 
 VIDEO_CHECK_NAME = "video_ok"
+#: every check on ``kvid_videos``, each with at most one runless result per partition
+CHECK_NAMES: tuple[str, ...] = (VIDEO_CHECK_NAME, *(c.value for c in QualityCheck))
 # how far back a tick looks for failures Dagster never heard of (a tick killed mid-report)
 REREPORT_WINDOW_S = 24 * 3600.0
 
@@ -47,32 +51,59 @@ def verdict_for(row: VideoRow | None) -> Verdict:
 
 @dataclass(frozen=True)
 class VideoReport:
-    """One partition's ended job, to be reported: the event, and the check verdict unless the
-    partition already has a check result (Dagster 1.13 stores one runless result per check and
-    partition, and fails the whole tick on a second one)."""
+    """One partition's ended job, to be reported: the event, the ``video_ok`` verdict and the
+    quality checks' outcomes, each unless the partition already has that check's result
+    (Dagster 1.13 stores one runless result per check and partition, and fails the whole tick
+    on a second one). Only a measured video has quality outcomes: a partition without one
+    gets none, so that its later video's are not the second result."""
 
     partition_key: str
     row: VideoRow
     kind: ReportKind
     verdict: Verdict | None
+    quality: tuple[CheckOutcome, ...] = ()
 
 
-def video_reports(events: Iterable[VideoEvent], *, checked: Collection[str]) -> list[VideoReport]:
-    """The reports of the events whose job ended; ``checked``: partitions with a check result."""
-    done = set(checked)
+def video_reports(
+    events: Iterable[VideoEvent], *, checked: Mapping[str, Collection[str]]
+) -> list[VideoReport]:
+    """The reports of the events whose job ended; ``checked``: by check name (``CHECK_NAMES``),
+    the partitions that have its result."""
+    done = {name: set(checked.get(name, ())) for name in CHECK_NAMES}
+
+    def unchecked(name: str, key: str) -> bool:
+        """``key`` has no ``name`` result yet; from now on, it has."""
+        new = key not in done[name]
+        done[name].add(key)
+        return new
+
     reports = []
     for event in events:
         if not event.is_final:
             continue
+        key = event.partition_key
         kind = (
             ReportKind.MATERIALIZATION
             if event.status is VideoStatus.COMPLETED
             else ReportKind.OBSERVATION
         )
-        verdict = None if event.partition_key in done else verdict_for(event.row)
-        done.add(event.partition_key)
-        reports.append(VideoReport(event.partition_key, event.row, kind, verdict))
+        verdict = verdict_for(event.row) if unchecked(VIDEO_CHECK_NAME, key) else None
+        found = outcomes(event.row.video) if kind is ReportKind.MATERIALIZATION else []
+        quality = tuple(o for o in found if unchecked(o.check.value, key))
+        reports.append(VideoReport(key, event.row, kind, verdict, quality))
     return reports
+
+
+def unmeasured_reason(row: VideoRow | None) -> str:
+    """Why a partition's video has no quality outcomes (``quality.outcomes`` gave none)."""
+    if row is None:
+        return "no ledger row"
+    if row.status is not VideoStatus.COMPLETED:
+        why = f": {row.error}" if row.error else ""
+        return f"no video to check: the job is {row.status}{why}"
+    if row.video.local_path is None:
+        return "not measured: the video was not downloaded (the status sensor's download is off)"
+    return "not measured: the video was fetched before kvid-dagster measured videos"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -33,6 +34,7 @@ from kvid_dagster._dagster_common import (
     keys_needing_jobs,
     prompts_change_token,
     publish_catalog,
+    quality_check_result,
     range_run_requests,
     video_check_result,
 )
@@ -44,8 +46,9 @@ from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
 from kvid_dagster.poll import PollConfig, PollReport, VideoEvent, poll_pending
 from kvid_dagster.project import KvidProject, UpstreamLoader
 from kvid_dagster.prompts import PromptTableError
+from kvid_dagster.quality import outcomes
 from kvid_dagster.reporting import (
-    VIDEO_CHECK_NAME,
+    CHECK_NAMES,
     ReportKind,
     ShownOutcome,
     rows_to_recheck,
@@ -63,43 +66,49 @@ def video_events(
     translator: KvidTranslator,
     videos_key: AssetKey,
     *,
-    checked: Collection[str] = (),
+    checked: Mapping[str, Collection[str]] | None = None,
 ) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
     """The runless events that rows whose job ended turn into (``reporting.video_reports``);
-    ``checked``: partitions that already have a ``video_ok`` result, which get none (the
-    check's own execution, ``video_ok`` in a run, reads the ledger for the latest verdict)."""
+    ``checked``: by check name, the partitions that already have its result, which get none
+    (the check's own execution in a run reads the ledger for the latest verdict)."""
     out: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
-    for report in video_reports(events, checked=checked):
+    for report in video_reports(events, checked=checked or {}):
         if report.kind is ReportKind.MATERIALIZATION:
             event, metadata = AssetMaterialization, translator.get_video_metadata(report.row)
         else:
             event, metadata = AssetObservation, translator.get_failure_metadata(report.row)
         out.append(event(asset_key=videos_key, partition=report.partition_key, metadata=metadata))
+        results = [quality_check_result(o) for o in report.quality]
         if report.verdict is not None:
-            result = video_check_result(translator, report.row)
-            out.append(
-                AssetCheckEvaluation(
-                    asset_key=videos_key,
-                    check_name=VIDEO_CHECK_NAME,
-                    passed=result.passed,
-                    metadata=result.metadata,
-                    severity=result.severity,
-                    partition=report.partition_key,
-                )
+            results.insert(0, video_check_result(translator, report.row))
+        out += [
+            AssetCheckEvaluation(
+                asset_key=videos_key,
+                check_name=str(result.check_name),
+                passed=result.passed,
+                metadata=result.metadata,
+                severity=result.severity,
+                description=result.description,
+                partition=report.partition_key,
             )
+            for result in results
+        ]
     return out
 
 
 def _partitions_with_check_results(
     instance: DagsterInstance, videos_key: AssetKey, keys: Collection[str]
-) -> set[str]:
-    """Which of ``keys`` already have a ``video_ok`` result stored (one query)."""
+) -> dict[str, set[str]]:
+    """By check name, which of ``keys`` already have its result stored (one query)."""
     if not keys:
-        return set()
+        return {}
     infos = instance.event_log_storage.get_asset_check_partition_info(
-        [AssetCheckKey(videos_key, VIDEO_CHECK_NAME)], partition_keys=sorted(keys)
+        [AssetCheckKey(videos_key, name) for name in CHECK_NAMES], partition_keys=sorted(keys)
     )
-    return {str(info.partition_key) for info in infos}
+    checked: dict[str, set[str]] = {}
+    for info in infos:
+        checked.setdefault(info.check_key.name, set()).add(str(info.partition_key))
+    return checked
 
 
 def _observed_outcomes(
@@ -295,6 +304,8 @@ def _log_tick(
             log.debug(f"{event.partition_key}: {row.status} {row.progress}%  {line}")
         elif row.status is VideoStatus.COMPLETED:
             log.info(f"{event.partition_key}: COMPLETED {row.video.local_path or row.video.url}")
+            for failed in (o for o in outcomes(row.video) if not o.passed):
+                log.warning(f"{event.partition_key}: {failed.check} failed: {failed.description}")
         else:
             log.warning(f"{event.partition_key}: {row.status}: {row.error}")
     for error in report.errors:
@@ -339,7 +350,8 @@ def status_sensor_tick(
         context.instance, videos_key, reported | {e.partition_key for e in late}
     )
     events = video_events(final, translator, videos_key, checked=checked)
-    events += video_events(late, translator, videos_key, checked=checked | reported)
+    reported_too = {name: checked.get(name, set()) | reported for name in CHECK_NAMES}
+    events += video_events(late, translator, videos_key, checked=reported_too)
     context.log.info(
         f"polled {report.polled} of {report.pending} pending jobs in {report.elapsed_s:.1f} s"
         f" ({report.deferred} left for the next tick); {len(final)} finished"
@@ -355,6 +367,13 @@ def status_sensor_tick(
         asset_events=events,
         cursor=StatusCursor(after, ledger_id, checked_revision).dump(),
     )
+
+
+def _table_dir(project: KvidProject) -> Path | None:
+    """Where the rows' relative image paths resolve when the table is a local file: its
+    folder (the videos' expected size follows an ``auto`` request's input image)."""
+    uri = None if project.upstream is not None else project.source().uri
+    return Path(uri).parent if uri is not None and "://" not in uri else None
 
 
 def build_kvid_status_sensor(
@@ -379,9 +398,10 @@ def build_kvid_status_sensor(
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
     videos_key = specs[KvidAsset.VIDEOS].key
+    poll_config = replace(options.poll_config(project.videos_dir), image_dir=_table_dir(project))
     settings = StatusSensorSettings(
         project, translator, videos_key, specs[KvidAsset.CATALOG].key,
-        options.poll_config(project.videos_dir), options.failed_job_max_attempts, prices,
+        poll_config, options.failed_job_max_attempts, prices,
         budget_credits,
     )  # fmt: skip
 

@@ -351,12 +351,12 @@ def tick_until_settled(defs: Any, instance: Any, ledger: Ledger, *, max_ticks: i
     raise AssertionError(f"jobs never settled: {waiting(ledger)}")
 
 
-def check_verdicts(instance: Any, keys: Sequence[str]) -> dict[str, bool]:
-    """The latest ``video_ok`` result of each partition that has one."""
+def check_verdicts(instance: Any, keys: Sequence[str], check: str = "video_ok") -> dict[str, bool]:
+    """The latest result of ``check`` on ``kvid_videos``, for each partition that has one."""
     from dagster import AssetCheckKey, AssetKey
 
     infos = instance.event_log_storage.get_asset_check_partition_info(
-        [AssetCheckKey(AssetKey("kvid_videos"), "video_ok")], partition_keys=list(keys)
+        [AssetCheckKey(AssetKey("kvid_videos"), check)], partition_keys=list(keys)
     )
     return {str(i.partition_key): i.latest_execution_status.value == "SUCCEEDED" for i in infos}
 

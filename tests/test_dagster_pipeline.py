@@ -29,6 +29,7 @@ from dagster import (
     build_sensor_context,
     instance_for_test,
 )
+from faultkit import check_verdicts
 
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
@@ -201,6 +202,11 @@ def test_single_run_submits_every_partition_and_the_sensor_materializes_each_vid
         assert probe.fps == pytest.approx(fps)
         video = record.video
         assert (video.width, video.height, video.num_frames) == (width, height, frames)
+        # measured against its request, aspect ratio auto by its image beside the table
+        quality = video.quality
+        assert quality is not None, row.partition_key
+        assert (quality.expected_width, quality.expected_height) == (width, height)
+        assert quality.matches_request and quality.not_blank and quality.not_frozen
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=VIDEOS, asset_partitions=[row.partition_key]), limit=1
         ).records
@@ -223,6 +229,8 @@ def test_single_run_submits_every_partition_and_the_sensor_materializes_each_vid
     assert [c.name for c in schema.columns] == list(VIDEO_COLUMNS)
     assert [c.type for c in schema.columns] == [str(f.type) for f in VIDEO_SCHEMA]
     assert metadata["status_completed"].value == len(keys)
+    for check in ("video_ok", "matches_request", "not_blank", "not_frozen"):
+        assert check_verdicts(instance, keys, check) == dict.fromkeys(keys, True), check
     assert metadata["ledger_revision"].value == ledger.revision()
     published = pd.read_parquet(project_dir / "data" / "catalog" / "videos")
     pd.testing.assert_frame_equal(published, videos_frame(ledger))

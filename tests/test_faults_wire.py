@@ -1,9 +1,9 @@
 """What a real network and a hostile storage answer do to polling, and what the ledger keeps.
 
-- a download that is not a video (an HTML page, an MP4 without a video stream, an image-to-video
-  of the wrong size) never lands as ``.mp4``; it is fetched a bounded number of times, then
-  FETCH_FAILED with its reason and its paid request_id, and ``Ledger.refetch``
-  (``kvid-dagster refetch KEY``) tries again;
+- a download that is not a video (an HTML page, an MP4 without a video stream) never lands as
+  ``.mp4``; it is fetched a bounded number of times, then FETCH_FAILED with its reason and its
+  paid request_id, and ``Ledger.refetch`` (``kvid-dagster refetch KEY``) tries again; a video
+  of the wrong size is a video: kept, COMPLETED, its ``matches_request`` failed;
 - one bad job never stops the others: its problem is recorded on it and the tick goes on;
 - a 404 from status is not proof of loss: LOST only after 404s that lasted;
 - the tick budget is a hard deadline: a status call that hangs is carried over;
@@ -47,6 +47,7 @@ from kvid_dagster.ledger import (
 )
 from kvid_dagster.poll import PollConfig, poll_pending
 from kvid_dagster.preview import PreviewKind, cache_path
+from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator
@@ -68,6 +69,16 @@ def audio_only_mp4() -> bytes:
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue()
+
+
+def undecodable_mp4() -> bytes:
+    """An MP4 whose headers are whole (it probes as 20 frames of 480x270 H.264) and whose
+    media data is zeroed: what a storage that lost the bytes may serve."""
+    data = bytearray(mp4_video(480, 270, 20))
+    media, index = data.find(b"mdat") + 4, data.find(b"moov")
+    assert 4 < media < index  # libx264 in MP4: the media data comes before the index
+    data[media : index - 4] = bytes(index - 4 - media)
+    return bytes(data)
 
 
 @pytest.fixture
@@ -148,14 +159,16 @@ def test_an_mp4_without_a_video_stream_is_that_jobs_problem_and_the_others_go_on
     assert_accounted(emulator.jobs, ledger, rows)
 
 
-def test_an_image_to_video_download_of_the_wrong_size_never_lands(
+def test_an_image_to_video_of_the_wrong_size_is_kept_completed_and_fails_matches_request(
     emulator_factory: Any, image_server: str, tmp_path: Path
 ) -> None:
-    """Image-to-video downloads are verified too: with an explicit aspect ratio, the whole
-    geometry; with ``auto`` (the long side follows the input image, which the poller does
-    not have), the short side. Two storage fronts in a row each spoil one job's file."""
-    square = StorageFront(bad=mp4_video(480, 480, 8), content_type="video/mp4")  # 1:1 at 480p
-    wide = StorageFront(bad=mp4_video(1280, 720, 8), content_type="video/mp4")  # 720p
+    """Image-to-video downloads are measured too: with an explicit aspect ratio, the whole
+    geometry; with ``auto`` and an image at a URL (not at hand), the short side. A video of
+    the wrong size is still a video, paid and delivered: it lands, COMPLETED, fetched once,
+    with ``matches_request`` failed naming both sizes. Two storage fronts in a row each spoil
+    one job's file."""
+    square = StorageFront(bad=mp4_video(480, 480, 81), content_type="video/mp4")  # 1:1 at 480p
+    wide = StorageFront(bad=mp4_video(1280, 720, 81), content_type="video/mp4")  # 720p
     # separate_storage off: its own storage origin would replace the result URLs under test
     emulator = emulator_factory(public_base_url=square.url, separate_storage=False)
     square.target, wide.target = wide.url, emulator.base_url
@@ -182,19 +195,54 @@ def test_an_image_to_video_download_of_the_wrong_size_never_lands(
     finally:
         square.close()
         wide.close()
-    assert statuses(ledger) == {
-        "fixed": "FETCH_FAILED", "auto": "FETCH_FAILED",
-        "auto-fine": "COMPLETED", "fixed-fine": "COMPLETED",
-    }  # fmt: skip
-    assert (square.bad_gets, wide.bad_gets) == (3, 3)  # each spoilt file fetched 3 times
-    fixed, auto = row_of(ledger, "fixed"), row_of(ledger, "auto")
-    assert fixed.error is not None and "480x480, the request asks for 854x480" in fixed.error
-    assert auto.error is not None and "1280x720" in auto.error
-    assert "short side of 480 px" in auto.error
-    assert fixed.request_id in emulator.jobs and auto.request_id in emulator.jobs  # kept
+    assert set(statuses(ledger).values()) == {"COMPLETED"}
+    assert (square.bad_gets, wide.bad_gets) == (1, 1)  # fetched once each: never re-fetched
+    verdicts = {}
+    for key in ("fixed", "auto", "auto-fine", "fixed-fine"):
+        quality = row_of(ledger, key).video.quality
+        assert quality is not None
+        verdicts[key] = quality.matches_request
+    assert verdicts == {"fixed": False, "auto": False, "auto-fine": True, "fixed-fine": True}
+
+    def matches(key: str) -> CheckOutcome:
+        return next(
+            o
+            for o in outcomes(row_of(ledger, key).video)
+            if o.check is QualityCheck.MATCHES_REQUEST
+        )
+
+    assert "480x480, the request asks for 854x480" in matches("fixed").description
+    auto = matches("auto")
+    assert "1280x720" in auto.description and "short side of 480 px" in auto.description
+    assert auto.expected["width"] is None and auto.expected["short_side"] == 480
     fine = [row_of(ledger, k).video for k in ("auto-fine", "fixed-fine")]
     assert [(v.width, v.height) for v in fine] == [(480, 600), (854, 480)]
-    assert files_in(videos) == sorted(Path(str(v.local_path)).name for v in fine)
+    assert len(files_in(videos)) == 4  # every paid video kept
+    assert_accounted(emulator.jobs, ledger, rows)
+
+
+def test_an_mp4_whose_frames_do_not_decode_is_a_failed_fetch_not_a_video(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """The probe reads headers only; the checks' decode reads the frames: a file whose frames
+    do not decode is not a video, fetched a bounded number of times, then FETCH_FAILED with
+    its paid request_id kept, as any download that is not a video."""
+    storage = StorageFront(bad=undecodable_mp4(), content_type="video/mp4")
+    # separate_storage off: its own storage origin would replace the result URLs under test
+    emulator = emulator_factory(public_base_url=storage.url, separate_storage=False)
+    storage.target = emulator.base_url
+    ledger, rows = submitted(emulator, tmp_path, ["bad", "good"])
+    storage.bad_for = {str(row_of(ledger, "bad").request_id)}
+    videos = tmp_path / "videos"
+    try:
+        poll_until_settled(emulator.base_url, ledger, videos, refetch_interval_seconds=0.0)
+    finally:
+        storage.close()
+    assert statuses(ledger) == {"bad": "FETCH_FAILED", "good": "COMPLETED"}
+    assert storage.bad_gets == 3
+    error = row_of(ledger, "bad").error
+    assert error is not None and "frames do not decode" in error and "refetch bad" in error
+    assert files_in(videos) == [Path(str(row_of(ledger, "good").video.local_path)).name]
     assert_accounted(emulator.jobs, ledger, rows)
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from kvid_dagster.ledger import (
     Refusal,
     Submission,
     VideoFile,
+    VideoQuality,
     VideoStatus,
     publish,
     submissions_frame,
@@ -46,6 +47,7 @@ from kvid_dagster.ledger import (
 from kvid_dagster.ledger.journal import Journal
 from kvid_dagster.ledger.legacy import import_legacy_catalog
 from kvid_dagster.ledger.publish import published_revision, read_tables
+from kvid_dagster.ledger.records import QUALITY_FIELDS
 from kvid_dagster.ledger.store import redact_url
 from kvid_dagster.ledger.tables import SCHEMA_VERSION, LedgerTables
 
@@ -633,11 +635,18 @@ def test_a_catalog_of_another_ledger_is_replaced_by_a_full_publication(
         assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["new"]
 
 
+def drop_quality_columns(conn: sa.Connection, tables: LedgerTables) -> None:
+    """The jobs table as schema version 5 had it: no measured videos (what v6 added)."""
+    for column in QUALITY_FIELDS:
+        conn.execute(sa.text(f"ALTER TABLE {tables.jobs.name} DROP COLUMN {column}"))
+
+
 def _back_to_version_1(ledger: Ledger) -> None:
     """The database as a 0.2 of schema version 1 left it: no revision columns, no identity,
-    no dialects, no spend indexes, request ids VARCHAR(255)."""
+    no dialects, no spend indexes, request ids VARCHAR(255), no measured videos."""
     t = ledger.tables
     with ledger.write() as conn:
+        drop_quality_columns(conn, t)
         for index in ("claimed_at_cost", "run_cost"):
             conn.execute(sa.text(f"DROP INDEX ix_{t.jobs.name}_{index}"))
         for table in (t.rows, t.jobs, t.events):
@@ -691,18 +700,73 @@ def test_a_version_1_database_is_migrated_and_its_catalog_republished_whole(
         assert list(pd.read_parquet(catalog / "videos")["partition_key"]) == ["a", "b"]
 
 
-def _without_revisions(tables: LedgerTables) -> LedgerTables:
-    """The ledger's tables as a process of schema version 1 knows them: no revision columns,
-    so what it writes takes the migration's default, revision 0."""
+MEASURED = VideoQuality(
+    sampled_frames=16, luma_mean=0.0, luma_stddev=0.0, changed_pct=0.0,
+    expected_short_side=480, expected_width=None, expected_height=None, expected_fps=16.0,
+    expected_frames=81, expected_duration_s=5.062, matches_request=True, not_blank=False,
+    not_frozen=False,
+)  # fmt: skip
+
+
+def test_a_version_5_database_gains_measured_videos_and_its_old_videos_show_none(
+    database_url: str, tmp_path: Path
+) -> None:
+    """v6 adds each video's measured picture, expected output and verdicts: a video fetched
+    before is not measured (every column null, in the ledger and the republished catalog);
+    one fetched after is stored and read back whole, booleans as booleans on both backends."""
+    catalog = tmp_path / "catalog"
+    with Ledger(database_url) as ledger:
+        ledger.register([Row("old", "h-old"), Row("new", "h-new")])
+        old_video = VideoFile(local_path="/v/old.mp4", width=854, height=480)
+        finish(ledger, paid(ledger, Row("old", "h-old"), "r-old"), VideoStatus.COMPLETED,
+               video=old_video, completed=True)  # fmt: skip
+        publish(ledger, catalog)
+        published_file = catalog / "videos" / "data.parquet"
+        pq.write_table(pq.read_table(published_file).drop(list(QUALITY_FIELDS)), published_file)
+        with ledger.write() as conn:
+            drop_quality_columns(conn, ledger.tables)
+            conn.execute(
+                sa.update(ledger.tables.meta)
+                .where(ledger.tables.meta.c.name == "schema_version")
+                .values(int_value=5)
+            )
+    with Ledger(database_url) as ledger:
+        old = ledger.row("old")
+        assert old is not None and old.video.width == 854 and old.video.quality is None
+        video = VideoFile(local_path="/v/new.mp4", width=854, height=480, quality=MEASURED)
+        finish(ledger, paid(ledger, Row("new", "h-new"), "r-new"), VideoStatus.COMPLETED,
+               video=video, completed=True)  # fmt: skip
+        new = ledger.row("new")
+        assert new is not None and new.video.quality == MEASURED
+        assert isinstance(new.video.quality.not_blank, bool)
+        assert not publish(ledger, catalog).incremental  # v5's file lacks the new columns
+        published = pd.read_parquet(catalog / "videos").set_index("partition_key")
+        pd.testing.assert_frame_equal(published.reset_index(), videos_frame(ledger))
+        assert published["not_blank"].dtype == "boolean"
+        assert published.loc["new", ["matches_request", "not_blank", "not_frozen"]].tolist() == [
+            True, False, False,
+        ]  # fmt: skip
+        assert published.loc["old", ["sampled_frames", "not_blank"]].isna().all()
+
+
+def older_tables(tables: LedgerTables, later: Collection[str]) -> LedgerTables:
+    """The ledger's tables as a process of an older schema knows them: without the ``later``
+    columns (what it writes takes their defaults)."""
     metadata = sa.MetaData()
 
     def older(table: sa.Table) -> sa.Table:
-        kept = (c._copy() for c in table.columns if c.name != "revision")
+        kept = (c._copy() for c in table.columns if c.name not in later)
         return sa.Table(table.name, metadata, *kept)
 
     return LedgerTables(
         metadata, older(tables.meta), older(tables.rows), older(tables.jobs), older(tables.events)
     )
+
+
+def _without_revisions(tables: LedgerTables) -> LedgerTables:
+    """The ledger's tables as a process of schema version 1 knows them: no revision columns,
+    so what it writes takes the migration's default, revision 0."""
+    return older_tables(tables, {"revision", *QUALITY_FIELDS})
 
 
 def test_what_a_process_older_than_revisions_writes_beside_a_migrated_ledger_is_published(

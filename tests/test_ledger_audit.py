@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from test_ledger import ME, Row
+from test_ledger import ME, Row, drop_quality_columns, older_tables
 
 from kvid_dagster.ledger import (
     JobChange,
@@ -41,6 +41,7 @@ from kvid_dagster.ledger import (
 )
 from kvid_dagster.ledger.journal import Journal, JournalEntry
 from kvid_dagster.ledger.publish import DATA_FILE, STALE_TEMP_SECONDS
+from kvid_dagster.ledger.records import QUALITY_FIELDS
 from kvid_dagster.ledger.store import LedgerSchemaChanged
 from kvid_dagster.ledger.tables import SCHEMA_VERSION
 
@@ -261,9 +262,10 @@ def test_a_journal_entry_of_another_request_is_kept_not_recorded_on_the_wrong_jo
 
 def _back_to_version_4(ledger: Ledger) -> None:
     """The database as kvid-dagster with schema version 4 left it: request ids VARCHAR(255)
-    (SQLite declared the same and never enforced it)."""
+    (SQLite declared the same and never enforced it), no measured videos."""
     t = ledger.tables
     with ledger.engine.begin() as conn:
+        drop_quality_columns(conn, t)
         if conn.dialect.name == "postgresql":
             for table in (t.jobs, t.events):
                 conn.execute(
@@ -285,6 +287,7 @@ def test_a_request_id_the_client_accepts_fits_a_ledger_migrated_from_version_4(
         old_code.setattr(store, "SCHEMA_VERSION", 4)
         old_code.setattr(store, "_RECORD_BACKOFF_SECONDS", (0.0,) * 4)
         with Ledger(database_url, journal_path=journal) as old:
+            old.tables = older_tables(old.tables, QUALITY_FIELDS)
             old.record_submitted(sub, LONGEST_REQUEST_ID)
             postgres = old.engine.dialect.name == "postgresql"
             assert Journal(journal).pending() is postgres  # PostgreSQL refused 256 characters

@@ -16,6 +16,7 @@ from kvid_dagster.poll import VideoEvent
 from kvid_dagster.prompts import load_prompt_table
 from kvid_dagster.reporting import (
     REREPORT_WINDOW_S,
+    VIDEO_CHECK_NAME,
     ReportKind,
     ShownOutcome,
     Verdict,
@@ -76,7 +77,7 @@ def test_ended_jobs_are_reported_once_each_with_a_verdict_unless_already_checked
     rows: dict[str, VideoRow],
 ) -> None:
     events = [VideoEvent(k, rows[k]) for k in ("done", "running", "failed", "lost", "done")]
-    reports = video_reports(events, checked={"lost"})
+    reports = video_reports(events, checked={VIDEO_CHECK_NAME: {"lost"}})
     assert [(r.partition_key, r.kind, r.verdict) for r in reports] == [
         ("done", ReportKind.MATERIALIZATION, Verdict.PASSED),
         ("failed", ReportKind.OBSERVATION, Verdict.NO_VIDEO),

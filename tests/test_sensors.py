@@ -92,9 +92,9 @@ def test_a_tick_from_an_unreadable_cursor_rechecks_the_whole_ledger(
         reported, cursor = evaluate_status_sensor(defs, instance, "{not json", SENSOR)
         logged = capfd.readouterr().err  # the sensor's log: Dagster's console handler
         assert "WARNING - unreadable status sensor cursor '{not json': starting over" in logged
-        # a materialization and a video_ok result each, and the catalog's publication, which
-        # Dagster never got either
-        assert reported == 2 * len(keys) + 1
+        # a materialization, a video_ok result and the three quality checks' results each, and
+        # the catalog's publication, which Dagster never got either
+        assert reported == 5 * len(keys) + 1
         assert instance.get_materialized_partitions(AssetKey("kvid_videos")) == set(keys)
         assert check_verdicts(instance, keys) == dict.fromkeys(keys, True)
         parsed = StatusCursor.parse(cursor)

@@ -36,6 +36,7 @@ from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build
 from kvid_dagster.ledger import Ledger, Submission, VideoFile, VideoRow, VideoStatus
 from kvid_dagster.planning import PartitionRange
 from kvid_dagster.project import KvidProject
+from kvid_dagster.quality import QualityCheck
 from kvid_dagster.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.translator import (
     ASSET_NAMES,
@@ -113,6 +114,7 @@ def test_an_overridden_spec_changes_the_built_definitions(project: KvidProject) 
     assert graph.get(AssetKey(["studio", "video_jobs"])).partitions_def == project.partitions_def
     assert graph.get(videos).parent_keys == {AssetKey(["studio", "video_jobs"])}
     assert AssetCheckKey(videos, VIDEO_CHECK_NAME) in graph.asset_check_keys
+    assert {AssetCheckKey(videos, check) for check in QualityCheck} <= graph.asset_check_keys
     selected = {
         name: defs.resolve_job_def(name).asset_layer.selected_asset_keys
         for name in (PROMPTS_JOB, SUBMIT_JOB, CATALOG_JOB)

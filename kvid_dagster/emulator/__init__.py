@@ -11,12 +11,14 @@ own, so the client and the emulator check each other.
 from kvid_dagster.emulator.config import EmulatorConfig
 from kvid_dagster.emulator.faults import FAULT_KINDS, Fault
 from kvid_dagster.emulator.generation import ErrorCode
+from kvid_dagster.emulator.render import Defect
 from kvid_dagster.emulator.server import FAIL_MARKER, JobInfo, KvidEmulator
 from kvid_dagster.emulator.validation import Dialect
 
 __all__ = [
     "FAIL_MARKER",
     "FAULT_KINDS",
+    "Defect",
     "Dialect",
     "EmulatorConfig",
     "ErrorCode",

@@ -5,6 +5,10 @@ and motion derive from sha256(seed, prompt): the same prompt and seed give the s
 Image-to-video moves a camera over the input image (a slow zoom and pan, "Ken Burns"), so the
 video visibly shows the input, and cross-fades to ``end_image_url`` when one is given;
 reference-to-video does the same over its first reference (an image, or a video's first frame).
+
+A prompt may ask for a broken video, the way a real model sometimes delivers one (``Defect``):
+``[[kvid:wrong-size]]`` renders half the contract's size, ``[[kvid:black]]`` every frame black,
+``[[kvid:frozen]]`` the first frame throughout. The job completes as any other.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
@@ -28,6 +33,23 @@ import numpy as np
 RESOLUTION_SHORT_SIDE: Final = {"480p": 480, "580p": 580, "720p": 720, "1080p": 1080}
 V2_FPS: Final = 24
 MAX_IMAGE_PIXELS: Final = 64_000_000
+
+
+class Defect(StrEnum):
+    """A broken video a prompt asks for with the marker ``[[kvid:<value>]]``."""
+
+    WRONG_SIZE = "wrong-size"  # half the width and height the contract says
+    BLACK = "black"  # every frame black
+    FROZEN = "frozen"  # the first frame, repeated for the whole clip
+
+    @property
+    def marker(self) -> str:
+        return f"[[kvid:{self.value}]]"
+
+
+def defects_in(prompt: str) -> frozenset[Defect]:
+    """The defects whose markers ``prompt`` holds."""
+    return frozenset(d for d in Defect if d.marker in prompt)
 
 
 class RenderCancelled(Exception):
@@ -99,10 +121,33 @@ class RenderPlan:
         """A camera move over an input image (else a procedural scene from the prompt)."""
         return self.image_bytes is not None or self.image_url is not None
 
+    @property
+    def defects(self) -> frozenset[Defect]:
+        return defects_in(self.prompt)
+
     def geometry(self, image_size: tuple[int, int] | None = None) -> Geometry:
-        """The output per the contract's rule; ``image_size`` (w, h) decides ``auto``."""
+        """The output per the contract's rule (``image_size`` (w, h) decides ``auto``), but
+        half of it each side when the prompt asks for ``Defect.WRONG_SIZE``."""
         width, height = frame_size(self.resolution, self.aspect_ratio, image_size)
+        if Defect.WRONG_SIZE in self.defects:
+            width, height = _round_even(Fraction(width, 2)), _round_even(Fraction(height, 2))
         return Geometry(width, height, self.fps, self.frames)
+
+
+def with_defects(
+    frames: Iterable[np.ndarray | av.VideoFrame], defects: frozenset[Defect]
+) -> Iterator[np.ndarray | av.VideoFrame]:
+    """``frames`` broken as ``defects`` say: each one black, or each one the first."""
+    if not defects & {Defect.BLACK, Defect.FROZEN}:
+        yield from frames
+        return
+    first: np.ndarray | None = None
+    for frame in frames:  # each is still made: the clip keeps its length
+        if first is None:
+            first = frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
+            if Defect.BLACK in defects:
+                first = np.zeros_like(first)
+        yield first
 
 
 def video_size(path: Path) -> tuple[int, int]:

@@ -212,7 +212,7 @@ class KvidEmulator:
         self._jobs_created = 0
         self._files: dict[str, Path] = {}  # served name -> file (outlives forget_jobs)
         self._url_tokens: dict[str, tuple[str, float]] = {}  # token -> (name, issued), in order
-        self._shared: dict[tuple[int, int, int, int, str], Future[Path]] = {}
+        self._shared: dict[_SharedKey, Future[Path]] = {}
         self._fail_next: list[str] = []  # reasons for the next jobs created (fail_next_jobs)
         # generation jobs are admitted one at a time: the balance and the concurrency limit are
         # checked and the job created (or refused) as one step
@@ -837,7 +837,7 @@ class KvidEmulator:
         assert self._pool is not None
         if self.config.reuse_renders and plan.aspect_ratio != "auto":
             # the geometry is known now: one task per geometry, its future shared by every job
-            key = _shared_key(plan.geometry(), job.kind)
+            key = _shared_key(plan.geometry(), job.kind, plan.defects)
             with self._lock:
                 shared = self._shared.get(key)
                 if shared is None:
@@ -847,7 +847,7 @@ class KvidEmulator:
             return shared
         return self._pool.submit(self._render_job, job, plan, seed, None)
 
-    def _forget_failed(self, key: tuple[int, int, int, int, str], future: Future[Path]) -> None:
+    def _forget_failed(self, key: _SharedKey, future: Future[Path]) -> None:
         """A failed shared render (say, a bad input image) must not fail every later job."""
         if future.cancelled() or future.exception() is not None:
             with self._lock:
@@ -859,7 +859,7 @@ class KvidEmulator:
         job: Job,
         plan: render.RenderPlan,
         seed: int,
-        shared_key: tuple[int, int, int, int, str] | None,
+        shared_key: _SharedKey | None,
     ) -> Path:
         """Fetch/decode the inputs, then render (or reuse) the job's video. Runs in the pool.
 
@@ -907,7 +907,7 @@ class KvidEmulator:
         seed: int,
     ) -> Path:
         """Reuse the render of this geometry, or be the one that makes it (geometry from 'auto')."""
-        key = _shared_key(geometry, job.kind)
+        key = _shared_key(geometry, job.kind, plan.defects)
         with self._lock:
             shared = self._shared.get(key)
             owner = shared is None
@@ -953,7 +953,7 @@ class KvidEmulator:
                 prompt=plan.prompt,
                 camera_fixed=plan.camera_fixed,
             )
-        render.encode(path, geometry, frames, self._stopping)
+        render.encode(path, geometry, render.with_defects(frames, plan.defects), self._stopping)
 
     def _fetch(self, url: str) -> bytes:
         assert self._http is not None
@@ -1178,13 +1178,20 @@ def _range_response(
     )
 
 
-def _shared_key(geometry: render.Geometry, kind: str) -> tuple[int, int, int, int, str]:
-    return (geometry.width, geometry.height, geometry.fps, geometry.frames, kind)
+_SharedKey = tuple[int, int, int, int, str, str]
 
 
-def _shared_name(key: tuple[int, int, int, int, str]) -> str:
-    width, height, fps, frames, kind = key
-    return f"shared-{width}x{height}-{fps}fps-{frames}f-{kind}.mp4"
+def _shared_key(
+    geometry: render.Geometry, kind: str, defects: frozenset[render.Defect]
+) -> _SharedKey:
+    """What a reused render is of: a broken video is shared only with the same breakage."""
+    broken = "+".join(sorted(defects))
+    return (geometry.width, geometry.height, geometry.fps, geometry.frames, kind, broken)
+
+
+def _shared_name(key: _SharedKey) -> str:
+    width, height, fps, frames, kind, broken = key
+    return f"shared-{width}x{height}-{fps}fps-{frames}f-{kind}{'-' + broken if broken else ''}.mp4"
 
 
 _NO_BODY: Final = "body: required (got nothing); allowed: a JSON object"

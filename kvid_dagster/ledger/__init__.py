@@ -23,6 +23,7 @@ from kvid_dagster.ledger.records import (
     RequestRow,
     Submission,
     VideoFile,
+    VideoQuality,
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
@@ -61,6 +62,7 @@ __all__ = [
     "Submission",
     "SubmissionEvent",
     "VideoFile",
+    "VideoQuality",
     "VideoRow",
     "VideoStatus",
     "publish",

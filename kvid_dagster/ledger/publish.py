@@ -56,6 +56,24 @@ _FETCH_ROWS = 4_096  # rows per driver fetch: they stay in cache (8-12% faster t
 # pure cost (it took 40% of a 100,000-row write, and the files came out larger)
 _DICTIONARY_COLUMNS = ("status", "job_kind", "model", "event")
 
+# a video's measured picture, what its request asked for and the checks' verdicts when it was
+# fetched (``records.VideoQuality``): null for a row without a measured video
+_QUALITY_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("sampled_frames", pa.int32()),
+    ("luma_mean", pa.float64()),
+    ("luma_stddev", pa.float64()),
+    ("changed_pct", pa.float64()),
+    ("expected_short_side", pa.int32()),
+    ("expected_width", pa.int32()),
+    ("expected_height", pa.int32()),
+    ("expected_fps", pa.float64()),
+    ("expected_frames", pa.int32()),
+    ("expected_duration_s", pa.float64()),
+    ("matches_request", pa.bool_()),
+    ("not_blank", pa.bool_()),
+    ("not_frozen", pa.bool_()),
+]
+
 _VIDEO_FIELDS: list[tuple[str, pa.DataType]] = [
     ("partition_key", pa.string()),
     ("prompt", pa.string()),
@@ -77,6 +95,7 @@ _VIDEO_FIELDS: list[tuple[str, pa.DataType]] = [
     ("fps", pa.float64()),
     ("num_frames", pa.int32()),
     ("duration_s", pa.float64()),
+    *_QUALITY_FIELDS,
     ("error", pa.string()),
     ("attempts", pa.int32()),
     ("cost_credits", pa.float64()),
@@ -107,6 +126,7 @@ _PANDAS_DTYPES: dict[pa.DataType, str] = {
     pa.int32(): "Int32",
     pa.int64(): "Int64",
     pa.float64(): "float64",
+    pa.bool_(): "boolean",
     _TS: "datetime64[us, UTC]",
 }
 
@@ -133,8 +153,8 @@ SUBMISSION_COLUMNS: tuple[str, ...] = tuple(SUBMISSION_SCHEMA.names)
 # videos columns that come from the row's current job (``j_<name>``); null for an invalid row
 _FROM_JOB = (
     "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
-    "height", "fps", "num_frames", "duration_s", "cost_credits", "estimated_credits",
-    "submitted_at", "completed_at",
+    "height", "fps", "num_frames", "duration_s", *(n for n, _ in _QUALITY_FIELDS),
+    "cost_credits", "estimated_credits", "submitted_at", "completed_at",
 )  # fmt: skip
 _FROM_ROW = (
     "partition_key", "prompt", "job_kind", "model", "request_hash", "params_json",
@@ -160,9 +180,13 @@ def _fetch(conn: Connection, query: Any, fields: Sequence[tuple[str, pa.DataType
     Python was most of the cost of reading 100,000 rows), so at most one chunk of Python
     objects is alive at a time. Timestamps come back as the driver gives them (SQLite: ISO
     text, PostgreSQL: naive datetimes; both UTC, the ledger stores nothing else) and are
-    read as UTC."""
-    wire_timestamp = pa.string() if conn.dialect.name == "sqlite" else pa.timestamp("us")
-    row_type = pa.struct([(n, wire_timestamp if t == _TS else t) for n, t in fields])
+    read as UTC; booleans too (SQLite: 0 and 1)."""
+    sqlite = conn.dialect.name == "sqlite"
+    wire = {
+        _TS: pa.string() if sqlite else pa.timestamp("us"),
+        pa.bool_(): pa.int8() if sqlite else pa.bool_(),
+    }
+    row_type = pa.struct([(n, wire.get(t, t)) for n, t in fields])
     compiled = query.compile(dialect=conn.dialect)
     params: Any = compiled.params
     if compiled.positional:
@@ -181,6 +205,8 @@ def _fetch(conn: Connection, query: Any, fields: Sequence[tuple[str, pa.DataType
     for i, (name, type_) in enumerate(fields):
         if type_ == _TS:
             table = table.set_column(i, name, table[name].cast(pa.timestamp("us")).cast(_TS))
+        elif type_ != table.schema.field(i).type:
+            table = table.set_column(i, name, table[name].cast(type_))
     return table
 
 

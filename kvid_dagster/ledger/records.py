@@ -45,6 +45,27 @@ class InvalidEntry:
 
 
 @dataclass(frozen=True)
+class VideoQuality:
+    """What the poller measured of a downloaded video's picture, what its request asked for,
+    and the checks' verdicts when it was fetched (``kvid_dagster.quality`` has the rules and
+    the thresholds). An expected value of None is one the request does not determine."""
+
+    sampled_frames: int  # the frames the picture figures are of (evenly spread over the clip)
+    luma_mean: float  # the brightest sampled frame's mean luma (0-255)
+    luma_stddev: float  # the largest luma standard deviation of a sampled frame (0: one colour)
+    changed_pct: float  # the largest share of a sampled frame changed from the first (percent)
+    expected_short_side: int | None
+    expected_width: int | None  # None with the short side alone known (aspect ratio auto)
+    expected_height: int | None
+    expected_fps: float | None
+    expected_frames: int | None
+    expected_duration_s: float | None
+    matches_request: bool
+    not_blank: bool
+    not_frozen: bool
+
+
+@dataclass(frozen=True)
 class VideoFile:
     """What the status poller learnt of a finished job's video."""
 
@@ -58,6 +79,7 @@ class VideoFile:
     fps: float | None = None
     num_frames: int | None = None
     duration_s: float | None = None
+    quality: VideoQuality | None = None  # None: not measured (not downloaded, or before v6)
 
 
 @dataclass(frozen=True)
@@ -238,4 +260,6 @@ class ClaimOwner:
         return token is not None and self.started == f"{ClaimOwner.current().machine}:{token}"
 
 
-VIDEO_FILE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoFile))
+#: the job columns a ``VideoFile`` is stored in, beside its ``quality``'s
+VIDEO_FILE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoFile) if f.name != "quality")
+QUALITY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(VideoQuality))

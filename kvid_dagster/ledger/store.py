@@ -53,6 +53,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from kvid_dagster.ledger.journal import Journal, JournalEntry
 from kvid_dagster.ledger.records import (
+    QUALITY_FIELDS,
     VIDEO_FILE_FIELDS,
     ClaimOwner,
     InvalidEntry,
@@ -60,6 +61,7 @@ from kvid_dagster.ledger.records import (
     RequestRow,
     Submission,
     VideoFile,
+    VideoQuality,
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
@@ -1261,6 +1263,8 @@ def _change_values(change: JobChange, now: datetime) -> dict[str, Any]:
         values["error"] = change.error
     if change.video is not None:
         values.update({f: getattr(change.video, f) for f in VIDEO_FILE_FIELDS})
+        quality = change.video.quality
+        values.update({f: getattr(quality, f) if quality else None for f in QUALITY_FIELDS})
     if change.completed:
         values["completed_at"] = now
     return values
@@ -1297,7 +1301,7 @@ def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
         status=VideoStatus(get("status")),
         request_id=get("request_id"),
         progress=get("progress"),
-        video=VideoFile(**{f: get(f) for f in VIDEO_FILE_FIELDS}),
+        video=VideoFile(**{f: get(f) for f in VIDEO_FILE_FIELDS}, quality=_quality(get)),
         error=get("error"),
         cost_credits=get("cost_credits"),
         owner=_owner(m, prefix),
@@ -1314,6 +1318,13 @@ def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
         dialect=get("dialect") or "video",
         estimated_credits=get("estimated_credits"),
     )
+
+
+def _quality(get: Callable[[str], Any]) -> VideoQuality | None:
+    """A job's measured video, or None (never measured: every quality column is null)."""
+    if get("sampled_frames") is None:
+        return None
+    return VideoQuality(**{f: get(f) for f in QUALITY_FIELDS})
 
 
 def row_status(m: Mapping[str, Any]) -> VideoStatus:

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -33,7 +34,7 @@ from sqlalchemy import (
 )
 
 #: The version this code writes; a database at a higher one was written by a newer kvid-dagster.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # the dialect of every job sent before the ledger knew dialects (ApiDialect.VIDEO's value)
 _VIDEO_DIALECT = "video"
 #: The execution option a write transaction carries its revision in (see ``_stamp``).
@@ -137,6 +138,26 @@ def _video_columns() -> list[Column[Any]]:
     ]
 
 
+def _quality_columns() -> list[Column[Any]]:
+    """What the poller measured of a video's picture, what its request asked for, and the
+    checks' verdicts (``records.VideoQuality``); all null for a job without a measured video."""
+    return [
+        Column("sampled_frames", Integer),
+        Column("luma_mean", Float),
+        Column("luma_stddev", Float),
+        Column("changed_pct", Float),
+        Column("expected_short_side", Integer),
+        Column("expected_width", Integer),
+        Column("expected_height", Integer),
+        Column("expected_fps", Float),
+        Column("expected_frames", Integer),
+        Column("expected_duration_s", Float),
+        Column("matches_request", Boolean),
+        Column("not_blank", Boolean),
+        Column("not_frozen", Boolean),
+    ]
+
+
 _SPEND_INDEX_SUFFIXES = ("_claimed_at_cost", "_run_cost")
 
 
@@ -190,6 +211,7 @@ def define_tables(prefix: str) -> LedgerTables:
         Column("request_id", Text),  # the service's: as long as the client accepts (see v5)
         Column("progress", Integer),
         *_video_columns(),
+        *_quality_columns(),
         Column("error", StoredText),
         # what the job cost: the service's figure when it reports one, else the estimate
         Column("cost_credits", Float),
@@ -294,11 +316,20 @@ def _widen_request_ids(conn: Connection, tables: LedgerTables) -> None:
         conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN request_id TYPE TEXT"))
 
 
+def _add_quality(conn: Connection, tables: LedgerTables) -> None:
+    """v6: each video's measured picture, what its request asked for and the checks'
+    verdicts (null for the videos fetched before: they were never measured)."""
+    for column in _quality_columns():
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {tables.jobs.name} ADD COLUMN {column.name} {kind}"))
+
+
 #: version -> the step that brings a database from version - 1 to it (version 1: created)
 MIGRATIONS: dict[int, Callable[[Connection, LedgerTables], None]] = {
     2: _add_revisions,
     3: _add_dialects,
     4: _add_spend_indexes,
     5: _widen_request_ids,
+    6: _add_quality,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
