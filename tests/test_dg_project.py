@@ -155,7 +155,12 @@ def test_the_readme_path_from_an_empty_folder_to_videos_in_dg_dev(tmp_path: Path
         # videos, their previews and the catalog files: the mode of any file (not 0600)
         written = [*(data_dir / "videos").iterdir(), *(data_dir / "catalog").rglob("*.parquet")]
         assert {Path(row.video.local_path or "") for row in rows.values()} <= set(written)
-        assert len([p for p in written if p.name.endswith(".webp")]) == 2
+        # each video's poster and its animated preview, cached beside it
+        assert sorted(p.name for p in written if p.name.endswith(".webp")) == sorted(
+            f".{Path(row.video.local_path or '').name}.{kind}-v1.webp"
+            for row in rows.values()
+            for kind in ("poster", "preview")
+        )
         assert {p.name: p.stat().st_mode & 0o777 for p in written} == {
             p.name: 0o666 & ~umask for p in written
         }

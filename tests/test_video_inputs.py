@@ -439,14 +439,14 @@ def test_the_components_translated_videos_feed_a_downstream_asset(
         "translation": {"key_prefix": "marketing"},
     }
     with (
-        load_scaffolded(attributes) as (path, _, defs),
+        load_scaffolded(attributes) as (_, data_dir, defs),
         open_instance(dagster_home(tmp_path / "home")) as instance,
     ):
         key = "marketing__kvid_videos_io_manager"
         assert videos_spec(defs, videos).metadata["dagster/io_manager_key"] == key
         assert isinstance(defs.resources[key], KvidVideoIOManager)
         assert submit_all(defs, instance)
-        ledger = Ledger(f"sqlite:///{path / 'data' / 'kvid.db'}")
+        ledger = Ledger(f"sqlite:///{data_dir / 'kvid.db'}")
         tick_until_settled(defs, instance, ledger)
         assert materialize(defs, instance, campaign).success
     assert list(got) == SAMPLE_KEYS
