@@ -109,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
     from dagster._core.workspace.load_target import PythonFileTarget
     from dagster._daemon.backfill import execute_backfill_iteration
 
-    import kvid_dagster.poll as poll_module
-    import kvid_dagster.sensors as sensors_module
+    import kvid_dagster.core.poll as poll_module
+    import kvid_dagster.sensor_builder as sensors_module
+    from kvid_dagster.cli.runner import QUIET_RUN_CONFIG, evaluate_status_sensor
     from kvid_dagster.client import AsyncKvidClient
+    from kvid_dagster.core.project import KvidProject
     from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, build_kvid_definitions
     from kvid_dagster.ledger import VideoStatus
-    from kvid_dagster.project import KvidProject
-    from kvid_dagster.resource import KvidResource
-    from kvid_dagster.runner import QUIET_RUN_CONFIG, evaluate_status_sensor
+    from kvid_dagster.resources import KvidResource
 
     # --- instrumentation: time what the sensor's tick calls (in this process) ------------------
     watches = {name: Stopwatch() for name in (

@@ -327,7 +327,7 @@ def wrap_ledger(watches: dict[str, Stopwatch]) -> None:
     ``ledger_register`` and ``publish`` (the Parquet catalogs)."""
     # not `import kvid_dagster.ledger.publish as ...`: the package's `publish` is the function
     publish_module = importlib.import_module("kvid_dagster.ledger.publish")
-    import kvid_dagster.project as project_module
+    import kvid_dagster.core.project as project_module
     from kvid_dagster.ledger import Ledger
 
     for name in LEDGER_READS:

@@ -73,7 +73,7 @@ def _requests_digest(table: Any) -> str:
 
 
 def measure(source: Any, plain_read: Callable[[], Any], repeat: int, tokens: int) -> dict[str, Any]:
-    from kvid_dagster.prompts import load_prompt_table
+    from kvid_dagster.core.prompts import load_prompt_table
 
     table = load_prompt_table(source)  # once untimed: imports, the first connection
     figures: dict[str, Any] = {
@@ -100,9 +100,9 @@ def _unchanged_tick(source: Any) -> Callable[[], Any]:
 
     from dagster import DagsterInstance, SkipReason, build_sensor_context
 
+    from kvid_dagster.core.project import KvidProject
     from kvid_dagster.definitions import build_kvid_definitions
-    from kvid_dagster.project import KvidProject
-    from kvid_dagster.resource import KvidResource
+    from kvid_dagster.resources import KvidResource
 
     resource = KvidResource(api_key="bench", base_url="http://127.0.0.1:9")  # never called
     project = KvidProject(source, tempfile.mkdtemp(prefix="kvid-bench-tick-"))
@@ -142,7 +142,7 @@ def run(args: Any, tmp: Path) -> dict[str, Any]:
     import pandas as pd
     import sqlalchemy as sa
 
-    from kvid_dagster.sources import FilePromptSource, SqlPromptSource, UrlPromptSource
+    from kvid_dagster.core.sources import FilePromptSource, SqlPromptSource, UrlPromptSource
 
     n = args.rows or (5_000 if args.quick else 100_000)
     repeat = args.repeat or (1 if args.quick else 3)

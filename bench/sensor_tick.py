@@ -57,10 +57,10 @@ def submit_all(prompts: Path, data_dir: Path, database_url: str, base_url: str) 
     """Register and submit every row of ``prompts`` as the ``kvid_prompts`` and
     ``kvid_video_jobs`` assets do; return how many were submitted, and how fast. Runs in a child
     process, so that the ticks' process starts clean."""
+    from kvid_dagster.core.prompts import load_prompt_table
+    from kvid_dagster.core.submit import SubmitAction, register_table, submit_rows
     from kvid_dagster.ledger import Ledger
-    from kvid_dagster.prompts import load_prompt_table
-    from kvid_dagster.resource import KvidResource
-    from kvid_dagster.submit import SubmitAction, register_table, submit_rows
+    from kvid_dagster.resources import KvidResource
 
     table = load_prompt_table(prompts)
     ledger = Ledger.for_data_dir(data_dir, database_url)
@@ -135,14 +135,14 @@ def run(args: argparse.Namespace) -> int:
         quiet_dagster()
         from dagster import instance_for_test
 
-        import kvid_dagster.sensors as sensors_module
+        import kvid_dagster.sensor_builder as sensors_module
+        from kvid_dagster.cli.runner import evaluate_status_sensor
         from kvid_dagster.client import AsyncKvidClient
+        from kvid_dagster.core.poll import DEFAULT_TICK_BUDGET_S
+        from kvid_dagster.core.project import KvidProject
         from kvid_dagster.definitions import build_kvid_definitions
         from kvid_dagster.options import StatusSensorOptions
-        from kvid_dagster.poll import DEFAULT_TICK_BUDGET_S
-        from kvid_dagster.project import KvidProject
-        from kvid_dagster.resource import KvidResource
-        from kvid_dagster.runner import evaluate_status_sensor
+        from kvid_dagster.resources import KvidResource
 
         watches = {
             k: Stopwatch() for k in ("status", "poll_pending", "event_storage", *LEDGER_WATCHES)

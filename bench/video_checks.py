@@ -70,6 +70,8 @@ def main() -> None:
     repeat = args.repeat or (5 if args.quick else 21)
     partitions = args.partitions or (10 if args.quick else 50)
 
+    from kvid_dagster.core.poll import _verified
+    from kvid_dagster.core.prompts import load_prompt_table
     from kvid_dagster.emulator import render
     from kvid_dagster.ledger import (
         ClaimOwner,
@@ -79,10 +81,8 @@ def main() -> None:
         VideoFile,
         VideoStatus,
     )
-    from kvid_dagster.poll import _verified
-    from kvid_dagster.preview import cache_path, video_preview
-    from kvid_dagster.probe import probe_video
-    from kvid_dagster.prompts import load_prompt_table
+    from kvid_dagster.media.preview import cache_path, video_preview
+    from kvid_dagster.media.probe import probe_video
 
     figures: dict[str, Any] = {"repeat": repeat, "clips": {}}
     with scratch(args.workdir, "kvid-bench-checks-") as tmp:
@@ -154,9 +154,9 @@ def store_events(row: VideoRow, partitions: int, home: Path) -> dict[str, Any]:
 
     from dagster import AssetCheckEvaluation, AssetKey, DagsterInstance
 
-    from kvid_dagster.poll import VideoEvent
-    from kvid_dagster.reporting import VIDEO_CHECK_NAME
-    from kvid_dagster.sensors import video_events
+    from kvid_dagster.core.poll import VideoEvent
+    from kvid_dagster.core.reporting import VIDEO_CHECK_NAME
+    from kvid_dagster.sensor_builder import video_events
     from kvid_dagster.translator import KvidTranslator
 
     home.mkdir()

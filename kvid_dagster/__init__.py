@@ -39,23 +39,23 @@ _EXPORTS: dict[str, str] = {
     "Ledger": "kvid_dagster.ledger",
     "VideoStatus": "kvid_dagster.ledger",
     # a finished video as downstream code takes it (no Dagster)
-    "KvidVideo": "kvid_dagster.videos",
+    "KvidVideo": "kvid_dagster.media.videos",
     # the Dagster layer
-    "KvidResource": "kvid_dagster.resource",
+    "KvidResource": "kvid_dagster.resources",
     "KvidTranslator": "kvid_dagster.translator",
     "KvidAsset": "kvid_dagster.translator",
     "KvidAssetProps": "kvid_dagster.translator",
-    "KvidProject": "kvid_dagster.project",
+    "KvidProject": "kvid_dagster.core.project",
     "StatusSensorOptions": "kvid_dagster.options",
     "PromptsSensorOptions": "kvid_dagster.options",
     "ScheduleOptions": "kvid_dagster.options",
     "build_kvid_assets": "kvid_dagster.assets",
-    "build_kvid_status_sensor": "kvid_dagster.sensors",
-    "build_kvid_prompts_sensor": "kvid_dagster.sensors",
-    "build_kvid_schedule": "kvid_dagster.schedules",
+    "build_kvid_status_sensor": "kvid_dagster.sensor_builder",
+    "build_kvid_prompts_sensor": "kvid_dagster.sensor_builder",
+    "build_kvid_schedule": "kvid_dagster.schedule_builder",
     "build_kvid_definitions": "kvid_dagster.definitions",
-    "CreditBudget": "kvid_dagster.budget",
-    "KvidVideosComponent": "kvid_dagster.component",
+    "CreditBudget": "kvid_dagster.core.budget",
+    "KvidVideosComponent": "kvid_dagster.components.kvid_videos_component",
     "KvidVideoIOManager": "kvid_dagster.io_manager",
 }
 
@@ -63,9 +63,6 @@ _EXPORTS: dict[str, str] = {
 if TYPE_CHECKING:
     from kvid_dagster.assets import (
         build_kvid_assets,
-    )
-    from kvid_dagster.budget import (
-        CreditBudget,
     )
     from kvid_dagster.client import (
         ApiDialect,
@@ -87,8 +84,14 @@ if TYPE_CHECKING:
         TextToVideoV2,
         build_request,
     )
-    from kvid_dagster.component import (
+    from kvid_dagster.components.kvid_videos_component import (
         KvidVideosComponent,
+    )
+    from kvid_dagster.core.budget import (
+        CreditBudget,
+    )
+    from kvid_dagster.core.project import (
+        KvidProject,
     )
     from kvid_dagster.definitions import (
         build_kvid_definitions,
@@ -104,21 +107,21 @@ if TYPE_CHECKING:
         Ledger,
         VideoStatus,
     )
+    from kvid_dagster.media.videos import (
+        KvidVideo,
+    )
     from kvid_dagster.options import (
         PromptsSensorOptions,
         ScheduleOptions,
         StatusSensorOptions,
     )
-    from kvid_dagster.project import (
-        KvidProject,
-    )
-    from kvid_dagster.resource import (
+    from kvid_dagster.resources import (
         KvidResource,
     )
-    from kvid_dagster.schedules import (
+    from kvid_dagster.schedule_builder import (
         build_kvid_schedule,
     )
-    from kvid_dagster.sensors import (
+    from kvid_dagster.sensor_builder import (
         build_kvid_prompts_sensor,
         build_kvid_status_sensor,
     )
@@ -126,9 +129,6 @@ if TYPE_CHECKING:
         KvidAsset,
         KvidAssetProps,
         KvidTranslator,
-    )
-    from kvid_dagster.videos import (
-        KvidVideo,
     )
 
 

@@ -27,14 +27,14 @@ from dagster import (
 )
 
 from kvid_dagster.catalog_metadata import CONTACT_SHEET_KEY, catalog_metadata, shown_catalog
+from kvid_dagster.core.planning import JobPlan, partition_ranges, plan_jobs
+from kvid_dagster.core.project import KvidProject, UpstreamLoader
+from kvid_dagster.core.prompts import PromptTable
+from kvid_dagster.core.reporting import VIDEO_CHECK_NAME, unmeasured_reason, verdict_for
+from kvid_dagster.core.sources import PromptSourceUnavailable
+from kvid_dagster.core.submit import latest_submissions
 from kvid_dagster.ledger import VideoRow
-from kvid_dagster.planning import JobPlan, partition_ranges, plan_jobs
-from kvid_dagster.project import KvidProject, UpstreamLoader
-from kvid_dagster.prompts import PromptTable
-from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
-from kvid_dagster.reporting import VIDEO_CHECK_NAME, unmeasured_reason, verdict_for
-from kvid_dagster.sources import PromptSourceUnavailable
-from kvid_dagster.submit import latest_submissions
+from kvid_dagster.media.quality import CheckOutcome, QualityCheck, outcomes
 from kvid_dagster.translator import PREVIEW_KEYS, KvidTranslator
 
 

@@ -35,30 +35,26 @@ from dagster import (
 )
 from pydantic import Field
 
-from kvid_dagster._aio import run_coroutine
 from kvid_dagster._dagster_common import (
     publish_catalog,
     upstream_loader,
     video_check_result,
     video_quality_result,
 )
-from kvid_dagster.budget import CreditBudget, estimate_backfill
 from kvid_dagster.catalog_metadata import (
     PREVIEW_ROWS,
     catalog_contact_sheet,
     catalog_metadata,
     markdown_table,
 )
-from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow, VideoRow
-from kvid_dagster.liveness import run_liveness
-from kvid_dagster.pricing import DEFAULT_PRICES
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTable, PromptTableError
-from kvid_dagster.quality import QualityCheck
-from kvid_dagster.reporting import VIDEO_CHECK_NAME
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.sources import PromptSourceUnavailable
-from kvid_dagster.submit import (
+from kvid_dagster.core._aio import run_coroutine
+from kvid_dagster.core.budget import CreditBudget, estimate_backfill
+from kvid_dagster.core.pricing import DEFAULT_PRICES
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptTable, PromptTableError
+from kvid_dagster.core.reporting import VIDEO_CHECK_NAME
+from kvid_dagster.core.sources import PromptSourceUnavailable
+from kvid_dagster.core.submit import (
     SpendReport,
     SubmitAction,
     SubmitOutcome,
@@ -66,6 +62,10 @@ from kvid_dagster.submit import (
     register_table,
     submit_rows,
 )
+from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow, VideoRow
+from kvid_dagster.liveness import run_liveness
+from kvid_dagster.media.quality import QualityCheck
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import AssetKey, DagsterInstance, MetadataValue, TableColumn, TableSchema
 
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.ledger import VIDEO_SCHEMA, PublishStats, VideoStatus
-from kvid_dagster.preview import PreviewError, contact_sheet
-from kvid_dagster.project import KvidProject
-from kvid_dagster.storage import exists as stored
+from kvid_dagster.media.preview import PreviewError, contact_sheet
+from kvid_dagster.media.storage import exists as stored
 
 PREVIEW_ROWS = 20
 CONTACT_SHEET_VIDEOS = 8  # the latest completed videos on kvid_catalog's contact sheet

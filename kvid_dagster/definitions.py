@@ -14,14 +14,14 @@ from dagster import (
 )
 
 from kvid_dagster.assets import build_kvid_assets
-from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL, ApiDialect
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.project import KvidProject, dialect_from_env
 from kvid_dagster.io_manager import KvidVideoIOManager, video_io_manager_key
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
-from kvid_dagster.project import KvidProject, dialect_from_env
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.schedules import build_kvid_schedule
-from kvid_dagster.sensors import build_kvid_prompts_sensor, build_kvid_status_sensor
+from kvid_dagster.resources import KvidResource
+from kvid_dagster.schedule_builder import build_kvid_schedule
+from kvid_dagster.sensor_builder import build_kvid_prompts_sensor, build_kvid_status_sensor
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PROMPTS_JOB = "kvid_prompts_job"

@@ -17,8 +17,8 @@ from typing import Any, get_origin
 import pandas as pd
 from dagster import AssetKey, Failure, InputContext, IOManager, OutputContext
 
-from kvid_dagster.project import KvidProject
-from kvid_dagster.videos import (
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.media.videos import (
     KvidVideo,
     VideoUnavailable,
     completed_videos,

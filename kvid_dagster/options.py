@@ -1,6 +1,6 @@
 """The settings of the status sensor, the prompt-table sensor and the schedule, one record each.
 
-Every default is defined once (the polling ones in :mod:`kvid_dagster.poll`, which applies
+Every default is defined once (the polling ones in :mod:`kvid_dagster.core.poll`, which applies
 them) and reaches ``build_kvid_definitions`` and the ``build_*`` factories as the same frozen
 object, so no layer passes ``None`` on to mean "the default". Durations are ``*_seconds``,
 as in Dagster's own API.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dagster import DefaultScheduleStatus, DefaultSensorStatus
 
 from kvid_dagster.client import DEFAULT_MAX_BYTES
-from kvid_dagster.poll import (
+from kvid_dagster.core.poll import (
     DEFAULT_FETCH_ATTEMPTS,
     DEFAULT_JOB_DEADLINE_S,
     DEFAULT_LOST_AFTER_S,
@@ -21,7 +21,7 @@ from kvid_dagster.poll import (
     SENSOR_TIMEOUT_S,
     PollConfig,
 )
-from kvid_dagster.storage import StoragePath
+from kvid_dagster.media.storage import StoragePath
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any
 
 from dagster import AssetKey, AssetSpec, MetadataValue
 
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.ledger import VideoRow
-from kvid_dagster.preview import PreviewError, video_previews
-from kvid_dagster.project import KvidProject
+from kvid_dagster.media.preview import PreviewError, video_previews
 
 #: Dagster's standard key for where an asset is stored (``UriMetadataSet``)
 URI_KEY = "dagster/uri"

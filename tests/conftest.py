@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 
 from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
-from kvid_dagster.storage import STORAGE_URL_ENV
+from kvid_dagster.media.storage import STORAGE_URL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = REPO_ROOT / "data" / "images"

@@ -33,6 +33,9 @@ from conftest import REPO_ROOT, TEST_API_KEY
 
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.core.poll import PollConfig, PollReport, poll_pending
+from kvid_dagster.core.prompts import PromptRow, load_prompt_table
+from kvid_dagster.core.submit import SubmitOutcome, submit_rows
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     ClaimRule,
@@ -42,9 +45,6 @@ from kvid_dagster.ledger import (
     submissions_frame,
     videos_frame,
 )
-from kvid_dagster.poll import PollConfig, PollReport, poll_pending
-from kvid_dagster.prompts import PromptRow, load_prompt_table
-from kvid_dagster.submit import SubmitOutcome, submit_rows
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -272,9 +272,9 @@ def make_defs(
 ) -> Any:
     """The project's definitions against an emulator; retries wait at most 1 s. ``kwargs``
     go to ``build_kvid_definitions`` (``status_sensor=StatusSensorOptions(...)``, ...)."""
+    from kvid_dagster.core.project import KvidProject
     from kvid_dagster.definitions import build_kvid_definitions
-    from kvid_dagster.project import KvidProject
-    from kvid_dagster.resource import KvidResource
+    from kvid_dagster.resources import KvidResource
 
     project = KvidProject(prompts, data_dir, database_url=database_url, storage_url=storage_url)
     resource = KvidResource(
@@ -288,8 +288,8 @@ def make_defs(
 
 
 def run_submit(defs: Any, instance: Any, first: str, last: str, **kwargs: Any) -> bool:
+    from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
     from kvid_dagster.definitions import SUBMIT_JOB
-    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
     result = defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
         instance=instance,
@@ -318,7 +318,7 @@ def execute_submit(
     Returns the ``JobExecutionResult``."""
     from dagster import build_reconstructable_job, execute_job
 
-    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
+    from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
 
     job = build_reconstructable_job(
         "faultkit", "submit_job", reconstructable_args=(base_url, str(prompts), str(data_dir))
@@ -339,7 +339,7 @@ def run_prompts(defs: Any, instance: Any) -> bool:
 def tick_until_settled(defs: Any, instance: Any, ledger: Ledger, *, max_ticks: int = 80) -> int:
     """Status-sensor ticks, stored as the daemon stores them, until nothing waits; returns the
     number of ticks (one more after settling, so late reports land too)."""
-    from kvid_dagster.runner import evaluate_status_sensor
+    from kvid_dagster.cli.runner import evaluate_status_sensor
 
     cursor = None
     for ticks in range(1, max_ticks + 1):
@@ -469,8 +469,8 @@ def child_sensor_tick(
     first video's download (nothing recorded yet, its first bytes kept in a partial file)."""
     from dagster import DagsterInstance
 
+    from kvid_dagster.cli.runner import evaluate_status_sensor
     from kvid_dagster.client import _download
-    from kvid_dagster.runner import evaluate_status_sensor
 
     if mode == "reporting":
         original_report = DagsterInstance.report_runless_asset_event

@@ -24,11 +24,11 @@ from faultkit import dagster_home, make_defs, open_instance, run_prompts, write_
 from pydantic import ValidationError
 
 from kvid_dagster.assets import KvidJobsConfig, add_new_partitions, build_kvid_assets
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import SUBMIT_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import VideoStatus
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.project import KvidProject
 
 PROMPTS, JOBS, VIDEOS, CATALOG = (
     AssetKey(name) for name in ("kvid_prompts", "kvid_video_jobs", "kvid_videos", "kvid_catalog")

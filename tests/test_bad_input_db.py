@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_ledger import Row
 
+from kvid_dagster.core.prompts import PROMPT_ID_PATTERN, PromptTable, load_prompt_table, parse_rows
+from kvid_dagster.core.submit import invalid_entries, register_table
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     ClaimOwner,
@@ -40,8 +42,6 @@ from kvid_dagster.ledger import (
     VideoStatus,
 )
 from kvid_dagster.ledger.tables import storable_text, unstorable_at
-from kvid_dagster.prompts import PROMPT_ID_PATTERN, PromptTable, load_prompt_table, parse_rows
-from kvid_dagster.submit import invalid_entries, register_table
 
 NUL = "\x00"
 LONG_KEY = "k" * 300  # the key column is VARCHAR(255)

@@ -32,8 +32,12 @@ from faultkit import (
     write_table,
 )
 
-from kvid_dagster.budget import CreditBudget
-from kvid_dagster.cli import main as cli_main
+from kvid_dagster.cli.main import main as cli_main
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptRow
+from kvid_dagster.core.submit import SubmitAction, SubmitOutcome, resubmit_failed, submit_rows
 from kvid_dagster.definitions import SUBMIT_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
@@ -47,10 +51,6 @@ from kvid_dagster.ledger import (
     Submission,
     VideoStatus,
 )
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptRow
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed, submit_rows
 
 PRICE = 60  # v1 480p, one clip
 KEYS = [f"b{i}" for i in range(8)]

@@ -23,11 +23,11 @@ from faultkit import (
 )
 
 from kvid_dagster import KvidVideosComponent
+from kvid_dagster.cli.runner import evaluate_status_sensor
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.ledger import Ledger
 from kvid_dagster.ledger.publish import published_revision
-from kvid_dagster.project import KvidProject
-from kvid_dagster.runner import evaluate_status_sensor
 
 CATALOG = AssetKey("kvid_catalog")
 SENSOR = "kvid_status_sensor"

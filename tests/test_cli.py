@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from conftest import IMAGES_DIR
 
+from kvid_dagster.core.prompts import load_prompt_table
 from kvid_dagster.ledger import (
     ClaimOwner,
     JobChange,
@@ -21,8 +22,7 @@ from kvid_dagster.ledger import (
     VideoStatus,
     submissions_frame,
 )
-from kvid_dagster.probe import probe_video
-from kvid_dagster.prompts import load_prompt_table
+from kvid_dagster.media.probe import probe_video
 
 
 def cli(

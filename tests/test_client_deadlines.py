@@ -29,9 +29,9 @@ from kvid_dagster.client import (
     KvidValidationError,
     TextToVideoV1,
 )
+from kvid_dagster.core.submit import SubmitAction
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.submit import SubmitAction
+from kvid_dagster.resources import KvidResource
 
 # per-read timeout far above the pace: only the deadline can end these calls. The hang guard
 # (pytest-timeout) is there for a regression, which would otherwise wait forever.

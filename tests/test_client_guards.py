@@ -32,9 +32,9 @@ from kvid_dagster.client import (
     KvidUncertainSubmissionError,
     TextToVideoV1,
 )
+from kvid_dagster.core.prompts import load_prompt_table
+from kvid_dagster.core.submit import SubmitAction, SubmitOutcome, register_table, submit_rows
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, register_table, submit_rows
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -36,11 +36,11 @@ from faultkit import (
 
 from kvid_dagster import KvidVideosComponent
 from kvid_dagster.client import ApiDialect
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.definitions import SUBMIT_JOB
 from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.emulator.local import recorded_emulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.local import recorded_emulator
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.translator import ASSET_NAMES
 
 SAMPLE_KEYS = ["fox", "harbour"]  # the scaffolded prompts.csv's rows

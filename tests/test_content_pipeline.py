@@ -29,10 +29,10 @@ from dagster._core.storage.tags import AUTOMATION_CONDITION_TAG, SENSOR_NAME_TAG
 from faultkit import dagster_home, open_instance
 
 from kvid_dagster import KvidVideo
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import VideoStatus
-from kvid_dagster.project import KvidProject
-from kvid_dagster.videos import load_video
+from kvid_dagster.media.videos import load_video
 
 EXAMPLE = REPO_ROOT / "examples" / "content_pipeline"
 DAY_ONE, DAY_TWO = "2026-03-14", "2026-03-15"

@@ -19,9 +19,9 @@ from devkit import (
     wait_group_gone,
 )
 
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import PROMPTS_JOB, build_kvid_definitions
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.resources import KvidResource
 
 
 def test_automation_condition_requests_new_partitions(tmp_path: Path) -> None:

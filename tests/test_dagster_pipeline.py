@@ -31,6 +31,10 @@ from dagster import (
 )
 from faultkit import check_verdicts
 
+from kvid_dagster.cli.runner import evaluate_status_sensor
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import load_prompt_table
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
@@ -41,12 +45,8 @@ from kvid_dagster.ledger import (
     submissions_frame,
     videos_frame,
 )
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.probe import probe_video
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.runner import evaluate_status_sensor
+from kvid_dagster.media.probe import probe_video
+from kvid_dagster.resources import KvidResource
 
 VIDEOS = AssetKey("kvid_videos")
 NOON = datetime(2026, 11, 26, 12, tzinfo=UTC)

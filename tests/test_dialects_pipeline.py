@@ -24,18 +24,18 @@ import pytest
 from conftest import TEST_API_KEY, EmulatorFactory, fast_config
 from faultkit import dagster_home, open_instance, run_prompts, run_submit, tick_until_settled
 
+from kvid_dagster.cli.progress import PlainDisplay
+from kvid_dagster.cli.runner import evaluate_status_sensor, run_pipeline
 from kvid_dagster.client import ApiDialect, GenerationTextToVideo, KvidClient
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import load_prompt_table
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.emulator.generation import ModelFamily
 from kvid_dagster.ledger import Ledger, VideoStatus
+from kvid_dagster.media.probe import probe_video
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.probe import probe_video
-from kvid_dagster.progress import PlainDisplay
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.runner import evaluate_status_sensor, run_pipeline
+from kvid_dagster.resources import KvidResource
 
 GENERATION = ApiDialect.GENERATION
 
@@ -290,8 +290,8 @@ def _price_of_one(emulator: KvidEmulator, prompts: Path) -> float:
 
 
 def _submit(defs: Any, instance: Any, first: str, last: str) -> Any:
+    from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
     from kvid_dagster.definitions import SUBMIT_JOB
-    from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
     return defs.resolve_job_def(SUBMIT_JOB).execute_in_process(
         instance=instance,

@@ -31,13 +31,13 @@ from faultkit import (
 )
 
 from kvid_dagster.client import AsyncKvidClient, KvidRequest
+from kvid_dagster.core.poll import video_path
+from kvid_dagster.core.prompts import PromptRow
+from kvid_dagster.core.submit import SubmitAction, SubmitOutcome, submit_rows
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus, submissions_frame, videos_frame
-from kvid_dagster.poll import video_path
-from kvid_dagster.preview import PreviewKind, cache_path
-from kvid_dagster.probe import probe_video
-from kvid_dagster.prompts import PromptRow
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, submit_rows
+from kvid_dagster.media.preview import PreviewKind, cache_path
+from kvid_dagster.media.probe import probe_video
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

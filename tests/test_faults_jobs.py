@@ -29,13 +29,13 @@ from faultkit import (
 )
 
 from kvid_dagster._dagster_common import keys_needing_jobs
-from kvid_dagster.budget import CreditBudget
+from kvid_dagster.cli.runner import evaluate_status_sensor
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, SpendWindow, VideoRow, VideoStatus, submissions_frame
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.runner import evaluate_status_sensor
+from kvid_dagster.resources import KvidResource
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

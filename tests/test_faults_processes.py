@@ -48,17 +48,17 @@ from faultkit import (
 )
 
 from kvid_dagster._dagster_common import keys_needing_jobs
+from kvid_dagster.cli.runner import evaluate_status_sensor
 from kvid_dagster.client import AsyncKvidClient, JobKind, KvidClient, KvidNotFoundError
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.core.poll import PollConfig, poll_pending
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptRow, load_prompt_table
+from kvid_dagster.core.submit import register_table
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, VideoStatus
-from kvid_dagster.poll import PollConfig, poll_pending
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptRow, load_prompt_table
-from kvid_dagster.runner import evaluate_status_sensor
-from kvid_dagster.sensors import StatusCursor
-from kvid_dagster.submit import register_table
+from kvid_dagster.sensor_builder import StatusCursor
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

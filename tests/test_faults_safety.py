@@ -29,6 +29,9 @@ from faultkit import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvid_dagster.core.poll import video_path
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptRow
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
@@ -40,9 +43,6 @@ from kvid_dagster.ledger import (
     submissions_frame,
     videos_frame,
 )
-from kvid_dagster.poll import video_path
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptRow
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

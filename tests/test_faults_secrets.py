@@ -41,10 +41,10 @@ from kvid_dagster.client import (
     KvidNotReadyError,
     TextToVideoV1,
 )
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.ledger import VideoStatus
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.resources import KvidResource
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

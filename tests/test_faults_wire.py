@@ -35,6 +35,7 @@ from faultkit import (
     table_rows,
 )
 
+from kvid_dagster.core.poll import PollConfig, poll_pending
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     ClaimOwner,
@@ -45,9 +46,8 @@ from kvid_dagster.ledger import (
     VideoRow,
     VideoStatus,
 )
-from kvid_dagster.poll import PollConfig, poll_pending
-from kvid_dagster.preview import PreviewKind, cache_path
-from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
+from kvid_dagster.media.preview import PreviewKind, cache_path
+from kvid_dagster.media.quality import CheckOutcome, QualityCheck, outcomes
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

@@ -28,10 +28,10 @@ from kvid_dagster.client import (
     LocalImage,
     build_request,
 )
+from kvid_dagster.core.prompts import load_prompt_table
+from kvid_dagster.core.submit import SubmitAction, register_table
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.submit import SubmitAction, register_table
 
 IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
 IMAGE_A = IMAGES / "tiger.jpg"

@@ -18,9 +18,9 @@ from conftest import TEST_API_KEY
 from faultkit import poll_until_settled, submit
 
 from kvid_dagster.client import KvidClient
+from kvid_dagster.core.prompts import PromptRow, load_prompt_table
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.prompts import PromptRow, load_prompt_table
 
 SENT = datetime(2026, 11, 1, 12, tzinfo=UTC)
 

@@ -1,6 +1,6 @@
-"""The local mode's emulator is one for every process of a project (``kvid_dagster.local``):
-real processes racing to start it, a job created through one and fetched through another,
-a dead one replaced, an idle one gone by itself."""
+"""The local mode's emulator is one for every process of a project
+(``kvid_dagster.emulator.local``): real processes racing to start it, a job created through
+one and fetched through another, a dead one replaced, an idle one gone by itself."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from kvid_dagster.client import KvidClient, build_request
-from kvid_dagster.local import LOCAL_API_KEY, recorded_emulator, shared_emulator
+from kvid_dagster.emulator.local import LOCAL_API_KEY, recorded_emulator, shared_emulator
 
-FIND = "import json, sys; from pathlib import Path; from kvid_dagster.local import shared_emulator; e = shared_emulator(Path(sys.argv[1])); print(json.dumps([e.base_url, e.pid]))"  # noqa: E501
+FIND = "import json, sys; from pathlib import Path; from kvid_dagster.emulator.local import shared_emulator; e = shared_emulator(Path(sys.argv[1])); print(json.dumps([e.base_url, e.pid]))"  # noqa: E501
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_processes_racing_to_start_it_share_one_and_a_job_crosses_them(state_dir
         request_id = client.generate(request)
     poll = (
         "import sys; from pathlib import Path; from kvid_dagster.client import KvidClient; "
-        "from kvid_dagster.local import LOCAL_API_KEY, shared_emulator; "
+        "from kvid_dagster.emulator.local import LOCAL_API_KEY, shared_emulator; "
         "c = KvidClient(LOCAL_API_KEY, shared_emulator(Path(sys.argv[1])).base_url); "
         "c.wait('text-to-video', sys.argv[2], poll_interval=0.2, deadline=120); "
         "print(c.result('text-to-video', sys.argv[2]).url)"

@@ -16,17 +16,17 @@ from dagster import DefaultScheduleStatus, DefaultSensorStatus
 from faultkit import write_table
 
 from kvid_dagster.client import DEFAULT_MAX_BYTES
-from kvid_dagster.definitions import build_kvid_definitions
-from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
-from kvid_dagster.poll import (
+from kvid_dagster.core.poll import (
     DEFAULT_FETCH_ATTEMPTS,
     DEFAULT_JOB_DEADLINE_S,
     DEFAULT_LOST_AFTER_S,
     DEFAULT_TICK_BUDGET_S,
     PollConfig,
 )
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.definitions import build_kvid_definitions
+from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
+from kvid_dagster.resources import KvidResource
 
 
 def test_the_defaults_are_the_polling_engines_own() -> None:

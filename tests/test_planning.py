@@ -11,17 +11,17 @@ from dagster import AssetKey, DagsterInstance
 from faultkit import write_table
 
 from kvid_dagster._dagster_common import keys_needing_jobs, range_run_requests
-from kvid_dagster.ledger import ClaimOwner, Ledger, Submission
-from kvid_dagster.planning import (
+from kvid_dagster.core.planning import (
     RANGE_END_TAG,
     RANGE_START_TAG,
     PartitionRange,
     partition_ranges,
     plan_jobs,
 )
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptRow, load_prompt_table
-from kvid_dagster.submit import latest_submissions, register_table
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptRow, load_prompt_table
+from kvid_dagster.core.submit import latest_submissions, register_table
+from kvid_dagster.ledger import ClaimOwner, Ledger, Submission
 
 JOBS = AssetKey("kvid_video_jobs")
 
@@ -86,6 +86,6 @@ def test_keys_needing_jobs_reads_the_instances_partitions_and_the_ledger(
 
 
 def test_planning_imports_no_dagster() -> None:
-    code = "import sys, kvid_dagster.planning; print('dagster' in sys.modules)"
+    code = "import sys, kvid_dagster.core.planning; print('dagster' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

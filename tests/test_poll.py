@@ -1,4 +1,4 @@
-"""``kvid_dagster.poll``: one ``poll_pending`` tick against a real emulator and a real ledger
+"""``kvid_dagster.core.poll``: one ``poll_pending`` tick against a real emulator and a real ledger
 (SQLite and PostgreSQL): a finished job lands verified in the download folder, a running one
 stays pending, the tick goes round from its cursor and defers what its budget leaves, and
 ``video_path`` names one file per job.
@@ -20,10 +20,10 @@ from pathlib import Path
 from conftest import EmulatorFactory, fast_config
 from faultkit import make_client, poll_once, submit, table_rows, write_table
 
+from kvid_dagster.core.poll import PollConfig, PollReport, poll_pending, video_path
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.poll import PollConfig, PollReport, poll_pending, video_path
-from kvid_dagster.preview import cache_path
+from kvid_dagster.media.preview import cache_path
 
 SLOW_JOB_SECONDS = 30.0  # still running whenever these tests look
 

@@ -30,7 +30,7 @@ from faultkit import (
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.emulator.render import RenderPlan, encode, text_frames
 from kvid_dagster.ledger import Ledger
-from kvid_dagster.preview import (
+from kvid_dagster.media.preview import (
     CLIP_LADDER,
     INLINE_MARKDOWN_CHARS,
     MAX_IMAGE_BYTES,

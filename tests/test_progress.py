@@ -23,8 +23,7 @@ import pytest
 from conftest import TEST_API_KEY, EmulatorFactory, fast_config
 from rich.console import Console
 
-from kvid_dagster.ledger import VideoRow, VideoStatus
-from kvid_dagster.progress import (
+from kvid_dagster.cli.progress import (
     LiveDisplay,
     Phase,
     PlainDisplay,
@@ -34,6 +33,7 @@ from kvid_dagster.progress import (
     estimate_eta,
     shorten,
 )
+from kvid_dagster.ledger import VideoRow, VideoStatus
 
 CLI = Path(sys.executable).parent / "kvid-dagster"
 KEYS = ["alpha", "bravo", "charlie", "delta"]

@@ -32,13 +32,13 @@ from dagster import (
 )
 from faultkit import dagster_home, open_instance, run_prompts, run_submit
 
+from kvid_dagster.core.project import KvidProject, PromptsSetting
+from kvid_dagster.core.sources import SqlPromptSource
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import VideoStatus
-from kvid_dagster.project import KvidProject, PromptsSetting
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.sensors import PromptsCursor
-from kvid_dagster.sources import SqlPromptSource
+from kvid_dagster.resources import KvidResource
+from kvid_dagster.sensor_builder import PromptsCursor
 
 ROWS = [
     {"prompt_id": "fox", "prompt": "A red fox in snow", "seed": 7, "campaign": "winter"},

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from kvid_dagster.client import ImageToVideoV1, ImageToVideoV2, TextToVideoV1, TextToVideoV2
-from kvid_dagster.prompts import PromptTableError, load_prompt_table
+from kvid_dagster.core.prompts import PromptTableError, load_prompt_table
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -28,9 +28,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from kvid_dagster.ledger import Submission, VideoFile, VideoStatus
-from kvid_dagster.poll import video_path
-from kvid_dagster.prompts import (
+from kvid_dagster.core.poll import video_path
+from kvid_dagster.core.prompts import (
     PARAM_COLUMNS,
     PROMPT_ID_PATTERN,
     ROW_COLUMNS,
@@ -41,6 +40,7 @@ from kvid_dagster.prompts import (
     load_prompt_table,
     parse_rows,
 )
+from kvid_dagster.ledger import Submission, VideoFile, VideoStatus
 
 SETTINGS = settings(
     max_examples=60,

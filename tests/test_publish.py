@@ -36,6 +36,8 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster.cli.runner import evaluate_status_sensor
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import (
     SUBMISSION_COLUMNS,
@@ -52,8 +54,6 @@ from kvid_dagster.ledger import (
     videos_frame,
 )
 from kvid_dagster.ledger.publish import DATA_FILE, REVISION_KEY, published_revision
-from kvid_dagster.project import KvidProject
-from kvid_dagster.runner import evaluate_status_sensor
 
 STATUS_SENSOR = "kvid_status_sensor"
 VIDEOS = AssetKey("kvid_videos")
@@ -148,8 +148,8 @@ from dagster import Definitions
 
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.resources import KvidResource
 
 
 

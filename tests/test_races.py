@@ -50,10 +50,10 @@ from faultkit import (
 
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
 from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.core.prompts import PromptRow, load_prompt_table
+from kvid_dagster.core.submit import DEFAULT_GENERATE_CONCURRENCY, SubmitAction, register_table
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.prompts import PromptRow, load_prompt_table
-from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY, SubmitAction, register_table
 
 CLI = Path(sys.executable).parent / "kvid-dagster"  # the venv running the tests
 CONCURRENCY = 4  # what child_submit_killable uses

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from faultkit import write_table
 
-from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, VideoRow, VideoStatus
-from kvid_dagster.poll import VideoEvent
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.reporting import (
+from kvid_dagster.core.poll import VideoEvent
+from kvid_dagster.core.prompts import load_prompt_table
+from kvid_dagster.core.reporting import (
     REREPORT_WINDOW_S,
     VIDEO_CHECK_NAME,
     ReportKind,
@@ -25,7 +24,8 @@ from kvid_dagster.reporting import (
     verdict_for,
     video_reports,
 )
-from kvid_dagster.submit import register_table
+from kvid_dagster.core.submit import register_table
+from kvid_dagster.ledger import ClaimOwner, JobChange, Ledger, Submission, VideoRow, VideoStatus
 
 OUTCOMES = {
     "done": VideoStatus.COMPLETED,
@@ -122,6 +122,6 @@ def test_an_outcome_is_stale_only_when_what_it_shows_differs(rows: dict[str, Vid
 
 
 def test_reporting_imports_no_dagster() -> None:
-    code = "import sys, kvid_dagster.reporting; print('dagster' in sys.modules)"
+    code = "import sys, kvid_dagster.core.reporting; print('dagster' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

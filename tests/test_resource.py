@@ -6,7 +6,7 @@ import asyncio
 import inspect
 
 from kvid_dagster.client import AsyncKvidClient, KvidClient
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.resources import KvidResource
 
 # resource field -> the client's constructor argument it sets
 _CLIENT_ARGUMENTS = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from dagster import Failure, asset, materialize
 
+from kvid_dagster.cli.runner import StepFailure
 from kvid_dagster.client import KvidAuthenticationError
-from kvid_dagster.runner import StepFailure
 
 
 @asset

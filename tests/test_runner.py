@@ -11,13 +11,13 @@ from conftest import TEST_API_KEY
 from dagster import AssetKey, DagsterInstance
 from faultkit import write_table
 
-from kvid_dagster.budget import CreditBudget
+from kvid_dagster.cli.progress import PlainDisplay
+from kvid_dagster.cli.runner import run_pipeline
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import VideoStatus
-from kvid_dagster.progress import PlainDisplay
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.runner import run_pipeline
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import KvidTranslator
 
 PRICE = 60  # v1 480p, one clip: faultkit.write_table's rows

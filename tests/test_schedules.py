@@ -1,4 +1,4 @@
-"""``kvid_dagster.schedules``: the schedule ``build_kvid_schedule`` makes from its
+"""``kvid_dagster.schedule_builder``: the schedule ``build_kvid_schedule`` makes from its
 ``ScheduleOptions``, and what its evaluation asks for on a real Dagster instance whose
 partitions and ledger say which rows have a job.
 
@@ -23,11 +23,11 @@ from dagster import (
 )
 from faultkit import dagster_home, open_instance, submit, table_rows, write_table
 
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.options import ScheduleOptions
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.project import KvidProject
-from kvid_dagster.schedules import build_kvid_schedule
+from kvid_dagster.schedule_builder import build_kvid_schedule
 from kvid_dagster.translator import KvidAsset, KvidTranslator
 
 KEYS = [f"k{i}" for i in range(6)]

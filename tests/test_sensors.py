@@ -21,10 +21,10 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster.cli.runner import evaluate_status_sensor
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger
-from kvid_dagster.runner import evaluate_status_sensor
-from kvid_dagster.sensors import StatusCursor
+from kvid_dagster.sensor_builder import StatusCursor
 
 SENSOR = "kvid_status_sensor"
 

@@ -31,8 +31,8 @@ import pytest
 import sqlalchemy as sa
 
 from kvid_dagster.client import ImageToVideoV1
-from kvid_dagster.prompts import PromptTable, PromptTableError, load_prompt_table
-from kvid_dagster.sources import (
+from kvid_dagster.core.prompts import PromptTable, PromptTableError, load_prompt_table
+from kvid_dagster.core.sources import (
     FilePromptSource,
     FramePromptSource,
     PromptSource,

@@ -43,6 +43,7 @@ from faultkit import (
 )
 from upath import UPath
 
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import CATALOG_JOB
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus, publish, videos_frame
@@ -52,9 +53,8 @@ from kvid_dagster.ledger.publish import (
     STALE_TEMP_SECONDS,
     published_revision,
 )
-from kvid_dagster.preview import PreviewKind, cache_path, contact_sheet, video_previews
-from kvid_dagster.project import KvidProject
-from kvid_dagster.storage import (
+from kvid_dagster.media.preview import PreviewKind, cache_path, contact_sheet, video_previews
+from kvid_dagster.media.storage import (
     PART_BYTES,
     STORAGE_URL_ENV,
     Storage,

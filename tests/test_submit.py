@@ -1,4 +1,4 @@
-"""``kvid_dagster.submit``: ``submit_rows`` and its helpers against a real emulator and a real
+"""``kvid_dagster.core.submit``: ``submit_rows`` and its helpers against a real emulator and a real
 ledger (SQLite and PostgreSQL): each request is sent once, within the generate bound, and the
 table's invalid rows are recorded, never sent.
 
@@ -17,10 +17,8 @@ import pytest
 from conftest import EmulatorFactory, fast_config
 from faultkit import submit, table_rows, write_table
 
-from kvid_dagster.emulator import KvidEmulator
-from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.submit import (
+from kvid_dagster.core.prompts import load_prompt_table
+from kvid_dagster.core.submit import (
     SubmitAction,
     SubmitOutcome,
     invalid_entries,
@@ -28,6 +26,8 @@ from kvid_dagster.submit import (
     needs_job,
     register_table,
 )
+from kvid_dagster.emulator import KvidEmulator
+from kvid_dagster.ledger import Ledger, VideoStatus
 
 
 def test_each_row_is_sent_once_and_a_second_call_skips_it(

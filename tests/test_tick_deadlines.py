@@ -26,10 +26,10 @@ from faultkit import (
 )
 
 from kvid_dagster.client import JobKind, KvidDownloadBusyError, KvidNotFoundError, PartialDownload
+from kvid_dagster.core.poll import PollConfig, PollReport, poll_pending
+from kvid_dagster.core.prompts import PromptRow
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger, VideoStatus
-from kvid_dagster.poll import PollConfig, PollReport, poll_pending
-from kvid_dagster.prompts import PromptRow
 
 # real servers' rough edges in every emulator here (see conftest.REALISTIC_MARK)
 pytestmark = pytest.mark.realistic_emulator

@@ -32,12 +32,12 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster.core.planning import PartitionRange
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.reporting import VIDEO_CHECK_NAME
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import Ledger, Submission, VideoFile, VideoRow, VideoStatus
-from kvid_dagster.planning import PartitionRange
-from kvid_dagster.project import KvidProject
-from kvid_dagster.quality import QualityCheck
-from kvid_dagster.reporting import VIDEO_CHECK_NAME
+from kvid_dagster.media.quality import QualityCheck
 from kvid_dagster.translator import (
     ASSET_NAMES,
     SUBMITTING_RUN_KEY,

@@ -31,9 +31,9 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from test_dagster_dev import free_port
 from test_previews import Finished, finish_videos
 
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.ledger import Ledger
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEYS = ["clip-a", "clip-b", "clip-c", "clip-d", "clip-e"]

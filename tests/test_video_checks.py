@@ -1,4 +1,5 @@
-"""The checks that each video is what was asked and not broken content (``kvid_dagster.quality``):
+"""The checks that each video is what was asked and not broken content
+(``kvid_dagster.media.quality``):
 
 - end to end: the emulator's marked prompts (``[[kvid:wrong-size]]``, ``[[kvid:black]]``,
   ``[[kvid:frozen]]``) -> the status sensor's poll -> the ledger (SQLite and PostgreSQL) -> the
@@ -47,14 +48,13 @@ from faultkit import (
     write_table,
 )
 
+from kvid_dagster.core.poll import PollConfig, poll_pending
+from kvid_dagster.core.prompts import load_prompt_table
 from kvid_dagster.emulator import FAIL_MARKER, Defect, KvidEmulator
 from kvid_dagster.emulator import render as emulator_render
 from kvid_dagster.ledger import ClaimOwner, Ledger, Submission
-from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.poll import PollConfig, poll_pending
-from kvid_dagster.probe import VideoProbe
-from kvid_dagster.prompts import load_prompt_table
-from kvid_dagster.quality import (
+from kvid_dagster.media.probe import VideoProbe
+from kvid_dagster.media.quality import (
     ExpectedOutput,
     PictureFigures,
     QualityCheck,
@@ -62,6 +62,7 @@ from kvid_dagster.quality import (
     expected_output,
     measure_picture,
 )
+from kvid_dagster.options import StatusSensorOptions
 
 VIDEOS = AssetKey("kvid_videos")
 #: each row's prompt marker, and what each check says of its video

@@ -52,17 +52,17 @@ from faultkit import (
 from test_component import SAMPLE_KEYS, load_scaffolded, submit_all
 
 from kvid_dagster import KvidVideo, KvidVideoIOManager
+from kvid_dagster.core.planning import RANGE_END_TAG, RANGE_START_TAG
+from kvid_dagster.core.project import KvidProject
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.emulator import KvidEmulator
 from kvid_dagster.emulator.server import FAIL_MARKER
 from kvid_dagster.io_manager import video_io_manager_key
 from kvid_dagster.ledger import Ledger, VideoRow, VideoStatus
+from kvid_dagster.media.videos import VIDEO_TABLE_COLUMNS
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.planning import RANGE_END_TAG, RANGE_START_TAG
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import KvidAssetProps, KvidTranslator
-from kvid_dagster.videos import VIDEO_TABLE_COLUMNS
 
 VIDEOS = AssetKey("kvid_videos")
 PARTITIONS = DynamicPartitionsDefinition(name="kvid_prompts")  # the default project's
@@ -475,8 +475,8 @@ from dagster import (
 from kvid_dagster import KvidVideo
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.project import KvidProject
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.resources import KvidResource
 
 project = KvidProject(os.environ["KVID_PROMPTS"], os.environ["KVID_DATA_DIR"])
 

@@ -9,7 +9,7 @@ over older (or unreadable) files, so publishers racing on any number of hosts ne
 state back; one that finds the ledger moved on meanwhile publishes again. A publisher killed
 mid-write leaves its temp files; a later one removes them once they are old.
 
-On object storage (``catalog_dir`` an ``s3://...`` URL, see :mod:`kvid_dagster.storage`) there
+On object storage (``catalog_dir`` an ``s3://...`` URL, see :mod:`kvid_dagster.media.storage`) there
 is no rename, but one object's PUT is atomic: the files are written to a local temp dir, and
 uploaded straight to their final keys under the same lock and the same revision rule.
 """
@@ -35,7 +35,13 @@ import pyarrow.parquet as pq
 from sqlalchemy import Connection, func, or_, select
 
 from kvid_dagster.ledger.store import Ledger
-from kvid_dagster.storage import StoragePath, arrow_location, is_remote, put_file, storage_path
+from kvid_dagster.media.storage import (
+    StoragePath,
+    arrow_location,
+    is_remote,
+    put_file,
+    storage_path,
+)
 
 REVISION_KEY = b"kvid.revision"
 LEDGER_ID_KEY = b"kvid.ledger_id"

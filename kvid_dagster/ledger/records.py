@@ -47,7 +47,7 @@ class InvalidEntry:
 @dataclass(frozen=True)
 class VideoQuality:
     """What the poller measured of a downloaded video's picture, what its request asked for,
-    and the checks' verdicts when it was fetched (``kvid_dagster.quality`` has the rules and
+    and the checks' verdicts when it was fetched (``kvid_dagster.media.quality`` has the rules and
     the thresholds). An expected value of None is one the request does not determine."""
 
     sampled_frames: int  # the frames the picture figures are of (evenly spread over the clip)

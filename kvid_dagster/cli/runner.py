@@ -29,16 +29,16 @@ from dagster import (
 from dagster._utils.error import SerializableErrorInfo
 
 from kvid_dagster._dagster_common import asset_value_loader, keys_needing_jobs
-from kvid_dagster.budget import CreditBudget
+from kvid_dagster.cli.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.mistakes import user_errors
+from kvid_dagster.core.planning import partition_ranges
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptTable
 from kvid_dagster.definitions import CATALOG_JOB, PROMPTS_JOB, SUBMIT_JOB, build_kvid_definitions
 from kvid_dagster.ledger import Ledger, SpendWindow, VideoStatus, videos_frame
-from kvid_dagster.mistakes import user_errors
 from kvid_dagster.options import StatusSensorOptions
-from kvid_dagster.planning import partition_ranges
-from kvid_dagster.progress import Phase, PlainDisplay, ProgressDisplay, ProgressTracker
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTable
-from kvid_dagster.resource import KvidResource
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 # the run's own events stay in the instance (and in `dagster dev`); the console gets nothing:

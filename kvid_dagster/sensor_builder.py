@@ -28,7 +28,6 @@ from dagster import (
     sensor,
 )
 
-from kvid_dagster._aio import run_coroutine
 from kvid_dagster._dagster_common import (
     asset_value_loader,
     keys_needing_jobs,
@@ -38,16 +37,13 @@ from kvid_dagster._dagster_common import (
     range_run_requests,
     video_check_result,
 )
-from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import AsyncKvidClient
-from kvid_dagster.ledger import Submission, VideoStatus
-from kvid_dagster.liveness import run_liveness
-from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
-from kvid_dagster.poll import PollConfig, PollReport, VideoEvent, poll_pending
-from kvid_dagster.project import KvidProject, UpstreamLoader
-from kvid_dagster.prompts import PromptTableError
-from kvid_dagster.quality import outcomes
-from kvid_dagster.reporting import (
+from kvid_dagster.core._aio import run_coroutine
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.poll import PollConfig, PollReport, VideoEvent, poll_pending
+from kvid_dagster.core.project import KvidProject, UpstreamLoader
+from kvid_dagster.core.prompts import PromptTableError
+from kvid_dagster.core.reporting import (
     CHECK_NAMES,
     ReportKind,
     ShownOutcome,
@@ -55,9 +51,13 @@ from kvid_dagster.reporting import (
     unreported,
     video_reports,
 )
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.sources import PromptSourceUnavailable
-from kvid_dagster.submit import SubmitAction, SubmitOutcome, resubmit_failed
+from kvid_dagster.core.sources import PromptSourceUnavailable
+from kvid_dagster.core.submit import SubmitAction, SubmitOutcome, resubmit_failed
+from kvid_dagster.ledger import Submission, VideoStatus
+from kvid_dagster.liveness import run_liveness
+from kvid_dagster.media.quality import outcomes
+from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 

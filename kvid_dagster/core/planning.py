@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
+from kvid_dagster.core.prompts import PromptTable
+from kvid_dagster.core.submit import needs_job
 from kvid_dagster.ledger import Submission
-from kvid_dagster.prompts import PromptTable
-from kvid_dagster.submit import needs_job
 
 # Dagster's tags for a single-run backfill's partition range (a run over first..last)
 RANGE_START_TAG = "dagster/asset_partition_range_start"

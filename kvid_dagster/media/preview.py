@@ -27,8 +27,8 @@ import av
 import numpy as np
 
 from kvid_dagster.client._download import create_new_file
-from kvid_dagster.probe import probe_video
-from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_bytes, storage_path
+from kvid_dagster.media.probe import probe_video
+from kvid_dagster.media.storage import StorageError, StoragePath, is_remote, put_bytes, storage_path
 
 #: what one preview's Markdown may take in the event log
 MAX_MARKDOWN_BYTES: Final = 64 * 1024
@@ -128,7 +128,7 @@ def video_previews(path: str | Path) -> VideoPreviews:
     Cached beside the video as hidden ``.<name>.<kind>-v<N>.webp`` files: a re-report reads
     them back instead of decoding and encoding again. A video replaced since (a refetch) is
     newer than its caches, and is encoded again. ``path`` may be a remote URI
-    (``s3://...``, see :mod:`kvid_dagster.storage`): its caches are objects beside it.
+    (``s3://...``, see :mod:`kvid_dagster.media.storage`): its caches are objects beside it.
     """
     if is_remote(path):
         return _remote_previews(storage_path(path))

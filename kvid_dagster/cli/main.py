@@ -49,7 +49,7 @@ def service_endpoint(**emulator_options: Any) -> Iterator[tuple[str, str, bool]]
         yield (base_url or DEFAULT_BASE_URL), api_key, False
         return
     from kvid_dagster.emulator import EmulatorConfig, KvidEmulator
-    from kvid_dagster.local import LOCAL_API_KEY
+    from kvid_dagster.emulator.local import LOCAL_API_KEY
 
     with KvidEmulator(EmulatorConfig(api_key=LOCAL_API_KEY, **emulator_options)) as emulator:
         yield emulator.base_url, LOCAL_API_KEY, True
@@ -65,7 +65,7 @@ def _progress_printer(stream: Any = None) -> Any:
 
     ``stream`` defaults to the ``sys.stderr`` of the moment, like the other messages (bound at
     import, it would miss a redirected or captured stderr)."""
-    from kvid_dagster.progress import is_terminal
+    from kvid_dagster.cli.progress import is_terminal
 
     stream = sys.stderr if stream is None else stream
     state = {"last": ""}
@@ -87,8 +87,8 @@ def _progress_printer(stream: Any = None) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvid_dagster.client import KvidClient, KvidError, build_request
-    from kvid_dagster.project import dialect_from_env
-    from kvid_dagster.prompts import PARAM_COLUMNS
+    from kvid_dagster.core.project import dialect_from_env
+    from kvid_dagster.core.prompts import PARAM_COLUMNS
 
     params: dict[str, Any] = {
         name: value for name in PARAM_COLUMNS if (value := getattr(args, name)) is not None
@@ -134,11 +134,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvid_dagster.budget import CreditBudget
-    from kvid_dagster.progress import display_for
-    from kvid_dagster.project import KvidProject
-    from kvid_dagster.resource import KvidResource
-    from kvid_dagster.runner import print_summary, run_pipeline
+    from kvid_dagster.cli.progress import display_for
+    from kvid_dagster.cli.runner import print_summary, run_pipeline
+    from kvid_dagster.core.budget import CreditBudget
+    from kvid_dagster.core.project import KvidProject
+    from kvid_dagster.resources import KvidResource
 
     data_dir = Path(args.data_dir).resolve()
     project = KvidProject(args.prompts, data_dir)
@@ -167,11 +167,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """What submitting every row without a job would cost, and what today has spent; reads
     the ledger (when there is one) and writes nothing."""
-    from kvid_dagster.budget import estimate_backfill
+    from kvid_dagster.core.budget import estimate_backfill
+    from kvid_dagster.core.project import DATABASE_URL_ENV, dialect_from_env
+    from kvid_dagster.core.prompts import load_prompt_table
     from kvid_dagster.ledger import Ledger, SpendWindow, Submission
     from kvid_dagster.ledger.store import DATABASE_FILE
-    from kvid_dagster.project import DATABASE_URL_ENV, dialect_from_env
-    from kvid_dagster.prompts import load_prompt_table
 
     data_dir = Path(args.data_dir)
     table = load_prompt_table(args.prompts, dialect=dialect_from_env())
@@ -217,8 +217,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from kvid_dagster.project import KvidProject
-    from kvid_dagster.runner import dagster_home_for
+    from kvid_dagster.cli.runner import dagster_home_for
+    from kvid_dagster.core.project import KvidProject
 
     data_dir = Path(args.data_dir).resolve()
     prompts = args.prompts if "://" in args.prompts else str(Path(args.prompts).resolve())
@@ -270,7 +270,7 @@ def _default_signal_handlers() -> None:
 def _change_row(args: argparse.Namespace, command: str, change: Callable[..., VideoRow]) -> int:
     """Apply a person's change to one row of the data folder's ledger, then republish."""
     from kvid_dagster.ledger import Ledger, publish
-    from kvid_dagster.storage import Storage
+    from kvid_dagster.media.storage import Storage
 
     data_dir = Path(args.data_dir)
     ledger = Ledger.for_data_dir(data_dir, os.environ.get("KVID_DATABASE_URL") or None)
@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "emulator":
         return cmd_emulator(argv[1:])
     args = build_parser().parse_args(argv)
-    from kvid_dagster.mistakes import user_errors
+    from kvid_dagster.core.mistakes import user_errors
 
     try:
         return int(args.func(args))

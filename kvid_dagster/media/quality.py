@@ -49,9 +49,9 @@ from kvid_dagster.client import (
     LocalImage,
     build_request,
 )
+from kvid_dagster.core.prompts import IMAGE_COLUMNS, ROW_COLUMNS
 from kvid_dagster.ledger import Submission, VideoFile, VideoQuality
-from kvid_dagster.probe import VideoProbe
-from kvid_dagster.prompts import IMAGE_COLUMNS, ROW_COLUMNS
+from kvid_dagster.media.probe import VideoProbe
 
 #: frames the picture figures are read from, evenly spread from the first to the last
 SAMPLED_FRAMES: Final = 16

@@ -18,13 +18,13 @@ from typing import Annotated, Literal
 import dagster as dg
 from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
 
-from kvid_dagster.budget import CreditBudget
 from kvid_dagster.client import DEFAULT_BASE_URL
+from kvid_dagster.core.budget import CreditBudget
+from kvid_dagster.core.project import KvidProject, PromptsSetting
+from kvid_dagster.core.sources import SqlPromptSource
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
-from kvid_dagster.project import KvidProject, PromptsSetting
-from kvid_dagster.resource import KvidResource
-from kvid_dagster.sources import SqlPromptSource
+from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
 
 # the whole value is one environment variable: kept as its name (the resource's api_key_env,
@@ -179,7 +179,7 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     prompts}``, ``{asset: daily_prompts}``. A relative ``data_dir`` is the component
     folder's; unset, it is ``<project root>/.kvid/<the component's path under defs>``.
     ``emulator: true`` is the local mode: a kvid emulator that every process of the project
-    shares (see ``kvid_dagster.local``), no key, no cost; with it, ``api_key`` and
+    shares (see ``kvid_dagster.emulator.local``), no key, no cost; with it, ``api_key`` and
     ``base_url`` are refused. Without it the service is used, and a missing key fails the run
     or tick that needs it, naming the variable: never a silent emulator.
     ``api_key`` written as ``"{{ env.KVID_API_KEY }}"`` stays an environment variable (read

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from kvid_dagster.budget import CreditBudget, OverBudget, plan_within, room_left
 from kvid_dagster.client import (
     AsyncKvidClient,
     KvidAuthenticationError,
@@ -43,6 +42,9 @@ from kvid_dagster.client import (
     KvidUncertainSubmissionError,
     KvidValidationError,
 )
+from kvid_dagster.core.budget import CreditBudget, OverBudget, plan_within, room_left
+from kvid_dagster.core.pricing import estimate_cost_credits
+from kvid_dagster.core.prompts import PromptRow, PromptTable
 from kvid_dagster.ledger import (
     DEFAULT_RULE,
     ClaimOwner,
@@ -55,10 +57,8 @@ from kvid_dagster.ledger import (
     VideoStatus,
     refusal_for,
 )
-from kvid_dagster.pricing import estimate_cost_credits
-from kvid_dagster.prompts import PromptRow, PromptTable
 
-log = logging.getLogger("kvid_dagster.submit")
+log = logging.getLogger("kvid_dagster.core.submit")
 
 #: generates in flight at once, per submitting process (status polling has its own bound)
 DEFAULT_GENERATE_CONCURRENCY = 4

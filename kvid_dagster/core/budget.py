@@ -14,9 +14,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from kvid_dagster.core.pricing import estimate_cost_credits
+from kvid_dagster.core.prompts import PromptRow
 from kvid_dagster.ledger import DEFAULT_RULE, Ledger, SpendCap, SpendWindow, Submission, refusal_for
-from kvid_dagster.pricing import estimate_cost_credits
-from kvid_dagster.prompts import PromptRow
 
 
 @dataclass(frozen=True)

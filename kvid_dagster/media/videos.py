@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 import pandas as pd
 
 from kvid_dagster.ledger import Ledger, VideoFile, VideoRow, VideoStatus
-from kvid_dagster.storage import storage_path
+from kvid_dagster.media.storage import storage_path
 
 #: what the status poller learnt of the kept file; a record needs every one of them
 _FILE_FACTS = ("sha256", "width", "height", "fps", "num_frames", "duration_s")

@@ -36,6 +36,7 @@ from kvid_dagster.client import (
     KvidNotFoundError,
     PartialDownload,
 )
+from kvid_dagster.core.prompts import PROMPT_ID_PATTERN
 from kvid_dagster.ledger import (
     JobChange,
     Ledger,
@@ -45,13 +46,12 @@ from kvid_dagster.ledger import (
     VideoRow,
     VideoStatus,
 )
-from kvid_dagster.preview import PreviewError, store_previews, video_previews
-from kvid_dagster.probe import VideoProbe, probe_video
-from kvid_dagster.prompts import PROMPT_ID_PATTERN
-from kvid_dagster.quality import assess, expected_output, measure_picture
-from kvid_dagster.storage import StorageError, StoragePath, is_remote, put_file
+from kvid_dagster.media.preview import PreviewError, store_previews, video_previews
+from kvid_dagster.media.probe import VideoProbe, probe_video
+from kvid_dagster.media.quality import assess, expected_output, measure_picture
+from kvid_dagster.media.storage import StorageError, StoragePath, is_remote, put_file
 
-log = logging.getLogger("kvid_dagster.poll")
+log = logging.getLogger("kvid_dagster.core.poll")
 
 DEFAULT_JOB_DEADLINE_S = 15 * 60.0  # the vendor says 1-5 min; three times that before giving up
 # Dagster gives a sensor tick 60 s; like dagster-fivetran's polling sensor, stop well before
@@ -80,10 +80,10 @@ class PollConfig:
     for this long (and ``lost_after_404s`` times in a row): a 404 right after generate, or
     during a deploy, is not proof of loss. ``fetch_attempts``: a completed job's video is
     fetched at most this many times, ``refetch_interval_seconds`` apart, before FETCH_FAILED.
-    ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.storage`).
+    ``download_dir`` may be remote (``s3://...``, see :mod:`kvid_dagster.media.storage`).
     ``image_dir``: where a row's relative image path resolves (its prompt table's folder; None:
     the working directory): with aspect ratio ``auto`` the input image decides the expected
-    size (see :mod:`kvid_dagster.quality`)."""
+    size (see :mod:`kvid_dagster.media.quality`)."""
 
     download_dir: StoragePath
     download: bool = True
@@ -548,7 +548,8 @@ def _verified(
 ) -> tuple[VideoProbe, VideoQuality]:
     """The file's probe, if it is a video whose frames decode; else ValueError (a failed
     fetch). And its measured quality against ``sub``'s request: a video that is not what was
-    asked, or blank, or frozen, is delivered all the same (see :mod:`kvid_dagster.quality`)."""
+    asked, or blank, or frozen, is delivered all the same
+    (see :mod:`kvid_dagster.media.quality`)."""
     try:
         probe = probe_video(path)
     except Exception as exc:  # PyAV raises its own zoo (and IndexError: no video stream)

@@ -23,8 +23,8 @@ from typing import Any
 import pandas as pd
 
 from kvid_dagster.client import ApiDialect, KvidError, KvidRequest, build_request
-from kvid_dagster.prompt_cells import CellError, cell_text, integer_text, key_text
-from kvid_dagster.sources import (
+from kvid_dagster.core.prompt_cells import CellError, cell_text, integer_text, key_text
+from kvid_dagster.core.sources import (
     ImageBase,
     ImageUnavailable,
     PromptSource,
@@ -417,14 +417,14 @@ def load_prompt_table(
     dialect: ApiDialect | str = ApiDialect.VIDEO,
     defaults: Mapping[str, Any] | None = None,
 ) -> PromptTable:
-    """Read a prompt table from ``source`` (a :class:`~kvid_dagster.sources.PromptSource`, or
-    anything :func:`~kvid_dagster.sources.prompt_source` takes: a path, a URL, a DataFrame) and
+    """Read a prompt table from ``source`` (a :class:`~kvid_dagster.core.sources.PromptSource`, or
+    anything :func:`~kvid_dagster.core.sources.prompt_source` takes: a path, a URL, a DataFrame) and
     validate it into requests of ``dialect``; relative image paths resolve against the source's
     folder; ``defaults`` fill the rows' empty kvid cells.
 
     Raises :class:`PromptTableError` for a table no row of which may be sent: unreadable, or
     with a column that looks like a misspelt kvid field (its rows would be paid with the
-    field's default); :class:`~kvid_dagster.sources.PromptSourceUnavailable` (a
+    field's default); :class:`~kvid_dagster.core.sources.PromptSourceUnavailable` (a
     PromptTableError) when it cannot be had now: missing, unreachable, still being written.
     """
     chosen = prompt_source(source)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from kvid_dagster.core.poll import VideoEvent
 from kvid_dagster.ledger import VideoRow, VideoStatus
-from kvid_dagster.poll import VideoEvent
-from kvid_dagster.quality import CheckOutcome, QualityCheck, outcomes
+from kvid_dagster.media.quality import CheckOutcome, QualityCheck, outcomes
 
 VIDEO_CHECK_NAME = "video_ok"
 #: every check on ``kvid_videos``, each with at most one runless result per partition

@@ -8,6 +8,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The table (unreadable, misspelt columns), the key, the service (unreachable, refusing),
     a path or a permission: the message names what to change."""
     from kvid_dagster.client import KvidError  # imported when needed: the CLI starts fast
-    from kvid_dagster.sources import PromptTableError
+    from kvid_dagster.core.sources import PromptTableError
 
     return (KvidError, PromptTableError, OSError)

@@ -50,9 +50,9 @@ from sqlalchemy.engine import make_url
 from upath import UPath
 
 from kvid_dagster.client import MAX_IMAGE_BYTES
+from kvid_dagster.core.prompt_cells import CellError, cell_text
 from kvid_dagster.ledger.store import normalize_database_url, redact_url
-from kvid_dagster.prompt_cells import CellError, cell_text
-from kvid_dagster.storage import StoragePath, filesystem, is_remote, storage_path
+from kvid_dagster.media.storage import StoragePath, filesystem, is_remote, storage_path
 
 MAX_TABLE_BYTES = 256 * 1024 * 1024
 # a CSV file without its last newline may be half written: read it once it stops changing

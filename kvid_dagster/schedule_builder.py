@@ -18,10 +18,10 @@ from kvid_dagster._dagster_common import (
     keys_needing_jobs,
     range_run_requests,
 )
+from kvid_dagster.core.project import KvidProject
+from kvid_dagster.core.prompts import PromptTableError
+from kvid_dagster.core.sources import PromptSourceUnavailable
 from kvid_dagster.options import ScheduleOptions
-from kvid_dagster.project import KvidProject
-from kvid_dagster.prompts import PromptTableError
-from kvid_dagster.sources import PromptSourceUnavailable
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 

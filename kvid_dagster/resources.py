@@ -22,7 +22,7 @@ from kvid_dagster.client import (
     KvidAuthenticationError,
     KvidClient,
 )
-from kvid_dagster.submit import DEFAULT_GENERATE_CONCURRENCY, DEFAULT_LIMIT_WAIT_S
+from kvid_dagster.core.submit import DEFAULT_GENERATE_CONCURRENCY, DEFAULT_LIMIT_WAIT_S
 
 
 class KvidResource(ConfigurableResource):
@@ -35,7 +35,7 @@ class KvidResource(ConfigurableResource):
 
     ``api_key_env`` names the variable, read when a client is made: unset, it is one line
     naming it where the client is needed (a run's step, a sensor's tick). ``local_emulator_dir``
-    is the local mode (no key, no cost, made-up videos: see :mod:`kvid_dagster.local`).
+    is the local mode (no key, no cost, made-up videos: see :mod:`kvid_dagster.emulator.local`).
     """
 
     # repr=False: the key stays out of repr()/str() of the resource, which Dagster and
@@ -138,7 +138,7 @@ class KvidResource(ConfigurableResource):
     def _endpoint(self) -> tuple[str, str]:
         """(api key, base URL) of the service to talk to now."""
         if self.local_emulator_dir is not None:
-            from kvid_dagster.local import LOCAL_API_KEY, shared_emulator
+            from kvid_dagster.emulator.local import LOCAL_API_KEY, shared_emulator
 
             return LOCAL_API_KEY, shared_emulator(Path(self.local_emulator_dir)).base_url
         if self.api_key:

@@ -11,14 +11,14 @@ import pandas as pd
 from dagster import AssetKey, DynamicPartitionsDefinition
 
 from kvid_dagster.client import ApiDialect, dialect_for
-from kvid_dagster.ledger import Ledger, PublishStats, publish
-from kvid_dagster.prompts import PromptTable, checked_param_defaults, load_prompt_table
-from kvid_dagster.sources import (
+from kvid_dagster.core.prompts import PromptTable, checked_param_defaults, load_prompt_table
+from kvid_dagster.core.sources import (
     PromptSource,
     PromptSourceUnavailable,
     prompt_source,
 )
-from kvid_dagster.storage import Storage, StoragePath
+from kvid_dagster.ledger import Ledger, PublishStats, publish
+from kvid_dagster.media.storage import Storage, StoragePath
 
 #: where a project's prompt rows come from: a local path or an fsspec URL, a ``PromptSource``
 #: (a database table or query, ...), or the ``AssetKey`` of an upstream asset whose value is
@@ -50,7 +50,7 @@ class KvidProject:
     ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
     it, ``<data_dir>/videos/`` the downloaded videos; ``storage_url`` (else
     ``$KVID_STORAGE_URL``: a local path or an fsspec URL such as ``s3://bucket/prefix``) moves
-    ``catalog/`` and ``videos/`` there (see :mod:`kvid_dagster.storage`; the ledger stays in
+    ``catalog/`` and ``videos/`` there (see :mod:`kvid_dagster.media.storage`; the ledger stays in
     its database). The partitions definition is named after
     ``partitions_name`` so two projects can share a Dagster instance. ``dialect`` (else
     ``$KVID_API_DIALECT``, else ``video``) is the API dialect the table's rows are requests of.
