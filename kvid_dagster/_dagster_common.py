@@ -28,14 +28,14 @@ from dagster import (
 
 from kvid_dagster.catalog_metadata import CONTACT_SHEET_KEY, catalog_metadata, shown_catalog
 from kvid_dagster.core.planning import JobPlan, partition_ranges, plan_jobs
-from kvid_dagster.core.project import KvidProject, UpstreamLoader
+from kvid_dagster.core.project import KvidProject, UpstreamAsset, UpstreamLoader
 from kvid_dagster.core.prompts import PromptTable
 from kvid_dagster.core.reporting import VIDEO_CHECK_NAME, unmeasured_reason, verdict_for
 from kvid_dagster.core.sources import PromptSourceUnavailable
 from kvid_dagster.core.submit import latest_submissions
 from kvid_dagster.ledger import VideoRow
 from kvid_dagster.media.quality import CheckOutcome, QualityCheck, outcomes
-from kvid_dagster.translator import PREVIEW_KEYS, KvidTranslator
+from kvid_dagster.translator import PREVIEW_KEYS, KvidTranslator, upstream_key
 
 
 def publish_catalog(
@@ -85,7 +85,8 @@ def upstream_loader(instance: DagsterInstance, load: Callable[..., Any]) -> Upst
     """An ``UpstreamLoader`` on a context's ``load_asset_value``: the asset's latest
     materialization, of whichever partition it was (a daily asset's latest day)."""
 
-    def load_latest(key: AssetKey) -> Any:
+    def load_latest(upstream: UpstreamAsset) -> Any:
+        key = AssetKey(upstream.path)
         record = latest_materialization(instance, key)
         if record is None:
             raise PromptSourceUnavailable(
@@ -118,9 +119,10 @@ def prompts_change_token(project: KvidProject, instance: DagsterInstance) -> str
     """A cheap token that changes whenever the project's rows may have: an upstream asset's
     latest materialization (a read of the event log), else the source's own (a file's stat,
     an object's ETag, a database's digest). Raises ``PromptSourceUnavailable``."""
-    if project.upstream is None:
+    key = upstream_key(project)
+    if key is None:
         return project.source().change_token()
-    record = latest_materialization(instance, project.upstream)
+    record = latest_materialization(instance, key)
     return None if record is None else f"materialization:{record.storage_id}"
 
 

@@ -66,7 +66,13 @@ from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow, VideoRow
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.media.quality import QualityCheck
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+from kvid_dagster.translator import (
+    KvidAsset,
+    KvidTranslator,
+    asset_specs,
+    partitions_def,
+    upstream_key,
+)
 
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
 
@@ -384,6 +390,7 @@ def build_kvid_assets(
         budget_credits or CreditBudget(),
         key[KvidAsset.CATALOG],
     )
+    partitions = partitions_def(project)
     if jobs_automation_condition is not None:
         specs[KvidAsset.VIDEO_JOBS] = specs[KvidAsset.VIDEO_JOBS].replace_attributes(
             automation_condition=jobs_automation_condition
@@ -392,7 +399,7 @@ def build_kvid_assets(
     @asset(
         **_asset_kwargs(specs[KvidAsset.PROMPTS]),
         # an upstream asset whose value is the table: its materializations refresh this one
-        deps=[project.upstream] if project.upstream is not None else [],
+        deps=[upstream] if (upstream := upstream_key(project)) is not None else [],
         check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
@@ -405,7 +412,7 @@ def build_kvid_assets(
         @asset(
             **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS]),
             deps=[key[KvidAsset.PROMPTS]],
-            partitions_def=project.partitions_def,
+            partitions_def=partitions,
             backfill_policy=BackfillPolicy.single_run(),
             pool="kvid",
         )
@@ -415,7 +422,7 @@ def build_kvid_assets(
             return submit_video_jobs(context, config, kvid, settings)
 
     kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
-        deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=project.partitions_def
+        deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=partitions
     )
     if videos_io_manager_key is not None:
         kvid_videos = kvid_videos.with_io_manager_key(videos_io_manager_key)
@@ -427,7 +434,7 @@ def build_kvid_assets(
         @asset_check(
             asset=key[KvidAsset.VIDEOS],
             name=VIDEO_CHECK_NAME,
-            partitions_def=project.partitions_def,
+            partitions_def=partitions,
             description="The partition's job completed and its video was downloaded and verified.",
         )
         def video_ok(context: AssetCheckExecutionContext) -> AssetCheckResult:
@@ -452,7 +459,7 @@ def _quality_check(
     @asset_check(
         asset=videos,
         name=check.value,
-        partitions_def=settings.project.partitions_def,
+        partitions_def=partitions_def(settings.project),
         description=check.description,
     )
     def quality_check(context: AssetCheckExecutionContext) -> AssetCheckResult:

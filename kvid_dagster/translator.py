@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from dagster import AssetKey, AssetSpec, MetadataValue
+from dagster import AssetKey, AssetSpec, DynamicPartitionsDefinition, MetadataValue
 
 from kvid_dagster.core.project import KvidProject
 from kvid_dagster.ledger import VideoRow
@@ -36,6 +36,18 @@ class KvidAsset(StrEnum):
 
 
 ASSET_NAMES = tuple(asset.value for asset in KvidAsset)
+
+
+def partitions_def(project: KvidProject) -> DynamicPartitionsDefinition:
+    """The project's partitions, one a row: named ``project.partitions_name`` (equal by name,
+    so each call gives the same definition)."""
+    return DynamicPartitionsDefinition(name=project.partitions_name)
+
+
+def upstream_key(project: KvidProject) -> AssetKey | None:
+    """The key of the asset whose value is the project's table; None for a table elsewhere."""
+    return None if project.upstream is None else AssetKey(project.upstream.path)
+
 
 _KINDS: dict[KvidAsset, frozenset[str]] = {
     KvidAsset.PROMPTS: frozenset({"kvid"}),  # and its file's format, where it is a file

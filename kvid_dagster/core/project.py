@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
-from dagster import AssetKey, DynamicPartitionsDefinition
 
 from kvid_dagster.client import ApiDialect, dialect_for
 from kvid_dagster.core.prompts import PromptTable, checked_param_defaults, load_prompt_table
@@ -20,13 +20,46 @@ from kvid_dagster.core.sources import (
 from kvid_dagster.ledger import Ledger, PublishStats, publish
 from kvid_dagster.media.storage import Storage, StoragePath
 
+if TYPE_CHECKING:
+    from dagster import DynamicPartitionsDefinition
+
+
+class AssetKeyLike(Protocol):
+    """What core needs of a Dagster ``AssetKey``: its path (so core need not import Dagster)."""
+
+    @property
+    def path(self) -> Sequence[str]: ...
+
+
+@dataclass(frozen=True)
+class UpstreamAsset:
+    """The upstream asset whose value is the table, by its key's path: the Dagster layer
+    turns it into an ``AssetKey`` (``AssetKey(upstream.path)``)."""
+
+    path: tuple[str, ...]
+
+    def describe(self) -> str:
+        """The key as Dagster shows it (``AssetKey.to_user_string``)."""
+        return "/".join(self.path)
+
+
+def upstream_asset(prompts: object) -> UpstreamAsset | None:
+    """An ``AssetKey`` (any object with a key's ``.path``) as core's record, None for a table
+    or its location. Taken where users pass the key, so ``KvidProject(AssetKey(...))`` keeps
+    working and every layer above core gets the same Dagster-free record."""
+    if isinstance(prompts, str | os.PathLike | PromptSource | pd.DataFrame):
+        return None  # a FilePromptSource, a frame's "path" column: a ``.path`` that is no key
+    path = getattr(prompts, "path", None)
+    return None if path is None else UpstreamAsset(tuple(path))
+
+
 #: where a project's prompt rows come from: a local path or an fsspec URL, a ``PromptSource``
 #: (a database table or query, ...), or the ``AssetKey`` of an upstream asset whose value is
 #: the table (a pandas DataFrame, or a path or URL to read)
-PromptsSetting = str | os.PathLike[str] | PromptSource | AssetKey
+PromptsSetting = str | os.PathLike[str] | PromptSource | AssetKeyLike
 #: loads an asset's latest value through its own IO manager; each Dagster context (a run, a
 #: sensor, the headless runner) has its own way to, so it is handed in where the table is read
-UpstreamLoader = Callable[[AssetKey], Any]
+UpstreamLoader = Callable[[UpstreamAsset], Any]
 
 DATABASE_URL_ENV = "KVID_DATABASE_URL"
 DIALECT_ENV = "KVID_API_DIALECT"
@@ -70,22 +103,25 @@ class KvidProject:
         param_defaults: Mapping[str, Any] | None = None,
         storage_url: str | None = None,
     ) -> None:
-        self.upstream: AssetKey | None = prompts if isinstance(prompts, AssetKey) else None
-        self._source = None if isinstance(prompts, AssetKey) else prompt_source(prompts)
+        self.upstream = upstream_asset(prompts)
+        self._source = None if self.upstream is not None else prompt_source(prompts)
         self.data_dir = Path(data_dir).resolve()
         self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
         self.table_prefix = table_prefix
         self.dialect = dialect_from_env(dialect)
         # a bad default is refused here, before any table is read
         self.param_defaults = checked_param_defaults(param_defaults or {})
-        self.partitions_def = DynamicPartitionsDefinition(name=partitions_name)
+        self.partitions_name = partitions_name
         self.storage = Storage.from_setting(storage_url, self.data_dir)
         self._ledger: tuple[int, Ledger] | None = None
 
     @property
-    def partitions_name(self) -> str:
-        assert self.partitions_def.name is not None
-        return self.partitions_def.name
+    def partitions_def(self) -> DynamicPartitionsDefinition:
+        """The Dagster partitions of the rows, for ``@asset(partitions_def=...)`` in users'
+        code: built by the Dagster layer, which only a Dagster user reaches."""
+        from kvid_dagster.translator import partitions_def
+
+        return partitions_def(self)
 
     @property
     def catalog_dir(self) -> StoragePath:
@@ -108,7 +144,7 @@ class KvidProject:
     def prompts_name(self) -> str:
         """Where the rows come from, in one short line (descriptions, logs, messages)."""
         if self.upstream is not None:
-            return f"asset {self.upstream.to_user_string()}"
+            return f"asset {self.upstream.describe()}"
         assert self._source is not None
         return self._source.describe()
 
@@ -123,7 +159,7 @@ class KvidProject:
         assert key is not None
         if load_upstream is None:
             raise PromptSourceUnavailable(
-                f"the prompt rows are the value of asset {key.to_user_string()}: they are read "
+                f"the prompt rows are the value of asset {key.describe()}: they are read "
                 "in a Dagster run or sensor, which can load it"
             )
         try:
@@ -132,7 +168,7 @@ class KvidProject:
             raise
         except Exception as exc:  # whatever its IO manager raises: the table is not there now
             raise PromptSourceUnavailable(
-                f"asset {key.to_user_string()} could not be loaded through its IO manager "
+                f"asset {key.describe()} could not be loaded through its IO manager "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
         return upstream_source(key, value)
@@ -151,11 +187,11 @@ class KvidProject:
         return f"KvidProject(prompts={self.prompts_name!r}, data_dir={self.data_dir!s})"
 
 
-def upstream_source(key: AssetKey, value: Any) -> PromptSource:
+def upstream_source(key: UpstreamAsset, value: Any) -> PromptSource:
     """The rows an upstream asset's value holds: a DataFrame, or a path or URL to a table."""
     if isinstance(value, pd.DataFrame | str | os.PathLike | PromptSource):
         return prompt_source(value)
     raise PromptSourceUnavailable(
-        f"asset {key.to_user_string()} gave a {type(value).__name__}: the kvid prompt rows are "
+        f"asset {key.describe()} gave a {type(value).__name__}: the kvid prompt rows are "
         "a pandas DataFrame, or a path or URL to a CSV or Parquet table"
     )
