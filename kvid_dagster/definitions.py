@@ -14,9 +14,14 @@ from dagster import (
 )
 
 from kvid_dagster.assets import build_kvid_assets
-from kvid_dagster.client import DEFAULT_BASE_URL, ApiDialect
+from kvid_dagster.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, ApiDialect
 from kvid_dagster.core.budget import CreditBudget
-from kvid_dagster.core.project import KvidProject, dialect_from_env
+from kvid_dagster.core.project import (
+    DATA_DIR_ENV,
+    PROMPTS_ENV,
+    KvidProject,
+    dialect_from_env,
+)
 from kvid_dagster.io_manager import KvidVideoIOManager, video_io_manager_key
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
@@ -34,8 +39,8 @@ def resource_from_env(dialect: ApiDialect | str | None = None) -> KvidResource:
     tick that needs it fails naming it), ``KVID_BASE_URL`` (default: the vendor's) and the
     dialect (``dialect``, else ``KVID_API_DIALECT``, else ``video``)."""
     return KvidResource(
-        api_key_env="KVID_API_KEY",
-        base_url=os.environ.get("KVID_BASE_URL") or DEFAULT_BASE_URL,
+        api_key_env=API_KEY_ENV,
+        base_url=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
         dialect=dialect_from_env(dialect),
     )
 
@@ -47,8 +52,8 @@ def definitions_from_env(
     """``build_kvid_definitions`` for ``$KVID_PROMPTS`` (a path or an fsspec URL) and
     ``$KVID_DATA_DIR``, each else its default (none: the variable must be set); the service
     from ``$KVID_API_KEY`` and ``$KVID_BASE_URL`` (``resource_from_env``)."""
-    prompts = os.environ.get("KVID_PROMPTS") or default_prompts
-    data_dir = os.environ.get("KVID_DATA_DIR") or default_data_dir
+    prompts = os.environ.get(PROMPTS_ENV) or default_prompts
+    data_dir = os.environ.get(DATA_DIR_ENV) or default_data_dir
     if prompts is None or data_dir is None:
         raise ValueError(
             "set KVID_PROMPTS (the prompt table) and KVID_DATA_DIR (the data folder) for these "

@@ -36,8 +36,10 @@ def service_endpoint(**emulator_options: Any) -> Iterator[tuple[str, str, bool]]
     free loopback port for the duration; otherwise the configured service is used and nothing is
     started.
     """
-    base_url = os.environ.get("KVID_BASE_URL", "").strip()
-    api_key = os.environ.get("KVID_API_KEY", "").strip()
+    from kvid_dagster.client import API_KEY_ENV, BASE_URL_ENV
+
+    base_url = os.environ.get(BASE_URL_ENV, "").strip()
+    api_key = os.environ.get(API_KEY_ENV, "").strip()
     if base_url or api_key:
         from kvid_dagster.client import DEFAULT_BASE_URL, KvidAuthenticationError
 
@@ -168,18 +170,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     """What submitting every row without a job would cost, and what today has spent; reads
     the ledger (when there is one) and writes nothing."""
     from kvid_dagster.core.budget import estimate_backfill
-    from kvid_dagster.core.project import DATABASE_URL_ENV, dialect_from_env
-    from kvid_dagster.core.prompts import load_prompt_table
-    from kvid_dagster.ledger import Ledger, SpendWindow, Submission
-    from kvid_dagster.ledger.store import DATABASE_FILE
+    from kvid_dagster.core.project import KvidProject
+    from kvid_dagster.ledger import SpendWindow, Submission
 
-    data_dir = Path(args.data_dir)
-    table = load_prompt_table(args.prompts, dialect=dialect_from_env())
-    database_url = os.environ.get(DATABASE_URL_ENV) or None
+    project = KvidProject(args.prompts, args.data_dir)
+    table = project.load_table()
     latest: dict[str, Submission] = {}
     spent_today = 0.0
-    if database_url or (data_dir / DATABASE_FILE).exists():  # no ledger yet: nothing has a job
-        with Ledger.for_data_dir(data_dir, database_url) as ledger:
+    if project.has_ledger():  # no ledger yet: nothing has a job
+        with project.ledger() as ledger:
             latest = ledger.latest_submissions(row.request_hash for row in table.rows)
             spent_today = ledger.spent_credits(SpendWindow.DAY)
     estimate = estimate_backfill(table.rows, latest, None, spent_today)
@@ -218,7 +217,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     import subprocess
 
     from kvid_dagster.cli.runner import dagster_home_for
-    from kvid_dagster.core.project import KvidProject
+    from kvid_dagster.client import API_KEY_ENV, BASE_URL_ENV
+    from kvid_dagster.core.project import DATA_DIR_ENV, PROMPTS_ENV, KvidProject
 
     data_dir = Path(args.data_dir).resolve()
     prompts = args.prompts if "://" in args.prompts else str(Path(args.prompts).resolve())
@@ -229,10 +229,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     with service_endpoint() as (base_url, api_key, embedded):
         env = {
             **os.environ,
-            "KVID_BASE_URL": base_url,
-            "KVID_API_KEY": api_key,
-            "KVID_PROMPTS": prompts,
-            "KVID_DATA_DIR": str(data_dir),
+            BASE_URL_ENV: base_url,
+            API_KEY_ENV: api_key,
+            PROMPTS_ENV: prompts,
+            DATA_DIR_ENV: str(data_dir),
             "DAGSTER_HOME": str(home),
         }
         if embedded:
@@ -269,17 +269,15 @@ def _default_signal_handlers() -> None:
 
 def _change_row(args: argparse.Namespace, command: str, change: Callable[..., VideoRow]) -> int:
     """Apply a person's change to one row of the data folder's ledger, then republish."""
-    from kvid_dagster.ledger import Ledger, publish
-    from kvid_dagster.media.storage import Storage
+    from kvid_dagster.core.project import ProjectData
 
-    data_dir = Path(args.data_dir)
-    ledger = Ledger.for_data_dir(data_dir, os.environ.get("KVID_DATABASE_URL") or None)
+    data = ProjectData(args.data_dir)
     try:
-        row = change(ledger)
+        row = change(data.ledger())
     except ValueError as exc:
         print(f"kvid-dagster {command}: {exc}", file=sys.stderr)
         return 2
-    publish(ledger, Storage.from_setting(None, data_dir).catalog_dir)  # $KVID_STORAGE_URL's
+    data.publish()
     print(f"{args.partition_key}: {row.status} {row.request_id or ''}".rstrip())
     return 0
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import (
+    API_KEY_ENV,
+    BASE_URL_ENV,
     DEFAULT_BASE_URL,
     DEFAULT_CALL_DEADLINE_S,
     DEFAULT_MAX_IN_FLIGHT,
@@ -75,6 +77,8 @@ from .retry import RetryPolicy
 from .sync import KvidClient
 
 __all__ = [
+    "API_KEY_ENV",
+    "BASE_URL_ENV",
     "DEFAULT_BASE_URL",
     "DEFAULT_CALL_DEADLINE_S",
     "DEFAULT_DIALECT",

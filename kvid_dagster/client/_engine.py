@@ -43,6 +43,9 @@ from .retry import NOT_SENT, RetryPolicy, Verdict
 logger = logging.getLogger("kvid_dagster.client")
 
 DEFAULT_BASE_URL = "https://api.kvid.ai"
+#: the variables naming the service and its key, where a program takes them from the environment
+BASE_URL_ENV = "KVID_BASE_URL"
+API_KEY_ENV = "KVID_API_KEY"
 DEFAULT_TIMEOUT_S = 30.0
 # one API call, first byte sent to last byte read: ``timeout`` bounds each socket wait only, so
 # a server trickling a byte at a time would hold a generate (and its row SUBMITTING) forever

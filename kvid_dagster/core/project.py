@@ -17,7 +17,8 @@ from kvid_dagster.core.sources import (
     PromptSourceUnavailable,
     prompt_source,
 )
-from kvid_dagster.ledger import Ledger, PublishStats, publish
+from kvid_dagster.ledger import DEFAULT_TABLE_PREFIX, Ledger, PublishStats, publish
+from kvid_dagster.ledger.store import DATABASE_FILE
 from kvid_dagster.media.storage import Storage, StoragePath
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ UpstreamLoader = Callable[[UpstreamAsset], Any]
 
 DATABASE_URL_ENV = "KVID_DATABASE_URL"
 DIALECT_ENV = "KVID_API_DIALECT"
+#: the prompt table and data folder of ``definitions_from_env`` (``kvid-dagster dev`` sets them)
+PROMPTS_ENV = "KVID_PROMPTS"
+DATA_DIR_ENV = "KVID_DATA_DIR"
 
 
 def dialect_from_env(dialect: ApiDialect | str | None = None) -> ApiDialect:
@@ -71,7 +75,59 @@ def dialect_from_env(dialect: ApiDialect | str | None = None) -> ApiDialect:
     return dialect_for(dialect or os.environ.get(DIALECT_ENV, "").strip() or ApiDialect.VIDEO).api
 
 
-class KvidProject:
+class ProjectData:
+    """Where a project's ledger, catalogs and videos live: what a command that never reads
+    the prompt table (``resolve``, ``refetch``) needs, with the same settings as the project.
+
+    The ledger is ``database_url`` (else ``$KVID_DATABASE_URL``, else the SQLite file
+    ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
+    it, ``<data_dir>/videos/`` the downloaded videos; ``storage_url`` (else
+    ``$KVID_STORAGE_URL``: a local path or an fsspec URL such as ``s3://bucket/prefix``) moves
+    ``catalog/`` and ``videos/`` there (see :mod:`kvid_dagster.media.storage`; the ledger stays in
+    its database).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        database_url: str | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        storage_url: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
+        self.table_prefix = table_prefix
+        self.storage = Storage.from_setting(storage_url, self.data_dir)
+        self._ledger: tuple[int, Ledger] | None = None
+
+    @property
+    def catalog_dir(self) -> StoragePath:
+        return self.storage.catalog_dir
+
+    @property
+    def videos_dir(self) -> StoragePath:
+        return self.storage.videos_dir
+
+    def has_ledger(self) -> bool:
+        """Whether there is a ledger to read without creating one (a database is one)."""
+        return self.database_url is not None or (self.data_dir / DATABASE_FILE).exists()
+
+    def ledger(self) -> Ledger:
+        """This process's ledger (opened once per process: a forked child opens its own)."""
+        if self._ledger is None or self._ledger[0] != os.getpid():
+            ledger = Ledger.for_data_dir(
+                self.data_dir, self.database_url, table_prefix=self.table_prefix
+            )
+            self._ledger = (os.getpid(), ledger)
+        return self._ledger[1]
+
+    def publish(self) -> PublishStats:
+        """Republish ``catalog/videos`` and ``catalog/submissions`` from the ledger."""
+        return publish(self.ledger(), self.catalog_dir)
+
+
+class KvidProject(ProjectData):
     """One prompt table and one data folder: the unit a set of kvid definitions is built for.
 
     ``prompts`` is where the rows come from (see ``PromptsSetting``): ``"data/prompts.csv"``,
@@ -79,12 +135,8 @@ class KvidProject:
     ``AssetKey("daily_prompts")``. The same rows give the same partitions and requests
     whichever source holds them, so moving a table from one to another pays nothing again.
 
-    The ledger is ``database_url`` (else ``$KVID_DATABASE_URL``, else the SQLite file
-    ``<data_dir>/kvid.db``); ``<data_dir>/catalog/`` holds the Parquet catalogs published from
-    it, ``<data_dir>/videos/`` the downloaded videos; ``storage_url`` (else
-    ``$KVID_STORAGE_URL``: a local path or an fsspec URL such as ``s3://bucket/prefix``) moves
-    ``catalog/`` and ``videos/`` there (see :mod:`kvid_dagster.media.storage`; the ledger stays in
-    its database). The partitions definition is named after
+    ``data_dir``, ``database_url``, ``table_prefix`` and ``storage_url`` place the ledger,
+    catalogs and videos (see ``ProjectData``). The partitions definition is named after
     ``partitions_name`` so two projects can share a Dagster instance. ``dialect`` (else
     ``$KVID_API_DIALECT``, else ``video``) is the API dialect the table's rows are requests of.
     ``param_defaults`` (``{"resolution": "720p", "model": "v2"}``) fill each row's empty kvid
@@ -97,7 +149,7 @@ class KvidProject:
         data_dir: str | Path,
         *,
         database_url: str | None = None,
-        table_prefix: str = "kvid_",
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
         partitions_name: str = "kvid_prompts",
         dialect: ApiDialect | str | None = None,
         param_defaults: Mapping[str, Any] | None = None,
@@ -105,15 +157,13 @@ class KvidProject:
     ) -> None:
         self.upstream = upstream_asset(prompts)
         self._source = None if self.upstream is not None else prompt_source(prompts)
-        self.data_dir = Path(data_dir).resolve()
-        self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
-        self.table_prefix = table_prefix
         self.dialect = dialect_from_env(dialect)
         # a bad default is refused here, before any table is read
         self.param_defaults = checked_param_defaults(param_defaults or {})
         self.partitions_name = partitions_name
-        self.storage = Storage.from_setting(storage_url, self.data_dir)
-        self._ledger: tuple[int, Ledger] | None = None
+        super().__init__(
+            data_dir, database_url=database_url, table_prefix=table_prefix, storage_url=storage_url
+        )
 
     @property
     def partitions_def(self) -> DynamicPartitionsDefinition:
@@ -122,23 +172,6 @@ class KvidProject:
         from kvid_dagster.translator import partitions_def
 
         return partitions_def(self)
-
-    @property
-    def catalog_dir(self) -> StoragePath:
-        return self.storage.catalog_dir
-
-    @property
-    def videos_dir(self) -> StoragePath:
-        return self.storage.videos_dir
-
-    def ledger(self) -> Ledger:
-        """This process's ledger (opened once per process: a forked child opens its own)."""
-        if self._ledger is None or self._ledger[0] != os.getpid():
-            ledger = Ledger.for_data_dir(
-                self.data_dir, self.database_url, table_prefix=self.table_prefix
-            )
-            self._ledger = (os.getpid(), ledger)
-        return self._ledger[1]
 
     @property
     def prompts_name(self) -> str:
@@ -178,10 +211,6 @@ class KvidProject:
         return load_prompt_table(
             self.source(load_upstream), dialect=self.dialect, defaults=self.param_defaults
         )
-
-    def publish(self) -> PublishStats:
-        """Republish ``catalog/videos`` and ``catalog/submissions`` from the ledger."""
-        return publish(self.ledger(), self.catalog_dir)
 
     def __repr__(self) -> str:
         return f"KvidProject(prompts={self.prompts_name!r}, data_dir={self.data_dir!s})"
