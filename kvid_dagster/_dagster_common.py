@@ -168,7 +168,7 @@ def range_run_requests(
 
 def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> AssetCheckResult:
     """The ``video_ok`` result for one ledger row (the check's own and the sensor's)."""
-    if row is None:  # Verdict.NO_ROW
+    if row is None:  # RowVerdict.NO_ROW
         return AssetCheckResult(
             check_name=VIDEO_CHECK_NAME, passed=False, metadata={"reason": "no ledger row"}
         )

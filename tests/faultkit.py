@@ -32,7 +32,7 @@ import pandas as pd
 from conftest import REPO_ROOT, TEST_API_KEY
 
 from kvid_dagster.client import AsyncKvidClient
-from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.client.video_requests import canonical_json
 from kvid_dagster.core.poll import PollConfig, PollReport, poll_pending
 from kvid_dagster.core.prompts import PromptRow, load_prompt_table
 from kvid_dagster.core.submit import SubmitOutcome, submit_rows

@@ -59,7 +59,7 @@ from kvid_dagster.client import (
     build_request,
     dialect_for,
 )
-from kvid_dagster.client.retry import RetryPolicy, Verdict
+from kvid_dagster.client.retry import RetryPolicy, RetryVerdict
 from kvid_dagster.emulator import FAIL_MARKER, KvidEmulator
 
 T2V, I2V, R2V = JobKind.TEXT_TO_VIDEO, JobKind.IMAGE_TO_VIDEO, JobKind.REFERENCE_TO_VIDEO
@@ -381,10 +381,10 @@ def test_nothing_was_created_so_nothing_is_retried_or_uncertain(error: KvidError
     policy = RetryPolicy(max_retries=5)
     for idempotent in (False, True):
         verdict, delay = policy.decide(error, 0, idempotent=idempotent, sent=True)
-        assert (verdict, delay) == (Verdict.RAISE, 0.0)
+        assert (verdict, delay) == (RetryVerdict.RAISE, 0.0)
     # a plain 429 on generate is still retried: it is a refusal of this one request
     plain = KvidRateLimitedError("slow down", retry_after=1.0)
-    assert policy.decide(plain, 0, idempotent=False, sent=True)[0] is Verdict.RETRY
+    assert policy.decide(plain, 0, idempotent=False, sent=True)[0] is RetryVerdict.RETRY
 
 
 # ---- requests: bodies and hashes --------------------------------------------------------------

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvid_dagster.client import (
+    DEFAULT_DIALECT,
     KVID_DIALECT,
     AsyncKvidClient,
     JobKind,
@@ -43,7 +44,7 @@ from kvid_dagster.client import (
 )
 from kvid_dagster.client._ramp import DEFAULT_INITIAL, Exchange, Ramp
 from kvid_dagster.client.protocol import parse_retry_after, validate_request_id
-from kvid_dagster.client.retry import NOT_SENT, Verdict
+from kvid_dagster.client.retry import NOT_SENT, RetryVerdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,33 +97,33 @@ FINAL_ERRORS: list[KvidError] = [
 
 @pytest.mark.parametrize("error", READ_ERRORS)
 def test_reads_retry_transient_errors(error: KvidError) -> None:
-    assert RetryPolicy.verdict(error, idempotent=True, sent=True) is Verdict.RETRY
+    assert RetryPolicy.verdict(error, idempotent=True, sent=True) is RetryVerdict.RETRY
 
 
 @pytest.mark.parametrize("error", FINAL_ERRORS)
 def test_reads_raise_final_errors(error: KvidError) -> None:
-    assert RetryPolicy.verdict(error, idempotent=True, sent=True) is Verdict.RAISE
+    assert RetryPolicy.verdict(error, idempotent=True, sent=True) is RetryVerdict.RAISE
 
 
 @pytest.mark.parametrize(
     ("error", "sent", "verdict"),
     [
-        (KvidRateLimitedError("429"), True, Verdict.RETRY),
-        (KvidConnectionError("refused"), False, Verdict.RETRY),
-        (KvidTimeoutError("connect timeout"), False, Verdict.RETRY),
-        (KvidTimeoutError("read timeout"), True, Verdict.UNCERTAIN),
-        (KvidConnectionError("reset after send"), True, Verdict.UNCERTAIN),
-        (KvidServerError("500", status_code=500), True, Verdict.UNCERTAIN),
-        (KvidServerError("503", status_code=503), True, Verdict.UNCERTAIN),
-        (KvidProtocolError("302?", status_code=302), True, Verdict.UNCERTAIN),
-        (KvidValidationError(None, message="422", status_code=422), True, Verdict.RAISE),
-        (KvidAuthenticationError("401", status_code=401), True, Verdict.RAISE),
-        (KvidTimeoutError("408", status_code=408), True, Verdict.RAISE),
-        (KvidProtocolError("unsupported scheme"), False, Verdict.RAISE),
+        (KvidRateLimitedError("429"), True, RetryVerdict.RETRY),
+        (KvidConnectionError("refused"), False, RetryVerdict.RETRY),
+        (KvidTimeoutError("connect timeout"), False, RetryVerdict.RETRY),
+        (KvidTimeoutError("read timeout"), True, RetryVerdict.UNCERTAIN),
+        (KvidConnectionError("reset after send"), True, RetryVerdict.UNCERTAIN),
+        (KvidServerError("500", status_code=500), True, RetryVerdict.UNCERTAIN),
+        (KvidServerError("503", status_code=503), True, RetryVerdict.UNCERTAIN),
+        (KvidProtocolError("302?", status_code=302), True, RetryVerdict.UNCERTAIN),
+        (KvidValidationError(None, message="422", status_code=422), True, RetryVerdict.RAISE),
+        (KvidAuthenticationError("401", status_code=401), True, RetryVerdict.RAISE),
+        (KvidTimeoutError("408", status_code=408), True, RetryVerdict.RAISE),
+        (KvidProtocolError("unsupported scheme"), False, RetryVerdict.RAISE),
     ],
 )
 def test_generate_is_retried_only_when_no_job_can_exist(
-    error: KvidError, sent: bool, verdict: Verdict
+    error: KvidError, sent: bool, verdict: RetryVerdict
 ) -> None:
     assert RetryPolicy.verdict(error, idempotent=False, sent=sent) is verdict
 
@@ -130,11 +131,11 @@ def test_generate_is_retried_only_when_no_job_can_exist(
 def test_retries_are_bounded_by_max_retries() -> None:
     policy = RetryPolicy(max_retries=2, random=lambda: 1.0)
     error = KvidServerError("503", status_code=503)
-    assert policy.decide(error, 0, idempotent=True, sent=True) == (Verdict.RETRY, 0.5)
-    assert policy.decide(error, 1, idempotent=True, sent=True) == (Verdict.RETRY, 1.0)
-    assert policy.decide(error, 2, idempotent=True, sent=True) == (Verdict.RAISE, 0.0)
+    assert policy.decide(error, 0, idempotent=True, sent=True) == (RetryVerdict.RETRY, 0.5)
+    assert policy.decide(error, 1, idempotent=True, sent=True) == (RetryVerdict.RETRY, 1.0)
+    assert policy.decide(error, 2, idempotent=True, sent=True) == (RetryVerdict.RAISE, 0.0)
     assert RetryPolicy(max_retries=0).decide(error, 0, idempotent=True, sent=True)[0] is (
-        Verdict.RAISE
+        RetryVerdict.RAISE
     )
 
 
@@ -595,6 +596,13 @@ def test_terminal_statuses() -> None:
     assert JobStatus("FAILED", message="quota exceeded", logs=("x",)).reason == "quota exceeded"
     assert JobStatus("COMPLETED").is_completed and JobStatus("COMPLETED").is_terminal
     assert JobStatus("IN_QUEUE").state is JobState.RUNNING
+
+
+@pytest.mark.parametrize("word", ["COMPLETED", "FAILED", "IN_QUEUE", "completed", "canceled"])
+def test_a_status_built_by_hand_reads_the_default_dialects_words(word: str) -> None:
+    """``results`` holds the default dialect's words (it does not import ``protocol``): a
+    ``JobStatus`` built by hand reads them as ``DEFAULT_DIALECT`` does."""
+    assert JobStatus(word).state is DEFAULT_DIALECT.classify_status(word)
 
 
 def test_generate_and_result_parsing() -> None:

@@ -51,7 +51,7 @@ from kvid_dagster._dagster_common import keys_needing_jobs
 from kvid_dagster.cli.runner import evaluate_status_sensor
 from kvid_dagster.client import AsyncKvidClient, JobKind, KvidClient, KvidNotFoundError
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
-from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.client.video_requests import canonical_json
 from kvid_dagster.core.poll import PollConfig, poll_pending
 from kvid_dagster.core.project import KvidProject
 from kvid_dagster.core.prompts import PromptRow, load_prompt_table

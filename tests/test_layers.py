@@ -3,12 +3,15 @@ a script or service built on them pays neither Dagster's import time nor its dep
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import kvid_dagster.client
 import kvid_dagster.core
 import kvid_dagster.media
 
@@ -43,3 +46,48 @@ def test_module_loads_no_dagster(module: str) -> None:
         [sys.executable, "-c", CODE, module], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == [], f"{module} loads Dagster"
+
+
+def _imports_within(package: object) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports (anywhere in it, deferred too)."""
+    name: str = package.__name__  # type: ignore[attr-defined]
+    folder = Path(package.__file__).parent  # type: ignore[attr-defined]
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module if node.level == 0 else f"{name}.{node.module}"
+                if module.startswith(f"{name}."):
+                    found.add(module.removeprefix(f"{name}.").split(".")[0])
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of ``graph`` (its modules in order), or [] when it has none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return []
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported, [*path, module]):
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if cycle := visit(module, []):
+            return cycle
+    return []
+
+
+@pytest.mark.parametrize("package", [kvid_dagster.client], ids=lambda p: p.__name__)
+def test_modules_import_each_other_one_way(package: object) -> None:
+    """No import cycle inside a layer (a deferred import that hides one counts)."""
+    assert _cycle(_imports_within(package)) == []

@@ -49,7 +49,7 @@ from faultkit import (
 )
 
 from kvid_dagster.client._ramp import DEFAULT_INITIAL
-from kvid_dagster.client.requests import canonical_json
+from kvid_dagster.client.video_requests import canonical_json
 from kvid_dagster.core.prompts import PromptRow, load_prompt_table
 from kvid_dagster.core.submit import DEFAULT_GENERATE_CONCURRENCY, SubmitAction, register_table
 from kvid_dagster.emulator import KvidEmulator

@@ -17,8 +17,8 @@ from kvid_dagster.core.reporting import (
     REREPORT_WINDOW_S,
     VIDEO_CHECK_NAME,
     ReportKind,
+    RowVerdict,
     ShownOutcome,
-    Verdict,
     rows_to_recheck,
     unreported,
     verdict_for,
@@ -66,11 +66,11 @@ def rows(tmp_path: Path) -> dict[str, VideoRow]:
 
 
 def test_the_verdict_is_passed_only_for_a_completed_row(rows: dict[str, VideoRow]) -> None:
-    assert verdict_for(rows["done"]) is Verdict.PASSED and Verdict.PASSED.passed
-    assert verdict_for(rows["failed"]) is Verdict.NO_VIDEO
-    assert verdict_for(rows["running"]) is Verdict.NO_VIDEO
-    assert verdict_for(None) is Verdict.NO_ROW
-    assert not Verdict.NO_VIDEO.passed and not Verdict.NO_ROW.passed
+    assert verdict_for(rows["done"]) is RowVerdict.PASSED and RowVerdict.PASSED.passed
+    assert verdict_for(rows["failed"]) is RowVerdict.NO_VIDEO
+    assert verdict_for(rows["running"]) is RowVerdict.NO_VIDEO
+    assert verdict_for(None) is RowVerdict.NO_ROW
+    assert not RowVerdict.NO_VIDEO.passed and not RowVerdict.NO_ROW.passed
 
 
 def test_ended_jobs_are_reported_once_each_with_a_verdict_unless_already_checked(
@@ -79,8 +79,8 @@ def test_ended_jobs_are_reported_once_each_with_a_verdict_unless_already_checked
     events = [VideoEvent(k, rows[k]) for k in ("done", "running", "failed", "lost", "done")]
     reports = video_reports(events, checked={VIDEO_CHECK_NAME: {"lost"}})
     assert [(r.partition_key, r.kind, r.verdict) for r in reports] == [
-        ("done", ReportKind.MATERIALIZATION, Verdict.PASSED),
-        ("failed", ReportKind.OBSERVATION, Verdict.NO_VIDEO),
+        ("done", ReportKind.MATERIALIZATION, RowVerdict.PASSED),
+        ("failed", ReportKind.OBSERVATION, RowVerdict.NO_VIDEO),
         ("lost", ReportKind.OBSERVATION, None),  # it has a check result already
         ("done", ReportKind.MATERIALIZATION, None),  # its verdict is in this tick already
     ]

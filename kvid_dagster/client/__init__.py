@@ -50,14 +50,17 @@ from .protocol import (
     DEFAULT_DIALECT,
     GENERATION_DIALECT,
     KVID_DIALECT,
-    Dialect,
     ErrorCode,
     GenerationDialect,
     HttpCall,
     KvidDialect,
+    WireDialect,
     dialect_for,
 )
-from .requests import (
+from .results import DownloadedFile, JobResult, JobState, JobStatus
+from .retry import RetryPolicy
+from .sync import KvidClient
+from .video_requests import (
     MAX_IMAGE_BYTES,
     MAX_PROMPT_CHARS,
     V2_IMAGE_TO_VIDEO_MODEL,
@@ -72,9 +75,10 @@ from .requests import (
     TextToVideoV2,
     build_request,
 )
-from .results import DownloadedFile, JobResult, JobState, JobStatus
-from .retry import RetryPolicy
-from .sync import KvidClient
+
+#: ``WireDialect``'s former name, kept importable (``ApiDialect`` and the emulator's
+#: ``Dialect`` are other things)
+Dialect = WireDialect
 
 __all__ = [
     "API_KEY_ENV",
@@ -138,6 +142,7 @@ __all__ = [
     "RetryPolicy",
     "TextToVideoV1",
     "TextToVideoV2",
+    "WireDialect",
     "build_request",
     "dialect_for",
 ]

@@ -35,10 +35,10 @@ from .errors import (
     KvidValidationError,
 )
 from .generation_requests import CreditPool
-from .protocol import DEFAULT_DIALECT, Dialect, HttpCall, dialect_for, where
-from .requests import ApiDialect, JobKind, KvidRequest
+from .protocol import DEFAULT_DIALECT, HttpCall, WireDialect, dialect_for, where
 from .results import DownloadedFile, JobResult, JobStatus
-from .retry import NOT_SENT, RetryPolicy, Verdict
+from .retry import NOT_SENT, RetryPolicy, RetryVerdict
+from .video_requests import ApiDialect, JobKind, KvidRequest
 
 logger = logging.getLogger("kvid_dagster.client")
 
@@ -153,13 +153,15 @@ class AnswerBody:
         )
 
 
-def _dialect(value: Dialect | ApiDialect | str | None) -> Dialect:
+def _dialect(value: WireDialect | ApiDialect | str | None) -> WireDialect:
     if value is None:
         return DEFAULT_DIALECT
-    return value if isinstance(value, Dialect) else dialect_for(value)
+    return value if isinstance(value, WireDialect) else dialect_for(value)
 
 
-def _credit_pool(value: CreditPool | tuple[str, str] | None, dialect: Dialect) -> CreditPool | None:
+def _credit_pool(
+    value: CreditPool | tuple[str, str] | None, dialect: WireDialect
+) -> CreditPool | None:
     if value is None:
         return None
     if dialect.api is not ApiDialect.GENERATION:
@@ -246,7 +248,7 @@ class ClientBase:
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        dialect: Dialect | ApiDialect | str | None = None,
+        dialect: WireDialect | ApiDialect | str | None = None,
         allowed_download_hosts: Sequence[str] = (),
         credit_pool: CreditPool | tuple[str, str] | None = None,
     ) -> None:
@@ -304,7 +306,7 @@ class ClientBase:
         return self._max_in_flight
 
     @property
-    def dialect(self) -> Dialect:
+    def dialect(self) -> WireDialect:
         return self._dialect
 
     def __repr__(self) -> str:
@@ -424,7 +426,7 @@ class ClientBase:
                 error, sent = refusal, True
             self._scrub(error)
             verdict, delay = self._retry.decide(error, attempt, idempotent=idempotent, sent=sent)
-            if verdict is Verdict.UNCERTAIN:
+            if verdict is RetryVerdict.UNCERTAIN:
                 assert body is not None
                 raise KvidUncertainSubmissionError(
                     str(error),
@@ -434,7 +436,7 @@ class ClientBase:
                     server_message=error.server_message,
                 )
             out_of_time = deadline is not None and self._clock() + delay >= deadline
-            if verdict is Verdict.RAISE or out_of_time:
+            if verdict is RetryVerdict.RAISE or out_of_time:
                 raise error
             attempt += 1
             logger.info(

@@ -16,8 +16,8 @@ from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import Action, AnswerBody, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
 from ._network import async_guarded_transport, exchange_deadline
 from ._ramp import Exchange
-from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
+from .video_requests import JobKind, KvidRequest
 
 __all__ = ["AsyncKvidClient"]
 

@@ -42,17 +42,17 @@ from .errors import (
     KvidValidationError,
 )
 from .generation_requests import GENERATION_FIELDS
-from .results import JobResult, JobState, JobStatus, as_progress
+from .results import VIDEO_TERMINAL_STATES, JobResult, JobState, JobStatus, as_progress
 
 __all__ = [
     "DEFAULT_DIALECT",
     "GENERATION_DIALECT",
     "KVID_DIALECT",
-    "Dialect",
     "ErrorCode",
     "GenerationDialect",
     "HttpCall",
     "KvidDialect",
+    "WireDialect",
     "dialect_for",
     "parse_retry_after",
     "validate_request_id",
@@ -125,8 +125,9 @@ def where(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} for {request.method} {request.url.path}"
 
 
-class Dialect(ABC):
-    """What a kvid API dialect must provide. Methods never do I/O."""
+class WireDialect(ABC):
+    """What a kvid API dialect must provide on the wire (paths, envelope, vocabulary; the
+    ``ApiDialect`` enum only names one). Methods never do I/O."""
 
     name: str
     api: ApiDialect  # what requests for this dialect say they are (``request.dialect``)
@@ -257,7 +258,7 @@ def _file_name(name: Any, url: str) -> str | None:
 # ---- the video dialect (the seed page) -------------------------------------------------------
 
 
-class KvidDialect(Dialect):
+class KvidDialect(WireDialect):
     """The API of ``shared/kvid-api.md``: ``/ai/video/<kind>/{generate,status,result}``."""
 
     name = "kvid-video-v1"
@@ -268,7 +269,7 @@ class KvidDialect(Dialect):
         JobKind.TEXT_TO_VIDEO: "/ai/video/text-to-video",
         JobKind.IMAGE_TO_VIDEO: "/ai/video/image-to-video",
     }
-    _terminal: Mapping[str, JobState] = {"COMPLETED": JobState.COMPLETED, "FAILED": JobState.FAILED}
+    _terminal: Mapping[str, JobState] = VIDEO_TERMINAL_STATES
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -415,7 +416,7 @@ def _count(value: Any) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
-class GenerationDialect(Dialect):
+class GenerationDialect(WireDialect):
     """``/ai/generation/<kind>/generate-async``, and the shared ``/ai/generation/status`` and
     ``/result`` with ``?jobId=``: the job kind does not matter once the job exists."""
 
@@ -532,13 +533,13 @@ class GenerationDialect(Dialect):
 
 KVID_DIALECT = KvidDialect()
 GENERATION_DIALECT = GenerationDialect()
-DEFAULT_DIALECT: Dialect = KVID_DIALECT
-_DIALECTS: Mapping[ApiDialect, Dialect] = {
+DEFAULT_DIALECT: WireDialect = KVID_DIALECT
+_DIALECTS: Mapping[ApiDialect, WireDialect] = {
     ApiDialect.VIDEO: KVID_DIALECT,
     ApiDialect.GENERATION: GENERATION_DIALECT,
 }
 
 
-def dialect_for(value: ApiDialect | str) -> Dialect:
+def dialect_for(value: ApiDialect | str) -> WireDialect:
     """The protocol object of a dialect name (``KVID_API_DIALECT``: ``video`` or ``generation``)."""
     return _DIALECTS[parse_dialect(value)]

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DownloadedFile", "JobResult", "JobState", "JobStatus", "as_progress"]
+__all__ = [
+    "VIDEO_TERMINAL_STATES",
+    "DownloadedFile",
+    "JobResult",
+    "JobState",
+    "JobStatus",
+    "as_progress",
+]
 
 
 def as_progress(value: Any) -> float | None:
@@ -35,6 +43,14 @@ class JobState(StrEnum):
     CANCELED = "canceled"  # terminal without a video, like FAILED, but nobody's fault
 
 
+#: the video dialect's (the default's) terminal words: any other is "not finished yet". Here,
+#: not in ``protocol``, so a ``JobStatus`` built by hand reads them without importing it
+VIDEO_TERMINAL_STATES: Mapping[str, JobState] = {
+    "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED,
+}
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """One status answer. ``status`` is the server's word; ``state`` is what it means;
@@ -51,9 +67,8 @@ class JobStatus:
         object.__setattr__(self, "progress", as_progress(self.progress))
         if self.state is None:
             # built by hand (tests, callers): read ``status`` with the default dialect's words
-            from .protocol import DEFAULT_DIALECT
-
-            object.__setattr__(self, "state", DEFAULT_DIALECT.classify_status(self.status))
+            state = VIDEO_TERMINAL_STATES.get(self.status, JobState.RUNNING)
+            object.__setattr__(self, "state", state)
 
     @property
     def is_terminal(self) -> bool:

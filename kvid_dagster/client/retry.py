@@ -26,7 +26,7 @@ from .errors import (
     KvidValidationError,
 )
 
-__all__ = ["NOT_SENT", "TRANSIENT", "RetryPolicy", "Verdict"]
+__all__ = ["NOT_SENT", "TRANSIENT", "RetryPolicy", "RetryVerdict"]
 
 # httpx exceptions raised before a single byte of the request left: a connection that was never
 # made (refused, DNS, connect timeout), no free connection in the pool, or a scheme httpx lacks.
@@ -48,7 +48,7 @@ TRANSIENT: tuple[type[KvidError], ...] = (
 )
 
 
-class Verdict(Enum):
+class RetryVerdict(Enum):
     RETRY = "retry"
     RAISE = "raise"
     UNCERTAIN = "uncertain"  # generate only: the job may exist
@@ -90,30 +90,32 @@ class RetryPolicy:
         return self.backoff(attempt)
 
     @staticmethod
-    def verdict(error: KvidError, *, idempotent: bool, sent: bool) -> Verdict:
+    def verdict(error: KvidError, *, idempotent: bool, sent: bool) -> RetryVerdict:
         """What to do about ``error``; ``sent`` is False when the request surely never left."""
         code = error.status_code
         # only a 4xx answer is the server refusing the request: nothing was created
         refused = code is not None and 400 <= code < 500
         if isinstance(error, KvidConcurrentLimitError) and refused:
-            return Verdict.RAISE  # a slot frees in minutes, not seconds: the caller holds its queue
+            return (
+                RetryVerdict.RAISE
+            )  # a slot frees in minutes, not seconds: the caller holds its queue
         transient = isinstance(error, TRANSIENT)
         if idempotent:
-            return Verdict.RETRY if transient else Verdict.RAISE
+            return RetryVerdict.RETRY if transient else RetryVerdict.RAISE
         if not sent or (refused and isinstance(error, KvidRateLimitedError)):
             # an unsent request created nothing, and a 429 is a refusal: safe to send again
-            return Verdict.RETRY if transient else Verdict.RAISE
+            return RetryVerdict.RETRY if transient else RetryVerdict.RAISE
         if refused:
-            return Verdict.RAISE  # a definite refusal (auth, validation, ...): no job
-        return Verdict.UNCERTAIN  # a 5xx, a timeout, a broken answer: the job may exist
+            return RetryVerdict.RAISE  # a definite refusal (auth, validation, ...): no job
+        return RetryVerdict.UNCERTAIN  # a 5xx, a timeout, a broken answer: the job may exist
 
     def decide(
         self, error: KvidError, attempt: int, *, idempotent: bool, sent: bool
-    ) -> tuple[Verdict, float]:
+    ) -> tuple[RetryVerdict, float]:
         """The verdict for failed attempt ``attempt`` (0-based), with the wait when RETRY."""
         verdict = self.verdict(error, idempotent=idempotent, sent=sent)
-        if verdict is Verdict.RETRY:
+        if verdict is RetryVerdict.RETRY:
             if attempt >= self.max_retries:
-                return Verdict.RAISE, 0.0
+                return RetryVerdict.RAISE, 0.0
             return verdict, self.delay(error, attempt)
         return verdict, 0.0

@@ -18,8 +18,8 @@ from ._download import DEFAULT_MAX_BYTES, PartialDownload
 from ._engine import Action, AnswerBody, Await, ClientBase, Fetch, Op, OpRunner, Send, Sleep
 from ._network import exchange_deadline, guarded_transport
 from ._ramp import Exchange
-from .requests import JobKind, KvidRequest
 from .results import DownloadedFile, JobResult, JobStatus
+from .video_requests import JobKind, KvidRequest
 
 __all__ = ["KvidClient"]
 

@@ -31,7 +31,7 @@ class ReportKind(StrEnum):
     OBSERVATION = "observation"  # ended without a video: its status and request_id are shown
 
 
-class Verdict(StrEnum):
+class RowVerdict(StrEnum):
     """The ``video_ok`` check's verdict on a partition."""
 
     PASSED = "passed"  # completed, downloaded and verified
@@ -40,13 +40,13 @@ class Verdict(StrEnum):
 
     @property
     def passed(self) -> bool:
-        return self is Verdict.PASSED
+        return self is RowVerdict.PASSED
 
 
-def verdict_for(row: VideoRow | None) -> Verdict:
+def verdict_for(row: VideoRow | None) -> RowVerdict:
     if row is None:
-        return Verdict.NO_ROW
-    return Verdict.PASSED if row.status is VideoStatus.COMPLETED else Verdict.NO_VIDEO
+        return RowVerdict.NO_ROW
+    return RowVerdict.PASSED if row.status is VideoStatus.COMPLETED else RowVerdict.NO_VIDEO
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class VideoReport:
     partition_key: str
     row: VideoRow
     kind: ReportKind
-    verdict: Verdict | None
+    verdict: RowVerdict | None
     quality: tuple[CheckOutcome, ...] = ()
 
 
