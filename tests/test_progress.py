@@ -23,6 +23,7 @@ import pytest
 from conftest import TEST_API_KEY, EmulatorFactory, fast_config
 from rich.console import Console
 
+from kvid_dagster.cli.main import job_status_line
 from kvid_dagster.cli.progress import (
     LiveDisplay,
     Phase,
@@ -33,6 +34,7 @@ from kvid_dagster.cli.progress import (
     estimate_eta,
     shorten,
 )
+from kvid_dagster.client import JobStatus
 from kvid_dagster.ledger import VideoRow, VideoStatus
 
 CLI = Path(sys.executable).parent / "kvid-dagster"
@@ -199,6 +201,46 @@ def test_display_for_picks_plain_off_a_terminal_or_when_asked(
     finally:
         os.close(master)
         os.close(slave)
+
+
+JOB_STATUSES = [
+    JobStatus("IN_QUEUE"),
+    JobStatus("PROCESSING", progress=40, logs=("[step] rendering",)),
+    JobStatus("PROCESSING", progress=40, logs=("[step] rendering",)),  # no change: no line
+    JobStatus("COMPLETED", progress=100),
+]
+
+
+def test_generates_status_line_off_a_terminal_is_a_line_per_change() -> None:
+    out = io.StringIO()
+    with job_status_line(out) as show:
+        for status in JOB_STATUSES:
+            show(status)
+    assert out.getvalue().splitlines() == [
+        "IN_QUEUE         -  ",
+        "PROCESSING   40.0%  [step] rendering",
+        "COMPLETED   100.0%  ",
+        "",
+    ]
+
+
+def test_generates_status_line_on_a_terminal_is_redrawn_by_rich(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as terminal:
+            monkeypatch.setenv("TERM", "xterm")
+            with job_status_line(terminal) as show:
+                for status in JOB_STATUSES:
+                    show(status)
+            drawn = _read_all(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "\x1b[?25l" in drawn  # rich's live region: the cursor hidden while it redraws
+    assert "[step] rendering" in drawn  # the server's log as text, not taken for markup
+    assert ANSI.sub("", drawn).rstrip().endswith("COMPLETED   100.0%")
 
 
 def _table(tmp_path: Path) -> Path:

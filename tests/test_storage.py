@@ -61,6 +61,7 @@ from kvid_dagster.media.storage import (
     StorageError,
     exists,
     is_remote,
+    open_for_write,
     put_file,
 )
 
@@ -128,6 +129,21 @@ def test_a_failed_upload_raises_storage_error_and_stores_nothing(
         put_file(source, UPath("s3://kvid-no-such-bucket/videos/a.mp4"))
     put_file(source, UPath(f"s3://{bucket}/videos/a.mp4"))  # the same file, where it can go
     assert list(keys(s3, bucket)) == ["videos/a.mp4"]
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("size", [10, PART_BYTES + 1], ids=["small", "a-part-uploaded"])
+def test_a_write_broken_off_publishes_nothing_and_leaves_no_upload(
+    s3: Any, bucket: str, size: int
+) -> None:
+    """Whatever was written (buffered only, or parts already uploaded) is dropped, and the
+    file cannot publish it later (closed before its parts are discarded)."""
+    target = UPath(f"s3://{bucket}/videos/a.mp4")
+    with pytest.raises(RuntimeError, match="the source broke"), open_for_write(target) as sink:
+        sink.write(b"x" * size)
+        raise RuntimeError("the source broke")
+    assert sink.closed
+    assert list(keys(s3, bucket)) == []
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 

@@ -10,9 +10,10 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from kvid_dagster.client import JobStatus
     from kvid_dagster.ledger import VideoRow
 
 DEFAULT_PROMPTS = Path("data/prompts.csv")
@@ -62,29 +63,42 @@ def _percent(progress: float | None) -> str:
     return "     -" if progress is None else f"{progress:5.1f}%"
 
 
-def _progress_printer(stream: Any = None) -> Any:
-    """A wait() callback drawing one live progress line (a plain line per change when not a TTY).
+@contextlib.contextmanager
+def job_status_line(stream: IO[str] | None = None) -> Iterator[Callable[[JobStatus], None]]:
+    """A wait() callback showing the job's status: one line that rich redraws in place on a
+    terminal, a plain line per change elsewhere (then a blank line, as the terminal's ends).
 
     ``stream`` defaults to the ``sys.stderr`` of the moment, like the other messages (bound at
     import, it would miss a redirected or captured stderr)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
     from kvid_dagster.cli.progress import is_terminal
 
     stream = sys.stderr if stream is None else stream
-    state = {"last": ""}
+    live = Live(console=Console(file=stream), auto_refresh=False) if is_terminal(stream) else None
+    last = ""
 
-    def show(status: Any) -> None:
+    def show(status: JobStatus) -> None:
+        nonlocal last
         last_log = status.logs[-1] if status.logs else ""
         line = f"{status.status:<11} {_percent(status.progress)}  {last_log}"
-        if line == state["last"]:
+        if line == last:
             return
-        state["last"] = line
-        if is_terminal(stream):
-            stream.write("\r\x1b[2K" + line[:120])
-        else:
+        last = line
+        if live is None:
             stream.write(line + "\n")
-        stream.flush()
+            stream.flush()
+        else:  # a server's log line is text, never rich markup
+            live.update(Text(line, no_wrap=True, overflow="ellipsis"), refresh=True)
 
-    return show
+    if live is None:
+        yield show
+        stream.write("\n")
+        return
+    with live:
+        yield show
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -118,14 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             try:
                 request_id = client.generate(request)
                 print(f"request_id: {request_id}", file=sys.stderr)
-                client.wait(
-                    request.job_kind,
-                    request_id,
-                    poll_interval=args.poll_interval,
-                    deadline=args.deadline,
-                    on_progress=_progress_printer(),
-                )
-                print(file=sys.stderr)
+                with job_status_line() as show:
+                    client.wait(
+                        request.job_kind,
+                        request_id,
+                        poll_interval=args.poll_interval,
+                        deadline=args.deadline,
+                        on_progress=show,
+                    )
                 result = client.result(request.job_kind, request_id)
                 downloaded = client.download(result, out)
             except KvidError as exc:

@@ -79,18 +79,23 @@ def uri(path: StoragePath) -> str:
 @contextlib.contextmanager
 def open_for_write(path: UPath) -> Iterator[IO[bytes]]:
     """A remote file written in parts of :data:`PART_BYTES`; published on a clean exit, and
-    abandoned on an error (an unfinished multipart upload is aborted: nothing appears)."""
+    abandoned on an error (an unfinished multipart upload is aborted: nothing appears).
+
+    fsspec's deferred commit (``autocommit=False``, what ``fs.transaction`` uses): closing
+    uploads the parts and publishes nothing; ``commit()`` publishes, ``discard()`` drops them.
+    """
     fs, key = path.fs, path.path
-    file = fs.open(key, "wb", block_size=PART_BYTES)
+    file = fs.open(key, "wb", block_size=PART_BYTES, autocommit=False)
     try:
         yield file
+        file.close()
+        file.commit()
     except BaseException:
         with contextlib.suppress(Exception):
-            file.discard()
+            file.close()  # closed first, as a transaction does: a later close cannot publish
         with contextlib.suppress(Exception):
-            file.closed = True  # close() would commit what was written so far
+            file.discard()
         raise
-    file.close()
 
 
 def put_file(local: Path, target: StoragePath) -> str:
