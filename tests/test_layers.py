@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import kvid_dagster.cli
 import kvid_dagster.client
 import kvid_dagster.core
 import kvid_dagster.media
@@ -87,7 +88,11 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("package", [kvid_dagster.client], ids=lambda p: p.__name__)
+@pytest.mark.parametrize(
+    "package",
+    [kvid_dagster.client, kvid_dagster.core, kvid_dagster.media, kvid_dagster.cli],
+    ids=lambda p: p.__name__,
+)
 def test_modules_import_each_other_one_way(package: object) -> None:
     """No import cycle inside a layer (a deferred import that hides one counts)."""
     assert _cycle(_imports_within(package)) == []

@@ -17,13 +17,13 @@ import pytest
 from conftest import EmulatorFactory, fast_config
 from faultkit import submit, table_rows, write_table
 
+from kvid_dagster.core.planning import needs_job
 from kvid_dagster.core.prompts import load_prompt_table
 from kvid_dagster.core.submit import (
     SubmitAction,
     SubmitOutcome,
     invalid_entries,
     latest_submissions,
-    needs_job,
     register_table,
 )
 from kvid_dagster.emulator import KvidEmulator

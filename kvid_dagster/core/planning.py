@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from kvid_dagster.core.prompts import PromptTable
-from kvid_dagster.core.submit import needs_job
-from kvid_dagster.ledger import Submission
+from kvid_dagster.core.prompts import PromptRow, PromptTable
+from kvid_dagster.ledger import ClaimRule, Submission, refusal_for
 
 # Dagster's tags for a single-run backfill's partition range (a run over first..last)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -59,6 +58,12 @@ def partition_ranges(ordered_keys: Sequence[str], wanted: Iterable[str]) -> list
     if start is not None and previous is not None:
         ranges.append(PartitionRange(start, previous))
     return ranges
+
+
+def needs_job(row: PromptRow, latest: Mapping[str, Submission]) -> bool:
+    """True when the row's exact request has no job at all (what schedules submit): the
+    ledger's claim rule, asked before any claim (``submit`` asks it again when claiming)."""
+    return refusal_for(latest.get(row.request_hash), ClaimRule()) is None
 
 
 def plan_jobs(

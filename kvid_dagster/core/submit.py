@@ -156,11 +156,6 @@ def latest_submissions(ledger: Ledger, rows: Iterable[PromptRow]) -> dict[str, S
     return ledger.latest_submissions(row.request_hash for row in rows)
 
 
-def needs_job(row: PromptRow, latest: Mapping[str, Submission]) -> bool:
-    """True when the row's exact request has no job at all (what schedules submit)."""
-    return refusal_for(latest.get(row.request_hash), ClaimRule()) is None
-
-
 def _over_budget(waiting: OverBudget) -> SubmitOutcome:
     return SubmitOutcome(
         waiting.row.partition_key, SubmitAction.OVER_BUDGET, VideoStatus.PENDING, None,
