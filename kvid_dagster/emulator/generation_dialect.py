@@ -16,10 +16,10 @@ from kvid_dagster.emulator.generation import (
     undocumented_fields,
     validate_generation,
 )
-from kvid_dagster.emulator.jobs import TERMINAL, Job, JobState
+from kvid_dagster.emulator.jobs import TERMINAL, EmulatedJobState, Job
 from kvid_dagster.emulator.responses import Response, coded, envelope
 from kvid_dagster.emulator.routing import NO_BODY, parse_json
-from kvid_dagster.emulator.validation import Dialect
+from kvid_dagster.emulator.validation import EmulatedDialect
 
 
 class GenerationResponder:
@@ -58,7 +58,7 @@ class GenerationResponder:
             if refusal is not None:
                 return refusal, False
             job = self._create(
-                dialect=Dialect.GENERATION,
+                dialect=EmulatedDialect.GENERATION,
                 kind=kind,
                 model=request.model,
                 body=body,
@@ -71,7 +71,7 @@ class GenerationResponder:
                 self._balance -= price
         data = {
             "job_id": job.request_id,
-            "status": STATUS_WORDS[JobState.IN_QUEUE],
+            "status": STATUS_WORDS[EmulatedJobState.IN_QUEUE],
             "message": "Video generation job queued.",
             "estimated_time": f"{max(1, math.ceil(job.duration))}s",
             "video_type": kind,
@@ -99,16 +99,16 @@ class GenerationResponder:
         return sum(
             1
             for job in self._queue.all()
-            if job.dialect is Dialect.GENERATION and self._status(job).state not in TERMINAL
+            if job.dialect is EmulatedDialect.GENERATION and self._status(job).state not in TERMINAL
         )
 
     def _generation_status_response(self, job: Job, key: str) -> Response:
         status = self._status(job)
         url = error = None
-        if status.state is JobState.COMPLETED:
+        if status.state is EmulatedJobState.COMPLETED:
             assert job.video is not None  # done: _status says so
             url = self._file_url(self._publish(job, job.video.result()))
-        elif status.state is JobState.FAILED:
+        elif status.state is EmulatedJobState.FAILED:
             error = f"{job.fail_reason}{self._failure_echo(job, key)}"
         data = {
             "job_id": job.request_id,
@@ -124,11 +124,11 @@ class GenerationResponder:
     def _generation_result(self, job: Job, key: str) -> Response:
         status = self._status(job)
         word = STATUS_WORDS[status.state]
-        if status.state is JobState.FAILED:
+        if status.state is EmulatedJobState.FAILED:
             reason = f"{job.fail_reason}{self._failure_echo(job, key)}"
             message = f"job {job.request_id} failed: {reason}; see error_message in its status"
             return coded(400, ErrorCode.JOB_FAILED, message)
-        if status.state is not JobState.COMPLETED:
+        if status.state is not EmulatedJobState.COMPLETED:
             message = f"job {job.request_id} is {word}, not completed"
             if status.state not in TERMINAL:
                 message += "; poll status until completed"

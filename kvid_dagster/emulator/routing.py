@@ -10,11 +10,11 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from kvid_dagster.emulator.generation import GENERATION_KINDS
-from kvid_dagster.emulator.validation import JOB_KINDS, Dialect
+from kvid_dagster.emulator.validation import JOB_KINDS, EmulatedDialect
 
 _API_PREFIX: Final = "/ai/video/"
 _GENERATION_PREFIX: Final = "/ai/generation/"
-ID_PARAMETER: Final = {Dialect.VIDEO: "request_id", Dialect.GENERATION: "jobId"}
+ID_PARAMETER: Final = {EmulatedDialect.VIDEO: "request_id", EmulatedDialect.GENERATION: "jobId"}
 FILES_PREFIX: Final = "/files/"  # on the API origin
 STORAGE_PREFIX: Final = "/videos/"  # on the separate storage origin
 METHODS: Final = {"generate": "POST", "status": "GET", "result": "GET", "files": "GET, HEAD"}
@@ -57,7 +57,7 @@ class Route:
     argument (a file name, or the path if unknown)."""
 
     endpoint: str
-    dialect: Dialect = Dialect.VIDEO
+    dialect: EmulatedDialect = EmulatedDialect.VIDEO
     kind: str | None = None
     arg: str = ""
 
@@ -72,12 +72,12 @@ def route_of(path: str, storage: bool, separate_storage: bool) -> Route:
     if path.startswith(_API_PREFIX):
         kind, _, action = path[len(_API_PREFIX) :].partition("/")
         if kind in JOB_KINDS and action in ("generate", "status", "result"):
-            return Route(action, Dialect.VIDEO, kind)
+            return Route(action, EmulatedDialect.VIDEO, kind)
     if path.startswith(_GENERATION_PREFIX):
         rest = path[len(_GENERATION_PREFIX) :]
         if rest in ("status", "result"):
-            return Route(rest, Dialect.GENERATION)
+            return Route(rest, EmulatedDialect.GENERATION)
         kind, _, action = rest.partition("/")
         if kind in GENERATION_KINDS and action == "generate-async":
-            return Route("generate", Dialect.GENERATION, kind)
+            return Route("generate", EmulatedDialect.GENERATION, kind)
     return Route("other", arg=path)

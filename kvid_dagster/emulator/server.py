@@ -54,7 +54,14 @@ from kvid_dagster.emulator.config import EmulatorConfig
 from kvid_dagster.emulator.faults import STATUS_KINDS, Fault, FaultInjector
 from kvid_dagster.emulator.generation import STATUS_WORDS, ErrorCode, new_job_id
 from kvid_dagster.emulator.generation_dialect import GenerationResponder
-from kvid_dagster.emulator.jobs import TERMINAL, Job, JobQueue, JobState, JobStatus, vendor_duration
+from kvid_dagster.emulator.jobs import (
+    TERMINAL,
+    EmulatedJobState,
+    EmulatedJobStatus,
+    Job,
+    JobQueue,
+    vendor_duration,
+)
 from kvid_dagster.emulator.render_cache import RenderCache
 from kvid_dagster.emulator.responses import (
     Response,
@@ -75,7 +82,7 @@ from kvid_dagster.emulator.routing import (
 )
 from kvid_dagster.emulator.storage import FileResponder
 from kvid_dagster.emulator.transport import EmulatorServer
-from kvid_dagster.emulator.validation import Dialect
+from kvid_dagster.emulator.validation import EmulatedDialect
 from kvid_dagster.emulator.video_dialect import VideoResponder
 
 logger = logging.getLogger("kvid_dagster.emulator")
@@ -95,7 +102,7 @@ class JobInfo:
     body: Mapping[str, Any]  # as sent, image_file contents elided
     state: str  # as its dialect's status says it: IN_QUEUE ... FAILED, or queued ... canceled
     progress: int
-    dialect: Dialect
+    dialect: EmulatedDialect
     used_credit: int | None  # generation: the price debited; video: None
     image_sha256: str | None = None  # of the image_file bytes received (what the job was made of)
 
@@ -318,7 +325,7 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
         job = self._queue.get(job_id)
         if job is None:
             raise KeyError(job_id)
-        if job.dialect is not Dialect.GENERATION:
+        if job.dialect is not EmulatedDialect.GENERATION:
             raise ValueError(f"{job_id} is a video-dialect job, which cannot be canceled")
         if self._status(job).state in TERMINAL:
             raise ValueError(f"job {job_id} already ended")
@@ -457,7 +464,7 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
         denied = self._check_key(headers, route.dialect)
         if denied is not None:
             return denied
-        generation = route.dialect is Dialect.GENERATION
+        generation = route.dialect is EmulatedDialect.GENERATION
         if endpoint == "generate":
             assert route.kind is not None
             generate = self._generate_generation if generation else self._generate
@@ -536,21 +543,25 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
 
     # --- auth ----------------------------------------------------------------------------------
 
-    def _check_key(self, headers: Message, dialect: Dialect) -> Response | None:
+    def _check_key(self, headers: Message, dialect: EmulatedDialect) -> Response | None:
         """None if the api-key is good; else the video dialect's 401, the generation's 403."""
         key = sent_api_key(headers)  # never logged
         expected = self.config.api_key
         if key and (expected is None or hmac.compare_digest(key.encode(), expected.encode())):
             return None
         message = "Invalid api-key" if key else "Missing api-key header"
-        return coded(403, None, message) if dialect is Dialect.GENERATION else error(401, message)
+        return (
+            coded(403, None, message)
+            if dialect is EmulatedDialect.GENERATION
+            else error(401, message)
+        )
 
     # --- generate ------------------------------------------------------------------------------
 
     def _create(
         self,
         *,
-        dialect: Dialect,
+        dialect: EmulatedDialect,
         kind: str,
         model: str,
         body: dict[str, Any],
@@ -579,7 +590,7 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
         shown = dict(body)
         if isinstance(shown.get("image_file"), str):
             shown["image_file"] = f"<{len(shown['image_file'])} base64 characters elided>"
-        generation = dialect is Dialect.GENERATION
+        generation = dialect is EmulatedDialect.GENERATION
         request_id = new_job_id() if generation else "req_" + secrets.token_hex(8)
         job = self._queue.create(
             request_id,
@@ -617,24 +628,24 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
 
     # --- status and result ---------------------------------------------------------------------
 
-    def _status(self, job: Job) -> JobStatus:
+    def _status(self, job: Job) -> EmulatedJobStatus:
         """The job's state as its dialect reports it. A generation job is completed only once
         its video exists (a shared render that failed fails it); until then it is processing."""
         status = self._queue.status(job)
-        if job.dialect is Dialect.VIDEO or status.state is not JobState.COMPLETED:
+        if job.dialect is EmulatedDialect.VIDEO or status.state is not EmulatedJobState.COMPLETED:
             return status
         video = job.video
         if video is None or not video.done() or video.cancelled():
-            return replace(status, state=JobState.PROCESSING, progress=99)
+            return replace(status, state=EmulatedJobState.PROCESSING, progress=99)
         if (exc := video.exception()) is not None:
             self._renders.fail(job, f"Rendering failed: {type(exc).__name__}: {exc}")
             return self._queue.status(job)
         return status
 
     @staticmethod
-    def _state_word(job: Job, state: JobState) -> str:
+    def _state_word(job: Job, state: EmulatedJobState) -> str:
         """``state`` as the job's dialect says it."""
-        return STATUS_WORDS[state] if job.dialect is Dialect.GENERATION else state.value
+        return STATUS_WORDS[state] if job.dialect is EmulatedDialect.GENERATION else state.value
 
     def _failure_echo(self, job: Job, key: str) -> str:
         """What a careless server appends to a failure: the request, and even the api-key."""

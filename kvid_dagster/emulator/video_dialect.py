@@ -10,10 +10,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from kvid_dagster.emulator import render
-from kvid_dagster.emulator.jobs import Job, JobState, stamp
+from kvid_dagster.emulator.jobs import EmulatedJobState, Job, stamp
 from kvid_dagster.emulator.responses import Response, envelope, error
 from kvid_dagster.emulator.routing import parse_json
-from kvid_dagster.emulator.validation import Dialect, RequestInvalid, validate_body
+from kvid_dagster.emulator.validation import EmulatedDialect, RequestInvalid, validate_body
 
 
 class VideoResponder:
@@ -41,7 +41,7 @@ class VideoResponder:
             end_image_url=params.get("end_image_url"),
         )
         job = self._create(
-            dialect=Dialect.VIDEO,
+            dialect=EmulatedDialect.VIDEO,
             kind=kind,
             model=request.model,
             body=body,
@@ -55,12 +55,12 @@ class VideoResponder:
     def _status_response(self, job: Job, key: str) -> Response:
         status = self._queue.status(job)
         progress: float | None = status.progress
-        if status.state is JobState.IN_QUEUE and self._edges.null_progress:
+        if status.state is EmulatedJobState.IN_QUEUE and self._edges.null_progress:
             progress = None
-        elif status.state is JobState.PROCESSING and self._edges.fractional_progress:
+        elif status.state is EmulatedJobState.PROCESSING and self._edges.fractional_progress:
             progress = round(status.exact_progress, 1)
         logs, message = list(status.logs), status.message
-        if status.state is JobState.FAILED:
+        if status.state is EmulatedJobState.FAILED:
             echo = self._failure_echo(job, key)
             message += echo
             logs[-1] += echo
@@ -73,10 +73,10 @@ class VideoResponder:
 
     def _result(self, job: Job, key: str) -> Response:
         status = self._queue.status(job)
-        if status.state is JobState.FAILED:
+        if status.state is EmulatedJobState.FAILED:
             reason = f"{job.fail_reason}{self._failure_echo(job, key)}"
             return error(409, f"{job.request_id} FAILED: {reason}; no video to return")
-        if status.state is not JobState.COMPLETED:
+        if status.state is not EmulatedJobState.COMPLETED:
             return error(
                 409,
                 f"{job.request_id} is not COMPLETED yet (status {status.state.value}, "
