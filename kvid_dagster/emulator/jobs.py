@@ -95,7 +95,7 @@ class EmulatedJobStatus:
 
 
 def stamp(epoch: float) -> str:
-    # UTC, so logs read the same on every machine
+    """A log line's timestamp: UTC, so logs read the same on every machine."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
 
 

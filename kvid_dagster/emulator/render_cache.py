@@ -67,6 +67,7 @@ class RenderCache:
 
     @property
     def output_dir(self) -> Path:
+        """Where the videos are written (set by ``start``)."""
         assert self._output_dir is not None
         return self._output_dir
 

@@ -47,6 +47,7 @@ def envelope(
     code: ErrorCode | None = None,
     **headers: str,
 ) -> Response:
+    """The API's JSON answer, ``{"success", "data", "message"}`` (and ``code``), with headers."""
     payload: dict[str, Any] = {"success": success, "data": data, "message": message}
     if code is not None:
         payload["code"] = code.value
@@ -55,6 +56,7 @@ def envelope(
 
 
 def error(status: int, message: str, **headers: str) -> Response:
+    """An envelope that failed: no data, the message says why."""
     return envelope(status, False, None, message, **headers)
 
 
@@ -64,6 +66,7 @@ def coded(status: int, code: ErrorCode | None, message: str) -> Response:
 
 
 def html(status: int, title: str) -> Response:
+    """An HTML page, as a proxy or gateway in front of the API answers."""
     return Response(status, _HTML_PAGE.format(title=title).encode(), "text/html; charset=utf-8")
 
 

@@ -34,6 +34,7 @@ def parse_json(raw: bytes) -> tuple[Any, str | None]:
 
 
 def sent_api_key(headers: Message) -> str:
+    """The api-key header as sent, stripped ("" without one)."""
     return (headers.get("api-key") or "").strip()
 
 

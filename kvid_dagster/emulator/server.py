@@ -215,12 +215,14 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
 
     @property
     def port(self) -> int:
+        """The API listener's port (the one chosen, with ``port=0``)."""
         if self._server is None:
             raise RuntimeError("the emulator is not started")
         return int(self._server.server_address[1])
 
     @property
     def host(self) -> str:
+        """The address the listeners are bound to."""
         return self._host
 
     @property
@@ -242,6 +244,7 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
 
     @property
     def output_dir(self) -> Path:
+        """Where the videos are written (a temp dir unless ``output_dir`` was given)."""
         if self._output_dir is None:
             raise RuntimeError("the emulator is not started")
         return self._output_dir
@@ -349,6 +352,7 @@ class KvidEmulator(VideoResponder, GenerationResponder, FileResponder):
         return self._faults.pending()
 
     def clear_faults(self) -> None:
+        """Drop every scripted fault not used up yet."""
         self._faults.clear()
 
     def fail_job(self, request_id: str, reason: str = "Job failed (emulator fail_job)") -> None:

@@ -73,6 +73,7 @@ class EmulatorServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Reset the connection unread above ``reset_above`` requests in flight, else serve it."""
         with self._connections_lock:
             refuse = 0 < self.reset_above < self.in_flight
             if not refuse:
@@ -87,14 +88,17 @@ class EmulatorServer(ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def request_started(self) -> None:
+        """Count a request in flight (from its headers to the end of its answer)."""
         with self._connections_lock:
             self.in_flight += 1
 
     def request_ended(self) -> None:
+        """Count a request as answered."""
         with self._connections_lock:
             self.in_flight -= 1
 
     def shutdown_request(self, request: Any) -> None:
+        """Forget a closed connection, so ``close_connections`` skips it."""
         with self._connections_lock:
             self._connections.discard(request)
         super().shutdown_request(request)
@@ -108,6 +112,7 @@ class EmulatorServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a connection that broke at debug level: clients hang up on purpose in tests."""
         logger.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
