@@ -25,7 +25,13 @@ from conftest import REPO_ROOT, EmulatorFactory, fast_config
 from test_emulator import SMALL_T2V, download, image_b64, load_image, make_client, probe
 from test_emulator import generate as generate_video
 
-from kvid_dagster.emulator import FAIL_MARKER, Dialect, EmulatorConfig, ErrorCode, KvidEmulator
+from kvid_dagster.emulator import (
+    FAIL_MARKER,
+    EmulatedDialect,
+    EmulatorConfig,
+    ErrorCode,
+    KvidEmulator,
+)
 
 T2V, I2V, R2V = "text-to-video", "image-to-video", "reference-to-video"
 REF_MODEL = "bytedance/seedance-2.0/fast/reference-to-video"
@@ -248,7 +254,11 @@ def test_every_job_kind_end_to_end(
     with make_client(emulator) as client:
         job_id = generate(client, kind, body)
         info = emulator.jobs[job_id]
-        assert (info.dialect, info.kind, info.used_credit) == (Dialect.GENERATION, kind, credit)
+        assert (info.dialect, info.kind, info.used_credit) == (
+            EmulatedDialect.GENERATION,
+            kind,
+            credit,
+        )
         data, path = fetch_video(client, job_id, tmp_path)
     assert (data["width"], data["height"]) == size
     assert data["used_credit"] == credit
@@ -611,7 +621,7 @@ def test_both_dialects_are_served_at_once_on_one_engine(
         request_id = generate_video(client, T2V, SMALL_T2V)
         job_id = generate(client, T2V, {**SMALL, "prompt": "A lake at dusk"})
         jobs = emulator.jobs
-        assert {jobs[request_id].dialect, jobs[job_id].dialect} == set(Dialect)
+        assert {jobs[request_id].dialect, jobs[job_id].dialect} == set(EmulatedDialect)
         assert jobs[request_id].state in ("IN_QUEUE", "PROCESSING")
         assert jobs[job_id].state in ("queued", "processing")
         generation, path = fetch_video(client, job_id, tmp_path)

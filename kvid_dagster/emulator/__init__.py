@@ -13,13 +13,13 @@ from kvid_dagster.emulator.faults import FAULT_KINDS, Fault
 from kvid_dagster.emulator.generation import ErrorCode
 from kvid_dagster.emulator.render import Defect
 from kvid_dagster.emulator.server import FAIL_MARKER, JobInfo, KvidEmulator
-from kvid_dagster.emulator.validation import Dialect
+from kvid_dagster.emulator.validation import EmulatedDialect
 
 __all__ = [
     "FAIL_MARKER",
     "FAULT_KINDS",
     "Defect",
-    "Dialect",
+    "EmulatedDialect",
     "EmulatorConfig",
     "ErrorCode",
     "Fault",

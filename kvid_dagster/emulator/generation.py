@@ -44,7 +44,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
-from kvid_dagster.emulator.jobs import JobState
+from kvid_dagster.emulator.jobs import EmulatedJobState
 from kvid_dagster.emulator.validation import (
     IMAGE_TO_VIDEO,
     MISSING,
@@ -110,11 +110,11 @@ MAX_AUDIO_REFS: Final = 3
 MAX_REFS: Final = 12
 STATUS_WORDS: Final = MappingProxyType(
     {
-        JobState.IN_QUEUE: "queued",
-        JobState.PROCESSING: "processing",
-        JobState.COMPLETED: "completed",
-        JobState.FAILED: "failed",
-        JobState.CANCELED: "canceled",
+        EmulatedJobState.IN_QUEUE: "queued",
+        EmulatedJobState.PROCESSING: "processing",
+        EmulatedJobState.COMPLETED: "completed",
+        EmulatedJobState.FAILED: "failed",
+        EmulatedJobState.CANCELED: "canceled",
     }
 )
 

@@ -18,10 +18,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
-from kvid_dagster.emulator.validation import Dialect
+from kvid_dagster.emulator.validation import EmulatedDialect
 
 
-class JobState(StrEnum):
+class EmulatedJobState(StrEnum):
     """A job's state; the values are the video dialect's words (the generation dialect has its
     own, lowercase). CANCELED happens only to generation jobs (``KvidEmulator.cancel_job``)."""
 
@@ -32,7 +32,9 @@ class JobState(StrEnum):
     CANCELED = "CANCELED"
 
 
-TERMINAL: Final = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
+TERMINAL: Final = frozenset(
+    {EmulatedJobState.COMPLETED, EmulatedJobState.FAILED, EmulatedJobState.CANCELED}
+)
 
 # the vendor's "1-5 minutes by resolution and length": seconds for a 5 s (120 frame) clip
 _BASE_SECONDS: Final = {480: 60.0, 580: 75.0, 720: 96.0, 1080: 150.0}
@@ -40,9 +42,9 @@ _FRAMES_PER_LOG_LINE: Final = 20  # the vendor's example logs "Processing frame 
 _FRAMES_SHARE: Final = 0.9  # frames are "processed" in the first 90%; then "Encoding video"
 
 _MESSAGES: Final = {
-    JobState.IN_QUEUE: "Video generation request is queued",
-    JobState.PROCESSING: "Video generation in progress",
-    JobState.COMPLETED: "Video generation completed",
+    EmulatedJobState.IN_QUEUE: "Video generation request is queued",
+    EmulatedJobState.PROCESSING: "Video generation in progress",
+    EmulatedJobState.COMPLETED: "Video generation completed",
 }
 
 
@@ -57,7 +59,7 @@ class Job:
     """One emulated job. Times are ``time.monotonic()`` seconds; ``end``: completion or failure."""
 
     request_id: str  # the video dialect's request_id, or the generation dialect's job_id
-    dialect: Dialect
+    dialect: EmulatedDialect
     kind: str
     model: str  # video: "v1" | "v2"; generation: the model name as sent (or its default)
     body: dict[str, Any]  # as sent, image_file contents elided
@@ -81,8 +83,11 @@ class Job:
 
 
 @dataclass(frozen=True)
-class JobStatus:
-    state: JobState
+class EmulatedJobStatus:
+    """What the clock says of a job now: the state and progress its status answer is built from
+    (named apart from the client's ``JobStatus``, which reads such answers)."""
+
+    state: EmulatedJobState
     progress: int
     exact_progress: float  # progress before rounding down to a whole percent
     logs: list[str]
@@ -90,7 +95,7 @@ class JobStatus:
 
 
 def stamp(epoch: float) -> str:
-    # UTC, so logs read the same on every machine
+    """A log line's timestamp: UTC, so logs read the same on every machine."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
 
 
@@ -109,7 +114,7 @@ class JobQueue:
         self,
         request_id: str,
         *,
-        dialect: Dialect,
+        dialect: EmulatedDialect,
         kind: str,
         model: str,
         body: dict[str, Any],
@@ -197,27 +202,33 @@ class JobQueue:
         if self._last[job.slot] is job:
             self._free_at[job.slot] = max(job.end, job.extra["booked_from"])
 
-    def status(self, job: Job, now: float | None = None) -> JobStatus:
+    def status(self, job: Job, now: float | None = None) -> EmulatedJobStatus:
         """The job's state, progress and logs at ``now``, from its two booked instants."""
         now = self._clock() if now is None else now
         if now < job.start:
-            return JobStatus(JobState.IN_QUEUE, 0, 0.0, [], _MESSAGES[JobState.IN_QUEUE])
+            return EmulatedJobStatus(
+                EmulatedJobState.IN_QUEUE, 0, 0.0, [], _MESSAGES[EmulatedJobState.IN_QUEUE]
+            )
         upto = min(now, job.end)
         exact = self._progress(job, upto)
         progress = int(exact)
         logs = self._logs(job, upto)
         if now < job.end:
-            message = _MESSAGES[JobState.PROCESSING]
-            return JobStatus(JobState.PROCESSING, progress, exact, logs, message)
+            message = _MESSAGES[EmulatedJobState.PROCESSING]
+            return EmulatedJobStatus(EmulatedJobState.PROCESSING, progress, exact, logs, message)
         if job.canceled:
             logs.append(f"{stamp(job.wall(job.end))} - Video generation canceled")
-            return JobStatus(JobState.CANCELED, progress, exact, logs, "Video generation canceled")
+            return EmulatedJobStatus(
+                EmulatedJobState.CANCELED, progress, exact, logs, "Video generation canceled"
+            )
         if job.fail_reason is not None:
             logs.append(f"{stamp(job.wall(job.end))} - Video generation failed: {job.fail_reason}")
             message = f"Video generation failed: {job.fail_reason}"
-            return JobStatus(JobState.FAILED, progress, exact, logs, message)
+            return EmulatedJobStatus(EmulatedJobState.FAILED, progress, exact, logs, message)
         logs.append(f"{stamp(job.wall(job.end))} - Video generation completed")
-        return JobStatus(JobState.COMPLETED, 100, 100.0, logs, _MESSAGES[JobState.COMPLETED])
+        return EmulatedJobStatus(
+            EmulatedJobState.COMPLETED, 100, 100.0, logs, _MESSAGES[EmulatedJobState.COMPLETED]
+        )
 
     @staticmethod
     def _progress(job: Job, upto: float) -> float:

@@ -17,8 +17,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 
-class Dialect(StrEnum):
-    """The two API dialects the emulator serves at once (their paths differ)."""
+class EmulatedDialect(StrEnum):
+    """The two API dialects the emulator serves at once (their paths differ); named apart
+    from the client's dialects, which the emulator does not import."""
 
     VIDEO = "video"  # the seed page: /ai/video/{kind}/generate, ?request_id=
     GENERATION = "generation"  # the current English page: /ai/generation/..., ?jobId=
