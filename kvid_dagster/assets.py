@@ -66,7 +66,7 @@ from kvid_dagster.ledger import ClaimOwner, ClaimRule, SpendWindow, VideoRow
 from kvid_dagster.liveness import run_liveness
 from kvid_dagster.media.quality import QualityCheck
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+from kvid_dagster.translator import KvidAsset, KvidSpecs, KvidTranslator, asset_specs
 
 PREVIEW_USER_COLUMNS = 4  # the first of the table's own columns, in the kvid_prompts preview
 
@@ -375,7 +375,29 @@ def build_kvid_assets(
     assets (``build_kvid_definitions`` provides a ``KvidVideoIOManager`` under it).
     """
     translator = translator or KvidTranslator()
-    specs = asset_specs(translator, project)
+    return assets_from_specs(
+        project,
+        translator,
+        asset_specs(translator, project),
+        prices=prices,
+        jobs_automation_condition=jobs_automation_condition,
+        budget_credits=budget_credits,
+        videos_io_manager_key=videos_io_manager_key,
+    )
+
+
+def assets_from_specs(
+    project: KvidProject,
+    translator: KvidTranslator,
+    specs: KvidSpecs,
+    *,
+    prices: Mapping[str, float] | None = None,
+    jobs_automation_condition: AutomationCondition | None = None,
+    budget_credits: CreditBudget | None = None,
+    videos_io_manager_key: str | None = None,
+) -> list[AssetsDefinition | AssetSpec]:
+    """``build_kvid_assets`` with the specs already computed (``build_kvid_definitions``)."""
+    specs = dict(specs)  # the jobs' automation condition goes onto this build's copy
     key = {asset: spec.key for asset, spec in specs.items()}
     settings = KvidAssetSettings(
         project,

@@ -13,15 +13,15 @@ from dagster import (
     in_process_executor,
 )
 
-from kvid_dagster.assets import build_kvid_assets
+from kvid_dagster.assets import assets_from_specs
 from kvid_dagster.client import DEFAULT_BASE_URL, ApiDialect
 from kvid_dagster.core.budget import CreditBudget
 from kvid_dagster.core.project import KvidProject, dialect_from_env
 from kvid_dagster.io_manager import KvidVideoIOManager, video_io_manager_key
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.schedule_builder import build_kvid_schedule
-from kvid_dagster.sensor_builder import build_kvid_prompts_sensor, build_kvid_status_sensor
+from kvid_dagster.schedule_builder import schedule_from_specs
+from kvid_dagster.sensor_builder import prompts_sensor_from_specs, status_sensor_from_specs
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PROMPTS_JOB = "kvid_prompts_job"
@@ -90,11 +90,13 @@ def build_kvid_definitions(
     ``video_io_manager_key`` of the videos' asset key.
     """
     translator = translator or KvidTranslator()
-    key = {asset: spec.key for asset, spec in asset_specs(translator, project).items()}
+    specs = asset_specs(translator, project)
+    key = {asset: spec.key for asset, spec in specs.items()}
     videos_io_manager = video_io_manager_key(key[KvidAsset.VIDEOS])
-    assets = build_kvid_assets(
+    assets = assets_from_specs(
         project,
-        translator=translator,
+        translator,
+        specs,
         prices=prices,
         jobs_automation_condition=jobs_automation_condition,
         budget_credits=budget_credits,
@@ -110,16 +112,17 @@ def build_kvid_definitions(
         jobs=jobs,
         executor=executor,
         sensors=[
-            build_kvid_status_sensor(
+            status_sensor_from_specs(
                 project,
                 status_sensor,
-                translator=translator,
+                translator,
+                specs,
                 prices=prices,
                 budget_credits=budget_credits,
             ),
-            build_kvid_prompts_sensor(project, prompts_sensor, translator=translator),
+            prompts_sensor_from_specs(project, prompts_sensor, specs),
         ],
-        schedules=[build_kvid_schedule(project, schedule, translator=translator)],
+        schedules=[schedule_from_specs(project, schedule, specs)],
         resources={
             "kvid": resource or resource_from_env(project.dialect),
             videos_io_manager: KvidVideoIOManager(project),

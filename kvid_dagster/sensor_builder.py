@@ -58,7 +58,7 @@ from kvid_dagster.liveness import run_liveness
 from kvid_dagster.media.quality import outcomes
 from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+from kvid_dagster.translator import KvidAsset, KvidSpecs, KvidTranslator, asset_specs
 
 
 def video_events(
@@ -397,6 +397,22 @@ def build_kvid_status_sensor(
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
+    return status_sensor_from_specs(
+        project, options, translator, specs, prices=prices, budget_credits=budget_credits, name=name
+    )
+
+
+def status_sensor_from_specs(
+    project: KvidProject,
+    options: StatusSensorOptions,
+    translator: KvidTranslator,
+    specs: KvidSpecs,
+    *,
+    prices: Mapping[str, float] | None = None,
+    budget_credits: CreditBudget | None = None,
+    name: str = "kvid_status_sensor",
+) -> SensorDefinition:
+    """``build_kvid_status_sensor`` with the specs already computed (``build_kvid_definitions``)."""
     videos_key = specs[KvidAsset.VIDEOS].key
     poll_config = replace(options.poll_config(project.videos_dir), image_dir=_table_dir(project))
     settings = StatusSensorSettings(
@@ -513,6 +529,18 @@ def build_kvid_prompts_sensor(
     """Watches the prompt table: new or changed rows get their partitions and a submitting run
     (one run per contiguous range of partitions, so a large edit is one run, not hundreds)."""
     specs = asset_specs(translator or KvidTranslator(), project)
+    return prompts_sensor_from_specs(project, options, specs, name=name)
+
+
+def prompts_sensor_from_specs(
+    project: KvidProject,
+    options: PromptsSensorOptions,
+    specs: KvidSpecs,
+    *,
+    name: str = "kvid_prompts_sensor",
+) -> SensorDefinition:
+    """``build_kvid_prompts_sensor`` with the specs already computed (by
+    ``build_kvid_definitions``)."""
     settings = PromptsSensorSettings(
         project, specs[KvidAsset.PROMPTS].key, specs[KvidAsset.VIDEO_JOBS].key
     )

@@ -7,6 +7,7 @@ kinds, description, metadata, tags) or the metadata recorded for each video.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -196,7 +197,12 @@ class KvidTranslator:
         return meta
 
 
+#: every kvid asset's spec, by asset
+KvidSpecs = Mapping[KvidAsset, AssetSpec]
+
+
 def asset_specs(translator: KvidTranslator, project: KvidProject) -> dict[KvidAsset, AssetSpec]:
-    """Every kvid asset's spec: the assets, the sensors, the jobs and the schedule all read keys
-    from here, so an overridden ``get_asset_spec`` changes them together."""
+    """Every kvid asset's spec: computed once per definitions build and handed to the assets,
+    the sensors, the jobs and the schedule, so an overridden ``get_asset_spec`` changes them
+    together (and runs once per asset)."""
     return {asset: translator.get_asset_spec(KvidAssetProps(asset, project)) for asset in KvidAsset}
