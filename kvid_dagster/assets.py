@@ -338,10 +338,13 @@ def publish_catalog_of_run(context: AssetExecutionContext, settings: KvidAssetSe
         context.log.warning(f"catalog publication not reported: {type(exc).__name__}: {exc}")
 
 
-def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
-    """The translator's share of an ``@asset``: all of its spec but the kvid-owned parts."""
+def _asset_kwargs(spec: AssetSpec, deps: Sequence[AssetKey]) -> dict[str, Any]:
+    """The translator's share of an ``@asset``: all of its spec but the kvid-owned parts.
+    ``deps`` are kvid's; a spec that names its own replaces them (as a component's
+    ``translation`` does)."""
     return {
         "key": spec.key,
+        "deps": list(spec.deps) or deps,
         "group_name": spec.group_name,
         "kinds": spec.kinds,
         "description": spec.description,
@@ -350,6 +353,8 @@ def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
         "owners": spec.owners,
         "code_version": spec.code_version,
         "automation_condition": spec.automation_condition,
+        "freshness_policy": spec.freshness_policy,
+        "output_required": not spec.skippable,
     }
 
 
@@ -412,9 +417,10 @@ def assets_from_specs(
         )
 
     @asset(
-        **_asset_kwargs(specs[KvidAsset.PROMPTS]),
         # an upstream asset whose value is the table: its materializations refresh this one
-        deps=[project.upstream] if project.upstream is not None else [],
+        **_asset_kwargs(
+            specs[KvidAsset.PROMPTS], [project.upstream] if project.upstream is not None else []
+        ),
         check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
@@ -425,8 +431,7 @@ def assets_from_specs(
         warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 
         @asset(
-            **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS]),
-            deps=[key[KvidAsset.PROMPTS]],
+            **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS], [key[KvidAsset.PROMPTS]]),
             partitions_def=project.partitions_def,
             backfill_policy=BackfillPolicy.single_run(),
             pool="kvid",
@@ -436,8 +441,10 @@ def assets_from_specs(
         ) -> MaterializeResult:
             return submit_video_jobs(context, config, kvid, settings)
 
-    kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
-        deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=project.partitions_def
+    videos_spec = specs[KvidAsset.VIDEOS]
+    kvid_videos = videos_spec.replace_attributes(
+        deps=list(videos_spec.deps) or [key[KvidAsset.VIDEO_JOBS]],
+        partitions_def=project.partitions_def,
     )
     if videos_io_manager_key is not None:
         kvid_videos = kvid_videos.with_io_manager_key(videos_io_manager_key)
@@ -459,7 +466,7 @@ def assets_from_specs(
             _quality_check(check, key[KvidAsset.VIDEOS], settings) for check in QualityCheck
         ]
 
-    @asset(**_asset_kwargs(specs[KvidAsset.CATALOG]), deps=[key[KvidAsset.VIDEOS]])
+    @asset(**_asset_kwargs(specs[KvidAsset.CATALOG], [key[KvidAsset.VIDEOS]]))
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
         return materialize_catalog(context, project)
 
