@@ -37,6 +37,7 @@ from kvid_dagster._dagster_common import (
     range_run_requests,
     video_check_result,
 )
+from kvid_dagster.catalog_metadata import read_previews
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.core._aio import run_coroutine
 from kvid_dagster.core.budget import CreditBudget
@@ -74,7 +75,11 @@ def video_events(
     out: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
     for report in video_reports(events, checked=checked or {}):
         if report.kind is ReportKind.MATERIALIZATION:
-            event, metadata = AssetMaterialization, translator.get_video_metadata(report.row)
+            previews = read_previews(report.row)
+            event, metadata = (
+                AssetMaterialization,
+                translator.get_video_metadata(report.row, previews),
+            )
         else:
             event, metadata = AssetObservation, translator.get_failure_metadata(report.row)
         out.append(event(asset_key=videos_key, partition=report.partition_key, metadata=metadata))
