@@ -83,6 +83,11 @@ class KvidJobsConfig(Config):
         "do not fit stay PENDING). The definitions' per-run budget still holds when lower.",
     )
 
+    def run_budget(self, definitions: CreditBudget) -> CreditBudget:
+        """The run's ``CreditBudget``: the definitions' one, its per-run credits lowered to
+        this run's ``budget_credits`` (a plain number, as the launchpad takes it)."""
+        return definitions.with_run_limit(self.budget_credits)
+
 
 def add_new_partitions(
     instance: DagsterInstance, project: KvidProject, keys: Sequence[str]
@@ -216,7 +221,7 @@ def submit_video_jobs(
     rows = [by_key[k] for k in keys if k in by_key]
     missing = [k for k in keys if k not in by_key]
 
-    budget = settings.budget.with_run_limit(config.budget_credits)
+    budget = config.run_budget(settings.budget)
     run_id = context.run.run_id
 
     def report(outcome: SubmitOutcome) -> None:
