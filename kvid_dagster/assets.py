@@ -383,6 +383,22 @@ def build_kvid_assets(
 
     ``videos_io_manager_key`` names the resource that loads ``kvid_videos`` for downstream
     assets (``build_kvid_definitions`` provides a ``KvidVideoIOManager`` under it).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        translator: the assets' specs and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        jobs_automation_condition: the submitting asset's automation condition.
+        budget_credits: what submitting may spend, per run and per UTC day.
+        videos_io_manager_key: the resource that loads ``kvid_videos`` downstream.
+
+    Example:
+        .. code-block:: python
+
+            assets = build_kvid_assets(
+                KvidProject("prompts.csv", "data"),
+                jobs_automation_condition=AutomationCondition.on_missing(),
+            )
     """
     translator = translator or KvidTranslator()
     return assets_from_specs(

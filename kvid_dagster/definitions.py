@@ -88,6 +88,28 @@ def build_kvid_definitions(
     Downstream assets take ``kvid_videos`` as an input (a ``KvidVideo`` per partition, or all
     COMPLETED videos at once): its ``KvidVideoIOManager`` is among the resources, under
     ``video_io_manager_key`` of the videos' asset key.
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        resource: the ``kvid`` resource (default: ``resource_from_env(project.dialect)``).
+        translator: the assets' specs and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        budget_credits: what the submitting runs may spend, per run and per UTC day.
+        status_sensor: the status sensor's settings (the reliability rules).
+        prompts_sensor: the prompt-table sensor's settings.
+        schedule: the schedule's settings.
+        jobs_automation_condition: lets declarative automation submit new partitions.
+        executor: the runs' executor (default: in-process; ``None``: Dagster's).
+
+    Example:
+        .. code-block:: python
+
+            from kvid_dagster import CreditBudget, KvidProject, build_kvid_definitions
+
+            defs = build_kvid_definitions(
+                KvidProject("prompts.csv", "data"),
+                budget_credits=CreditBudget(per_run=500, per_day=2000),
+            )
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)

@@ -62,7 +62,21 @@ def build_kvid_schedule(
 ) -> ScheduleDefinition:
     """Daily by default (``ScheduleOptions``): one run per contiguous range of partitions whose
     row has no job for its exact request (failed jobs are not paid for again: re-materialize
-    those by hand)."""
+    those by hand).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the cron schedule, its time zone and default status.
+        translator: the asset keys (default: ``KvidTranslator``).
+        name: the schedule's name.
+
+    Example:
+        .. code-block:: python
+
+            schedule = build_kvid_schedule(
+                KvidProject("prompts.csv", "data"), ScheduleOptions(cron_schedule="0 6 * * *")
+            )
+    """
     specs = asset_specs(translator or KvidTranslator(), project)
     return schedule_from_specs(project, options, specs, name=name)
 

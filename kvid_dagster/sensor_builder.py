@@ -399,6 +399,21 @@ def build_kvid_status_sensor(
     its per-day credits hold the retries too (a retry over them is not sent and its row stays
     FAILED); its per-run credits do not, a retry being in no run. Every tick first settles
     claims whose submitter is gone (``UNCERTAIN`` at once).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the tick's budget, interval, default status and the reliability rules.
+        translator: the asset keys and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        budget_credits: its per-day credits hold the retries of FAILED jobs.
+        name: the sensor's name.
+
+    Example:
+        .. code-block:: python
+
+            sensor = build_kvid_status_sensor(
+                KvidProject("prompts.csv", "data"), StatusSensorOptions(tick_budget_seconds=20)
+            )
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
@@ -532,7 +547,19 @@ def build_kvid_prompts_sensor(
     name: str = "kvid_prompts_sensor",
 ) -> SensorDefinition:
     """Watches the prompt table: new or changed rows get their partitions and a submitting run
-    (one run per contiguous range of partitions, so a large edit is one run, not hundreds)."""
+    (one run per contiguous range of partitions, so a large edit is one run, not hundreds).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the sensor's interval and default status.
+        translator: the asset keys (default: ``KvidTranslator``).
+        name: the sensor's name.
+
+    Example:
+        .. code-block:: python
+
+            sensor = build_kvid_prompts_sensor(KvidProject("prompts.csv", "data"))
+    """
     specs = asset_specs(translator or KvidTranslator(), project)
     return prompts_sensor_from_specs(project, options, specs, name=name)
 
