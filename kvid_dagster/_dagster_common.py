@@ -26,7 +26,12 @@ from dagster import (
     RunRequest,
 )
 
-from kvid_dagster.catalog_metadata import CONTACT_SHEET_KEY, catalog_metadata, shown_catalog
+from kvid_dagster.catalog_metadata import (
+    CONTACT_SHEET_KEY,
+    catalog_metadata,
+    read_previews,
+    shown_catalog,
+)
 from kvid_dagster.core.planning import JobPlan, partition_ranges, plan_jobs
 from kvid_dagster.core.project import KvidProject, UpstreamAsset, UpstreamLoader
 from kvid_dagster.core.prompts import PromptTable
@@ -174,7 +179,8 @@ def video_check_result(translator: KvidTranslator, row: VideoRow | None) -> Asse
         )
     if verdict_for(row).passed:
         # the materialization beside it carries the previews: once in the event log is enough
-        metadata = translator.get_video_metadata(row)
+        # (a preview that could not be made still says why)
+        metadata = translator.get_video_metadata(row, read_previews(row))
         for key in PREVIEW_KEYS:
             metadata.pop(key, None)
         return AssetCheckResult(check_name=VIDEO_CHECK_NAME, passed=True, metadata=metadata)

@@ -68,6 +68,7 @@ from kvid_dagster.media.quality import QualityCheck
 from kvid_dagster.resources import KvidResource
 from kvid_dagster.translator import (
     KvidAsset,
+    KvidSpecs,
     KvidTranslator,
     asset_specs,
     partitions_def,
@@ -88,6 +89,11 @@ class KvidJobsConfig(Config):
         description="Credits this run may spend (priced before anything is sent; the rows that "
         "do not fit stay PENDING). The definitions' per-run budget still holds when lower.",
     )
+
+    def run_budget(self, definitions: CreditBudget) -> CreditBudget:
+        """The run's ``CreditBudget``: the definitions' one, its per-run credits lowered to
+        this run's ``budget_credits`` (a plain number, as the launchpad takes it)."""
+        return definitions.with_run_limit(self.budget_credits)
 
 
 def add_new_partitions(
@@ -222,7 +228,7 @@ def submit_video_jobs(
     rows = [by_key[k] for k in keys if k in by_key]
     missing = [k for k in keys if k not in by_key]
 
-    budget = settings.budget.with_run_limit(config.budget_credits)
+    budget = config.run_budget(settings.budget)
     run_id = context.run.run_id
 
     def report(outcome: SubmitOutcome) -> None:
@@ -344,10 +350,13 @@ def publish_catalog_of_run(context: AssetExecutionContext, settings: KvidAssetSe
         context.log.warning(f"catalog publication not reported: {type(exc).__name__}: {exc}")
 
 
-def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
-    """The translator's share of an ``@asset``: all of its spec but the kvid-owned parts."""
+def _asset_kwargs(spec: AssetSpec, deps: Sequence[AssetKey]) -> dict[str, Any]:
+    """The translator's share of an ``@asset``: all of its spec but the kvid-owned parts.
+    ``deps`` are kvid's; a spec that names its own replaces them (as a component's
+    ``translation`` does)."""
     return {
         "key": spec.key,
+        "deps": list(spec.deps) or deps,
         "group_name": spec.group_name,
         "kinds": spec.kinds,
         "description": spec.description,
@@ -356,6 +365,8 @@ def _asset_kwargs(spec: AssetSpec) -> dict[str, Any]:
         "owners": spec.owners,
         "code_version": spec.code_version,
         "automation_condition": spec.automation_condition,
+        "freshness_policy": spec.freshness_policy,
+        "output_required": not spec.skippable,
     }
 
 
@@ -379,9 +390,47 @@ def build_kvid_assets(
 
     ``videos_io_manager_key`` names the resource that loads ``kvid_videos`` for downstream
     assets (``build_kvid_definitions`` provides a ``KvidVideoIOManager`` under it).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        translator: the assets' specs and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        jobs_automation_condition: the submitting asset's automation condition.
+        budget_credits: what submitting may spend, per run and per UTC day.
+        videos_io_manager_key: the resource that loads ``kvid_videos`` downstream.
+
+    Example:
+        .. code-block:: python
+
+            assets = build_kvid_assets(
+                KvidProject("prompts.csv", "data"),
+                jobs_automation_condition=AutomationCondition.on_missing(),
+            )
     """
     translator = translator or KvidTranslator()
-    specs = asset_specs(translator, project)
+    return assets_from_specs(
+        project,
+        translator,
+        asset_specs(translator, project),
+        prices=prices,
+        jobs_automation_condition=jobs_automation_condition,
+        budget_credits=budget_credits,
+        videos_io_manager_key=videos_io_manager_key,
+    )
+
+
+def assets_from_specs(
+    project: KvidProject,
+    translator: KvidTranslator,
+    specs: KvidSpecs,
+    *,
+    prices: Mapping[str, float] | None = None,
+    jobs_automation_condition: AutomationCondition | None = None,
+    budget_credits: CreditBudget | None = None,
+    videos_io_manager_key: str | None = None,
+) -> list[AssetsDefinition | AssetSpec]:
+    """``build_kvid_assets`` with the specs already computed (``build_kvid_definitions``)."""
+    specs = dict(specs)  # the jobs' automation condition goes onto this build's copy
     key = {asset: spec.key for asset, spec in specs.items()}
     settings = KvidAssetSettings(
         project,
@@ -397,9 +446,11 @@ def build_kvid_assets(
         )
 
     @asset(
-        **_asset_kwargs(specs[KvidAsset.PROMPTS]),
         # an upstream asset whose value is the table: its materializations refresh this one
-        deps=[upstream] if (upstream := upstream_key(project)) is not None else [],
+        **_asset_kwargs(
+            specs[KvidAsset.PROMPTS],
+            [upstream] if (upstream := upstream_key(project)) is not None else [],
+        ),
         check_specs=[AssetCheckSpec("all_rows_valid", asset=key[KvidAsset.PROMPTS])],
     )
     def kvid_prompts(context: AssetExecutionContext) -> MaterializeResult:
@@ -410,8 +461,7 @@ def build_kvid_assets(
         warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 
         @asset(
-            **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS]),
-            deps=[key[KvidAsset.PROMPTS]],
+            **_asset_kwargs(specs[KvidAsset.VIDEO_JOBS], [key[KvidAsset.PROMPTS]]),
             partitions_def=partitions,
             backfill_policy=BackfillPolicy.single_run(),
             pool="kvid",
@@ -421,8 +471,10 @@ def build_kvid_assets(
         ) -> MaterializeResult:
             return submit_video_jobs(context, config, kvid, settings)
 
-    kvid_videos = specs[KvidAsset.VIDEOS].replace_attributes(
-        deps=[key[KvidAsset.VIDEO_JOBS]], partitions_def=partitions
+    videos_spec = specs[KvidAsset.VIDEOS]
+    kvid_videos = videos_spec.replace_attributes(
+        deps=list(videos_spec.deps) or [key[KvidAsset.VIDEO_JOBS]],
+        partitions_def=partitions,
     )
     if videos_io_manager_key is not None:
         kvid_videos = kvid_videos.with_io_manager_key(videos_io_manager_key)
@@ -444,7 +496,7 @@ def build_kvid_assets(
             _quality_check(check, key[KvidAsset.VIDEOS], settings) for check in QualityCheck
         ]
 
-    @asset(**_asset_kwargs(specs[KvidAsset.CATALOG]), deps=[key[KvidAsset.VIDEOS]])
+    @asset(**_asset_kwargs(specs[KvidAsset.CATALOG], [key[KvidAsset.VIDEOS]]))
     def kvid_catalog(context: AssetExecutionContext) -> MaterializeResult:
         return materialize_catalog(context, project)
 

@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 from dagster import AssetKey, DagsterInstance, MetadataValue, TableColumn, TableSchema
 
 from kvid_dagster.core.project import KvidProject
-from kvid_dagster.ledger import VIDEO_SCHEMA, PublishStats, VideoStatus
-from kvid_dagster.media.preview import PreviewError, contact_sheet
+from kvid_dagster.ledger import VIDEO_SCHEMA, PublishStats, VideoRow, VideoStatus
+from kvid_dagster.media.preview import PreviewError, VideoPreviews, contact_sheet, video_previews
 from kvid_dagster.media.storage import exists as stored
 
 PREVIEW_ROWS = 20
@@ -129,6 +129,18 @@ def catalog_contact_sheet(videos: pa.Table, log: Any) -> dict[str, MetadataValue
             f"{made:%Y-%m-%d %H:%M} UTC: {caption}"
         )
     }
+
+
+def read_previews(row: VideoRow) -> VideoPreviews | PreviewError | None:
+    """The kept video's previews for its materialization (``KvidTranslator.get_video_metadata``),
+    or why they cannot be made; None for a video not kept. Decoded here, not in the
+    translator, which only shapes metadata."""
+    if not row.video.local_path:
+        return None
+    try:
+        return video_previews(row.video.local_path)
+    except PreviewError as exc:
+        return exc
 
 
 def catalog_column_schema() -> TableSchema:

@@ -13,7 +13,7 @@ from dagster import (
     in_process_executor,
 )
 
-from kvid_dagster.assets import build_kvid_assets
+from kvid_dagster.assets import assets_from_specs
 from kvid_dagster.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, ApiDialect
 from kvid_dagster.core.budget import CreditBudget
 from kvid_dagster.core.project import (
@@ -25,8 +25,8 @@ from kvid_dagster.core.project import (
 from kvid_dagster.io_manager import KvidVideoIOManager, video_io_manager_key
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.schedule_builder import build_kvid_schedule
-from kvid_dagster.sensor_builder import build_kvid_prompts_sensor, build_kvid_status_sensor
+from kvid_dagster.schedule_builder import schedule_from_specs
+from kvid_dagster.sensor_builder import prompts_sensor_from_specs, status_sensor_from_specs
 from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
 
 PROMPTS_JOB = "kvid_prompts_job"
@@ -93,13 +93,37 @@ def build_kvid_definitions(
     Downstream assets take ``kvid_videos`` as an input (a ``KvidVideo`` per partition, or all
     COMPLETED videos at once): its ``KvidVideoIOManager`` is among the resources, under
     ``video_io_manager_key`` of the videos' asset key.
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        resource: the ``kvid`` resource (default: ``resource_from_env(project.dialect)``).
+        translator: the assets' specs and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        budget_credits: what the submitting runs may spend, per run and per UTC day.
+        status_sensor: the status sensor's settings (the reliability rules).
+        prompts_sensor: the prompt-table sensor's settings.
+        schedule: the schedule's settings.
+        jobs_automation_condition: lets declarative automation submit new partitions.
+        executor: the runs' executor (default: in-process; ``None``: Dagster's).
+
+    Example:
+        .. code-block:: python
+
+            from kvid_dagster import CreditBudget, KvidProject, build_kvid_definitions
+
+            defs = build_kvid_definitions(
+                KvidProject("prompts.csv", "data"),
+                budget_credits=CreditBudget(per_run=500, per_day=2000),
+            )
     """
     translator = translator or KvidTranslator()
-    key = {asset: spec.key for asset, spec in asset_specs(translator, project).items()}
+    specs = asset_specs(translator, project)
+    key = {asset: spec.key for asset, spec in specs.items()}
     videos_io_manager = video_io_manager_key(key[KvidAsset.VIDEOS])
-    assets = build_kvid_assets(
+    assets = assets_from_specs(
         project,
-        translator=translator,
+        translator,
+        specs,
         prices=prices,
         jobs_automation_condition=jobs_automation_condition,
         budget_credits=budget_credits,
@@ -115,16 +139,17 @@ def build_kvid_definitions(
         jobs=jobs,
         executor=executor,
         sensors=[
-            build_kvid_status_sensor(
+            status_sensor_from_specs(
                 project,
                 status_sensor,
-                translator=translator,
+                translator,
+                specs,
                 prices=prices,
                 budget_credits=budget_credits,
             ),
-            build_kvid_prompts_sensor(project, prompts_sensor, translator=translator),
+            prompts_sensor_from_specs(project, prompts_sensor, specs),
         ],
-        schedules=[build_kvid_schedule(project, schedule, translator=translator)],
+        schedules=[schedule_from_specs(project, schedule, specs)],
         resources={
             "kvid": resource or resource_from_env(project.dialect),
             videos_io_manager: KvidVideoIOManager(project),

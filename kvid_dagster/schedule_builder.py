@@ -22,7 +22,7 @@ from kvid_dagster.core.project import KvidProject
 from kvid_dagster.core.prompts import PromptTableError
 from kvid_dagster.core.sources import PromptSourceUnavailable
 from kvid_dagster.options import ScheduleOptions
-from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+from kvid_dagster.translator import KvidAsset, KvidSpecs, KvidTranslator, asset_specs
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,34 @@ def build_kvid_schedule(
 ) -> ScheduleDefinition:
     """Daily by default (``ScheduleOptions``): one run per contiguous range of partitions whose
     row has no job for its exact request (failed jobs are not paid for again: re-materialize
-    those by hand)."""
-    jobs_key = asset_specs(translator or KvidTranslator(), project)[KvidAsset.VIDEO_JOBS].key
+    those by hand).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the cron schedule, its time zone and default status.
+        translator: the asset keys (default: ``KvidTranslator``).
+        name: the schedule's name.
+
+    Example:
+        .. code-block:: python
+
+            schedule = build_kvid_schedule(
+                KvidProject("prompts.csv", "data"), ScheduleOptions(cron_schedule="0 6 * * *")
+            )
+    """
+    specs = asset_specs(translator or KvidTranslator(), project)
+    return schedule_from_specs(project, options, specs, name=name)
+
+
+def schedule_from_specs(
+    project: KvidProject,
+    options: ScheduleOptions,
+    specs: KvidSpecs,
+    *,
+    name: str = "kvid_daily_schedule",
+) -> ScheduleDefinition:
+    """``build_kvid_schedule`` with the specs already computed (``build_kvid_definitions``)."""
+    jobs_key = specs[KvidAsset.VIDEO_JOBS].key
     settings = ScheduleSettings(project, jobs_key)
 
     @schedule(

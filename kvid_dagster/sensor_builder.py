@@ -37,6 +37,7 @@ from kvid_dagster._dagster_common import (
     range_run_requests,
     video_check_result,
 )
+from kvid_dagster.catalog_metadata import read_previews
 from kvid_dagster.client import AsyncKvidClient
 from kvid_dagster.core._aio import run_coroutine
 from kvid_dagster.core.budget import CreditBudget
@@ -58,7 +59,7 @@ from kvid_dagster.liveness import run_liveness
 from kvid_dagster.media.quality import outcomes
 from kvid_dagster.options import PromptsSensorOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.translator import KvidAsset, KvidTranslator, asset_specs
+from kvid_dagster.translator import KvidAsset, KvidSpecs, KvidTranslator, asset_specs
 
 
 def video_events(
@@ -74,7 +75,11 @@ def video_events(
     out: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = []
     for report in video_reports(events, checked=checked or {}):
         if report.kind is ReportKind.MATERIALIZATION:
-            event, metadata = AssetMaterialization, translator.get_video_metadata(report.row)
+            previews = read_previews(report.row)
+            event, metadata = (
+                AssetMaterialization,
+                translator.get_video_metadata(report.row, previews),
+            )
         else:
             event, metadata = AssetObservation, translator.get_failure_metadata(report.row)
         out.append(event(asset_key=videos_key, partition=report.partition_key, metadata=metadata))
@@ -394,9 +399,40 @@ def build_kvid_status_sensor(
     its per-day credits hold the retries too (a retry over them is not sent and its row stays
     FAILED); its per-run credits do not, a retry being in no run. Every tick first settles
     claims whose submitter is gone (``UNCERTAIN`` at once).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the tick's budget, interval, default status and the reliability rules.
+        translator: the asset keys and the videos' metadata (default: ``KvidTranslator``).
+        prices: credits per ``model/resolution`` (default: the built-in price table).
+        budget_credits: its per-day credits hold the retries of FAILED jobs.
+        name: the sensor's name.
+
+    Example:
+        .. code-block:: python
+
+            sensor = build_kvid_status_sensor(
+                KvidProject("prompts.csv", "data"), StatusSensorOptions(tick_budget_seconds=20)
+            )
     """
     translator = translator or KvidTranslator()
     specs = asset_specs(translator, project)
+    return status_sensor_from_specs(
+        project, options, translator, specs, prices=prices, budget_credits=budget_credits, name=name
+    )
+
+
+def status_sensor_from_specs(
+    project: KvidProject,
+    options: StatusSensorOptions,
+    translator: KvidTranslator,
+    specs: KvidSpecs,
+    *,
+    prices: Mapping[str, float] | None = None,
+    budget_credits: CreditBudget | None = None,
+    name: str = "kvid_status_sensor",
+) -> SensorDefinition:
+    """``build_kvid_status_sensor`` with the specs already computed (``build_kvid_definitions``)."""
     videos_key = specs[KvidAsset.VIDEOS].key
     poll_config = replace(options.poll_config(project.videos_dir), image_dir=_table_dir(project))
     settings = StatusSensorSettings(
@@ -511,8 +547,32 @@ def build_kvid_prompts_sensor(
     name: str = "kvid_prompts_sensor",
 ) -> SensorDefinition:
     """Watches the prompt table: new or changed rows get their partitions and a submitting run
-    (one run per contiguous range of partitions, so a large edit is one run, not hundreds)."""
+    (one run per contiguous range of partitions, so a large edit is one run, not hundreds).
+
+    Args:
+        project: the prompt table, the data folder and the rows' dialect and defaults.
+        options: the sensor's interval and default status.
+        translator: the asset keys (default: ``KvidTranslator``).
+        name: the sensor's name.
+
+    Example:
+        .. code-block:: python
+
+            sensor = build_kvid_prompts_sensor(KvidProject("prompts.csv", "data"))
+    """
     specs = asset_specs(translator or KvidTranslator(), project)
+    return prompts_sensor_from_specs(project, options, specs, name=name)
+
+
+def prompts_sensor_from_specs(
+    project: KvidProject,
+    options: PromptsSensorOptions,
+    specs: KvidSpecs,
+    *,
+    name: str = "kvid_prompts_sensor",
+) -> SensorDefinition:
+    """``build_kvid_prompts_sensor`` with the specs already computed (by
+    ``build_kvid_definitions``)."""
     settings = PromptsSensorSettings(
         project, specs[KvidAsset.PROMPTS].key, specs[KvidAsset.VIDEO_JOBS].key
     )

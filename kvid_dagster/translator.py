@@ -7,6 +7,7 @@ kinds, description, metadata, tags) or the metadata recorded for each video.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -15,7 +16,7 @@ from dagster import AssetKey, AssetSpec, DynamicPartitionsDefinition, MetadataVa
 
 from kvid_dagster.core.project import KvidProject
 from kvid_dagster.ledger import VideoRow
-from kvid_dagster.media.preview import PreviewError, video_previews
+from kvid_dagster.media.preview import PreviewError, VideoPreviews
 
 #: Dagster's standard key for where an asset is stored (``UriMetadataSet``)
 URI_KEY = "dagster/uri"
@@ -122,14 +123,18 @@ class KvidTranslator:
     def get_group_name(self) -> str:
         return "kvid"
 
-    def get_video_metadata(self, row: VideoRow) -> dict[str, Any]:
+    def get_video_metadata(
+        self, row: VideoRow, previews: VideoPreviews | PreviewError | None = None
+    ) -> dict[str, Any]:
         """Metadata of a finished video's materialization, in the order the UI lists it: the
         poster first (shown in place), then the animation, what was asked and by which run,
-        where the video is kept, and the file's own figures."""
+        where the video is kept, and the file's own figures. ``previews`` are the kept video's,
+        read by the caller (``catalog_metadata.read_previews``; None: none are shown): the
+        translator itself reads no file."""
         video = row.video
         meta: dict[str, Any] = {}
         if video.local_path:
-            meta |= self.get_preview_metadata(row)
+            meta |= self.get_preview_metadata(row, previews)
         meta |= self._request_metadata(row)
         if video.local_path:  # the kept copy outlives the service's URL
             meta[URI_KEY] = MetadataValue.text(video.local_path)
@@ -163,17 +168,17 @@ class KvidTranslator:
             meta["name"] = MetadataValue.text(video.name)
         return meta | self.get_user_column_metadata(row)
 
-    def get_preview_metadata(self, row: VideoRow) -> dict[str, Any]:
+    def get_preview_metadata(
+        self, row: VideoRow, previews: VideoPreviews | PreviewError | None
+    ) -> dict[str, Any]:
         """The clip's poster, a still small enough for the UI to show in place, and its
         animated WebP, which the UI shows behind "[Show Markdown]"; override it to return
-        ``{}`` to keep previews out of the event log. A video that cannot be read gets the
+        ``{}`` to keep previews out of the event log. A video that could not be read gets the
         reason instead: the materialization is reported all the same."""
-        if not row.video.local_path:
+        if previews is None:
             return {}
-        try:
-            previews = video_previews(row.video.local_path)
-        except PreviewError as exc:
-            return {"preview_error": MetadataValue.text(str(exc))}
+        if isinstance(previews, PreviewError):
+            return {"preview_error": MetadataValue.text(str(previews))}
         return {
             POSTER_KEY: MetadataValue.md(previews.poster_markdown()),
             PREVIEW_KEY: MetadataValue.md(
@@ -208,7 +213,12 @@ class KvidTranslator:
         return meta
 
 
+#: every kvid asset's spec, by asset
+KvidSpecs = Mapping[KvidAsset, AssetSpec]
+
+
 def asset_specs(translator: KvidTranslator, project: KvidProject) -> dict[KvidAsset, AssetSpec]:
-    """Every kvid asset's spec: the assets, the sensors, the jobs and the schedule all read keys
-    from here, so an overridden ``get_asset_spec`` changes them together."""
+    """Every kvid asset's spec: computed once per definitions build and handed to the assets,
+    the sensors, the jobs and the schedule, so an overridden ``get_asset_spec`` changes them
+    together (and runs once per asset)."""
     return {asset: translator.get_asset_spec(KvidAssetProps(asset, project)) for asset in KvidAsset}

@@ -9,8 +9,6 @@ the component's ``build_defs`` is ``build_kvid_definitions``.
 # no `from __future__ import annotations`: Dagster derives the YAML schema from the fields'
 # annotations at run time, and cannot from strings
 import re
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,7 +23,7 @@ from kvid_dagster.core.sources import SqlPromptSource
 from kvid_dagster.definitions import build_kvid_definitions
 from kvid_dagster.options import PromptsSensorOptions, ScheduleOptions, StatusSensorOptions
 from kvid_dagster.resources import KvidResource
-from kvid_dagster.translator import ASSET_NAMES, KvidTranslator
+from kvid_dagster.translator import KvidAssetProps, KvidTranslator
 
 # the whole value is one environment variable: kept as its name (the resource's api_key_env,
 # read when a client is made), so the key's value is never part of the resource's
@@ -123,20 +121,25 @@ def _resolve_budget(
     return None if model is None else CreditBudget(per_run=model.per_run, per_day=model.per_day)
 
 
-class _TranslatedKeys(KvidTranslator):
-    """Asset keys from the component's ``translation``: the sensors, jobs and checks refer to
-    assets by key, so a translated key must be every module's key, not only the spec's. The
-    key is translated from the default key and group, before the asset exists."""
+class KvidComponentTranslator(KvidTranslator):
+    """The default specs with the component's ``translation`` applied, in one pass (as
+    dagster-fivetran's component translator does): the sensors, jobs and checks read keys from
+    these specs, so a translated key is every module's key. ``name`` (``kvid_prompts``, ...) is
+    in the translation's scope."""
 
     def __init__(self, translation: TranslationFn[str]) -> None:
         self._translation = translation
-        self._default = KvidTranslator()
 
-    def get_asset_key(self, name: str) -> dg.AssetKey:
-        base = dg.AssetSpec(
-            key=self._default.get_asset_key(name), group_name=self._default.get_group_name()
-        )
-        return self._translation(base, name).key
+    def get_asset_spec(self, props: KvidAssetProps) -> dg.AssetSpec:
+        base = super().get_asset_spec(props)
+        name = props.asset.value
+        translated = self._translation(base, name)
+        if translated.partitions_def != base.partitions_def:
+            raise dg.DagsterInvalidDefinitionError(
+                f"translation of {name}: partitions_def cannot change; kvid's partitions are "
+                "the prompt table's rows"
+            )
+        return translated
 
 
 class KvidVideosScaffolder(dg.Scaffolder):
@@ -241,7 +244,9 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         folder = Path(context.path)
         translator = (
-            KvidTranslator() if self.translation is None else _TranslatedKeys(self.translation)
+            KvidTranslator()
+            if self.translation is None
+            else KvidComponentTranslator(self.translation)
         )
         prompts = self.prompts
         if isinstance(prompts, str) and "://" not in prompts:
@@ -265,7 +270,7 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
             else ScheduleOptions(cron_schedule=self.cron_schedule)
         )
         status = self._sensor_status()
-        defs = build_kvid_definitions(
+        return build_kvid_definitions(
             project,
             resource=self._resource(project),
             translator=translator,
@@ -274,9 +279,6 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
             prompts_sensor=PromptsSensorOptions(default_status=status),
             schedule=schedule,
         )
-        if self.translation is None:
-            return defs
-        return _translate_specs(defs, self.translation, translator)
 
     def _resource(self, project: KvidProject) -> KvidResource:
         if self.emulator:
@@ -306,25 +308,3 @@ class KvidVideosComponent(dg.Component, dg.Resolvable):
         sensor that starts by itself against the service spends money without a click."""
         wanted = self.default_sensor_status or ("running" if self.emulator else "stopped")
         return dg.DefaultSensorStatus(wanted.upper())
-
-
-def _translate_specs(
-    defs: dg.Definitions, translation: TranslationFn[str], translator: KvidTranslator
-) -> dg.Definitions:
-    """Everything but the key (already the translator's) from ``translation``, onto the specs."""
-    default = KvidTranslator()
-    names: Mapping[dg.AssetKey, str] = {translator.get_asset_key(n): n for n in ASSET_NAMES}
-
-    def translate(spec: dg.AssetSpec) -> dg.AssetSpec:
-        name = names[spec.key]
-        translated = translation(spec.replace_attributes(key=default.get_asset_key(name)), name)
-        if translated.partitions_def != spec.partitions_def:
-            raise dg.DagsterInvalidDefinitionError(
-                f"translation of {name}: partitions_def cannot change; kvid's partitions are "
-                "the prompt table's rows"
-            )
-        return translated.replace_attributes(key=spec.key)
-
-    with warnings.catch_warnings():  # map_asset_specs is a preview API in Dagster 1.13
-        warnings.simplefilter("ignore", dg.PreviewWarning)
-        return defs.map_asset_specs(func=translate)
