@@ -5,6 +5,15 @@ attempt at a request) and their history; :func:`publish` writes the Parquet cata
 (``<data_dir>/catalog/videos`` and ``/submissions``) from it.
 """
 
+from kvid_dagster.ledger.claims import (
+    DEFAULT_CLAIM_LEASE_SECONDS,
+    DEFAULT_RULE,
+    ClaimRule,
+    Refusal,
+    SpendCap,
+    SpendWindow,
+    refusal_for,
+)
 from kvid_dagster.ledger.publish import (
     SUBMISSION_COLUMNS,
     SUBMISSION_SCHEMA,
@@ -27,18 +36,7 @@ from kvid_dagster.ledger.records import (
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-from kvid_dagster.ledger.store import (
-    DEFAULT_CLAIM_LEASE_SECONDS,
-    DEFAULT_RULE,
-    DEFAULT_TABLE_PREFIX,
-    ClaimRule,
-    Ledger,
-    RecoveryReport,
-    Refusal,
-    SpendCap,
-    SpendWindow,
-    refusal_for,
-)
+from kvid_dagster.ledger.store import DEFAULT_TABLE_PREFIX, Ledger, RecoveryReport
 
 __all__ = [
     "DEFAULT_CLAIM_LEASE_SECONDS",
