@@ -14,6 +14,7 @@ from kvid_dagster.ledger.claims import (
     SpendWindow,
     refusal_for,
 )
+from kvid_dagster.ledger.engine import normalize_database_url, redact_url
 from kvid_dagster.ledger.publish import (
     SUBMISSION_COLUMNS,
     SUBMISSION_SCHEMA,
@@ -36,9 +37,11 @@ from kvid_dagster.ledger.records import (
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-from kvid_dagster.ledger.store import DEFAULT_TABLE_PREFIX, Ledger, RecoveryReport
+from kvid_dagster.ledger.store import DATABASE_FILE, DEFAULT_TABLE_PREFIX, Ledger, RecoveryReport
+from kvid_dagster.ledger.tables import unstorable_at
 
 __all__ = [
+    "DATABASE_FILE",
     "DEFAULT_CLAIM_LEASE_SECONDS",
     "DEFAULT_RULE",
     "DEFAULT_TABLE_PREFIX",
@@ -63,9 +66,12 @@ __all__ = [
     "VideoQuality",
     "VideoRow",
     "VideoStatus",
+    "normalize_database_url",
     "publish",
     "read_tables",
+    "redact_url",
     "refusal_for",
     "submissions_frame",
+    "unstorable_at",
     "videos_frame",
 ]

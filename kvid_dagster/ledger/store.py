@@ -62,6 +62,7 @@ from kvid_dagster.ledger.engine import (
     utcnow,
 )
 from kvid_dagster.ledger.journal import Journal, JournalEntry
+from kvid_dagster.ledger.legacy import import_legacy_catalog
 from kvid_dagster.ledger.mapping import job_change_values, submission_from, video_row_from
 from kvid_dagster.ledger.records import (
     ClaimOwner,
@@ -140,8 +141,6 @@ class Ledger:
     ) -> Ledger:
         """The ledger of a data folder: ``database_url``, else ``<data_dir>/kvid.db``; its
         journal is ``<data_dir>/kvid-journal.jsonl`` either way."""
-        from kvid_dagster.ledger.legacy import import_legacy_catalog
-
         folder = Path(data_dir).resolve()
         url = database_url or f"sqlite:///{folder / DATABASE_FILE}"
         ledger = cls(url, journal_path=folder / JOURNAL_FILE, **kwargs)
