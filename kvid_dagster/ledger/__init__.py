@@ -5,6 +5,16 @@ attempt at a request) and their history; :func:`publish` writes the Parquet cata
 (``<data_dir>/catalog/videos`` and ``/submissions``) from it.
 """
 
+from kvid_dagster.ledger.claims import (
+    DEFAULT_CLAIM_LEASE_SECONDS,
+    DEFAULT_RULE,
+    ClaimRule,
+    Refusal,
+    SpendCap,
+    SpendWindow,
+    refusal_for,
+)
+from kvid_dagster.ledger.engine import normalize_database_url, redact_url
 from kvid_dagster.ledger.publish import (
     SUBMISSION_COLUMNS,
     SUBMISSION_SCHEMA,
@@ -27,20 +37,11 @@ from kvid_dagster.ledger.records import (
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-from kvid_dagster.ledger.store import (
-    DEFAULT_CLAIM_LEASE_SECONDS,
-    DEFAULT_RULE,
-    DEFAULT_TABLE_PREFIX,
-    ClaimRule,
-    Ledger,
-    RecoveryReport,
-    Refusal,
-    SpendCap,
-    SpendWindow,
-    refusal_for,
-)
+from kvid_dagster.ledger.store import DATABASE_FILE, DEFAULT_TABLE_PREFIX, Ledger, RecoveryReport
+from kvid_dagster.ledger.tables import unstorable_at
 
 __all__ = [
+    "DATABASE_FILE",
     "DEFAULT_CLAIM_LEASE_SECONDS",
     "DEFAULT_RULE",
     "DEFAULT_TABLE_PREFIX",
@@ -65,9 +66,12 @@ __all__ = [
     "VideoQuality",
     "VideoRow",
     "VideoStatus",
+    "normalize_database_url",
     "publish",
     "read_tables",
+    "redact_url",
     "refusal_for",
     "submissions_frame",
+    "unstorable_at",
     "videos_frame",
 ]

@@ -12,13 +12,16 @@ import logging
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 from sqlalchemy import insert
 
+from kvid_dagster.ledger.engine import utcnow
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-from kvid_dagster.ledger.store import Ledger, utcnow
+
+if TYPE_CHECKING:  # the Ledger imports this module: only the type, never at run time
+    from kvid_dagster.ledger.store import Ledger
 
 log = logging.getLogger("kvid_dagster.ledger")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

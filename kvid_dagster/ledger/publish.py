@@ -245,7 +245,7 @@ def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Tabl
 
 def _video_rows(joined: pa.Table) -> pa.Table:
     """Joined ledger columns -> videos rows: an invalid row shows no job, a row without a job
-    is PENDING with its last refusal as the error (what ``store._video_row`` derives too)."""
+    is PENDING with its last refusal as the error (what ``mapping.video_row_from`` derives too)."""
     invalid = pc.is_valid(joined["invalid_reason"])
     has_job = pc.and_(pc.is_valid(joined["j_submission_id"]), pc.invert(invalid))
 

@@ -17,29 +17,24 @@ Everything else (which rows, when, over what HTTP) is the callers' business.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Connection,
-    Engine,
     Integer,
     and_,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     exists,
     func,
     insert,
@@ -48,20 +43,33 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from kvid_dagster.ledger.claims import (
+    DEFAULT_CLAIM_LEASE_SECONDS,
+    DEFAULT_RULE,
+    ClaimRule,
+    Refusal,
+    SpendWindow,
+    day_start,
+    refusal_for,
+)
+from kvid_dagster.ledger.engine import (
+    advisory_lock_key,
+    create_ledger_engine,
+    normalize_database_url,
+    redact_url,
+    utcnow,
+)
 from kvid_dagster.ledger.journal import Journal, JournalEntry
+from kvid_dagster.ledger.legacy import import_legacy_catalog
+from kvid_dagster.ledger.mapping import job_change_values, submission_from, video_row_from
 from kvid_dagster.ledger.records import (
-    QUALITY_FIELDS,
-    VIDEO_FILE_FIELDS,
     ClaimOwner,
     InvalidEntry,
     JobChange,
     RequestRow,
     Submission,
-    VideoFile,
-    VideoQuality,
     VideoRow,
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
@@ -78,105 +86,16 @@ from kvid_dagster.ledger.tables import (
 log = logging.getLogger("kvid_dagster.ledger")
 
 DEFAULT_TABLE_PREFIX = "kvid_"
-#: A claim of another host whose heartbeat is older than this is taken as abandoned.
-DEFAULT_CLAIM_LEASE_SECONDS = 120.0
 DATABASE_FILE = "kvid.db"
 JOURNAL_FILE = "kvid-journal.jsonl"
 # recording a paid request_id: this many attempts, with these waits, before the journal
 _RECORD_ATTEMPTS = 5
 _RECORD_BACKOFF_SECONDS = (0.05, 0.2, 0.5, 1.0)
-_SQLITE_BUSY_TIMEOUT_SECONDS = 60.0
 _REVISION = "revision"
 _LEDGER_ID = "ledger_id"
 _IN_CHUNK = 5_000  # values in one IN (...): under every backend's parameter limit
 _VERSION = "schema_version"
 _CREDIT_SLACK = 1e-9  # float sums of whole-credit prices must not refuse an exact fit
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def normalize_database_url(url: str) -> str:
-    """``postgresql://`` means psycopg 3 here (the ``[postgres]`` extra)."""
-    parsed = make_url(url)
-    if parsed.drivername in {"postgresql", "postgres"}:
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-def redact_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def create_ledger_engine(url: str) -> Engine:
-    """An engine tuned for many writer processes: SQLite in WAL mode with a busy timeout and
-    write transactions that take the write lock up front (``BEGIN IMMEDIATE``: a deferred one
-    that upgrades later fails at once with "database is locked", whatever the timeout)."""
-    url = normalize_database_url(url)
-    if not make_url(url).drivername.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    database = make_url(url).database
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_SECONDS})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
-        cursor.execute("PRAGMA synchronous=FULL")  # a committed request_id survives power loss
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get("kvid_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
-
-
-class SpendWindow(StrEnum):
-    """Which claims a credit cap counts."""
-
-    RUN = "run"  # the claims of the claiming owner's Dagster run
-    DAY = "day"  # the claims since the UTC midnight before the claim, whoever made them
-
-
-@dataclass(frozen=True)
-class SpendCap:
-    """At most ``credits`` over the claims of ``window``: checked in the claim's transaction,
-    so two submitters cannot both spend the same remaining room."""
-
-    window: SpendWindow
-    credits: float
-
-
-@dataclass(frozen=True)
-class ClaimRule:
-    """When a request that was sent before may be sent again (each time is paid), and what
-    the claim may spend."""
-
-    force: bool = False  # pay for a new attempt whatever became of the last one
-    # the forced run's root run id: its retries and re-executions do not pay a second time
-    force_token: str | None = None
-    retry_failed_below: int | None = None  # the retry policy: a FAILED request with fewer attempts
-    caps: tuple[SpendCap, ...] = ()  # the credit budget the claim's cost must fit in
-
-
-#: send a request only if it was never sent (or its last claim was released)
-DEFAULT_RULE = ClaimRule()
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a row was not claimed, with the submission that stands in its way."""
-
-    reason: str
-    submission: Submission | None = None
-    over_budget: SpendCap | None = None  # the cap the claim's cost did not fit in
 
 
 class LedgerSchemaChanged(RuntimeError):
@@ -187,41 +106,6 @@ class LedgerSchemaChanged(RuntimeError):
 class RecoveryReport:
     replayed: list[Submission]  # request_ids recorded from the journal
     settled: list[Submission]  # claims of owners that are gone, now UNCERTAIN
-
-
-def _day_start(moment: datetime) -> datetime:
-    """The UTC midnight at or before ``moment``: where a day's spend starts."""
-    return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def refusal_for(latest: Submission | None, rule: ClaimRule) -> str | None:
-    """Why a request whose latest submission is ``latest`` must not be claimed again, or None."""
-    if latest is None:
-        return None
-    status, rid = latest.status, latest.request_id or "not known"
-    if status is VideoStatus.SUBMITTING:
-        owner = latest.owner
-        who = f" by pid {owner.pid} on {owner.host}" if owner else ""
-        return f"this exact request is being submitted right now{who}"
-    if rule.force:
-        if rule.force_token is not None and latest.forced_by == rule.force_token:
-            return (
-                f"already sent by this forced run ({rule.force_token}, request_id {rid}): "
-                "force pays once per run, not again when the run is retried or re-executed"
-            )
-        return None
-    if status.ended_without_video:
-        if (
-            rule.retry_failed_below is not None
-            and status is VideoStatus.FAILED
-            and latest.attempt < rule.retry_failed_below
-        ):
-            return None
-        return (
-            f"this exact request was sent already and its job ended {status} (request_id {rid}); "
-            "materialize with force: true (or enable the retry policy) to pay for a new job"
-        )
-    return f"already has a job for this exact request ({status}, request_id {rid})"
 
 
 class Ledger:
@@ -257,8 +141,6 @@ class Ledger:
     ) -> Ledger:
         """The ledger of a data folder: ``database_url``, else ``<data_dir>/kvid.db``; its
         journal is ``<data_dir>/kvid-journal.jsonl`` either way."""
-        from kvid_dagster.ledger.legacy import import_legacy_catalog
-
         folder = Path(data_dir).resolve()
         url = database_url or f"sqlite:///{folder / DATABASE_FILE}"
         ledger = cls(url, journal_path=folder / JOURNAL_FILE, **kwargs)
@@ -322,7 +204,9 @@ class Ledger:
         with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
             if conn.dialect.name == "postgresql":
                 key = f"{self.tables.meta.name}:{name}"
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(key)})
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_lock_key(key)}
+                )
             # SQLite: BEGIN IMMEDIATE already holds the database's write lock
             yield
 
@@ -330,7 +214,9 @@ class Ledger:
         meta = self.tables.meta
         with self.engine.connect().execution_options(kvid_write=True) as conn, conn.begin():
             if conn.dialect.name == "postgresql":  # serialise first opens of one database
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(meta.name)})
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_lock_key(meta.name)}
+                )
             if not conn.dialect.has_table(conn, meta.name):
                 meta.create(conn)
             version = conn.scalar(select(meta.c.int_value).where(meta.c.name == _VERSION)) or 0
@@ -529,7 +415,7 @@ class Ledger:
             .order_by(rows.c.partition_key)
         )
         with self.snapshot() as (conn, now):
-            return [_video_row(r._mapping) for r in conn.execute(query)], now
+            return [video_row_from(r._mapping) for r in conn.execute(query)], now
 
     def rows(self, keys: Iterable[str] | None = None) -> list[VideoRow]:
         """Rows (all, or those of ``keys``) with their current submission, by partition key."""
@@ -537,12 +423,12 @@ class Ledger:
         query = self._row_query().order_by(key)
         with self._read() as conn:
             if keys is None:
-                return [_video_row(r._mapping) for r in conn.execute(query)]
+                return [video_row_from(r._mapping) for r in conn.execute(query)]
             wanted = sorted(set(keys))
             found = []
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = query.where(key.in_(wanted[start : start + _IN_CHUNK]))
-                found += [_video_row(r._mapping) for r in conn.execute(chunk)]
+                found += [video_row_from(r._mapping) for r in conn.execute(chunk)]
             return found
 
     def row(self, partition_key: str) -> VideoRow | None:
@@ -569,7 +455,7 @@ class Ledger:
                 )
                 query = self._row_query().where(rows.c.request_hash.in_(hashes))
                 for r in conn.execute(query.order_by(rows.c.partition_key)):
-                    row = _video_row(r._mapping)
+                    row = video_row_from(r._mapping)
                     if row.submission is not None and row.submission.submission_id in ids:
                         found[row.submission.submission_id].append(row)
         return found
@@ -583,7 +469,7 @@ class Ledger:
             .order_by(rows.c.partition_key)
         )
         with self._read() as conn:
-            return [_video_row(r._mapping) for r in conn.execute(query)]
+            return [video_row_from(r._mapping) for r in conn.execute(query)]
 
     def counts_by_status(self) -> dict[VideoStatus, int]:
         """How many rows are in each status (counted by the database)."""
@@ -607,7 +493,7 @@ class Ledger:
             .order_by(jobs.c.attempt.desc())
             .limit(1)
         ).first()
-        return _submission(found._mapping) if found is not None else None
+        return submission_from(found._mapping) if found is not None else None
 
     def latest_submission(self, request_hash: str) -> Submission | None:
         with self._read() as conn:
@@ -624,7 +510,7 @@ class Ledger:
                 for r in conn.execute(
                     select(jobs).where(jobs.c.request_hash.in_(chunk)).order_by(jobs.c.attempt)
                 ):
-                    sub = _submission(r._mapping)
+                    sub = submission_from(r._mapping)
                     found[sub.request_hash] = sub  # ascending attempts: the last one wins
         return found
 
@@ -632,7 +518,7 @@ class Ledger:
         jobs = self.tables.jobs
         with self._read() as conn:
             found = conn.execute(select(jobs).where(jobs.c.submission_id == submission_id)).first()
-        return _submission(found._mapping) if found is not None else None
+        return submission_from(found._mapping) if found is not None else None
 
     def submissions(self, statuses: Iterable[VideoStatus] | None = None) -> list[Submission]:
         """Every submission (or those in ``statuses``), oldest first."""
@@ -641,7 +527,7 @@ class Ledger:
         if statuses is not None:
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         with self._read() as conn:
-            return [_submission(r._mapping) for r in conn.execute(query)]
+            return [submission_from(r._mapping) for r in conn.execute(query)]
 
     def jobs_to_poll(self, dialect: str | None = None) -> list[Submission]:
         """Submissions the service knows by request_id and has not finished, old and current
@@ -711,7 +597,7 @@ class Ledger:
                 submission_id = conn.execute(insert(jobs).values(values)).inserted_primary_key[0]
                 self._event(
                     conn,
-                    _submission({**values, "submission_id": submission_id}),
+                    submission_from({**values, "submission_id": submission_id}),
                     SubmissionEvent.INTENT,
                 )
                 self._clear_row_error(conn, row.partition_key)
@@ -737,7 +623,7 @@ class Ledger:
     ) -> float:
         jobs = self.tables.jobs
         if window is SpendWindow.DAY:
-            where = jobs.c.claimed_at >= _day_start(now)
+            where = jobs.c.claimed_at >= day_start(now)
         elif run_id is None:
             raise ValueError("a per-run credit budget needs the claim owner's run id")
         else:
@@ -798,7 +684,7 @@ class Ledger:
             ).first()
             if current is None:
                 raise LookupError(f"no submission {submission_id} in the ledger")
-            sub = _submission(current._mapping)
+            sub = submission_from(current._mapping)
             if sub.request_hash != request_hash:  # a journal of another ledger, say
                 raise LookupError(
                     f"submission {submission_id} is of request_hash {sub.request_hash}, "
@@ -1081,7 +967,7 @@ class Ledger:
                 if version != change.expected_version:
                     continue  # moved meanwhile (or a second change of one submission)
                 counted[change.submission_id] = counted_before
-                values = self._storable(_change_values(change, now), change.submission_id)
+                values = self._storable(job_change_values(change, now), change.submission_id)
                 shapes.setdefault(tuple(sorted(values)), []).append(
                     {"b_id": change.submission_id, **{f"b_{k}": v for k, v in values.items()}}
                 )
@@ -1150,7 +1036,7 @@ class Ledger:
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
             query = select(jobs).where(jobs.c.submission_id.in_(chunk))
-            found += [_submission(r._mapping) for r in conn.execute(query)]
+            found += [submission_from(r._mapping) for r in conn.execute(query)]
         return found
 
     # -- the history ---------------------------------------------------------------------------
@@ -1252,115 +1138,3 @@ def _cost_moved(before: Submission | None, after: Submission | None) -> float:
     """What an event taking a job from ``before`` to ``after`` (None: no job) adds to the
     history's sum: the sum over the events is then the sum over the jobs, each counted once."""
     return _counted(after) - _counted(before)
-
-
-def _change_values(change: JobChange, now: datetime) -> dict[str, Any]:
-    """The job columns a poller's change sets."""
-    values: dict[str, Any] = {"status": change.status.value, "updated_at": now, **change.extra}
-    if change.progress is not None:
-        values["progress"] = change.progress
-    if change.error is not None or change.status is VideoStatus.COMPLETED:
-        values["error"] = change.error
-    if change.video is not None:
-        values.update({f: getattr(change.video, f) for f in VIDEO_FILE_FIELDS})
-        quality = change.video.quality
-        values.update({f: getattr(quality, f) if quality else None for f in QUALITY_FIELDS})
-    if change.completed:
-        values["completed_at"] = now
-    return values
-
-
-def _lock_key(name: str) -> int:
-    """A PostgreSQL advisory lock key (a signed 64-bit integer) for ``name``."""
-    return int(hashlib.sha256(name.encode()).hexdigest()[:15], 16)
-
-
-def _owner(m: Mapping[str, Any], prefix: str = "") -> ClaimOwner | None:
-    host = m.get(f"{prefix}owner_host")
-    if host is None:
-        return None
-    return ClaimOwner(
-        host, int(m[f"{prefix}owner_pid"] or 0), m[f"{prefix}owner_started"] or "",
-        m[f"{prefix}owner_run_id"],
-    )  # fmt: skip
-
-
-def _submission(m: Mapping[str, Any], prefix: str = "") -> Submission:
-    def get(name: str) -> Any:
-        return m.get(f"{prefix}{name}")
-
-    return Submission(
-        submission_id=int(get("submission_id")),
-        request_hash=get("request_hash"),
-        attempt=int(get("attempt")),
-        partition_key=get("partition_key"),
-        prompt=get("prompt"),
-        job_kind=get("job_kind"),
-        model=get("model"),
-        params_json=get("params_json"),
-        status=VideoStatus(get("status")),
-        request_id=get("request_id"),
-        progress=get("progress"),
-        video=VideoFile(**{f: get(f) for f in VIDEO_FILE_FIELDS}, quality=_quality(get)),
-        error=get("error"),
-        cost_credits=get("cost_credits"),
-        owner=_owner(m, prefix),
-        claimed_at=get("claimed_at"),
-        heartbeat_at=get("heartbeat_at"),
-        submitted_at=get("submitted_at"),
-        completed_at=get("completed_at"),
-        updated_at=get("updated_at"),
-        version=int(get("version") or 0),
-        not_found_count=int(get("not_found_count") or 0),
-        not_found_since=get("not_found_since"),
-        fetch_failures=int(get("fetch_failures") or 0),
-        forced_by=get("forced_by"),
-        dialect=get("dialect") or "video",
-        estimated_credits=get("estimated_credits"),
-    )
-
-
-def _quality(get: Callable[[str], Any]) -> VideoQuality | None:
-    """A job's measured video, or None (never measured: every quality column is null)."""
-    if get("sampled_frames") is None:
-        return None
-    return VideoQuality(**{f: get(f) for f in QUALITY_FIELDS})
-
-
-def row_status(m: Mapping[str, Any]) -> VideoStatus:
-    """A joined row's status: INVALID, PENDING (no job for its request), else its job's."""
-    if m["invalid_reason"] is not None:
-        return VideoStatus.INVALID
-    if m["j_submission_id"] is None:
-        return VideoStatus.PENDING
-    return VideoStatus(m["j_status"])
-
-
-def row_error(m: Mapping[str, Any]) -> str | None:
-    if m["invalid_reason"] is not None:
-        return m["invalid_reason"]
-    if m["j_submission_id"] is None:
-        return m["last_error"]
-    return m["j_error"]
-
-
-def _video_row(m: Mapping[str, Any]) -> VideoRow:
-    sub = _submission(m, "j_") if m["j_submission_id"] is not None else None
-    if m["invalid_reason"] is not None:
-        sub = None
-    return VideoRow(
-        partition_key=m["partition_key"],
-        prompt=m["prompt"],
-        job_kind=m["job_kind"],
-        model=m["model"],
-        request_hash=m["request_hash"],
-        params_json=m["params_json"],
-        user_columns_json=m["user_columns_json"],
-        status=row_status(m),
-        error=row_error(m),
-        submission=sub,
-        updated_at=max(
-            (t for t in (m["updated_at"], sub.updated_at if sub else None) if t is not None),
-            default=None,
-        ),
-    )
