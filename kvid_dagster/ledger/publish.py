@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import Connection, func, or_, select
 
+from kvid_dagster.ledger.row_rule import JOB_STATUS, OTHERWISE, ROW_RULE, RowOutcome
 from kvid_dagster.ledger.store import Ledger
 from kvid_dagster.media.storage import (
     StoragePath,
@@ -244,10 +245,9 @@ def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Tabl
 
 
 def _video_rows(joined: pa.Table) -> pa.Table:
-    """Joined ledger columns -> videos rows: an invalid row shows no job, a row without a job
-    is PENDING with its last refusal as the error (what ``store._video_row`` derives too)."""
+    """Joined ledger columns -> videos rows: an invalid row shows no job; its status and error
+    follow ``row_rule.ROW_RULE``."""
     invalid = pc.is_valid(joined["invalid_reason"])
-    has_job = pc.and_(pc.is_valid(joined["j_submission_id"]), pc.invert(invalid))
 
     def job_column(name: str) -> pa.ChunkedArray:
         column = joined[name]
@@ -255,14 +255,10 @@ def _video_rows(joined: pa.Table) -> pa.Table:
 
     columns: dict[str, Any] = {n: joined[n] for n in _FROM_ROW}
     columns |= {n: job_column(f"j_{n}") for n in _FROM_JOB}
-    columns["status"] = pc.if_else(
-        invalid, "INVALID", pc.if_else(has_job, joined["j_status"], "PENDING")
+    columns["status"] = _by_rule(
+        joined, lambda o: o.status.value if o.status is not None else joined[JOB_STATUS]
     )
-    columns["error"] = pc.if_else(
-        invalid,
-        joined["invalid_reason"],
-        pc.if_else(has_job, joined["j_error"], joined["last_error"]),
-    )
+    columns["error"] = _by_rule(joined, lambda o: joined[o.error])
     columns["attempts"] = job_column("j_attempt")
     latest = pc.max_element_wise(  # no kernel for zoned timestamps: compare the microseconds
         joined["updated_at"].cast(pa.int64()), joined["j_updated_at"].cast(pa.int64()),
@@ -270,6 +266,17 @@ def _video_rows(joined: pa.Table) -> pa.Table:
     )  # fmt: skip
     columns["updated_at"] = latest.cast(pa.timestamp("us")).cast(_TS)
     return pa.Table.from_pydict({n: columns[n] for n in VIDEO_COLUMNS}, schema=VIDEO_SCHEMA)
+
+
+def _by_rule(joined: pa.Table, shown: Callable[[RowOutcome], Any]) -> pa.ChunkedArray:
+    """``ROW_RULE`` as nested Arrow ``if_else``: what ``shown`` gives for each row's outcome."""
+    result = shown(OTHERWISE)
+    for when, o in reversed(ROW_RULE):
+        column = joined[when.column]
+        result = pc.if_else(
+            pc.is_null(column) if when.null else pc.is_valid(column), shown(o), result
+        )
+    return result
 
 
 def _submission_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:

@@ -36,7 +36,6 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
-    case,
     create_engine,
     delete,
     event,
@@ -64,6 +63,7 @@ from kvid_dagster.ledger.records import (
     VideoQuality,
     VideoRow,
 )
+from kvid_dagster.ledger.row_rule import JOB_PREFIX, row_error, row_status, status_case
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
 from kvid_dagster.ledger.tables import (
     MIGRATIONS,
@@ -588,10 +588,8 @@ class Ledger:
     def counts_by_status(self) -> dict[VideoStatus, int]:
         """How many rows are in each status (counted by the database)."""
         rows, jobs = self.tables.rows, self.tables.jobs
-        status = case(
-            (rows.c.invalid_reason.is_not(None), VideoStatus.INVALID.value),
-            (jobs.c.submission_id.is_(None), VideoStatus.PENDING.value),
-            else_=jobs.c.status,
+        status = status_case(
+            lambda n: jobs.c[n.removeprefix(JOB_PREFIX)] if n.startswith(JOB_PREFIX) else rows.c[n]
         ).label("status")
         query = select(status, func.count()).select_from(self.current_jobs()).group_by(status)
         with self._read() as conn:
@@ -1325,23 +1323,6 @@ def _quality(get: Callable[[str], Any]) -> VideoQuality | None:
     if get("sampled_frames") is None:
         return None
     return VideoQuality(**{f: get(f) for f in QUALITY_FIELDS})
-
-
-def row_status(m: Mapping[str, Any]) -> VideoStatus:
-    """A joined row's status: INVALID, PENDING (no job for its request), else its job's."""
-    if m["invalid_reason"] is not None:
-        return VideoStatus.INVALID
-    if m["j_submission_id"] is None:
-        return VideoStatus.PENDING
-    return VideoStatus(m["j_status"])
-
-
-def row_error(m: Mapping[str, Any]) -> str | None:
-    if m["invalid_reason"] is not None:
-        return m["invalid_reason"]
-    if m["j_submission_id"] is None:
-        return m["last_error"]
-    return m["j_error"]
 
 
 def _video_row(m: Mapping[str, Any]) -> VideoRow:
