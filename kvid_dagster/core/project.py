@@ -17,8 +17,13 @@ from kvid_dagster.core.sources import (
     PromptSourceUnavailable,
     prompt_source,
 )
-from kvid_dagster.ledger import DEFAULT_TABLE_PREFIX, Ledger, PublishStats, publish
-from kvid_dagster.ledger.store import DATABASE_FILE
+from kvid_dagster.ledger import (
+    DATABASE_FILE,
+    DEFAULT_TABLE_PREFIX,
+    Ledger,
+    PublishStats,
+    publish,
+)
 from kvid_dagster.media.storage import Storage, StoragePath
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvid_dagster.ledger.tables import unstorable_at
+from kvid_dagster.ledger import unstorable_at
 
 #: Beyond this a float64 cannot hold every integer: its digits may already be gone.
 EXACT_FLOAT_LIMIT = 2**53

@@ -51,7 +51,7 @@ from upath import UPath
 
 from kvid_dagster.client import MAX_IMAGE_BYTES
 from kvid_dagster.core.prompt_cells import CellError, cell_text
-from kvid_dagster.ledger.store import normalize_database_url, redact_url
+from kvid_dagster.ledger import normalize_database_url, redact_url
 from kvid_dagster.media.storage import StoragePath, filesystem, is_remote, storage_path
 
 MAX_TABLE_BYTES = 256 * 1024 * 1024

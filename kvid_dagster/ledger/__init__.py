@@ -28,6 +28,7 @@ from kvid_dagster.ledger.records import (
 )
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
 from kvid_dagster.ledger.store import (
+    DATABASE_FILE,
     DEFAULT_CLAIM_LEASE_SECONDS,
     DEFAULT_RULE,
     DEFAULT_TABLE_PREFIX,
@@ -37,10 +38,14 @@ from kvid_dagster.ledger.store import (
     Refusal,
     SpendCap,
     SpendWindow,
+    normalize_database_url,
+    redact_url,
     refusal_for,
 )
+from kvid_dagster.ledger.tables import unstorable_at
 
 __all__ = [
+    "DATABASE_FILE",
     "DEFAULT_CLAIM_LEASE_SECONDS",
     "DEFAULT_RULE",
     "DEFAULT_TABLE_PREFIX",
@@ -65,9 +70,12 @@ __all__ = [
     "VideoQuality",
     "VideoRow",
     "VideoStatus",
+    "normalize_database_url",
     "publish",
     "read_tables",
+    "redact_url",
     "refusal_for",
     "submissions_frame",
+    "unstorable_at",
     "videos_frame",
 ]

@@ -257,13 +257,33 @@ class Ledger:
     ) -> Ledger:
         """The ledger of a data folder: ``database_url``, else ``<data_dir>/kvid.db``; its
         journal is ``<data_dir>/kvid-journal.jsonl`` either way."""
-        from kvid_dagster.ledger.legacy import import_legacy_catalog
-
         folder = Path(data_dir).resolve()
         url = database_url or f"sqlite:///{folder / DATABASE_FILE}"
         ledger = cls(url, journal_path=folder / JOURNAL_FILE, **kwargs)
-        import_legacy_catalog(ledger, folder / "catalog")  # once: 0.1's request_ids are money
+        ledger.import_legacy_catalog(folder / "catalog")  # once: 0.1's request_ids are money
         return ledger
+
+    def import_legacy_catalog(self, catalog_dir: Path) -> int:
+        """Import kvid-dagster 0.1's catalog in ``catalog_dir`` once (see
+        :mod:`kvid_dagster.ledger.legacy`); returns the number of rows imported."""
+        from kvid_dagster.ledger.legacy import (  # pyarrow: only for a folder 0.1 wrote
+            MARKER,
+            fold_legacy,
+            insert_legacy,
+            retire_legacy_log,
+        )
+
+        if not (catalog_dir / "_log").is_dir() or self.marker(MARKER) is not None:
+            return 0
+        videos, events = fold_legacy(catalog_dir)
+        now = utcnow()
+        with self.write() as conn:
+            settled = insert_legacy(conn, self.tables, videos, events, now)
+            for job in self._fetch(conn, settled):  # after 0.1's history: its INTENT came first
+                self._event(conn, job, SubmissionEvent.UNCERTAIN, cost=job.cost_credits or 0.0)
+            self.set_marker(MARKER, now.isoformat(), conn)
+        retire_legacy_log(catalog_dir, len(videos), len(events))
+        return len(videos)
 
     def __repr__(self) -> str:
         return f"Ledger({redact_url(self.url)!r})"
