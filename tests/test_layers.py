@@ -14,6 +14,7 @@ import pytest
 import kvid_dagster.cli
 import kvid_dagster.client
 import kvid_dagster.core
+import kvid_dagster.ledger
 import kvid_dagster.media
 
 
@@ -90,7 +91,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 
 @pytest.mark.parametrize(
     "package",
-    [kvid_dagster.client, kvid_dagster.core, kvid_dagster.media, kvid_dagster.cli],
+    [
+        kvid_dagster.client,
+        kvid_dagster.ledger,
+        kvid_dagster.core,
+        kvid_dagster.media,
+        kvid_dagster.cli,
+    ],
     ids=lambda p: p.__name__,
 )
 def test_modules_import_each_other_one_way(package: object) -> None:

@@ -45,7 +45,6 @@ from kvid_dagster.ledger import (
     videos_frame,
 )
 from kvid_dagster.ledger.journal import Journal
-from kvid_dagster.ledger.legacy import import_legacy_catalog
 from kvid_dagster.ledger.publish import published_revision, read_tables
 from kvid_dagster.ledger.records import QUALITY_FIELDS
 from kvid_dagster.ledger.store import redact_url
@@ -870,7 +869,7 @@ def test_a_data_folder_of_version_0_1_is_imported_once_with_its_request_ids(
     assert (tmp_path / "catalog" / "_log.imported-0.1").is_dir()
     with Ledger.for_data_dir(tmp_path) as again:
         assert len(again.submissions()) == 3 and len(again.events()) == 2
-        assert import_legacy_catalog(again, tmp_path / "catalog") == 0
+        assert again.import_legacy_catalog(tmp_path / "catalog") == 0
 
 
 def test_the_default_ledger_is_a_sqlite_file_in_wal_mode(tmp_path: Path) -> None:

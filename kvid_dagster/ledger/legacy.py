@@ -9,19 +9,16 @@ copies it into the ledger; the old log is then renamed ``_log.imported-0.1`` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.parquet as pq
-from sqlalchemy import insert
+from sqlalchemy import Connection, insert
 
-from kvid_dagster.ledger.engine import utcnow
-from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
-
-if TYPE_CHECKING:  # the Ledger imports this module: only the type, never at run time
-    from kvid_dagster.ledger.store import Ledger
+from kvid_dagster.ledger.status import VideoStatus
+from kvid_dagster.ledger.tables import JOB_OUTCOME_COLUMNS, ROW_REQUEST_COLUMNS, LedgerTables
 
 log = logging.getLogger("kvid_dagster.ledger")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -29,12 +26,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MARKER = "legacy_catalog_imported"
 _MAX_SEQ_KEY = b"kvid.max_seq"
 _SET_COLUMN = "_set"
-_ROW_FIELDS = ("prompt", "job_kind", "model", "request_hash", "params_json")
-_JOB_FIELDS = (
-    "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
-    "height", "fps", "num_frames", "duration_s", "error", "cost_credits", "submitted_at",
-    "completed_at",
-)  # fmt: skip
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -119,64 +110,66 @@ def _held_jobs(videos: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, i
         yield key, attempt
 
 
-def import_legacy_catalog(ledger: Ledger, catalog_dir: Path) -> int:
-    """Import 0.1's catalog in ``catalog_dir`` once; returns the number of rows imported."""
-    log_dir = catalog_dir / "_log"
-    if not log_dir.is_dir() or ledger.marker(MARKER) is not None:
-        return 0
-    videos, events = fold_legacy(catalog_dir)
-    t = ledger.tables
-    now = utcnow()
-    settled: list[int] = []  # 0.1's unfinished intents, UNCERTAIN now
-    with ledger.write() as conn:
-        for key, v in sorted(videos.items()):
-            conn.execute(
-                insert(t.rows).values(
-                    partition_key=key,
-                    **{f: v.get(f) for f in _ROW_FIELDS},
-                    invalid_reason=v.get("error") if _status(v) == VideoStatus.INVALID else None,
-                    last_error=None,
-                    updated_at=_aware(v.get("updated_at")) or now,
-                )
+def insert_legacy(
+    conn: Connection,
+    tables: LedgerTables,
+    videos: Mapping[str, Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> list[int]:
+    """Insert 0.1's folded state (:func:`fold_legacy`); returns the submission ids of its
+    unfinished intents, UNCERTAIN now: the ledger settles them as recovery settles a claim."""
+    settled: list[int] = []
+    for key, v in sorted(videos.items()):
+        conn.execute(
+            insert(tables.rows).values(
+                **({f: v.get(f) for f in ROW_REQUEST_COLUMNS} | {"partition_key": key}),
+                invalid_reason=v.get("error") if _status(v) == VideoStatus.INVALID else None,
+                last_error=None,
+                updated_at=_aware(v.get("updated_at")) or now,
             )
-        for key, attempt in _held_jobs(videos):
-            v = videos[key]
-            job_status = _job_status(_status(v), v)
-            inserted = conn.execute(
-                insert(t.jobs).values(
-                    request_hash=v["request_hash"],
-                    attempt=attempt,
-                    partition_key=key,
-                    prompt=v.get("prompt") or "",
-                    job_kind=v.get("job_kind") or "",
-                    model=v.get("model") or "",
-                    params_json=v.get("params_json") or "{}",
-                    status=job_status.value,
-                    **{f: _aware(v.get(f)) if f.endswith("_at") else v.get(f) for f in _JOB_FIELDS},
-                    claimed_at=_aware(v.get("submitted_at")),
-                    updated_at=_aware(v.get("updated_at")) or now,
-                    version=0,
-                )
+        )
+    for key, attempt in _held_jobs(videos):
+        v = videos[key]
+        job_status = _job_status(_status(v), v)
+        inserted = conn.execute(
+            insert(tables.jobs).values(
+                request_hash=v["request_hash"],
+                attempt=attempt,
+                partition_key=key,
+                prompt=v.get("prompt") or "",
+                job_kind=v.get("job_kind") or "",
+                model=v.get("model") or "",
+                params_json=v.get("params_json") or "{}",
+                status=job_status.value,
+                **{
+                    f: _aware(v.get(f)) if f.endswith("_at") else v.get(f)
+                    for f in (*JOB_OUTCOME_COLUMNS, "error")
+                },
+                claimed_at=_aware(v.get("submitted_at")),
+                updated_at=_aware(v.get("updated_at")) or now,
+                version=0,
             )
-            if job_status is VideoStatus.UNCERTAIN and _status(v) == VideoStatus.SUBMITTING:
-                settled.append(inserted.inserted_primary_key[0])
-        for e in events:
-            conn.execute(
-                insert(t.events).values(
-                    **{k: e.get(k) for k in _EVENT_FIELDS},
-                    recorded_at=_aware(e.get("recorded_at")) or now,
-                )
+        )
+        if job_status is VideoStatus.UNCERTAIN and _status(v) == VideoStatus.SUBMITTING:
+            settled.append(inserted.inserted_primary_key[0])
+    for e in events:
+        conn.execute(
+            insert(tables.events).values(
+                **{k: e.get(k) for k in _EVENT_FIELDS},
+                recorded_at=_aware(e.get("recorded_at")) or now,
             )
-        for job in ledger._fetch(conn, settled):  # after 0.1's history: its INTENT came first
-            # settled here, as recovery settles a claim: its UNCERTAIN event counts its cost
-            ledger._event(conn, job, SubmissionEvent.UNCERTAIN, cost=job.cost_credits or 0.0)
-        ledger.set_marker(MARKER, now.isoformat(), conn)
-    log_dir.rename(catalog_dir / "_log.imported-0.1")
+        )
+    return settled
+
+
+def retire_legacy_log(catalog_dir: Path, rows: int, events: int) -> None:
+    """Keep 0.1's imported log beside the catalog, under a name nothing reads."""
+    (catalog_dir / "_log").rename(catalog_dir / "_log.imported-0.1")
     log.warning(
         "imported kvid 0.1's catalog from %s: %d rows, %d submission events",
-        catalog_dir, len(videos), len(events),
+        catalog_dir, rows, events,
     )  # fmt: skip
-    return len(videos)
 
 
 _EVENT_FIELDS = (

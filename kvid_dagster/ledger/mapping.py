@@ -17,6 +17,7 @@ from kvid_dagster.ledger.records import (
     VideoQuality,
     VideoRow,
 )
+from kvid_dagster.ledger.row_rule import row_error, row_status
 from kvid_dagster.ledger.status import VideoStatus
 
 
@@ -86,23 +87,6 @@ def _quality(get: Callable[[str], Any]) -> VideoQuality | None:
     if get("sampled_frames") is None:
         return None
     return VideoQuality(**{f: get(f) for f in QUALITY_FIELDS})
-
-
-def row_status(m: Mapping[str, Any]) -> VideoStatus:
-    """A joined row's status: INVALID, PENDING (no job for its request), else its job's."""
-    if m["invalid_reason"] is not None:
-        return VideoStatus.INVALID
-    if m["j_submission_id"] is None:
-        return VideoStatus.PENDING
-    return VideoStatus(m["j_status"])
-
-
-def row_error(m: Mapping[str, Any]) -> str | None:
-    if m["invalid_reason"] is not None:
-        return m["invalid_reason"]
-    if m["j_submission_id"] is None:
-        return m["last_error"]
-    return m["j_error"]
 
 
 def video_row_from(m: Mapping[str, Any]) -> VideoRow:

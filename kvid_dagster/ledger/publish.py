@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +32,31 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    func,
+    or_,
+    select,
+)
 
-from kvid_dagster.ledger.store import Ledger
+from kvid_dagster.ledger.row_rule import JOB_PREFIX, JOB_STATUS, OTHERWISE, ROW_RULE, RowOutcome
+from kvid_dagster.ledger.store import DEFAULT_TABLE_PREFIX, Ledger
+from kvid_dagster.ledger.tables import (
+    JOB_OUTCOME_COLUMNS,
+    QUALITY_COLUMNS,
+    ROW_REQUEST_COLUMNS,
+    VIDEO_FILE_COLUMNS,
+    StoredText,
+    UTCDateTime,
+    define_tables,
+)
 from kvid_dagster.media.storage import (
     StoragePath,
     arrow_location,
@@ -62,69 +84,32 @@ _FETCH_ROWS = 4_096  # rows per driver fetch: they stay in cache (8-12% faster t
 # pure cost (it took 40% of a 100,000-row write, and the files came out larger)
 _DICTIONARY_COLUMNS = ("status", "job_kind", "model", "event")
 
-# a video's measured picture, what its request asked for and the checks' verdicts when it was
-# fetched (``records.VideoQuality``): null for a row without a measured video
-_QUALITY_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("sampled_frames", pa.int32()),
-    ("luma_mean", pa.float64()),
-    ("luma_stddev", pa.float64()),
-    ("changed_pct", pa.float64()),
-    ("expected_short_side", pa.int32()),
-    ("expected_width", pa.int32()),
-    ("expected_height", pa.int32()),
-    ("expected_fps", pa.float64()),
-    ("expected_frames", pa.int32()),
-    ("expected_duration_s", pa.float64()),
-    ("matches_request", pa.bool_()),
-    ("not_blank", pa.bool_()),
-    ("not_frozen", pa.bool_()),
-]
+_LEDGER = define_tables(DEFAULT_TABLE_PREFIX)  # for its column types: any prefix has them
+# Arrow type of each ledger column type (an exact type: ``BigInteger`` is an ``Integer``)
+_ARROW_TYPES: dict[type[Any], pa.DataType] = {
+    String: pa.string(), Text: pa.string(), StoredText: pa.string(), Integer: pa.int32(),
+    BigInteger: pa.int64(), Float: pa.float64(), Boolean: pa.bool_(), UTCDateTime: _TS,
+}  # fmt: skip
+
+
+def _typed(table: Table, names: Sequence[str]) -> list[tuple[str, pa.DataType]]:
+    return [(n, _ARROW_TYPES[type(table.c[n].type)]) for n in names]
+
 
 _VIDEO_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("partition_key", pa.string()),
-    ("prompt", pa.string()),
-    ("job_kind", pa.string()),
-    ("model", pa.string()),
-    ("request_hash", pa.string()),
-    ("params_json", pa.string()),
-    ("user_columns_json", pa.string()),
-    ("request_id", pa.string()),
-    ("status", pa.string()),
-    ("progress", pa.int32()),
-    ("url", pa.string()),
-    ("name", pa.string()),
-    ("size_kb", pa.int64()),
-    ("local_path", pa.string()),
-    ("sha256", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("fps", pa.float64()),
-    ("num_frames", pa.int32()),
-    ("duration_s", pa.float64()),
-    *_QUALITY_FIELDS,
-    ("error", pa.string()),
+    *_typed(_LEDGER.rows, ROW_REQUEST_COLUMNS),
+    *_typed(_LEDGER.jobs, ["request_id", "status", "progress", *VIDEO_FILE_COLUMNS,
+                           *QUALITY_COLUMNS, "error"]),
     ("attempts", pa.int32()),
-    ("cost_credits", pa.float64()),
-    ("estimated_credits", pa.float64()),
-    ("submitted_at", _TS),
-    ("completed_at", _TS),
-    ("updated_at", _TS),
-]
+    *_typed(_LEDGER.jobs, ["cost_credits", "estimated_credits", "submitted_at", "completed_at",
+                           "updated_at"]),
+]  # fmt: skip
 
-_SUBMISSION_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("event_id", pa.string()),
-    ("partition_key", pa.string()),
-    ("request_hash", pa.string()),
-    ("job_kind", pa.string()),
-    ("model", pa.string()),
-    ("params_json", pa.string()),
-    ("request_id", pa.string()),
-    ("event", pa.string()),
-    ("attempt", pa.int32()),
-    ("cost_credits", pa.float64()),
-    ("error", pa.string()),
-    ("recorded_at", _TS),
-]
+_SUBMISSION_FIELDS: list[tuple[str, pa.DataType]] = _typed(
+    _LEDGER.events,
+    ["event_id", "partition_key", "request_hash", "job_kind", "model", "params_json",
+     "request_id", "event", "attempt", "cost_credits", "error", "recorded_at"],
+)  # fmt: skip
 
 # pandas dtype for each Arrow type: nullable ints keep their width whatever the nulls
 _PANDAS_DTYPES: dict[pa.DataType, str] = {
@@ -155,18 +140,6 @@ SUBMISSION_SCHEMA: pa.Schema = _schema(
 )
 VIDEO_COLUMNS: tuple[str, ...] = tuple(VIDEO_SCHEMA.names)
 SUBMISSION_COLUMNS: tuple[str, ...] = tuple(SUBMISSION_SCHEMA.names)
-
-# videos columns that come from the row's current job (``j_<name>``); null for an invalid row
-_FROM_JOB = (
-    "request_id", "progress", "url", "name", "size_kb", "local_path", "sha256", "width",
-    "height", "fps", "num_frames", "duration_s", *(n for n, _ in _QUALITY_FIELDS),
-    "cost_credits", "estimated_credits", "submitted_at", "completed_at",
-)  # fmt: skip
-_FROM_ROW = (
-    "partition_key", "prompt", "job_kind", "model", "request_hash", "params_json",
-    "user_columns_json",
-)  # fmt: skip
-_TYPES = dict(_VIDEO_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -218,15 +191,14 @@ def _fetch(conn: Connection, query: Any, fields: Sequence[tuple[str, pa.DataType
 
 # what the videos query reads of a row and of its current job (``j_<name>``), in select order:
 # the struct the driver's tuples are converted into follows the same list
-_ROW_FIELDS: list[tuple[str, pa.DataType]] = [
-    *((n, _TYPES[n]) for n in _FROM_ROW),
-    ("invalid_reason", pa.string()), ("last_error", pa.string()), ("updated_at", _TS),
-]  # fmt: skip
+_ROW_FIELDS = _typed(
+    _LEDGER.rows, [*ROW_REQUEST_COLUMNS, "invalid_reason", "last_error", "updated_at"]
+)
 _JOB_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("submission_id", pa.int64()), ("status", pa.string()), ("error", pa.string()),
-    ("attempt", pa.int32()), ("updated_at", _TS), *((n, _TYPES[n]) for n in _FROM_JOB),
-]  # fmt: skip
-_JOINED_FIELDS = [*_ROW_FIELDS, *((f"j_{n}", t) for n, t in _JOB_FIELDS)]
+    ("submission_id", pa.int64()),
+    *_typed(_LEDGER.jobs, ["status", "error", "attempt", "updated_at", *JOB_OUTCOME_COLUMNS]),
+]
+_JOINED_FIELDS = [*_ROW_FIELDS, *((f"{JOB_PREFIX}{n}", t) for n, t in _JOB_FIELDS)]
 
 
 def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:
@@ -234,7 +206,7 @@ def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Tabl
     rows, jobs = ledger.tables.rows, ledger.tables.jobs
     selected = [
         *(rows.c[n] for n, _ in _ROW_FIELDS),
-        *(jobs.c[n].label(f"j_{n}") for n, _ in _JOB_FIELDS),
+        *(jobs.c[n].label(f"{JOB_PREFIX}{n}") for n, _ in _JOB_FIELDS),
     ]
     query = select(*selected).select_from(ledger.current_jobs())
     if since is not None:
@@ -244,32 +216,38 @@ def _video_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Tabl
 
 
 def _video_rows(joined: pa.Table) -> pa.Table:
-    """Joined ledger columns -> videos rows: an invalid row shows no job, a row without a job
-    is PENDING with its last refusal as the error (what ``mapping.video_row_from`` derives too)."""
+    """Joined ledger columns -> videos rows: an invalid row shows no job; its status and error
+    follow ``row_rule.ROW_RULE``."""
     invalid = pc.is_valid(joined["invalid_reason"])
-    has_job = pc.and_(pc.is_valid(joined["j_submission_id"]), pc.invert(invalid))
 
     def job_column(name: str) -> pa.ChunkedArray:
         column = joined[name]
         return pc.if_else(invalid, pa.scalar(None, column.type), column)
 
-    columns: dict[str, Any] = {n: joined[n] for n in _FROM_ROW}
-    columns |= {n: job_column(f"j_{n}") for n in _FROM_JOB}
-    columns["status"] = pc.if_else(
-        invalid, "INVALID", pc.if_else(has_job, joined["j_status"], "PENDING")
+    columns: dict[str, Any] = {n: joined[n] for n in ROW_REQUEST_COLUMNS}
+    columns |= {n: job_column(f"{JOB_PREFIX}{n}") for n in JOB_OUTCOME_COLUMNS}
+    columns["status"] = _by_rule(
+        joined, lambda o: o.status.value if o.status is not None else joined[JOB_STATUS]
     )
-    columns["error"] = pc.if_else(
-        invalid,
-        joined["invalid_reason"],
-        pc.if_else(has_job, joined["j_error"], joined["last_error"]),
-    )
-    columns["attempts"] = job_column("j_attempt")
+    columns["error"] = _by_rule(joined, lambda o: joined[o.error])
+    columns["attempts"] = job_column(f"{JOB_PREFIX}attempt")
     latest = pc.max_element_wise(  # no kernel for zoned timestamps: compare the microseconds
-        joined["updated_at"].cast(pa.int64()), joined["j_updated_at"].cast(pa.int64()),
+        joined["updated_at"].cast(pa.int64()), joined[f"{JOB_PREFIX}updated_at"].cast(pa.int64()),
         skip_nulls=True,
     )  # fmt: skip
     columns["updated_at"] = latest.cast(pa.timestamp("us")).cast(_TS)
     return pa.Table.from_pydict({n: columns[n] for n in VIDEO_COLUMNS}, schema=VIDEO_SCHEMA)
+
+
+def _by_rule(joined: pa.Table, shown: Callable[[RowOutcome], Any]) -> pa.ChunkedArray:
+    """``ROW_RULE`` as nested Arrow ``if_else``: what ``shown`` gives for each row's outcome."""
+    result = shown(OTHERWISE)
+    for when, o in reversed(ROW_RULE):
+        column = joined[when.column]
+        result = pc.if_else(
+            pc.is_null(column) if when.null else pc.is_valid(column), shown(o), result
+        )
+    return result
 
 
 def _submission_table(ledger: Ledger, conn: Connection, since: int | None) -> pa.Table:

@@ -33,7 +33,6 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
-    case,
     delete,
     exists,
     func,
@@ -62,7 +61,6 @@ from kvid_dagster.ledger.engine import (
     utcnow,
 )
 from kvid_dagster.ledger.journal import Journal, JournalEntry
-from kvid_dagster.ledger.legacy import import_legacy_catalog
 from kvid_dagster.ledger.mapping import job_change_values, submission_from, video_row_from
 from kvid_dagster.ledger.records import (
     ClaimOwner,
@@ -72,6 +70,7 @@ from kvid_dagster.ledger.records import (
     Submission,
     VideoRow,
 )
+from kvid_dagster.ledger.row_rule import JOB_PREFIX, status_case
 from kvid_dagster.ledger.status import SubmissionEvent, VideoStatus
 from kvid_dagster.ledger.tables import (
     MIGRATIONS,
@@ -144,8 +143,30 @@ class Ledger:
         folder = Path(data_dir).resolve()
         url = database_url or f"sqlite:///{folder / DATABASE_FILE}"
         ledger = cls(url, journal_path=folder / JOURNAL_FILE, **kwargs)
-        import_legacy_catalog(ledger, folder / "catalog")  # once: 0.1's request_ids are money
+        ledger.import_legacy_catalog(folder / "catalog")  # once: 0.1's request_ids are money
         return ledger
+
+    def import_legacy_catalog(self, catalog_dir: Path) -> int:
+        """Import kvid-dagster 0.1's catalog in ``catalog_dir`` once (see
+        :mod:`kvid_dagster.ledger.legacy`); returns the number of rows imported."""
+        from kvid_dagster.ledger.legacy import (  # pyarrow: only for a folder 0.1 wrote
+            MARKER,
+            fold_legacy,
+            insert_legacy,
+            retire_legacy_log,
+        )
+
+        if not (catalog_dir / "_log").is_dir() or self.marker(MARKER) is not None:
+            return 0
+        videos, events = fold_legacy(catalog_dir)
+        now = utcnow()
+        with self.write() as conn:
+            settled = insert_legacy(conn, self.tables, videos, events, now)
+            for job in self._fetch(conn, settled):  # after 0.1's history: its INTENT came first
+                self._event(conn, job, SubmissionEvent.UNCERTAIN, cost=job.cost_credits or 0.0)
+            self.set_marker(MARKER, now.isoformat(), conn)
+        retire_legacy_log(catalog_dir, len(videos), len(events))
+        return len(videos)
 
     def __repr__(self) -> str:
         return f"Ledger({redact_url(self.url)!r})"
@@ -474,10 +495,8 @@ class Ledger:
     def counts_by_status(self) -> dict[VideoStatus, int]:
         """How many rows are in each status (counted by the database)."""
         rows, jobs = self.tables.rows, self.tables.jobs
-        status = case(
-            (rows.c.invalid_reason.is_not(None), VideoStatus.INVALID.value),
-            (jobs.c.submission_id.is_(None), VideoStatus.PENDING.value),
-            else_=jobs.c.status,
+        status = status_case(
+            lambda n: jobs.c[n.removeprefix(JOB_PREFIX)] if n.startswith(JOB_PREFIX) else rows.c[n]
         ).label("status")
         query = select(status, func.count()).select_from(self.current_jobs()).group_by(status)
         with self._read() as conn:

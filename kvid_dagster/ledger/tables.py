@@ -123,6 +123,18 @@ class LedgerTables:
     events: Table  # the submissions history, published as catalog/submissions
 
 
+def _request_columns() -> list[Column[Any]]:
+    return [
+        Column("partition_key", String(255), primary_key=True),
+        Column("prompt", StoredText),
+        Column("job_kind", String(64)),
+        Column("model", String(255)),
+        Column("request_hash", String(64)),  # null for an invalid row
+        Column("params_json", StoredText),
+        Column("user_columns_json", StoredText),  # the table's other columns: shown, never sent
+    ]
+
+
 def _video_columns() -> list[Column[Any]]:
     return [
         Column("url", StoredText),
@@ -158,6 +170,18 @@ def _quality_columns() -> list[Column[Any]]:
     ]
 
 
+#: a job's video file (``records.VideoFile``) and its measured picture (``records.VideoQuality``)
+VIDEO_FILE_COLUMNS: tuple[str, ...] = tuple(c.name for c in _video_columns())
+QUALITY_COLUMNS: tuple[str, ...] = tuple(c.name for c in _quality_columns())
+#: a row's request as the ``rows`` table holds it (and the catalog shows it)
+ROW_REQUEST_COLUMNS: tuple[str, ...] = tuple(c.name for c in _request_columns())
+#: what a job learned of its request from the service: the catalog shows the current job's
+#: beside its row (null for an invalid row), and 0.1's are imported as they were
+JOB_OUTCOME_COLUMNS = (
+    "request_id", "progress", *VIDEO_FILE_COLUMNS, *QUALITY_COLUMNS, "cost_credits",
+    "estimated_credits", "submitted_at", "completed_at",
+)  # fmt: skip
+
 _SPEND_INDEX_SUFFIXES = ("_claimed_at_cost", "_run_cost")
 
 
@@ -182,13 +206,7 @@ def define_tables(prefix: str) -> LedgerTables:
     rows = Table(
         f"{prefix}rows",
         md,
-        Column("partition_key", String(255), primary_key=True),
-        Column("prompt", StoredText),
-        Column("job_kind", String(64)),
-        Column("model", String(255)),
-        Column("request_hash", String(64)),  # null for an invalid row
-        Column("params_json", StoredText),
-        Column("user_columns_json", StoredText),  # the table's other columns: shown, never sent
+        *_request_columns(),
         Column("invalid_reason", StoredText),  # set: the row is INVALID
         Column("last_error", StoredText),  # why its last submission did not go through
         Column("updated_at", UTCDateTime, nullable=False),
