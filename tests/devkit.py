@@ -29,8 +29,9 @@ def graphql_until(
     process: subprocess.Popen[Any],
     timeout: float,
 ) -> dict[str, Any]:
-    """Ask the UI's GraphQL endpoint until ``ready`` accepts its ``data`` (polled each second:
-    the UI starts and the sensors tick on their own clocks); fails if ``process`` ends."""
+    """Ask the UI's GraphQL endpoint until ``ready`` accepts its ``data`` (polled every quarter
+    second: the UI starts and the sensors tick on their own clocks, and a longer step only adds
+    its remainder to the test); fails if ``process`` ends."""
     deadline = time.monotonic() + timeout
     data: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -44,7 +45,7 @@ def graphql_until(
                 return data
         except (httpx.HTTPError, json.JSONDecodeError):
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     raise AssertionError(f"not ready after {timeout:.0f} s; last answer: {data}")
 
 
@@ -76,7 +77,7 @@ def wait_group_gone(pgid: int, timeout: float) -> dict[int, str]:
     """Wait until no process of the group is alive; return what is left at the deadline."""
     deadline = time.monotonic() + timeout
     while (left := group_commands(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     return left
 
 

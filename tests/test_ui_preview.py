@@ -114,7 +114,7 @@ def dagster_dev(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                         break
                 except (httpx.HTTPError, json.JSONDecodeError, AssertionError):
                     pass
-                time.sleep(0.5)
+                time.sleep(0.2)
             yield server
         finally:
             process.terminate()  # dagster dev stops its webserver, daemon and code servers
@@ -317,7 +317,7 @@ def _backfill_ranges(server: DevServer, backfill_id: str) -> list[tuple[str, str
         if status not in BACKFILL_BUSY and runs and all(r["status"] in RUN_DONE for r in runs):
             break
         assert time.monotonic() < deadline, (status, runs)
-        time.sleep(1.0)
+        time.sleep(0.25)
     assert all(r["status"] == "SUCCESS" for r in runs), runs
     tags = [{t["key"]: t["value"] for t in r["tags"]} for r in runs]
     return sorted((t[RANGE_START_TAG], t[RANGE_END_TAG]) for t in tags)
