@@ -11,8 +11,8 @@ scene, H.264 ultrafast crf 26): v1 (Wan) 480p and 720p, 81 frames at 16 fps, and
 - ``poll._verified``: what the poller runs in its worker thread on each download now: the probe,
   one decode with ``SAMPLED_FRAMES`` frames' luma figures (``quality.measure_picture``), the
   request's expected output (``quality.expected_output``) and the verdicts;
-- ``video_preview`` (its cache removed each time): the animated WebP the poller already makes
-  of each video in the same tick, for scale.
+- ``video_previews`` (its caches removed each time): the poster and animated WebP the poller
+  already makes of each video in the same tick, for scale.
 
 The figures are CPU time of one thread: the poller runs one such thread per video it fetches
 (within its concurrency), so on a busy machine they stretch with the load.
@@ -81,7 +81,7 @@ def main() -> None:
         VideoFile,
         VideoStatus,
     )
-    from kvid_dagster.media.preview import cache_path, video_preview
+    from kvid_dagster.media.preview import PreviewKind, cache_path, video_previews
     from kvid_dagster.media.probe import probe_video
 
     figures: dict[str, Any] = {"repeat": repeat, "clips": {}}
@@ -122,8 +122,9 @@ def main() -> None:
             assert ledger.apply([change])
 
             def preview(path: Path = path) -> None:
-                cache_path(path).unlink(missing_ok=True)
-                video_preview(path)
+                for kind in PreviewKind:
+                    cache_path(path, kind).unlink(missing_ok=True)
+                video_previews(path)
 
             probe_ms = _median_ms(lambda path=path: probe_video(path), repeat)
             verified_ms = _median_ms(lambda path=path, sub=sub: _verified(path, sub, None), repeat)
